@@ -1,0 +1,480 @@
+//! The TOML configuration, split like dnsdist's: what is fixed once the process runs
+//! ([`ListenConfig`], [`UdpConfig`], [`TcpConfig`], [`ControlConfig`]) and what may change at run
+//! time through a reload or the control socket ([`BackendsConfig`]).
+//!
+//! Every struct denies unknown keys, so a typo is an error rather than a silently ignored key.
+//! Errors name the file and the key at fault.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::policy::Policy;
+
+/// A configuration problem, with the file (and where known the key) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config file {path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// The whole `lb` configuration file.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LbConfig {
+    pub listen: ListenConfig,
+    pub backends: BackendsConfig,
+    #[serde(default)]
+    pub udp: UdpConfig,
+    #[serde(default)]
+    pub tcp: TcpConfig,
+    #[serde(default)]
+    pub control: ControlConfig,
+}
+
+/// `[listen]`: addresses and worker threads; fixed after start.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// UDP listen addresses.
+    #[serde(default)]
+    pub udp: Vec<SocketAddr>,
+    /// TCP listen addresses.
+    #[serde(default)]
+    pub tcp: Vec<SocketAddr>,
+    /// UDP worker threads, each with its own `SO_REUSEPORT` socket per address and its own
+    /// upstream sockets. 0 means one per CPU.
+    #[serde(default)]
+    pub workers: usize,
+}
+
+/// `[backends]`: the nameservers and how to spread queries over them; may change at run time.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendsConfig {
+    /// `IP:PORT` (or a bare IP, meaning port 53).
+    pub servers: Vec<BackendAddr>,
+    #[serde(default)]
+    pub policy: Policy,
+    /// How long a forwarded query waits for its answer before it counts as a backend timeout.
+    #[serde(default = "default_query_timeout_ms")]
+    pub timeout_ms: u64,
+    /// In-flight queries per backend and per UDP worker (the ID table's bound). A query that
+    /// finds its backend's table full is dropped and counted.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// After a swap, a query still in flight to a removed backend that has not been answered
+    /// this long is re-sent to the new set, so killing an old backend right away costs no answer.
+    #[serde(default = "default_resend_after_ms")]
+    pub resend_after_ms: u64,
+}
+
+/// `[udp]`: per-socket settings; fixed after start.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UdpConfig {
+    /// Largest client datagram read; longer ones are dropped and counted.
+    #[serde(default = "default_max_datagram")]
+    pub max_datagram: usize,
+    /// `SO_RCVBUF` for listeners and upstream sockets, in bytes (0 keeps the system default).
+    #[serde(default = "default_socket_buffer")]
+    pub recv_buffer: usize,
+    /// `SO_SNDBUF` in bytes (0 keeps the system default).
+    #[serde(default = "default_socket_buffer")]
+    pub send_buffer: usize,
+}
+
+/// `[tcp]`: limits and timeouts for client and backend connections; fixed after start.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TcpConfig {
+    /// Client connections open at once; more are accepted and closed at once, counted.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Client connections open at once from one source address.
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// Queries one client connection may have in flight; the proxy stops reading it at the cap.
+    #[serde(default = "default_max_in_flight_per_connection")]
+    pub max_in_flight_per_connection: usize,
+    /// A client connection with nothing in flight and nothing read for this long is closed.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Once a frame has started, the rest of it must arrive within this time.
+    #[serde(default = "default_read_timeout_ms")]
+    pub read_timeout_ms: u64,
+    /// An answer must be written to the client within this time.
+    #[serde(default = "default_write_timeout_ms")]
+    pub write_timeout_ms: u64,
+    /// Largest query frame accepted from a client; longer ones close the connection, counted.
+    #[serde(default = "default_max_query_size")]
+    pub max_query_size: usize,
+    /// Pooled connections per backend, shared by all client connections.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Timeout for establishing a backend connection.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// A pooled backend connection with nothing in flight for this long is closed.
+    #[serde(default = "default_backend_idle_timeout_ms")]
+    pub backend_idle_timeout_ms: u64,
+    /// Queries in flight on one pooled backend connection.
+    #[serde(default = "default_backend_max_in_flight")]
+    pub backend_max_in_flight: usize,
+}
+
+/// `[control]`: the local control socket and the runtime state file.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Unix socket path for `lb ctl`; no control socket when unset.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// Where the runtime backend set is persisted; loaded in preference to `backends.servers`.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+}
+
+fn default_query_timeout_ms() -> u64 {
+    2000
+}
+fn default_max_in_flight() -> usize {
+    4096
+}
+fn default_resend_after_ms() -> u64 {
+    250
+}
+fn default_max_datagram() -> usize {
+    4096
+}
+fn default_socket_buffer() -> usize {
+    4 << 20
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_max_connections_per_ip() -> usize {
+    64
+}
+fn default_max_in_flight_per_connection() -> usize {
+    100
+}
+fn default_idle_timeout_ms() -> u64 {
+    10_000
+}
+fn default_read_timeout_ms() -> u64 {
+    5_000
+}
+fn default_write_timeout_ms() -> u64 {
+    5_000
+}
+fn default_max_query_size() -> usize {
+    16 * 1024
+}
+fn default_pool_size() -> usize {
+    4
+}
+fn default_connect_timeout_ms() -> u64 {
+    1_000
+}
+fn default_backend_idle_timeout_ms() -> u64 {
+    10_000
+}
+fn default_backend_max_in_flight() -> usize {
+    256
+}
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        UdpConfig {
+            max_datagram: default_max_datagram(),
+            recv_buffer: default_socket_buffer(),
+            send_buffer: default_socket_buffer(),
+        }
+    }
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig {
+            max_connections: default_max_connections(),
+            max_connections_per_ip: default_max_connections_per_ip(),
+            max_in_flight_per_connection: default_max_in_flight_per_connection(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            read_timeout_ms: default_read_timeout_ms(),
+            write_timeout_ms: default_write_timeout_ms(),
+            max_query_size: default_max_query_size(),
+            pool_size: default_pool_size(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            backend_idle_timeout_ms: default_backend_idle_timeout_ms(),
+            backend_max_in_flight: default_backend_max_in_flight(),
+        }
+    }
+}
+
+/// A backend's address: `IP:PORT`, `[IPv6]:PORT`, or a bare IP meaning port 53.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr(pub SocketAddr);
+
+impl FromStr for BackendAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        if let Ok(a) = t.parse::<SocketAddr>() {
+            return Ok(BackendAddr(a));
+        }
+        if let Ok(ip) = t.parse::<IpAddr>() {
+            return Ok(BackendAddr(SocketAddr::new(ip, 53)));
+        }
+        Err(format!(
+            "`{s}` is not a backend address (expected IP:PORT, [IPv6]:PORT or a bare IP)"
+        ))
+    }
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Debug for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for BackendAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+/// Checks a backend list the way both the config and `set-backends` need: non-empty, no
+/// duplicates. Returns the message for the key's error.
+pub fn check_backend_list(servers: &[BackendAddr]) -> Result<(), String> {
+    if servers.is_empty() {
+        return Err("the backend set must not be empty".into());
+    }
+    for (i, a) in servers.iter().enumerate() {
+        if servers[..i].contains(a) {
+            return Err(format!("backend {a} is listed twice"));
+        }
+        if a.0.port() == 0 {
+            return Err(format!("backend {a} has port 0"));
+        }
+    }
+    Ok(())
+}
+
+impl LbConfig {
+    /// Reads and validates a config file.
+    pub fn read(path: &Path) -> Result<LbConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<LbConfig, ConfigError> {
+        let cfg: LbConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_string(),
+            message,
+        };
+        if self.listen.udp.is_empty() && self.listen.tcp.is_empty() {
+            return Err(invalid(
+                "listen",
+                "give at least one address in `udp` or `tcp`".into(),
+            ));
+        }
+        for (key, list) in [
+            ("listen.udp", &self.listen.udp),
+            ("listen.tcp", &self.listen.tcp),
+        ] {
+            for (i, a) in list.iter().enumerate() {
+                if list[..i].contains(a) {
+                    return Err(invalid(key, format!("{a} is listed twice")));
+                }
+            }
+        }
+        if self.listen.workers > 256 {
+            return Err(invalid("listen.workers", "at most 256 workers".into()));
+        }
+        check_backend_list(&self.backends.servers).map_err(|m| invalid("backends.servers", m))?;
+        let positive = [
+            ("backends.timeout_ms", self.backends.timeout_ms),
+            ("backends.resend_after_ms", self.backends.resend_after_ms),
+            ("tcp.idle_timeout_ms", self.tcp.idle_timeout_ms),
+            ("tcp.read_timeout_ms", self.tcp.read_timeout_ms),
+            ("tcp.write_timeout_ms", self.tcp.write_timeout_ms),
+            ("tcp.connect_timeout_ms", self.tcp.connect_timeout_ms),
+            (
+                "tcp.backend_idle_timeout_ms",
+                self.tcp.backend_idle_timeout_ms,
+            ),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0".into()));
+            }
+        }
+        let ranges: [(&str, usize, usize, usize); 8] = [
+            (
+                "backends.max_in_flight",
+                self.backends.max_in_flight,
+                1,
+                65_000,
+            ),
+            ("udp.max_datagram", self.udp.max_datagram, 512, 65_535),
+            ("tcp.max_connections", self.tcp.max_connections, 1, 1 << 20),
+            (
+                "tcp.max_connections_per_ip",
+                self.tcp.max_connections_per_ip,
+                1,
+                1 << 20,
+            ),
+            (
+                "tcp.max_in_flight_per_connection",
+                self.tcp.max_in_flight_per_connection,
+                1,
+                65_535,
+            ),
+            ("tcp.max_query_size", self.tcp.max_query_size, 512, 65_535),
+            ("tcp.pool_size", self.tcp.pool_size, 1, 1024),
+            (
+                "tcp.backend_max_in_flight",
+                self.tcp.backend_max_in_flight,
+                1,
+                65_000,
+            ),
+        ];
+        for (key, v, lo, hi) in ranges {
+            if v < lo || v > hi {
+                return Err(invalid(key, format!("{v} is outside {lo}..={hi}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The number of UDP workers to run.
+    pub fn workers(&self) -> usize {
+        if self.listen.workers > 0 {
+            self.listen.workers
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }
+    }
+}
+
+impl BackendsConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+    pub fn resend_after(&self) -> Duration {
+        Duration::from_millis(self.resend_after_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [listen]
+        udp = ["127.0.0.1:5353"]
+        tcp = ["127.0.0.1:5353"]
+        [backends]
+        servers = ["127.0.0.1:5301", "127.0.0.2"]
+        policy = "round-robin"
+    "#;
+
+    fn parse(text: &str) -> Result<LbConfig, ConfigError> {
+        LbConfig::parse(text, Path::new("lb.toml"))
+    }
+
+    #[test]
+    fn parses_minimal_with_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.backends.policy, Policy::RoundRobin);
+        assert_eq!(c.backends.servers[1].0, "127.0.0.2:53".parse().unwrap());
+        assert_eq!(c.backends.timeout_ms, 2000);
+        assert_eq!(c.tcp, TcpConfig::default());
+    }
+
+    #[test]
+    fn example_file_is_valid() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/lb.toml");
+        LbConfig::read(&p).unwrap();
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let e = parse(&MINIMAL.replace("policy", "polcy"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lb.toml") && e.contains("polcy"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = parse(&MINIMAL.replace("127.0.0.2", "not-an-ip"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not-an-ip"), "{e}");
+        let e = parse(&MINIMAL.replace("round-robin", "fastest"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fastest") && e.contains("policy"), "{e}");
+        let e = parse(&MINIMAL.replace("127.0.0.2", "127.0.0.1:5301"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("backends.servers") && e.contains("twice"), "{e}");
+        let e = parse(&format!("{MINIMAL}\n[tcp]\npool_size = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tcp.pool_size"), "{e}");
+        let e = parse(&MINIMAL.replace(
+            r#"servers = ["127.0.0.1:5301", "127.0.0.2"]"#,
+            "servers = []",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("empty"), "{e}");
+    }
+}

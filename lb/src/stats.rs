@@ -1,0 +1,171 @@
+//! Process-wide counters: queries, answers by RCODE, and every reason the proxy drops for.
+//!
+//! Plain atomics indexed by enums, so counting costs one relaxed add and the metrics exporter
+//! reads them without touching the per-packet path.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Every reason a packet, frame or connection is dropped. Each one is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum DropReason {
+    /// A datagram or frame shorter than the DNS header.
+    ShortHeader,
+    /// A response (QR=1) arriving at a listener.
+    QrSet,
+    /// A truncated or malformed question.
+    BadQuestion,
+    /// More than one question.
+    TooManyQuestions,
+    /// A client datagram longer than `udp.max_datagram`.
+    OversizedDatagram,
+    /// No usable backend and the all-down behaviour says drop.
+    NoBackend,
+    /// The chosen backend's in-flight table is full.
+    BackendFull,
+    /// An answer from a backend that matches no query in flight (late, spoofed or duplicated).
+    UnmatchedAnswer,
+    /// An answer whose ID matched but whose question did not (possible spoofing).
+    MismatchedQuestion,
+    /// A backend answer too short or malformed to inspect.
+    BadAnswer,
+    /// A backend did not answer in time.
+    BackendTimeout,
+    /// Sending failed (socket buffer full, unreachable).
+    SendFailed,
+    /// A TCP frame with length 0.
+    TcpZeroLength,
+    /// A TCP frame longer than `tcp.max_query_size`.
+    TcpOversized,
+    /// A TCP client that sent nothing for `tcp.idle_timeout_ms`.
+    TcpIdleTimeout,
+    /// A TCP client that started a frame and stalled past `tcp.read_timeout_ms`.
+    TcpReadTimeout,
+    /// A TCP client that did not read its answers within `tcp.write_timeout_ms`.
+    TcpWriteTimeout,
+    /// A TCP connection refused by `tcp.max_connections` or `tcp.max_connections_per_ip`.
+    TcpConnectionLimit,
+    /// A query lost because its backend TCP connection failed.
+    TcpBackendError,
+    /// An answer for a TCP client that had already gone.
+    ClientGone,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 20] = [
+        DropReason::ShortHeader,
+        DropReason::QrSet,
+        DropReason::BadQuestion,
+        DropReason::TooManyQuestions,
+        DropReason::OversizedDatagram,
+        DropReason::NoBackend,
+        DropReason::BackendFull,
+        DropReason::UnmatchedAnswer,
+        DropReason::MismatchedQuestion,
+        DropReason::BadAnswer,
+        DropReason::BackendTimeout,
+        DropReason::SendFailed,
+        DropReason::TcpZeroLength,
+        DropReason::TcpOversized,
+        DropReason::TcpIdleTimeout,
+        DropReason::TcpReadTimeout,
+        DropReason::TcpWriteTimeout,
+        DropReason::TcpConnectionLimit,
+        DropReason::TcpBackendError,
+        DropReason::ClientGone,
+    ];
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::ShortHeader => "short-header",
+            DropReason::QrSet => "qr-set",
+            DropReason::BadQuestion => "bad-question",
+            DropReason::TooManyQuestions => "too-many-questions",
+            DropReason::OversizedDatagram => "oversized-datagram",
+            DropReason::NoBackend => "no-backend",
+            DropReason::BackendFull => "backend-full",
+            DropReason::UnmatchedAnswer => "unmatched-answer",
+            DropReason::MismatchedQuestion => "mismatched-question",
+            DropReason::BadAnswer => "bad-answer",
+            DropReason::BackendTimeout => "backend-timeout",
+            DropReason::SendFailed => "send-failed",
+            DropReason::TcpZeroLength => "tcp-zero-length",
+            DropReason::TcpOversized => "tcp-oversized",
+            DropReason::TcpIdleTimeout => "tcp-idle-timeout",
+            DropReason::TcpReadTimeout => "tcp-read-timeout",
+            DropReason::TcpWriteTimeout => "tcp-write-timeout",
+            DropReason::TcpConnectionLimit => "tcp-connection-limit",
+            DropReason::TcpBackendError => "tcp-backend-error",
+            DropReason::ClientGone => "client-gone",
+        }
+    }
+}
+
+/// Transport a query arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Proto {
+    Udp,
+    Tcp,
+}
+
+/// The counters. One instance lives in [`crate::backend::Shared`].
+#[derive(Debug, Default)]
+pub struct Stats {
+    drops: [AtomicU64; DropReason::ALL.len()],
+    queries: [AtomicU64; 2],
+    responses: [AtomicU64; 16],
+    /// Backend set swaps since start.
+    pub swaps: AtomicU64,
+    /// TCP client connections open now.
+    pub tcp_open: AtomicU64,
+    /// TCP client connections accepted since start.
+    pub tcp_total: AtomicU64,
+}
+
+impl Stats {
+    #[inline]
+    pub fn drop(&self, reason: DropReason) {
+        self.drops[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn query(&self, proto: Proto) {
+        self.queries[proto as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an answer sent to a client by its RCODE (low 4 bits of byte 3).
+    #[inline]
+    pub fn response(&self, msg: &[u8]) {
+        let rcode = msg.get(3).map_or(0, |b| b & 0x0f) as usize;
+        self.responses[rcode].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn queries(&self, proto: Proto) -> u64 {
+        self.queries[proto as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn responses(&self, rcode: u8) -> u64 {
+        self.responses[(rcode & 0x0f) as usize].load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_reasons_have_distinct_labels() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+            for s in &DropReason::ALL[..i] {
+                assert_ne!(s.as_str(), r.as_str());
+            }
+        }
+    }
+}

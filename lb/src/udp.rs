@@ -1,0 +1,470 @@
+//! The UDP path: worker threads that forward queries and relay answers.
+//!
+//! Each worker is one OS thread with its own `mio` poll, its own `SO_REUSEPORT` listener per
+//! address, and its own connected upstream socket and [`InflightTable`] per backend. Nothing on
+//! this path is shared between workers except the backend snapshot (loaded once per wake-up)
+//! and atomic counters, so there is no lock and, once the tables are warm, no allocation.
+//!
+//! After a swap a worker keeps the upstreams of removed backends ("retired") until their tables
+//! are empty: late answers from old backends are still delivered, and a query an old backend
+//! leaves unanswered for `resend_after` is re-sent once to the new set.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token};
+use rand::Rng;
+
+use crate::backend::{Backend, BackendSet, Shared};
+use crate::inflight::InflightTable;
+use crate::sockets::{build_upstream_udp, BufferSizes};
+use crate::stats::{DropReason, Proto};
+use crate::wire::{self, Question};
+
+/// How often in-flight tables are scanned for timeouts and due re-sends.
+const TICK: Duration = Duration::from_millis(10);
+/// Datagrams read from one socket before the worker looks at its other sockets.
+const BATCH: usize = 64;
+/// Largest UDP payload; answers are read into a buffer this big.
+const MAX_UDP: usize = 65_535;
+
+/// Settings a UDP worker needs, fixed at start.
+#[derive(Debug, Clone, Copy)]
+pub struct UdpSettings {
+    pub max_datagram: usize,
+    pub max_in_flight: usize,
+    pub buffers: BufferSizes,
+    /// After shutdown starts, how long to keep waiting for answers to queries in flight.
+    pub drain_timeout: Duration,
+}
+
+/// Flags the control plane sets to stop the workers.
+#[derive(Debug, Default)]
+pub struct UdpControl {
+    /// Stop reading listeners; answer what is in flight, then exit.
+    pub stop: AtomicBool,
+}
+
+/// Starts one worker thread per entry of `listeners` (each entry: one socket per listen address).
+pub fn spawn_workers(
+    listeners: Vec<Vec<std::net::UdpSocket>>,
+    shared: Arc<Shared>,
+    settings: UdpSettings,
+    control: Arc<UdpControl>,
+) -> io::Result<Vec<JoinHandle<()>>> {
+    let mut handles = Vec::new();
+    for (n, socks) in listeners.into_iter().enumerate() {
+        let shared = Arc::clone(&shared);
+        let control = Arc::clone(&control);
+        let h = std::thread::Builder::new()
+            .name(format!("lb-udp-{n}"))
+            .spawn(move || match Worker::new(socks, shared, settings) {
+                Ok(mut w) => w.run(&control),
+                Err(e) => tracing::error!("udp worker {n} failed to start: {e}"),
+            })?;
+        handles.push(h);
+    }
+    Ok(handles)
+}
+
+/// A worker's connection to one backend.
+struct Upstream {
+    backend: Arc<Backend>,
+    socket: UdpSocket,
+    table: InflightTable,
+    /// The backend is no longer in the current set; kept until its table is empty.
+    retired: bool,
+}
+
+struct Worker {
+    poll: Poll,
+    listeners: Vec<UdpSocket>,
+    /// Slab of upstreams; token = listeners.len() + index.
+    upstreams: Vec<Option<Upstream>>,
+    /// For the snapshot of `route_generation`: backend index -> upstream index.
+    route: Vec<Option<usize>>,
+    route_generation: u64,
+    shared: Arc<Shared>,
+    settings: UdpSettings,
+    /// Receive buffer (one datagram at a time).
+    buf: Vec<u8>,
+    /// Copy of a query being re-sent.
+    resend_buf: Vec<u8>,
+    /// Scratch list of expired IDs.
+    expired: Vec<u16>,
+    /// Sockets that still had data when their batch budget ran out.
+    hot: Vec<Token>,
+    next_hot: Vec<Token>,
+    counter: usize,
+    rng: rand::rngs::ThreadRng,
+}
+
+impl Worker {
+    fn new(
+        socks: Vec<std::net::UdpSocket>,
+        shared: Arc<Shared>,
+        settings: UdpSettings,
+    ) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let mut listeners = Vec::with_capacity(socks.len());
+        for (i, s) in socks.into_iter().enumerate() {
+            s.set_nonblocking(true)?;
+            let mut s = UdpSocket::from_std(s);
+            poll.registry()
+                .register(&mut s, Token(i), Interest::READABLE)?;
+            listeners.push(s);
+        }
+        Ok(Worker {
+            poll,
+            listeners,
+            upstreams: Vec::new(),
+            route: Vec::new(),
+            route_generation: 0,
+            shared,
+            settings,
+            buf: vec![0u8; MAX_UDP],
+            resend_buf: Vec::with_capacity(MAX_UDP),
+            expired: Vec::new(),
+            hot: Vec::new(),
+            next_hot: Vec::new(),
+            counter: 0,
+            rng: rand::rng(),
+        })
+    }
+
+    fn run(&mut self, control: &UdpControl) {
+        let mut events = Events::with_capacity(256);
+        let mut last_scan = Instant::now();
+        let mut stopping: Option<Instant> = None;
+        loop {
+            let timeout = if self.hot.is_empty() {
+                TICK
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!("udp worker poll failed: {e}");
+                    return;
+                }
+            }
+            if stopping.is_none() && control.stop.load(Ordering::Relaxed) {
+                stopping = Some(Instant::now());
+                for l in &mut self.listeners {
+                    let _ = self.poll.registry().deregister(l);
+                }
+                self.hot.retain(|t| t.0 >= self.listeners.len());
+            }
+            for ev in events.iter() {
+                self.hot.push(ev.token());
+            }
+            let set = self.shared.current();
+            if set.generation != self.route_generation {
+                self.rebuild_routes(&set);
+            }
+            let hot = std::mem::take(&mut self.hot);
+            for &tok in &hot {
+                let more = if tok.0 < self.listeners.len() {
+                    stopping.is_none() && self.read_listener(tok.0, &set)
+                } else {
+                    self.read_upstream(tok.0 - self.listeners.len())
+                };
+                if more && !self.next_hot.contains(&tok) {
+                    self.next_hot.push(tok);
+                }
+            }
+            self.hot = hot;
+            self.hot.clear();
+            std::mem::swap(&mut self.hot, &mut self.next_hot);
+
+            let now = Instant::now();
+            if now.duration_since(last_scan) >= TICK {
+                last_scan = now;
+                self.scan_tables(&set, now);
+            }
+            if let Some(since) = stopping {
+                let in_flight: usize = self.upstreams.iter().flatten().map(|u| u.table.len()).sum();
+                if in_flight == 0 || since.elapsed() >= self.settings.drain_timeout {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Maps the new snapshot's backends to upstreams, creating sockets for new backends and
+    /// retiring (not closing) those of removed ones.
+    fn rebuild_routes(&mut self, set: &BackendSet) {
+        for u in self.upstreams.iter_mut().flatten() {
+            u.retired = true;
+        }
+        self.route.clear();
+        for b in &set.backends {
+            let existing = self
+                .upstreams
+                .iter()
+                .position(|u| u.as_ref().is_some_and(|u| Arc::ptr_eq(&u.backend, b)));
+            let idx = match existing {
+                Some(i) => Some(i),
+                None => self.add_upstream(b),
+            };
+            if let Some(i) = idx {
+                if let Some(u) = self.upstreams[i].as_mut() {
+                    u.retired = false;
+                }
+            }
+            self.route.push(idx);
+        }
+        self.route_generation = set.generation;
+    }
+
+    fn add_upstream(&mut self, backend: &Arc<Backend>) -> Option<usize> {
+        let sock = match build_upstream_udp(backend.addr, self.settings.buffers) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot open upstream socket to {}: {e}", backend.addr);
+                return None;
+            }
+        };
+        let mut socket = UdpSocket::from_std(sock);
+        let idx = self
+            .upstreams
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or_else(|| {
+                self.upstreams.push(None);
+                self.upstreams.len() - 1
+            });
+        let token = Token(self.listeners.len() + idx);
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut socket, token, Interest::READABLE)
+        {
+            tracing::warn!("cannot register upstream socket to {}: {e}", backend.addr);
+            return None;
+        }
+        self.upstreams[idx] = Some(Upstream {
+            backend: Arc::clone(backend),
+            socket,
+            table: InflightTable::new(self.settings.max_in_flight),
+            retired: false,
+        });
+        Some(idx)
+    }
+
+    /// Reads up to [`BATCH`] queries from listener `li`; true if it may have more.
+    fn read_listener(&mut self, li: usize, set: &BackendSet) -> bool {
+        let mut buf = std::mem::take(&mut self.buf);
+        let limit = self.settings.max_datagram + 1;
+        let mut more = true;
+        for _ in 0..BATCH {
+            match self.listeners[li].recv_from(&mut buf[..limit]) {
+                Ok((n, client)) => self.handle_query(&mut buf[..n], client, li, set),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    more = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // ICMP errors for earlier sends surface here; they concern no particular query.
+                Err(_) => {}
+            }
+        }
+        self.buf = buf;
+        more
+    }
+
+    fn handle_query(&mut self, msg: &mut [u8], client: SocketAddr, li: usize, set: &BackendSet) {
+        let stats = &self.shared.stats;
+        stats.query(Proto::Udp);
+        if msg.len() > self.settings.max_datagram {
+            return stats.drop(DropReason::OversizedDatagram);
+        }
+        let q = match check_query(msg) {
+            Ok(q) => q,
+            Err(r) => return stats.drop(r),
+        };
+        if let Err(r) = self.forward(msg, q, client, li, set) {
+            self.shared.stats.drop(r);
+        }
+    }
+
+    /// Sends a validated query to a backend of `set` under a fresh random ID.
+    fn forward(
+        &mut self,
+        msg: &mut [u8],
+        q: Question,
+        client: SocketAddr,
+        li: usize,
+        set: &BackendSet,
+    ) -> Result<(usize, u16), DropReason> {
+        self.counter = self.counter.wrapping_add(1);
+        let bi = set
+            .choose(msg, &q, self.counter)
+            .ok_or(DropReason::NoBackend)?;
+        let ui = self
+            .route
+            .get(bi)
+            .copied()
+            .flatten()
+            .ok_or(DropReason::SendFailed)?;
+        let rng = &mut self.rng;
+        let Some(up) = self.upstreams[ui].as_mut() else {
+            return Err(DropReason::SendFailed);
+        };
+        let id = up
+            .table
+            .insert(|| rng.random(), client, li, msg, q, Instant::now())
+            .map_err(|_| DropReason::BackendFull)?;
+        wire::set_id(msg, id);
+        match up.socket.send(msg) {
+            Ok(_) => {
+                let st = &up.backend.state;
+                st.queries.fetch_add(1, Ordering::Relaxed);
+                st.in_flight_add(1);
+                Ok((ui, id))
+            }
+            Err(_) => {
+                up.table.release(id);
+                Err(DropReason::SendFailed)
+            }
+        }
+    }
+
+    /// Reads up to [`BATCH`] answers from upstream `ui`; true if it may have more.
+    fn read_upstream(&mut self, ui: usize) -> bool {
+        let Some(up) = self.upstreams.get_mut(ui).and_then(Option::as_mut) else {
+            return false;
+        };
+        let stats = &self.shared.stats;
+        let buf = &mut self.buf;
+        for _ in 0..BATCH {
+            let n = match up.socket.recv(buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                // ECONNREFUSED and friends: the backend is not listening. Timeouts count it.
+                Err(_) => continue,
+            };
+            let msg = &mut buf[..n];
+            let Ok(h) = wire::header(msg) else {
+                stats.drop(DropReason::BadAnswer);
+                continue;
+            };
+            if !h.qr {
+                stats.drop(DropReason::BadAnswer);
+                continue;
+            }
+            let Some(slot) = up.table.get(h.id) else {
+                stats.drop(DropReason::UnmatchedAnswer);
+                continue;
+            };
+            if !wire::same_question(&slot.query, &slot.question, msg) {
+                // Keep the slot: a spoofed answer must not cancel the real one.
+                stats.drop(DropReason::MismatchedQuestion);
+                continue;
+            }
+            wire::set_id(msg, slot.client_id);
+            let sent = self.listeners[slot.listener].send_to(msg, slot.client);
+            let st = &up.backend.state;
+            st.answers.fetch_add(1, Ordering::Relaxed);
+            st.in_flight_done();
+            up.table.release(h.id);
+            match sent {
+                Ok(_) => stats.response(msg),
+                Err(_) => stats.drop(DropReason::SendFailed),
+            }
+        }
+        true
+    }
+
+    /// Times out old queries, re-sends those stuck on removed backends, and closes retired
+    /// upstreams whose tables are empty.
+    fn scan_tables(&mut self, set: &BackendSet, now: Instant) {
+        for ui in 0..self.upstreams.len() {
+            let Some(up) = self.upstreams[ui].as_mut() else {
+                continue;
+            };
+            let mut expired = std::mem::take(&mut self.expired);
+            expired.clear();
+            if up.retired {
+                up.table.older_than(now, set.resend_after, &mut expired);
+                for &id in &expired {
+                    self.resend_or_expire(ui, id, set, now);
+                }
+            } else {
+                up.table.older_than(now, set.timeout, &mut expired);
+                for &id in &expired {
+                    if up.table.release(id) {
+                        up.backend.state.timeouts.fetch_add(1, Ordering::Relaxed);
+                        up.backend.state.in_flight_done();
+                        self.shared.stats.drop(DropReason::BackendTimeout);
+                    }
+                }
+            }
+            self.expired = expired;
+            if let Some(up) = self.upstreams[ui].as_mut() {
+                if up.retired && up.table.is_empty() {
+                    let _ = self.poll.registry().deregister(&mut up.socket);
+                    self.upstreams[ui] = None;
+                }
+            }
+        }
+    }
+
+    /// A query on a retired upstream went unanswered for `resend_after`: send it once to the
+    /// current set; if it was already re-sent (or the new set cannot take it), count a timeout
+    /// once the normal timeout has passed.
+    fn resend_or_expire(&mut self, ui: usize, id: u16, set: &BackendSet, now: Instant) {
+        let Some(up) = self.upstreams[ui].as_mut() else {
+            return;
+        };
+        let Some(slot) = up.table.get(id) else {
+            return;
+        };
+        if slot.resent {
+            if now.saturating_duration_since(slot.sent_at) >= set.timeout {
+                up.table.release(id);
+                up.backend.state.timeouts.fetch_add(1, Ordering::Relaxed);
+                up.backend.state.in_flight_done();
+                self.shared.stats.drop(DropReason::BackendTimeout);
+            }
+            return;
+        }
+        let (client, li, question) = (slot.client, slot.listener, slot.question);
+        let mut msg = std::mem::take(&mut self.resend_buf);
+        msg.clear();
+        msg.extend_from_slice(&slot.query);
+        up.table.release(id);
+        up.backend.state.in_flight_done();
+        match self.forward(&mut msg, question, client, li, set) {
+            Ok((new_ui, new_id)) => {
+                if let Some(slot) = self.upstreams[new_ui]
+                    .as_mut()
+                    .and_then(|u| u.table.get_mut(new_id))
+                {
+                    slot.resent = true;
+                }
+            }
+            Err(r) => self.shared.stats.drop(r),
+        }
+        self.resend_buf = msg;
+    }
+}
+
+/// Validates a client query: a header, QR=0, and a well-formed question.
+#[inline]
+pub fn check_query(msg: &[u8]) -> Result<Question, DropReason> {
+    let h = wire::header(msg).map_err(|_| DropReason::ShortHeader)?;
+    if h.qr {
+        return Err(DropReason::QrSet);
+    }
+    wire::question(msg).map_err(|e| match e {
+        wire::WireError::ShortHeader => DropReason::ShortHeader,
+        wire::WireError::BadQuestion => DropReason::BadQuestion,
+        wire::WireError::TooManyQuestions => DropReason::TooManyQuestions,
+    })
+}

@@ -1,0 +1,353 @@
+//! DNS wire-format inspection for the per-packet path: header, first question, ID rewrite.
+//!
+//! The proxy never decodes and re-encodes a message: re-encoding changes name compression and
+//! record order, and has caused denial-of-service bugs in other proxies. It reads the 12-byte
+//! header and walks the question section only, then patches the 2-byte ID in place. Everything
+//! else (EDNS OPT, TC, unknown types and opcodes, NOTIFY) passes through byte for byte.
+//!
+//! Nothing here allocates; errors are a plain enum because malformed packets are normal traffic.
+
+/// Length of the fixed DNS header.
+pub const HEADER_LEN: usize = 12;
+/// Longest wire-format name allowed by RFC 1035.
+const MAX_NAME_LEN: usize = 255;
+/// Compression pointers followed before a name is declared a loop.
+const MAX_POINTER_HOPS: usize = 16;
+
+/// Why a packet could not be inspected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireError {
+    /// Shorter than the 12-byte header.
+    ShortHeader,
+    /// The question name or its type/class runs past the end, or is malformed.
+    BadQuestion,
+    /// More than one question (no DNS server answers those).
+    TooManyQuestions,
+}
+
+/// Where the first question sits in a message, plus its type and class.
+///
+/// `name_start..name_end` is the wire-format name as it appears in the packet (possibly ending in
+/// a compression pointer); `end` is the offset just past QCLASS. A message with QDCOUNT=0 (legal,
+/// e.g. a DNS COOKIE refresh) has an empty question at offset 12.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Question {
+    pub name_start: usize,
+    pub name_end: usize,
+    pub qtype: u16,
+    pub qclass: u16,
+    pub end: usize,
+    pub count: u16,
+}
+
+/// Header fields the proxy looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub id: u16,
+    pub qr: bool,
+    pub opcode: u8,
+    pub tc: bool,
+    pub aa: bool,
+    pub rcode: u8,
+    pub qdcount: u16,
+    pub ancount: u16,
+}
+
+/// Reads the fixed header.
+pub fn header(msg: &[u8]) -> Result<Header, WireError> {
+    if msg.len() < HEADER_LEN {
+        return Err(WireError::ShortHeader);
+    }
+    Ok(Header {
+        id: u16::from_be_bytes([msg[0], msg[1]]),
+        qr: msg[2] & 0x80 != 0,
+        opcode: (msg[2] >> 3) & 0x0f,
+        aa: msg[2] & 0x04 != 0,
+        tc: msg[2] & 0x02 != 0,
+        rcode: msg[3] & 0x0f,
+        qdcount: u16::from_be_bytes([msg[4], msg[5]]),
+        ancount: u16::from_be_bytes([msg[6], msg[7]]),
+    })
+}
+
+/// Reads the DNS ID.
+#[inline]
+pub fn id(msg: &[u8]) -> u16 {
+    u16::from_be_bytes([msg[0], msg[1]])
+}
+
+/// Overwrites the DNS ID in place.
+#[inline]
+pub fn set_id(msg: &mut [u8], id: u16) {
+    msg[..2].copy_from_slice(&id.to_be_bytes());
+}
+
+/// Walks the first question of a message (queries and responses alike).
+///
+/// Compression pointers are followed for validation (bounded hops, must point backwards), but
+/// the returned span covers only the bytes in place, so a caller can compare names with
+/// [`names_equal`].
+pub fn question(msg: &[u8]) -> Result<Question, WireError> {
+    let h = header(msg)?;
+    if h.qdcount == 0 {
+        return Ok(Question {
+            name_start: HEADER_LEN,
+            name_end: HEADER_LEN,
+            qtype: 0,
+            qclass: 0,
+            end: HEADER_LEN,
+            count: 0,
+        });
+    }
+    if h.qdcount > 1 {
+        return Err(WireError::TooManyQuestions);
+    }
+    let name_end = skip_name(msg, HEADER_LEN)?;
+    let end = name_end + 4;
+    if end > msg.len() {
+        return Err(WireError::BadQuestion);
+    }
+    Ok(Question {
+        name_start: HEADER_LEN,
+        name_end,
+        qtype: u16::from_be_bytes([msg[name_end], msg[name_end + 1]]),
+        qclass: u16::from_be_bytes([msg[name_end + 2], msg[name_end + 3]]),
+        end,
+        count: 1,
+    })
+}
+
+/// Returns the offset just past the name starting at `pos`, validating the whole name
+/// (including any compression pointer target).
+fn skip_name(msg: &[u8], pos: usize) -> Result<usize, WireError> {
+    let mut labels = NameLabels::new(msg, pos);
+    let mut total = 0usize;
+    while let Some(label) = labels.next_label()? {
+        total += label.len() + 1;
+        if total > MAX_NAME_LEN {
+            return Err(WireError::BadQuestion);
+        }
+    }
+    Ok(labels.end_in_place)
+}
+
+/// Iterates over the labels of a wire-format name, following compression pointers.
+struct NameLabels<'a> {
+    msg: &'a [u8],
+    pos: usize,
+    hops: usize,
+    /// Offset just past the name's bytes in place (set once the first pointer or the root
+    /// label is reached).
+    end_in_place: usize,
+    jumped: bool,
+    done: bool,
+}
+
+impl<'a> NameLabels<'a> {
+    fn new(msg: &'a [u8], pos: usize) -> Self {
+        NameLabels {
+            msg,
+            pos,
+            hops: 0,
+            end_in_place: pos,
+            jumped: false,
+            done: false,
+        }
+    }
+
+    /// The next label, `None` at the root, or an error for a malformed name.
+    fn next_label(&mut self) -> Result<Option<&'a [u8]>, WireError> {
+        if self.done {
+            return Ok(None);
+        }
+        loop {
+            let len = *self.msg.get(self.pos).ok_or(WireError::BadQuestion)? as usize;
+            match len & 0xc0 {
+                0x00 => {
+                    if len == 0 {
+                        if !self.jumped {
+                            self.end_in_place = self.pos + 1;
+                        }
+                        self.done = true;
+                        return Ok(None);
+                    }
+                    let start = self.pos + 1;
+                    let end = start + len;
+                    if end > self.msg.len() {
+                        return Err(WireError::BadQuestion);
+                    }
+                    self.pos = end;
+                    return Ok(Some(&self.msg[start..end]));
+                }
+                0xc0 => {
+                    let lo = *self.msg.get(self.pos + 1).ok_or(WireError::BadQuestion)? as usize;
+                    let target = ((len & 0x3f) << 8) | lo;
+                    if !self.jumped {
+                        self.end_in_place = self.pos + 2;
+                        self.jumped = true;
+                    }
+                    // Pointers must go backwards; together with the hop limit this rules out loops.
+                    if target >= self.pos || self.hops >= MAX_POINTER_HOPS {
+                        return Err(WireError::BadQuestion);
+                    }
+                    self.hops += 1;
+                    self.pos = target;
+                }
+                // 0x40 and 0x80 are the obsolete extended label types: refuse them.
+                _ => return Err(WireError::BadQuestion),
+            }
+        }
+    }
+}
+
+/// Compares two names case-insensitively (ASCII, as DNS requires), each possibly compressed.
+pub fn names_equal(a_msg: &[u8], a_pos: usize, b_msg: &[u8], b_pos: usize) -> bool {
+    let mut a = NameLabels::new(a_msg, a_pos);
+    let mut b = NameLabels::new(b_msg, b_pos);
+    loop {
+        match (a.next_label(), b.next_label()) {
+            (Ok(None), Ok(None)) => return true,
+            (Ok(Some(x)), Ok(Some(y))) => {
+                if !x.eq_ignore_ascii_case(y) {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+}
+
+/// True when `resp` carries the same question as `query` (name case-insensitively, type and
+/// class). `q` must come from `question(query)`.
+pub fn same_question(query: &[u8], q: &Question, resp: &[u8]) -> bool {
+    let Ok(r) = question(resp) else {
+        return false;
+    };
+    if r.count != q.count {
+        return false;
+    }
+    if q.count == 0 {
+        return true;
+    }
+    r.qtype == q.qtype
+        && r.qclass == q.qclass
+        && names_equal(query, q.name_start, resp, r.name_start)
+}
+
+/// A stable 64-bit hash of the question name, case-folded (FNV-1a over lowercased labels).
+///
+/// Used by the qname-hash policy, so equal names in any case land on the same backend.
+pub fn qname_hash(msg: &[u8], q: &Question) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    if q.count == 0 {
+        return h;
+    }
+    let mut labels = NameLabels::new(msg, q.name_start);
+    while let Ok(Some(label)) = labels.next_label() {
+        h ^= label.len() as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+        for &c in label {
+            h ^= c.to_ascii_lowercase() as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Turns a query in `buf` (already validated by [`question`]) into a SERVFAIL answer in place:
+/// keeps the header and question, sets QR and RCODE=2, clears the other sections and returns the
+/// new length. Used when no backend can take the query and the configured behaviour says so.
+pub fn make_servfail(buf: &mut [u8], q: &Question) -> usize {
+    buf[2] = (buf[2] & 0x79) | 0x80; // QR=1, keep opcode and RD, clear AA and TC
+    buf[3] = 0x02; // RA=0, Z=0, RCODE=SERVFAIL
+    for b in &mut buf[6..12] {
+        *b = 0;
+    }
+    q.end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(name: &[&str], qtype: u16) -> Vec<u8> {
+        let mut m = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for l in name {
+            m.push(l.len() as u8);
+            m.extend_from_slice(l.as_bytes());
+        }
+        m.push(0);
+        m.extend_from_slice(&qtype.to_be_bytes());
+        m.extend_from_slice(&1u16.to_be_bytes());
+        m
+    }
+
+    #[test]
+    fn parses_question() {
+        let m = query(&["www", "example", "test"], 1);
+        let q = question(&m).unwrap();
+        assert_eq!(q.qtype, 1);
+        assert_eq!(q.qclass, 1);
+        assert_eq!(q.end, m.len());
+        assert_eq!(q.name_end, m.len() - 4);
+    }
+
+    #[test]
+    fn rejects_short_and_truncated() {
+        assert_eq!(question(&[0; 5]), Err(WireError::ShortHeader));
+        let m = query(&["www", "example"], 1);
+        assert_eq!(question(&m[..m.len() - 1]), Err(WireError::BadQuestion));
+        let mut m2 = m.clone();
+        m2[12] = 60; // label length past end
+        assert_eq!(question(&m2), Err(WireError::BadQuestion));
+        let mut m3 = m;
+        m3[5] = 2;
+        assert_eq!(question(&m3), Err(WireError::TooManyQuestions));
+    }
+
+    #[test]
+    fn rejects_pointer_loops_and_overlong_names() {
+        let mut m = vec![0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]); // points at itself
+        assert_eq!(question(&m), Err(WireError::BadQuestion));
+        let labels: Vec<String> = (0..5).map(|_| "a".repeat(63)).collect();
+        let refs: Vec<&str> = labels.iter().map(|s| s.as_str()).collect();
+        assert_eq!(question(&query(&refs, 1)), Err(WireError::BadQuestion));
+    }
+
+    #[test]
+    fn compares_names_case_insensitively() {
+        let a = query(&["WwW", "Example", "TEST"], 1);
+        let b = query(&["www", "example", "test"], 1);
+        let qa = question(&a).unwrap();
+        assert!(same_question(&a, &qa, &b));
+        assert_eq!(qname_hash(&a, &qa), qname_hash(&b, &question(&b).unwrap()));
+        let c = query(&["www", "example", "tes"], 1);
+        assert!(!same_question(&a, &qa, &c));
+        let d = query(&["www", "example", "test"], 28);
+        assert!(!same_question(&a, &qa, &d));
+    }
+
+    #[test]
+    fn rewrites_id_in_place() {
+        let mut m = query(&["a"], 1);
+        set_id(&mut m, 0xbeef);
+        assert_eq!(id(&m), 0xbeef);
+        assert_eq!(header(&m).unwrap().id, 0xbeef);
+    }
+
+    #[test]
+    fn servfail_keeps_question() {
+        let mut m = query(&["a", "test"], 1);
+        m.extend_from_slice(&[0; 11]); // pretend an OPT record follows
+        m[11] = 1;
+        let q = question(&m).unwrap();
+        let n = make_servfail(&mut m, &q);
+        let h = header(&m[..n]).unwrap();
+        assert!(h.qr);
+        assert_eq!(h.rcode, 2);
+        assert_eq!(h.qdcount, 1);
+        assert_eq!(&m[6..12], &[0; 6]);
+        assert_eq!(question(&m[..n]).unwrap().qtype, 1);
+    }
+}
