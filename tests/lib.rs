@@ -1,1 +1,466 @@
-//! Test harness shared by the integration tests.
+//! Test harness shared by the integration tests: real BIND backends, real `lb` processes, and a
+//! small DNS client, all on loopback.
+//!
+//! Like hickory's `server_harness`, every process started here is owned by a guard whose `Drop`
+//! kills it by PID and, when the test panicked, prints its output.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query};
+use hickory_proto::rr::{Name, RData, RecordType};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("lbtest-{}-{tag}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Path of a workspace binary (`lb`, `deployer`), built by `cargo build --workspace --bins`.
+pub fn bin(name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(format!("{}_BIN", name.to_uppercase())) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/integration-HASH -> target/<profile>/NAME
+    let p = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        p.exists(),
+        "{} not found: run `cargo build --workspace --bins` first (or set {}_BIN)",
+        p.display(),
+        name.to_uppercase()
+    );
+    p
+}
+
+/// A port free for both UDP and TCP on 127.0.0.1 at the time of the call.
+pub fn free_port() -> u16 {
+    for _ in 0..100 {
+        let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = u.local_addr().unwrap().port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port");
+}
+
+/// Output of a child process, collected by a reader thread.
+#[derive(Clone, Default)]
+pub struct Output(Arc<Mutex<String>>);
+
+impl Output {
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+    fn collect(&self, r: impl Read + Send + 'static, lines: Option<mpsc::Sender<String>>) {
+        let buf = self.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(r).lines() {
+                let Ok(line) = line else { break };
+                if let Some(tx) = &lines {
+                    let _ = tx.send(line.clone());
+                }
+                let mut b = buf.lock().unwrap();
+                b.push_str(&line);
+                b.push('\n');
+            }
+        });
+    }
+}
+
+/// A child process killed (by PID) on drop.
+pub struct Proc {
+    pub child: Child,
+    pub output: Output,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .status();
+    }
+    /// Waits up to `timeout` for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- output of {} -----\n{}",
+                self.name,
+                self.output.text()
+            );
+        }
+    }
+}
+
+/// What a test BIND instance serves.
+#[derive(Clone)]
+pub struct ZoneSpec {
+    /// SOA serial of `example.test`; `None` serves no zone at all (BIND answers REFUSED).
+    pub serial: Option<u32>,
+    /// Value of the TXT record at `who.example.test` and `*.who.example.test`, to tell
+    /// backends apart.
+    pub tag: String,
+}
+
+impl ZoneSpec {
+    pub fn new(serial: u32, tag: &str) -> ZoneSpec {
+        ZoneSpec {
+            serial: Some(serial),
+            tag: tag.into(),
+        }
+    }
+}
+
+/// The test zone: SOA, NS, A, AAAA, MX, a large TXT, a wildcard TXT naming the backend.
+pub fn zone_text(serial: u32, tag: &str) -> String {
+    let chunk = "x".repeat(250);
+    let big: Vec<String> = (0..6).map(|i| format!("\"{i}{chunk}\"")).collect();
+    let mut z = format!(
+        "$TTL 300\n\
+         @ IN SOA ns1.example.test. hostmaster.example.test. {serial} 3600 600 86400 300\n\
+         @ IN NS ns1.example.test.\n\
+         @ IN MX 10 mail.example.test.\n\
+         ns1 IN A 127.0.0.1\n\
+         www IN A 192.0.2.1\n\
+         www IN AAAA 2001:db8::1\n\
+         mail IN A 192.0.2.25\n\
+         big IN TXT {}\n\
+         who IN TXT \"{tag}\"\n\
+         *.who IN TXT \"{tag}\"\n",
+        big.join(" ")
+    );
+    for i in 0..50 {
+        z.push_str(&format!("host{i} IN A 198.51.100.{i}\n"));
+    }
+    z
+}
+
+/// A real `named` serving the test zone on 127.0.0.1 at its own port.
+pub struct Named {
+    pub addr: SocketAddr,
+    pub proc: Option<Proc>,
+    pub dir: TempDir,
+    spec: ZoneSpec,
+}
+
+impl Named {
+    pub fn start(spec: ZoneSpec) -> Named {
+        let dir = TempDir::new("named");
+        let port = free_port();
+        let mut n = Named {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            proc: None,
+            dir,
+            spec,
+        };
+        n.write_config();
+        n.restart();
+        n
+    }
+
+    fn write_config(&self) {
+        let d = self.dir.path().display();
+        let zone = match self.spec.serial {
+            Some(serial) => {
+                std::fs::write(
+                    self.dir.path().join("example.test.zone"),
+                    zone_text(serial, &self.spec.tag),
+                )
+                .unwrap();
+                format!(
+                    "zone \"example.test\" {{ type primary; file \"{d}/example.test.zone\"; }};\n"
+                )
+            }
+            None => String::new(),
+        };
+        let conf = format!(
+            "options {{\n  directory \"{d}\";\n  pid-file \"{d}/named.pid\";\n  session-keyfile \"{d}/session.key\";\n  managed-keys-directory \"{d}\";\n  listen-on port {} {{ 127.0.0.1; }};\n  listen-on-v6 {{ none; }};\n  recursion no;\n  allow-transfer {{ none; }};\n  dnssec-validation no;\n  notify no;\n  version none;\n}};\ncontrols {{ }};\n{zone}",
+            self.addr.port()
+        );
+        std::fs::write(self.dir.path().join("named.conf"), conf).unwrap();
+    }
+
+    /// (Re)starts the process on the same port and waits until it answers.
+    pub fn restart(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+        let conf = self.dir.path().join("named.conf");
+        let mut child = Command::new(named_path())
+            .args(["-g", "-4", "-n", "1", "-c"])
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start named (apt-get install bind9)");
+        let output = Output::default();
+        output.collect(child.stderr.take().unwrap(), None);
+        self.proc = Some(Proc {
+            child,
+            output,
+            name: format!("named {}", self.addr),
+        });
+        let end = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < end {
+            if udp_query(
+                self.addr,
+                "example.test.",
+                RecordType::SOA,
+                Duration::from_millis(200),
+            )
+            .is_some()
+            {
+                return;
+            }
+            if let Some(p) = self.proc.as_mut() {
+                assert!(p.is_running(), "named exited:\n{}", p.output.text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "named on {} did not answer:\n{}",
+            self.addr,
+            self.proc.as_ref().unwrap().output.text()
+        );
+    }
+
+    /// Kills the process (the port stays reserved for a restart).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+}
+
+fn named_path() -> &'static str {
+    if Path::new("/usr/sbin/named").exists() {
+        "/usr/sbin/named"
+    } else {
+        "named"
+    }
+}
+
+/// A running `lb` with the addresses it reported.
+pub struct Lb {
+    pub proc: Proc,
+    pub udp: Option<SocketAddr>,
+    pub tcp: Option<SocketAddr>,
+    pub config: PathBuf,
+    pub dir: TempDir,
+}
+
+impl Lb {
+    /// Starts `lb run` with this config text, waiting for its `listening for ...` lines.
+    pub fn start(config: &str) -> Lb {
+        let dir = TempDir::new("lb");
+        let path = dir.path().join("lb.toml");
+        std::fs::write(&path, config).unwrap();
+        Self::start_with(dir, path, &[])
+    }
+
+    /// Starts `lb run --config PATH` with extra environment.
+    pub fn start_with(dir: TempDir, path: PathBuf, env: &[(&str, &str)]) -> Lb {
+        let cfg = lb::config::LbConfig::read(&path).expect("test config must be valid");
+        let want_udp = cfg.listen.udp.len();
+        let want_tcp = cfg.listen.tcp.len();
+        let mut cmd = Command::new(bin("lb"));
+        cmd.args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let output = Output::default();
+        let (tx, rx) = mpsc::channel();
+        output.collect(child.stderr.take().unwrap(), Some(tx));
+        output.collect(child.stdout.take().unwrap(), None);
+        let mut proc = Proc {
+            child,
+            output,
+            name: "lb".into(),
+        };
+        let (mut udp, mut tcp) = (Vec::new(), Vec::new());
+        let end = Instant::now() + Duration::from_secs(10);
+        while udp.len() < want_udp || tcp.len() < want_tcp {
+            let left = end.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(a) = addr_after(&line, "listening for udp on ") {
+                        udp.push(a);
+                    }
+                    if let Some(a) = addr_after(&line, "listening for tcp on ") {
+                        tcp.push(a);
+                    }
+                }
+                Err(_) => {
+                    let _ = proc.wait_exit(Duration::from_millis(200));
+                    panic!("lb did not report its sockets:\n{}", proc.output.text());
+                }
+            }
+        }
+        Lb {
+            proc,
+            udp: udp.first().copied(),
+            tcp: tcp.first().copied(),
+            config: path,
+            dir,
+        }
+    }
+
+    pub fn udp(&self) -> SocketAddr {
+        self.udp.expect("lb has no udp listener")
+    }
+    pub fn tcp(&self) -> SocketAddr {
+        self.tcp.expect("lb has no tcp listener")
+    }
+}
+
+fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    let i = line.find(marker)?;
+    line[i + marker.len()..]
+        .split_whitespace()
+        .next()?
+        .trim_end_matches(['"', ','])
+        .parse()
+        .ok()
+}
+
+/// Encodes a query (RD=0, no EDNS).
+pub fn query_bytes(id: u16, name: &str, rtype: RecordType) -> Vec<u8> {
+    let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+    m.to_vec().unwrap()
+}
+
+/// One UDP query; `None` on timeout. Checks the answer's ID.
+pub fn udp_query(
+    server: SocketAddr,
+    name: &str,
+    rtype: RecordType,
+    timeout: Duration,
+) -> Option<Message> {
+    let raw = udp_exchange(server, &query_bytes(0x4242, name, rtype), timeout)?;
+    let m = Message::from_vec(&raw).ok()?;
+    assert_eq!(m.metadata.id, 0x4242, "answer ID must be the client's");
+    Some(m)
+}
+
+/// Sends raw bytes over UDP and returns the first datagram received within `timeout`.
+pub fn udp_exchange(server: SocketAddr, bytes: &[u8], timeout: Duration) -> Option<Vec<u8>> {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.send_to(bytes, server).ok()?;
+    let mut buf = vec![0u8; 65535];
+    let (n, _) = s.recv_from(&mut buf).ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+/// Writes one length-prefixed message.
+pub fn tcp_write(s: &mut TcpStream, msg: &[u8]) {
+    let mut frame = (msg.len() as u16).to_be_bytes().to_vec();
+    frame.extend_from_slice(msg);
+    s.write_all(&frame).unwrap();
+}
+
+/// Reads one length-prefixed message; `None` on EOF or timeout.
+pub fn tcp_read(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).ok()?;
+    let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).ok()?;
+    Some(buf)
+}
+
+/// One query over a fresh TCP connection.
+pub fn tcp_query(server: SocketAddr, name: &str, rtype: RecordType) -> Option<Message> {
+    let mut s = TcpStream::connect_timeout(&server, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    tcp_write(&mut s, &query_bytes(0x5151, name, rtype));
+    let m = Message::from_vec(&tcp_read(&mut s)?).ok()?;
+    assert_eq!(m.metadata.id, 0x5151);
+    Some(m)
+}
+
+/// The SOA serial in an answer, if any.
+pub fn soa_serial(m: &Message) -> Option<u32> {
+    m.answers.iter().find_map(|r| match &r.data {
+        RData::SOA(soa) => Some(soa.serial),
+        _ => None,
+    })
+}
+
+/// The first TXT string in an answer, if any.
+pub fn txt(m: &Message) -> Option<String> {
+    m.answers.iter().find_map(|r| match &r.data {
+        RData::TXT(t) => t
+            .txt_data
+            .first()
+            .map(|s| String::from_utf8_lossy(s).into_owned()),
+        _ => None,
+    })
+}
+
+/// A minimal `lb` config listening on port 0 in front of `backends`, plus `extra` TOML.
+pub fn lb_config(backends: &[SocketAddr], policy: &str, extra: &str) -> String {
+    let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "[listen]\nudp = [\"127.0.0.1:0\"]\ntcp = [\"127.0.0.1:0\"]\nworkers = 2\n\n[backends]\nservers = [{}]\npolicy = \"{policy}\"\n{extra}\n",
+        list.join(", ")
+    )
+}

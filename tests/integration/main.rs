@@ -1,1 +1,3 @@
-mod placeholder {}
+//! Integration tests: one binary, one module per area (as hickory's `bin/tests/integration`).
+
+mod proxy;
