@@ -11,15 +11,16 @@
 //! in-flight entries and worker upstreams that still hold it, until its last answer is in.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::config::{BackendAddr, BackendsConfig};
+use crate::config::{BackendAddr, LbConfig};
+use crate::health::{AllDown, ProbeFailure};
 use crate::policy::{pick, PickContext, Policy};
-use crate::stats::Stats;
+use crate::stats::{DropReason, Stats};
 use crate::tcp_backend::TcpPool;
 use crate::wire::{self, Question};
 
@@ -46,6 +47,16 @@ pub struct BackendState {
     pub timeouts: AtomicU64,
     up: AtomicBool,
     pub draining: AtomicBool,
+    /// Last health verdict ([`ProbeFailure`] as u8; `None` = healthy).
+    reason: AtomicU8,
+    /// Consecutive probe successes / failures (written by the checker only).
+    pub health_ok: AtomicU32,
+    pub health_fail: AtomicU32,
+    /// Consecutive UDP timeouts on live traffic (reset by any answer).
+    pub passive_timeouts: AtomicU32,
+    /// A probe of this backend is in flight (one at most).
+    pub probe_running: AtomicBool,
+    health_failures: [AtomicU64; ProbeFailure::ALL.len()],
 }
 
 impl BackendState {
@@ -57,6 +68,68 @@ impl BackendState {
             timeouts: AtomicU64::new(0),
             up: AtomicBool::new(true),
             draining: AtomicBool::new(false),
+            reason: AtomicU8::new(ProbeFailure::None as u8),
+            health_ok: AtomicU32::new(0),
+            health_fail: AtomicU32::new(0),
+            passive_timeouts: AtomicU32::new(0),
+            probe_running: AtomicBool::new(false),
+            health_failures: Default::default(),
+        }
+    }
+
+    /// The last health verdict.
+    pub fn reason(&self) -> ProbeFailure {
+        ProbeFailure::from_u8(self.reason.load(Ordering::Relaxed))
+    }
+
+    pub fn set_reason(&self, r: ProbeFailure) {
+        self.reason.store(r as u8, Ordering::Relaxed);
+    }
+
+    /// Counts a failed health check by reason.
+    pub fn count_health_failure(&self, r: ProbeFailure) {
+        if let Some(i) = ProbeFailure::ALL.iter().position(|x| *x == r) {
+            self.health_failures[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Failed health checks with this reason since the backend was added.
+    pub fn health_failures(&self, r: ProbeFailure) -> u64 {
+        ProbeFailure::ALL
+            .iter()
+            .position(|x| *x == r)
+            .map_or(0, |i| self.health_failures[i].load(Ordering::Relaxed))
+    }
+
+    /// Records a UDP timeout on live traffic; marks the backend down after `limit` in a row
+    /// (0 = passive checks off).
+    pub fn passive_timeout(&self, addr: SocketAddr, limit: u32) {
+        let n = self.passive_timeouts.fetch_add(1, Ordering::Relaxed) + 1;
+        if limit > 0 && n >= limit && self.is_up() {
+            self.set_up(false);
+            self.set_reason(ProbeFailure::PassiveTimeouts);
+            self.health_ok.store(0, Ordering::Relaxed);
+            self.count_health_failure(ProbeFailure::PassiveTimeouts);
+            tracing::warn!("backend {addr} is down: {n} queries in a row timed out");
+        }
+    }
+
+    /// Records an answer on live traffic (resets the passive timeout run).
+    #[inline]
+    pub fn passive_answer(&self) {
+        if self.passive_timeouts.load(Ordering::Relaxed) != 0 {
+            self.passive_timeouts.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// `up`, `down` or `draining`, as `lb ctl status` shows it.
+    pub fn state_name(&self) -> &'static str {
+        if self.is_draining() {
+            "draining"
+        } else if self.is_up() {
+            "up"
+        } else {
+            "down"
         }
     }
 
@@ -95,6 +168,14 @@ impl Backend {
         Self::with_pool_size(addr, 4)
     }
 
+    /// A backend that starts down ("not checked yet") until its first successful probe.
+    pub fn unchecked(addr: SocketAddr, pool_size: usize) -> Self {
+        let b = Self::with_pool_size(addr, pool_size);
+        b.state.set_up(false);
+        b.state.set_reason(ProbeFailure::NotChecked);
+        b
+    }
+
     pub fn with_pool_size(addr: SocketAddr, pool_size: usize) -> Self {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in addr.to_string().bytes() {
@@ -127,14 +208,60 @@ pub struct BackendSet {
     pub timeout: Duration,
     /// How long a query to a removed backend waits before it is re-sent to this set.
     pub resend_after: Duration,
+    /// What to do when no backend is usable.
+    pub all_down: AllDown,
+    /// Consecutive live timeouts that mark a backend down (0 = off).
+    pub passive_timeouts: u32,
+}
+
+/// The run-time parameters of a [`BackendSet`] other than its backends (from the config;
+/// replaced on reload).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SetParams {
+    pub policy: Policy,
+    pub timeout: Duration,
+    pub resend_after: Duration,
+    pub all_down: AllDown,
+    pub passive_timeouts: u32,
+    /// Active health checks run: new backends start down until their first probe.
+    pub checked: bool,
+}
+
+impl SetParams {
+    pub fn from_config(c: &LbConfig) -> SetParams {
+        let checked = c.health.active();
+        SetParams {
+            policy: c.backends.policy,
+            timeout: c.backends.timeout(),
+            resend_after: c.backends.resend_after(),
+            all_down: c.health.all_down,
+            // Without probes nothing would bring a passively downed backend back.
+            passive_timeouts: if checked {
+                c.health.passive_timeouts
+            } else {
+                0
+            },
+            checked,
+        }
+    }
+}
+
+/// Where a query goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    Backend(usize),
+    /// Every backend is down and `all_down = "servfail"`.
+    Servfail,
+    /// No backend can take it (all drained, or all down with `all_down = "drop"`).
+    Drop,
 }
 
 impl BackendSet {
-    /// Chooses the backend for a query: the policy over usable (healthy, undrained) backends,
-    /// or, when none is usable, over every undrained one (fail-open: a last resort beats
-    /// certain failure). `None` only when every backend is drained.
+    /// Chooses where a query goes: the policy over usable (healthy, undrained) backends, or,
+    /// when none is usable, what `all_down` says (fail-open: the policy over every undrained
+    /// backend, a last resort that beats certain failure). Counts the all-down outcomes.
     #[inline]
-    pub fn choose(&self, msg: &[u8], q: &Question, counter: usize) -> Option<usize> {
+    pub fn choose(&self, msg: &[u8], q: &Question, counter: usize, stats: &Stats) -> Choice {
         let qname_hash = if self.policy == Policy::QnameHash {
             wire::qname_hash(msg, q)
         } else {
@@ -144,8 +271,26 @@ impl BackendSet {
             qname_hash,
             counter,
         };
-        pick(self.policy, &self.backends, ctx, Backend::is_usable)
-            .or_else(|| pick(self.policy, &self.backends, ctx, |b| !b.state.is_draining()))
+        if let Some(i) = pick(self.policy, &self.backends, ctx, Backend::is_usable) {
+            return Choice::Backend(i);
+        }
+        stats.all_down(self.all_down);
+        match self.all_down {
+            AllDown::FailOpen => {
+                match pick(self.policy, &self.backends, ctx, |b| !b.state.is_draining()) {
+                    Some(i) => Choice::Backend(i),
+                    None => {
+                        stats.drop(DropReason::NoBackend);
+                        Choice::Drop
+                    }
+                }
+            }
+            AllDown::Servfail => Choice::Servfail,
+            AllDown::Drop => {
+                stats.drop(DropReason::NoBackend);
+                Choice::Drop
+            }
+        }
     }
 
     /// Position of a backend by address.
@@ -163,26 +308,45 @@ pub struct Shared {
     /// their read-modify-store; readers never take it.
     write_lock: Mutex<()>,
     pool_size: usize,
+    /// Whether active checks run (new backends then start down until probed).
+    checked: AtomicBool,
+}
+
+fn new_backend(addr: SocketAddr, pool_size: usize, unchecked: bool) -> Backend {
+    if unchecked {
+        Backend::unchecked(addr, pool_size)
+    } else {
+        Backend::with_pool_size(addr, pool_size)
+    }
 }
 
 impl Shared {
-    /// Builds the first snapshot (generation 1) from the `[backends]` config.
-    pub fn new(cfg: &BackendsConfig, servers: &[BackendAddr], pool_size: usize) -> Shared {
+    /// Builds the first snapshot. With active checks its backends start down until their first
+    /// probe (the server runs one round before it serves).
+    pub fn new(
+        params: SetParams,
+        servers: &[BackendAddr],
+        generation: u64,
+        pool_size: usize,
+    ) -> Shared {
         let backends = servers
             .iter()
-            .map(|a| Arc::new(Backend::with_pool_size(a.0, pool_size)))
+            .map(|a| Arc::new(new_backend(a.0, pool_size, params.checked)))
             .collect();
         Shared {
             set: ArcSwap::from_pointee(BackendSet {
-                generation: 1,
-                policy: cfg.policy,
+                generation,
+                policy: params.policy,
                 backends,
-                timeout: cfg.timeout(),
-                resend_after: cfg.resend_after(),
+                timeout: params.timeout,
+                resend_after: params.resend_after,
+                all_down: params.all_down,
+                passive_timeouts: params.passive_timeouts,
             }),
             stats: Stats::default(),
             write_lock: Mutex::new(()),
             pool_size,
+            checked: AtomicBool::new(params.checked),
         }
     }
 
@@ -197,44 +361,63 @@ impl Shared {
         self.set.load()
     }
 
-    /// Replaces the backend list (and optionally policy and timeouts) atomically and returns the
-    /// new generation. Backends present before keep their state; `servers` must already have
-    /// passed [`crate::config::check_backend_list`].
-    pub fn replace(&self, servers: &[BackendAddr], cfg: Option<&BackendsConfig>) -> u64 {
+    /// Replaces the backend list (and, with `params`, the run-time parameters) atomically and
+    /// returns the new generation. Backends present before keep their `Arc` and so their state;
+    /// new ones start up when `verified` (they just passed a probe) or when no active checks
+    /// run, else down until their first probe. `servers` must already have passed
+    /// [`crate::config::check_backend_list`].
+    pub fn replace(
+        &self,
+        servers: &[BackendAddr],
+        params: Option<SetParams>,
+        verified: bool,
+    ) -> u64 {
         let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.set.load_full();
+        let checked = params.map_or(self.checked.load(Ordering::Relaxed), |p| p.checked);
         let backends = servers
             .iter()
             .map(|a| match old.find(a.0) {
                 Some(b) => Arc::clone(b),
-                None => Arc::new(Backend::with_pool_size(a.0, self.pool_size)),
+                None => Arc::new(new_backend(a.0, self.pool_size, checked && !verified)),
             })
             .collect();
+        if let Some(p) = params {
+            self.checked.store(p.checked, Ordering::Relaxed);
+        }
         let generation = old.generation + 1;
         self.set.store(Arc::new(BackendSet {
             generation,
-            policy: cfg.map_or(old.policy, |c| c.policy),
+            policy: params.map_or(old.policy, |p| p.policy),
             backends,
-            timeout: cfg.map_or(old.timeout, |c| c.timeout()),
-            resend_after: cfg.map_or(old.resend_after, |c| c.resend_after()),
+            timeout: params.map_or(old.timeout, |p| p.timeout),
+            resend_after: params.map_or(old.resend_after, |p| p.resend_after),
+            all_down: params.map_or(old.all_down, |p| p.all_down),
+            passive_timeouts: params.map_or(old.passive_timeouts, |p| p.passive_timeouts),
         }));
         self.stats.swaps.fetch_add(1, Ordering::Relaxed);
         generation
+    }
+
+    /// Runs `f` under the writers' lock (for drain/undrain plus persisting the result).
+    pub fn with_write_lock<R>(&self, f: impl FnOnce(&BackendSet) -> R) -> R {
+        let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        f(&self.set.load())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::BackendsConfig;
 
-    fn cfg() -> BackendsConfig {
-        BackendsConfig {
-            servers: vec![],
+    fn params() -> SetParams {
+        SetParams {
             policy: Policy::RoundRobin,
-            timeout_ms: 1000,
-            max_in_flight: 16,
-            resend_after_ms: 100,
+            timeout: Duration::from_secs(1),
+            resend_after: Duration::from_millis(100),
+            all_down: AllDown::FailOpen,
+            passive_timeouts: 3,
+            checked: true,
         }
     }
 
@@ -244,17 +427,51 @@ mod tests {
 
     #[test]
     fn replace_keeps_state_of_staying_backends() {
-        let shared = Shared::new(&cfg(), &addrs(&["127.0.0.1:1", "127.0.0.2:1"]), 2);
+        let shared = Shared::new(params(), &addrs(&["127.0.0.1:1", "127.0.0.2:1"]), 1, 2);
         let before = shared.current();
-        before.backends[1].state.set_up(false);
-        let g = shared.replace(&addrs(&["127.0.0.2:1", "127.0.0.3:1"]), None);
+        assert!(
+            !before.backends[0].state.is_up(),
+            "unchecked backends start down"
+        );
+        before.backends[0].state.set_up(true);
+        before.backends[1]
+            .state
+            .draining
+            .store(true, Ordering::Relaxed);
+        let g = shared.replace(&addrs(&["127.0.0.2:1", "127.0.0.3:1"]), None, true);
         assert_eq!(g, 2);
         let after = shared.current();
         assert!(Arc::ptr_eq(&before.backends[1], &after.backends[0]));
-        assert!(!after.backends[0].state.is_up());
-        assert!(after.backends[1].state.is_up());
+        assert!(after.backends[0].state.is_draining());
+        assert!(
+            after.backends[1].state.is_up(),
+            "verified backends start up"
+        );
         // The old snapshot is untouched: in-flight users still see what they loaded.
         assert_eq!(before.backends.len(), 2);
         assert_eq!(before.generation, 1);
+    }
+
+    #[test]
+    fn all_down_behaviours() {
+        let msg = crate::wire::build_query(1, b"\x01a\x00", 1);
+        let q = crate::wire::question(&msg).unwrap();
+        for (mode, want) in [
+            (AllDown::FailOpen, Choice::Backend(0)),
+            (AllDown::Servfail, Choice::Servfail),
+            (AllDown::Drop, Choice::Drop),
+        ] {
+            let p = SetParams {
+                all_down: mode,
+                policy: Policy::FirstAvailable,
+                ..params()
+            };
+            let shared = Shared::new(p, &addrs(&["127.0.0.1:1", "127.0.0.2:1"]), 1, 1);
+            let set = shared.current();
+            assert_eq!(set.choose(&msg, &q, 0, &shared.stats), want, "{mode:?}");
+            assert_eq!(shared.stats.all_down_count(mode), 1);
+            set.backends[1].state.set_up(true);
+            assert_eq!(set.choose(&msg, &q, 0, &shared.stats), Choice::Backend(1));
+        }
     }
 }

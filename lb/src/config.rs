@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::health::HealthConfig;
 use crate::policy::Policy;
 
 /// A configuration problem, with the file (and where known the key) at fault.
@@ -45,6 +46,8 @@ pub struct LbConfig {
     pub tcp: TcpConfig,
     #[serde(default)]
     pub control: ControlConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
 }
 
 /// `[listen]`: addresses and worker threads; fixed after start.
@@ -387,6 +390,7 @@ impl LbConfig {
                 return Err(invalid(key, format!("{v} is outside {lo}..={hi}")));
             }
         }
+        self.health.validate().map_err(|(k, m)| invalid(&k, m))?;
         Ok(())
     }
 
@@ -465,6 +469,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("backends.servers") && e.contains("twice"), "{e}");
+        let e = parse(&format!("{MINIMAL}\n[health]\nrise = 2\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("health.zones"), "{e}");
+        let e = parse(&format!("{MINIMAL}\n[health]\nzones = [\"a..b\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("health.zones") && e.contains("a..b"), "{e}");
         let e = parse(&format!("{MINIMAL}\n[tcp]\npool_size = 0\n"))
             .unwrap_err()
             .to_string();

@@ -17,10 +17,15 @@
 
 pub mod backend;
 pub mod config;
+pub mod control;
+pub mod control_protocol;
+pub mod ctl;
+pub mod health;
 pub mod inflight;
 pub mod policy;
 pub mod server;
 pub mod sockets;
+pub mod state;
 pub mod stats;
 pub mod tcp;
 pub mod tcp_backend;

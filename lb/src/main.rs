@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use lb::config::LbConfig;
+use lb::control_protocol::ControlCommand;
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +33,82 @@ enum Command {
         #[arg(long, short = 'c')]
         config: PathBuf,
     },
+    /// Talk to a running lb through its control socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(clap::Args)]
+struct CtlArgs {
+    /// Control socket path (default: `control.socket` from --config, else /run/lb/control.sock).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Read the control socket path from this config file.
+    #[arg(long, short = 'c', global = true)]
+    config: Option<PathBuf>,
+    /// Print the raw JSON response.
+    #[arg(long, global = true)]
+    json: bool,
+    /// How long to wait for the response, in milliseconds.
+    #[arg(long, global = true, default_value_t = 10_000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Generation, policy, and per-backend state and counters.
+    Status,
+    /// Replace the whole backend set atomically; prints the new generation.
+    SetBackends {
+        /// Probe every new backend first and swap only if all answer correctly.
+        #[arg(long)]
+        verify: bool,
+        /// IP:PORT (or a bare IP for port 53), one or more.
+        #[arg(required = true)]
+        backends: Vec<String>,
+    },
+    /// Stop sending new queries to one backend.
+    Drain { backend: String },
+    /// Resume sending new queries to one backend.
+    Undrain { backend: String },
+    /// Re-read the config file (an invalid one is refused and the running one stays).
+    Reload,
+}
+
+fn ctl(args: CtlArgs) -> ExitCode {
+    let socket = match (&args.socket, &args.config) {
+        (Some(s), _) => s.clone(),
+        (None, Some(c)) => match LbConfig::read(c) {
+            Ok(cfg) => match cfg.control.socket {
+                Some(s) => s,
+                None => {
+                    eprintln!("lb ctl: {} sets no [control] socket", c.display());
+                    return ExitCode::from(lb::ctl::EXIT_UNREACHABLE);
+                }
+            },
+            Err(e) => {
+                eprintln!("lb ctl: {e}");
+                return ExitCode::from(lb::ctl::EXIT_UNREACHABLE);
+            }
+        },
+        (None, None) => PathBuf::from("/run/lb/control.sock"),
+    };
+    let command = match args.command {
+        CtlCommand::Status => ControlCommand::Status,
+        CtlCommand::SetBackends { verify, backends } => {
+            ControlCommand::SetBackends { backends, verify }
+        }
+        CtlCommand::Drain { backend } => ControlCommand::Drain { backend },
+        CtlCommand::Undrain { backend } => ControlCommand::Undrain { backend },
+        CtlCommand::Reload => ControlCommand::Reload,
+    };
+    ExitCode::from(lb::ctl::run(
+        &socket,
+        command,
+        args.json,
+        std::time::Duration::from_millis(args.timeout_ms),
+    ))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -69,6 +146,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Ctl(args) => ctl(args),
         Command::Run { config, log_format } => {
             init_logging(log_format);
             let result = LbConfig::read(&config)

@@ -8,12 +8,16 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::sync::watch;
 
-use crate::backend::Shared;
-use crate::config::LbConfig;
+use crate::backend::{SetParams, Shared};
+use crate::config::{BackendAddr, LbConfig};
+use crate::control::ControlContext;
+use crate::health;
 use crate::sockets::{build_tcp_listener, build_udp_listener, BufferSizes};
+use crate::state;
 use crate::tcp::{self, ConnLimits, TcpSettings};
 use crate::tcp_backend::PoolSettings;
 use crate::udp::{self, UdpControl, UdpSettings};
+use std::sync::atomic::Ordering;
 
 /// The listening sockets, bound before [`run`] so that tests (and socket activation) can hand
 /// them in.
@@ -77,29 +81,59 @@ fn tcp_settings(cfg: &LbConfig) -> TcpSettings {
     }
 }
 
+/// Chooses the starting backend list: the state file's (a restart never reverts a deploy)
+/// unless it is missing, corrupt, or the config's list was edited since it was written.
+/// Returns (servers, generation, drained).
+fn initial_backends(cfg: &LbConfig) -> (Vec<BackendAddr>, u64, Vec<BackendAddr>) {
+    let from_config = (cfg.backends.servers.clone(), 1, Vec::new());
+    let Some(path) = &cfg.control.state_file else {
+        return from_config;
+    };
+    match state::load(path) {
+        Ok(None) => from_config,
+        Ok(Some(st)) if st.config_servers != cfg.backends.servers => {
+            tracing::info!(
+                "backends.servers changed in the config since {} was written: using the config's list",
+                path.display()
+            );
+            (cfg.backends.servers.clone(), st.generation + 1, Vec::new())
+        }
+        Ok(Some(st)) => {
+            tracing::info!(
+                "backend set (generation {}) restored from {}",
+                st.generation,
+                path.display()
+            );
+            (st.backends, st.generation, st.drained)
+        }
+        Err(e) => {
+            tracing::warn!("{e}; using the config's backend list");
+            from_config
+        }
+    }
+}
+
 /// Runs the proxy on already-bound sockets until SIGTERM or SIGINT, then stops reading new
-/// queries, answers those in flight (bounded by the query timeout) and returns.
+/// queries, answers those in flight (bounded by the query timeout) and returns. SIGHUP reloads
+/// the config like `lb ctl reload`.
 pub fn run(cfg: LbConfig, config_path: PathBuf, listeners: Listeners) -> Result<()> {
+    let (servers, generation, drained) = initial_backends(&cfg);
     let shared = Arc::new(Shared::new(
-        &cfg.backends,
-        &cfg.backends.servers,
+        SetParams::from_config(&cfg),
+        &servers,
+        generation,
         cfg.tcp.pool_size,
     ));
+    for b in &shared.current().backends {
+        if drained.contains(&BackendAddr(b.addr)) {
+            b.state.draining.store(true, Ordering::Relaxed);
+        }
+    }
     let drain_timeout = cfg.backends.timeout() + Duration::from_millis(100);
-    let udp_control = Arc::new(UdpControl::default());
-    let udp_settings = UdpSettings {
-        max_datagram: cfg.udp.max_datagram,
-        max_in_flight: cfg.backends.max_in_flight,
-        buffers: buffers(&cfg),
-        drain_timeout,
+    let control_listener = match &cfg.control.socket {
+        Some(p) => Some(crate::control::bind_control_socket(p)?),
+        None => None,
     };
-    let workers = udp::spawn_workers(
-        listeners.udp,
-        Arc::clone(&shared),
-        udp_settings,
-        Arc::clone(&udp_control),
-    )
-    .context("cannot start udp workers")?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.workers().clamp(1, 4))
@@ -109,7 +143,35 @@ pub fn run(cfg: LbConfig, config_path: PathBuf, listeners: Listeners) -> Result<
         .context("cannot start the tokio runtime")?;
     let tcp_set = tcp_settings(&cfg);
     let limits = Arc::new(ConnLimits::default());
-    rt.block_on(async {
+    let udp_control = Arc::new(UdpControl::default());
+    let udp_settings = UdpSettings {
+        max_datagram: cfg.udp.max_datagram,
+        max_in_flight: cfg.backends.max_in_flight,
+        buffers: buffers(&cfg),
+        drain_timeout,
+    };
+    let ctx = Arc::new(ControlContext::new(
+        Arc::clone(&shared),
+        config_path.clone(),
+        cfg,
+    ));
+    let workers = rt.block_on(async {
+        // One probe round before serving, so health is known from the first query.
+        if let Some(s) = ctx.checker.load_full() {
+            health::probe_round(&shared, &s).await;
+        }
+        tokio::spawn(health::run_checker(
+            Arc::clone(&shared),
+            Arc::clone(&ctx.checker),
+            Arc::clone(&ctx.wake),
+        ));
+        let workers = udp::spawn_workers(
+            listeners.udp,
+            Arc::clone(&shared),
+            udp_settings,
+            Arc::clone(&udp_control),
+        )
+        .context("cannot start udp workers")?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut servers = Vec::new();
         for l in listeners.tcp {
@@ -122,19 +184,28 @@ pub fn run(cfg: LbConfig, config_path: PathBuf, listeners: Listeners) -> Result<
                 stop_rx.clone(),
             )));
         }
+        if let Some(l) = control_listener {
+            let l =
+                tokio::net::UnixListener::from_std(l).context("cannot register control socket")?;
+            tokio::spawn(crate::control::serve(l, Arc::clone(&ctx), stop_rx.clone()));
+        }
+        let set = shared.current();
         tracing::info!(
-            "lb started: {} udp workers, {} backends, policy {}, config {}",
+            "lb started: {} udp workers, generation {}, backends {}, policy {}, config {}",
             workers.len(),
-            shared.current().backends.len(),
-            shared.current().policy.as_str(),
+            set.generation,
+            set.backends
+                .iter()
+                .map(|b| format!("{} ({})", b.addr, b.state.state_name()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            set.policy.as_str(),
             config_path.display()
         );
-        wait_for_stop_signal().await;
+        wait_for_stop_signal(&ctx).await;
         tracing::info!("shutting down: answering queries in flight");
         let _ = stop_tx.send(true);
-        udp_control
-            .stop
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        udp_control.stop.store(true, Ordering::Relaxed);
         for s in servers {
             let _ = s.await;
         }
@@ -142,21 +213,43 @@ pub fn run(cfg: LbConfig, config_path: PathBuf, listeners: Listeners) -> Result<
         while limits.open() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        anyhow::Ok(())
+        anyhow::Ok(workers)
     })?;
     for w in workers {
         let _ = w.join();
+    }
+    if let Some(p) = &ctx.config_snapshot().control.socket {
+        let _ = std::fs::remove_file(p);
     }
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn wait_for_stop_signal() {
+/// Waits for SIGTERM or SIGINT; SIGHUP in the meantime reloads the config.
+async fn wait_for_stop_signal(ctx: &ControlContext) {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).ok();
-    let mut int = signal(SignalKind::interrupt()).ok();
-    tokio::select! {
-        _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
-        _ = async { match int.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                if let Err(e) = ctx.reload() {
+                    tracing::warn!("{e}");
+                }
+            }
+        }
     }
+}
+
+/// Resolves once the stop flag is true (or its sender is gone).
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }

@@ -5,6 +5,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::health::AllDown;
+
 /// Every reason a packet, frame or connection is dropped. Each one is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(usize)]
@@ -122,6 +124,8 @@ pub struct Stats {
     pub tcp_open: AtomicU64,
     /// TCP client connections accepted since start.
     pub tcp_total: AtomicU64,
+    /// Queries that found every backend down, by the all-down behaviour applied.
+    all_down: [AtomicU64; 3],
 }
 
 impl Stats {
@@ -140,6 +144,16 @@ impl Stats {
     pub fn response(&self, msg: &[u8]) {
         let rcode = msg.get(3).map_or(0, |b| b & 0x0f) as usize;
         self.responses[rcode].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a query that found every backend down.
+    #[inline]
+    pub fn all_down(&self, mode: AllDown) {
+        self.all_down[mode as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn all_down_count(&self, mode: AllDown) -> u64 {
+        self.all_down[mode as usize].load(Ordering::Relaxed)
     }
 
     pub fn drops(&self, reason: DropReason) -> u64 {

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::backend::Shared;
+use crate::backend::{Choice, Shared};
 use crate::stats::{DropReason, Proto};
 use crate::tcp_backend::{Answer, PoolSettings, TcpQuery};
 use crate::udp::check_query;
@@ -99,7 +99,7 @@ pub async fn serve(
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = stop.wait_for(|s| *s) => return,
+            _ = crate::server::stopped(&mut stop) => return,
         };
         let (stream, peer) = match accepted {
             Ok(x) => x,
@@ -187,13 +187,21 @@ async fn handle_client(
                     Ok(p) => p,
                     Err(_) => break 'conn,
                 },
-                _ = stop.wait_for(|s| *s) => break 'conn,
+                _ = crate::server::stopped(&mut stop) => break 'conn,
             };
             let set = shared.load();
             counter = counter.wrapping_add(1);
-            let Some(bi) = set.choose(&frame[2..], &q, counter) else {
-                shared.stats.drop(DropReason::NoBackend);
-                continue;
+            let bi = match set.choose(&frame[2..], &q, counter, &shared.stats) {
+                Choice::Backend(i) => i,
+                Choice::Drop => continue,
+                Choice::Servfail => {
+                    let mut frame = frame;
+                    let n = crate::wire::make_servfail(&mut frame[2..], &q);
+                    frame.truncate(2 + n);
+                    frame[..2].copy_from_slice(&(n as u16).to_be_bytes());
+                    let _ = tx.try_send(Answer { frame, permit });
+                    continue;
+                }
             };
             let backend = Arc::clone(&set.backends[bi]);
             let query = TcpQuery {
@@ -228,7 +236,7 @@ async fn handle_client(
                 }
                 // Answers are still due: the client is waiting, not idle.
             }
-            _ = stop.wait_for(|s| *s) => break,
+            _ = crate::server::stopped(&mut stop) => break,
         }
     }
     tracing::debug!("tcp client {peer} done");

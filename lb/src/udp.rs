@@ -20,7 +20,7 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use rand::Rng;
 
-use crate::backend::{Backend, BackendSet, Shared};
+use crate::backend::{Backend, BackendSet, Choice, Shared};
 use crate::inflight::InflightTable;
 use crate::sockets::{build_upstream_udp, BufferSizes};
 use crate::stats::{DropReason, Proto};
@@ -288,8 +288,16 @@ impl Worker {
             Ok(q) => q,
             Err(r) => return stats.drop(r),
         };
-        if let Err(r) = self.forward(msg, q, client, li, set) {
-            self.shared.stats.drop(r);
+        match self.forward(msg, q, client, li, set) {
+            Ok(_) | Err(Forward::Counted) => {}
+            Err(Forward::Drop(r)) => self.shared.stats.drop(r),
+            Err(Forward::Servfail) => {
+                let n = wire::make_servfail(msg, &q);
+                match self.listeners[li].send_to(&msg[..n], client) {
+                    Ok(_) => self.shared.stats.response(&msg[..n]),
+                    Err(_) => self.shared.stats.drop(DropReason::SendFailed),
+                }
+            }
         }
     }
 
@@ -301,25 +309,27 @@ impl Worker {
         client: SocketAddr,
         li: usize,
         set: &BackendSet,
-    ) -> Result<(usize, u16), DropReason> {
+    ) -> Result<(usize, u16), Forward> {
         self.counter = self.counter.wrapping_add(1);
-        let bi = set
-            .choose(msg, &q, self.counter)
-            .ok_or(DropReason::NoBackend)?;
+        let bi = match set.choose(msg, &q, self.counter, &self.shared.stats) {
+            Choice::Backend(i) => i,
+            Choice::Servfail => return Err(Forward::Servfail),
+            Choice::Drop => return Err(Forward::Counted),
+        };
         let ui = self
             .route
             .get(bi)
             .copied()
             .flatten()
-            .ok_or(DropReason::SendFailed)?;
+            .ok_or(Forward::Drop(DropReason::SendFailed))?;
         let rng = &mut self.rng;
         let Some(up) = self.upstreams[ui].as_mut() else {
-            return Err(DropReason::SendFailed);
+            return Err(Forward::Drop(DropReason::SendFailed));
         };
         let id = up
             .table
             .insert(|| rng.random(), client, li, msg, q, Instant::now())
-            .map_err(|_| DropReason::BackendFull)?;
+            .map_err(|_| Forward::Drop(DropReason::BackendFull))?;
         wire::set_id(msg, id);
         match up.socket.send(msg) {
             Ok(_) => {
@@ -330,7 +340,7 @@ impl Worker {
             }
             Err(_) => {
                 up.table.release(id);
-                Err(DropReason::SendFailed)
+                Err(Forward::Drop(DropReason::SendFailed))
             }
         }
     }
@@ -372,6 +382,7 @@ impl Worker {
             let st = &up.backend.state;
             st.answers.fetch_add(1, Ordering::Relaxed);
             st.in_flight_done();
+            st.passive_answer();
             up.table.release(h.id);
             match sent {
                 Ok(_) => stats.response(msg),
@@ -399,8 +410,10 @@ impl Worker {
                 up.table.older_than(now, set.timeout, &mut expired);
                 for &id in &expired {
                     if up.table.release(id) {
-                        up.backend.state.timeouts.fetch_add(1, Ordering::Relaxed);
-                        up.backend.state.in_flight_done();
+                        let st = &up.backend.state;
+                        st.timeouts.fetch_add(1, Ordering::Relaxed);
+                        st.in_flight_done();
+                        st.passive_timeout(up.backend.addr, set.passive_timeouts);
                         self.shared.stats.drop(DropReason::BackendTimeout);
                     }
                 }
@@ -442,17 +455,32 @@ impl Worker {
         up.backend.state.in_flight_done();
         match self.forward(&mut msg, question, client, li, set) {
             Ok((new_ui, new_id)) => {
-                if let Some(slot) = self.upstreams[new_ui]
-                    .as_mut()
+                if let Some(slot) = self
+                    .upstreams
+                    .get_mut(new_ui)
+                    .and_then(Option::as_mut)
                     .and_then(|u| u.table.get_mut(new_id))
                 {
                     slot.resent = true;
                 }
             }
-            Err(r) => self.shared.stats.drop(r),
+            Err(Forward::Drop(r)) => self.shared.stats.drop(r),
+            Err(Forward::Counted) => {}
+            // The client's first query got no SERVFAIL either; let it retry.
+            Err(Forward::Servfail) => self.shared.stats.drop(DropReason::NoBackend),
         }
         self.resend_buf = msg;
     }
+}
+
+/// Why a query was not forwarded.
+enum Forward {
+    /// Drop it and count this reason.
+    Drop(DropReason),
+    /// Dropped and already counted (by [`BackendSet::choose`]).
+    Counted,
+    /// Answer SERVFAIL (every backend down, `all_down = "servfail"`).
+    Servfail,
 }
 
 /// Validates a client query: a header, QR=0, and a well-formed question.

@@ -266,6 +266,75 @@ pub fn make_servfail(buf: &mut [u8], q: &Question) -> usize {
     q.end
 }
 
+/// Encodes a presentation-format name (`example.test.` or `example.test`) to wire format.
+pub fn encode_name(name: &str) -> Result<Vec<u8>, String> {
+    let trimmed = name.strip_suffix('.').unwrap_or(name);
+    let mut out = Vec::with_capacity(trimmed.len() + 2);
+    if !trimmed.is_empty() {
+        for label in trimmed.split('.') {
+            if label.is_empty() || label.len() > 63 {
+                return Err(format!(
+                    "`{name}` is not a valid zone name (empty or over-long label)"
+                ));
+            }
+            if !label.bytes().all(|c| c.is_ascii_graphic() && c != b'\\') {
+                return Err(format!(
+                    "`{name}` is not a valid zone name (unsupported character)"
+                ));
+            }
+            out.push(label.len() as u8);
+            out.extend_from_slice(label.as_bytes());
+        }
+    }
+    out.push(0);
+    if out.len() > MAX_NAME_LEN {
+        return Err(format!("`{name}` is longer than 255 bytes"));
+    }
+    Ok(out)
+}
+
+/// Builds a query for `qname` (wire format) with RD=0 and no EDNS.
+pub fn build_query(id: u16, qname: &[u8], qtype: u16) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HEADER_LEN + qname.len() + 4);
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    m.extend_from_slice(qname);
+    m.extend_from_slice(&qtype.to_be_bytes());
+    m.extend_from_slice(&1u16.to_be_bytes());
+    m
+}
+
+/// The serial of the first SOA record in the answer section, if there is one.
+pub fn soa_serial(msg: &[u8]) -> Option<u32> {
+    let h = header(msg).ok()?;
+    let q = question(msg).ok()?;
+    let mut pos = q.end;
+    for _ in 0..h.ancount {
+        pos = skip_name(msg, pos).ok()?;
+        let fixed = msg.get(pos..pos + 10)?;
+        let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+        let rdlen = u16::from_be_bytes([fixed[8], fixed[9]]) as usize;
+        let rdata = pos + 10;
+        let end = rdata + rdlen;
+        if end > msg.len() {
+            return None;
+        }
+        if rtype == 6 {
+            let p = skip_name(msg, rdata).ok()?; // MNAME
+            let p = skip_name(msg, p).ok()?; // RNAME
+            let serial = msg.get(p..p + 4)?;
+            if p + 20 > end {
+                return None;
+            }
+            return Some(u32::from_be_bytes([
+                serial[0], serial[1], serial[2], serial[3],
+            ]));
+        }
+        pos = end;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,6 +395,26 @@ mod tests {
         assert!(!same_question(&a, &qa, &c));
         let d = query(&["www", "example", "test"], 28);
         assert!(!same_question(&a, &qa, &d));
+    }
+
+    #[test]
+    fn encodes_names_and_reads_soa_serial() {
+        assert_eq!(encode_name("a.test.").unwrap(), b"\x01a\x04test\x00");
+        assert_eq!(encode_name("a.test").unwrap(), b"\x01a\x04test\x00");
+        assert_eq!(encode_name(".").unwrap(), b"\x00");
+        assert!(encode_name("a..test").is_err());
+        let q = build_query(5, &encode_name("a.test.").unwrap(), 6);
+        let mut r = q.clone();
+        r[2] |= 0x84;
+        r[7] = 1; // ANCOUNT
+        r.extend_from_slice(&[0xc0, 12, 0, 6, 0, 1, 0, 0, 0, 60]);
+        let rdata: Vec<u8> =
+            [&[0xc0, 12][..], &[0xc0, 12], &42u32.to_be_bytes(), &[0; 16]].concat();
+        r.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        r.extend_from_slice(&rdata);
+        assert_eq!(soa_serial(&r), Some(42));
+        assert_eq!(soa_serial(&r[..r.len() - 1]), None);
+        assert_eq!(soa_serial(&q), None);
     }
 
     #[test]

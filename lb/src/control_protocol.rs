@@ -1,0 +1,219 @@
+//! The control protocol, defined once for the server ([`crate::control`]) and every client
+//! (`lb ctl`, the deployer), so the two sides cannot drift.
+//!
+//! Newline-delimited JSON over a Unix socket: one [`ControlRequest`] per line, one
+//! [`ControlResponse`] line back. Both carry [`PROTOCOL_VERSION`]; a server refuses requests of
+//! another version with a clear error rather than guessing.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any incompatible change of the request or response shapes.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Longest request line the server reads; longer ones are refused and the connection closed.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// One request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlRequest {
+    pub version: u32,
+    pub request: ControlCommand,
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ControlCommand {
+    /// Generation, policy, per-backend state and counters.
+    Status,
+    /// Replace the whole backend set atomically. With `verify`, probe each new backend first
+    /// and swap only if all pass.
+    SetBackends {
+        backends: Vec<String>,
+        #[serde(default)]
+        verify: bool,
+    },
+    /// Stop sending new queries to one backend.
+    Drain { backend: String },
+    /// Resume sending new queries to one backend.
+    Undrain { backend: String },
+    /// Re-read the config file.
+    Reload,
+}
+
+/// One response: `ok` with a result, or an error message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlResponse {
+    pub version: u32,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<ControlResult>,
+}
+
+/// The payload of a successful response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum ControlResult {
+    Status(StatusReport),
+    /// The generation now in force, and what happened.
+    Done {
+        generation: u64,
+        message: String,
+    },
+}
+
+/// `lb ctl status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub generation: u64,
+    pub policy: String,
+    pub backends: Vec<BackendStatus>,
+    /// Queries received by protocol.
+    pub queries_udp: u64,
+    pub queries_tcp: u64,
+    /// Answers sent to clients.
+    pub responses: u64,
+    /// Drops by reason label (only reasons that occurred).
+    pub drops: Vec<(String, u64)>,
+    pub swaps: u64,
+    pub tcp_connections_open: u64,
+    pub pid: u32,
+}
+
+/// One backend in [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub address: String,
+    /// `up`, `down` or `draining`.
+    pub state: String,
+    /// Why the last health check failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub in_flight: u64,
+    pub queries: u64,
+    pub answers: u64,
+    pub timeouts: u64,
+}
+
+impl ControlResponse {
+    pub fn ok(result: ControlResult) -> Self {
+        ControlResponse {
+            version: PROTOCOL_VERSION,
+            ok: true,
+            error: None,
+            result: Some(result),
+        }
+    }
+    pub fn error(message: impl Into<String>) -> Self {
+        ControlResponse {
+            version: PROTOCOL_VERSION,
+            ok: false,
+            error: Some(message.into()),
+            result: None,
+        }
+    }
+}
+
+/// A failure to talk to the control socket (as opposed to a refused command).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot connect to control socket {path}: {source}")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("control socket {path} sent an invalid response: {message}")]
+    BadResponse { path: String, message: String },
+}
+
+/// Sends one request and waits up to `timeout` for the response (blocking; for `lb ctl` and
+/// the deployer).
+pub fn send_request(
+    path: &Path,
+    command: ControlCommand,
+    timeout: Duration,
+) -> Result<ControlResponse, ControlError> {
+    let p = path.display().to_string();
+    let io = |source| ControlError::Io {
+        path: p.clone(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: p.clone(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let req = ControlRequest {
+        version: PROTOCOL_VERSION,
+        request: command,
+    };
+    let mut line = serde_json::to_string(&req).expect("requests always serialise");
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(io)?;
+    let mut reader = BufReader::new(stream);
+    let mut resp = String::new();
+    reader.read_line(&mut resp).map_err(io)?;
+    if resp.is_empty() {
+        return Err(ControlError::BadResponse {
+            path: p,
+            message: "connection closed without a response".into(),
+        });
+    }
+    serde_json::from_str(&resp).map_err(|e| ControlError::BadResponse {
+        path: p,
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trip_and_wire_shape() {
+        let r = ControlRequest {
+            version: 1,
+            request: ControlCommand::SetBackends {
+                backends: vec!["127.0.0.1:53".into()],
+                verify: true,
+            },
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            s,
+            r#"{"version":1,"request":{"command":"set-backends","backends":["127.0.0.1:53"],"verify":true}}"#
+        );
+        assert_eq!(serde_json::from_str::<ControlRequest>(&s).unwrap(), r);
+        let s = r#"{"version":1,"request":{"command":"status"}}"#;
+        assert_eq!(
+            serde_json::from_str::<ControlRequest>(s).unwrap().request,
+            ControlCommand::Status
+        );
+    }
+
+    #[test]
+    fn unknown_commands_and_fields_fail_to_parse() {
+        assert!(serde_json::from_str::<ControlRequest>(
+            r#"{"version":1,"request":{"command":"explode"}}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<ControlRequest>(
+            r#"{"version":1,"request":{"command":"drain","backend":"a","x":1}}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<ControlRequest>("not json").is_err());
+    }
+}

@@ -1,0 +1,84 @@
+//! `lb ctl`: the command-line client of the control socket (human or JSON output).
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::control_protocol::{
+    send_request, ControlCommand, ControlResponse, ControlResult, StatusReport,
+};
+
+/// Exit code when the command was refused by `lb`.
+pub const EXIT_REFUSED: u8 = 1;
+/// Exit code when `lb` could not be reached.
+pub const EXIT_UNREACHABLE: u8 = 2;
+
+/// Sends `cmd` and prints the outcome; returns the process exit code.
+pub fn run(socket: &Path, cmd: ControlCommand, json: bool, timeout: Duration) -> u8 {
+    let resp = match send_request(socket, cmd, timeout) {
+        Ok(r) => r,
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&ControlResponse::error(e.to_string()))
+                        .unwrap_or_default()
+                );
+            } else {
+                eprintln!("lb ctl: {e}");
+            }
+            return EXIT_UNREACHABLE;
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string(&resp).unwrap_or_default());
+    } else if let Some(e) = &resp.error {
+        eprintln!("lb ctl: {e}");
+    } else {
+        match &resp.result {
+            Some(ControlResult::Status(s)) => print!("{}", format_status(s)),
+            Some(ControlResult::Done {
+                generation,
+                message,
+            }) => println!("generation {generation}: {message}"),
+            None => {}
+        }
+    }
+    if resp.ok {
+        0
+    } else {
+        EXIT_REFUSED
+    }
+}
+
+/// The human form of `lb ctl status`.
+pub fn format_status(s: &StatusReport) -> String {
+    let mut out = format!(
+        "generation {}, policy {}, pid {}\n",
+        s.generation, s.policy, s.pid
+    );
+    out.push_str(&format!(
+        "{:<28} {:<9} {:>9} {:>10} {:>10} {:>9}  {}\n",
+        "BACKEND", "STATE", "IN-FLIGHT", "QUERIES", "ANSWERS", "TIMEOUTS", "REASON"
+    ));
+    for b in &s.backends {
+        out.push_str(&format!(
+            "{:<28} {:<9} {:>9} {:>10} {:>10} {:>9}  {}\n",
+            b.address,
+            b.state,
+            b.in_flight,
+            b.queries,
+            b.answers,
+            b.timeouts,
+            b.reason.as_deref().unwrap_or("")
+        ));
+    }
+    out.push_str(&format!(
+        "queries: udp {}, tcp {}; responses {}; swaps {}; tcp connections open {}\n",
+        s.queries_udp, s.queries_tcp, s.responses, s.swaps, s.tcp_connections_open
+    ));
+    if !s.drops.is_empty() {
+        let d: Vec<String> = s.drops.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        out.push_str(&format!("drops: {}\n", d.join(", ")));
+    }
+    out
+}

@@ -1,0 +1,113 @@
+//! The runtime backend set persisted across restarts.
+//!
+//! Written atomically (temp file, fsync, rename, fsync of the directory) after every swap,
+//! drain and reload, and loaded on start in preference to the config's list, so a restart or
+//! reboot never reverts a deploy. The config list it was derived from is stored too: if the
+//! operator edited `backends.servers` since, the edit wins.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::BackendAddr;
+
+const STATE_VERSION: u32 = 1;
+
+/// The persisted state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeState {
+    pub version: u32,
+    pub generation: u64,
+    pub backends: Vec<BackendAddr>,
+    #[serde(default)]
+    pub drained: Vec<BackendAddr>,
+    /// `backends.servers` of the config in force when this was written.
+    pub config_servers: Vec<BackendAddr>,
+}
+
+impl RuntimeState {
+    pub fn new(
+        generation: u64,
+        backends: Vec<BackendAddr>,
+        drained: Vec<BackendAddr>,
+        config_servers: Vec<BackendAddr>,
+    ) -> Self {
+        RuntimeState {
+            version: STATE_VERSION,
+            generation,
+            backends,
+            drained,
+            config_servers,
+        }
+    }
+}
+
+/// Writes the state atomically.
+pub fn save(path: &Path, state: &RuntimeState) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    let text = serde_json::to_string_pretty(state).expect("state always serialises");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Reads the state: `Ok(None)` if there is no file, `Err` with the reason if it is unusable.
+pub fn load(path: &Path) -> Result<Option<RuntimeState>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read state file {}: {e}", path.display())),
+    };
+    let st: RuntimeState = serde_json::from_str(&text)
+        .map_err(|e| format!("state file {} is corrupt: {e}", path.display()))?;
+    if st.version != STATE_VERSION {
+        return Err(format!(
+            "state file {} has version {}, expected {STATE_VERSION}",
+            path.display(),
+            st.version
+        ));
+    }
+    crate::config::check_backend_list(&st.backends)
+        .map_err(|m| format!("state file {}: {m}", path.display()))?;
+    Ok(Some(st))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_load_and_corruption() {
+        let dir = std::env::temp_dir().join(format!("lb-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("state.json");
+        assert_eq!(load(&p), Ok(None));
+        let a: BackendAddr = "127.0.0.1:53".parse().unwrap();
+        let st = RuntimeState::new(7, vec![a], vec![], vec![a]);
+        save(&p, &st).unwrap();
+        assert_eq!(load(&p), Ok(Some(st)));
+        std::fs::write(&p, "{not json").unwrap();
+        assert!(load(&p).unwrap_err().contains("corrupt"));
+        std::fs::write(
+            &p,
+            r#"{"version":1,"generation":1,"backends":[],"config_servers":[]}"#,
+        )
+        .unwrap();
+        assert!(load(&p).unwrap_err().contains("empty"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
