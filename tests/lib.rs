@@ -275,6 +275,13 @@ impl Named {
         );
     }
 
+    /// Serves `spec` from now on (rewrites the config, restarts on the same port).
+    pub fn set_zone(&mut self, spec: ZoneSpec) {
+        self.spec = spec;
+        self.write_config();
+        self.restart();
+    }
+
     /// Kills the process (the port stays reserved for a restart).
     pub fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {
@@ -298,15 +305,102 @@ pub struct Lb {
     pub tcp: Option<SocketAddr>,
     pub config: PathBuf,
     pub dir: TempDir,
+    socket: Option<PathBuf>,
 }
 
 impl Lb {
     /// Starts `lb run` with this config text, waiting for its `listening for ...` lines.
+    /// Unless the config has a `[control]` section, one is added with a control socket and a
+    /// state file in the instance's directory.
     pub fn start(config: &str) -> Lb {
         let dir = TempDir::new("lb");
         let path = dir.path().join("lb.toml");
-        std::fs::write(&path, config).unwrap();
+        let mut text = config.to_string();
+        if !text.contains("[control]") {
+            text.push_str(&format!(
+                "\n[control]\nsocket = \"{0}/control.sock\"\nstate_file = \"{0}/state.json\"\n",
+                dir.path().display()
+            ));
+        }
+        std::fs::write(&path, text).unwrap();
         Self::start_with(dir, path, &[])
+    }
+
+    /// Starts another `lb` on the same config file and directory (after this one stopped).
+    pub fn restart(self) -> Lb {
+        let Lb {
+            mut proc,
+            config,
+            dir,
+            ..
+        } = self;
+        proc.kill();
+        Self::start_with(dir, config, &[])
+    }
+
+    /// The control socket path from the config.
+    pub fn socket(&self) -> PathBuf {
+        self.socket.clone().expect("config has a control socket")
+    }
+
+    /// Runs `lb ctl --socket S ARGS...`; returns (exit code, stdout, stderr).
+    pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(bin("lb"))
+            .arg("ctl")
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `status` through the library client.
+    pub fn status(&self) -> lb::control_protocol::StatusReport {
+        let r = lb::control_protocol::send_request(
+            &self.socket(),
+            lb::control_protocol::ControlCommand::Status,
+            Duration::from_secs(5),
+        )
+        .expect("control socket answers");
+        match r.result {
+            Some(lb::control_protocol::ControlResult::Status(s)) => s,
+            other => panic!("unexpected status response {other:?} {:?}", r.error),
+        }
+    }
+
+    /// A drop counter from `status` (0 if it never happened).
+    pub fn drops(&self, reason: &str) -> u64 {
+        self.status()
+            .drops
+            .iter()
+            .find(|(r, _)| r == reason)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// State (`up`/`down`/`draining`) and reason of one backend.
+    pub fn backend_state(&self, addr: SocketAddr) -> Option<(String, Option<String>)> {
+        self.status()
+            .backends
+            .into_iter()
+            .find(|b| b.address == addr.to_string())
+            .map(|b| (b.state, b.reason))
+    }
+
+    /// Polls until `backend_state(addr).0 == want`; returns how long it took.
+    pub fn wait_state(&self, addr: SocketAddr, want: &str, limit: Duration) -> Option<Duration> {
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            if self.backend_state(addr).is_some_and(|(s, _)| s == want) {
+                return Some(t0.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
     }
 
     /// Starts `lb run --config PATH` with extra environment.
@@ -336,7 +430,8 @@ impl Lb {
         };
         let (mut udp, mut tcp) = (Vec::new(), Vec::new());
         let end = Instant::now() + Duration::from_secs(10);
-        while udp.len() < want_udp || tcp.len() < want_tcp {
+        let mut started = false;
+        while udp.len() < want_udp || tcp.len() < want_tcp || !started {
             let left = end.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
@@ -346,6 +441,8 @@ impl Lb {
                     if let Some(a) = addr_after(&line, "listening for tcp on ") {
                         tcp.push(a);
                     }
+                    // Logged once the control socket is up and the workers run.
+                    started |= line.contains("lb started");
                 }
                 Err(_) => {
                     let _ = proc.wait_exit(Duration::from_millis(200));
@@ -357,6 +454,7 @@ impl Lb {
             proc,
             udp: udp.first().copied(),
             tcp: tcp.first().copied(),
+            socket: cfg.control.socket,
             config: path,
             dir,
         }
@@ -378,6 +476,123 @@ fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
         .trim_end_matches(['"', ','])
         .parse()
         .ok()
+}
+
+/// What a [`LoadClient`] measured.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub sent: usize,
+    pub answered: usize,
+    /// Per query index: when it was sent (since start) and the SOA serial of its answer.
+    pub answers: Vec<(Duration, Option<u32>)>,
+    /// Answers whose rcode was not NOERROR.
+    pub errors: usize,
+}
+
+impl LoadReport {
+    pub fn lost(&self) -> usize {
+        self.sent - self.answered
+    }
+}
+
+/// A steady UDP query stream (SOA example.test.) from a test thread: `qps` queries per
+/// second until stopped, over several sockets so IDs never wrap while in flight.
+pub struct LoadClient {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<LoadReport>>,
+    pub started: Instant,
+}
+
+impl LoadClient {
+    pub fn start(target: SocketAddr, qps: u32) -> LoadClient {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started = Instant::now();
+        let stop2 = stop.clone();
+        let handle = std::thread::spawn(move || run_load(target, qps, stop2, started));
+        LoadClient {
+            stop,
+            handle: Some(handle),
+            started,
+        }
+    }
+
+    /// Stops sending, waits up to 3 s for the last answers, and reports.
+    pub fn finish(mut self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for LoadClient {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn run_load(
+    target: SocketAddr,
+    qps: u32,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    t0: Instant,
+) -> LoadReport {
+    const SOCKETS: usize = 8;
+    let socks: Vec<UdpSocket> = (0..SOCKETS)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.connect(target).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    let mut report = LoadReport::default();
+    let mut pending: Vec<Option<usize>> = vec![None; SOCKETS * 65536];
+    let interval = Duration::from_secs_f64(1.0 / qps as f64);
+    let mut next = Instant::now();
+    let mut buf = [0u8; 4096];
+    let mut stopped_at: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if stopped_at.is_none() && stop.load(Ordering::Relaxed) {
+            stopped_at = Some(now);
+        }
+        if let Some(t) = stopped_at {
+            if report.answered == report.sent || now.duration_since(t) > Duration::from_secs(3) {
+                break;
+            }
+        } else {
+            while next <= now {
+                let i = report.sent;
+                let (sock, id) = (i % SOCKETS, ((i / SOCKETS) % 65536) as u16);
+                let q = query_bytes(id, "example.test.", RecordType::SOA);
+                if socks[sock].send(&q).is_ok() {
+                    pending[sock * 65536 + id as usize] = Some(i);
+                }
+                report.answers.push((now.duration_since(t0), None));
+                report.sent += 1;
+                next += interval;
+            }
+        }
+        let mut got = false;
+        for (si, s) in socks.iter().enumerate() {
+            while let Ok(n) = s.recv(&mut buf) {
+                got = true;
+                let Ok(m) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                if let Some(i) = pending[si * 65536 + m.metadata.id as usize].take() {
+                    report.answered += 1;
+                    if m.metadata.response_code != hickory_proto::op::ResponseCode::NoError {
+                        report.errors += 1;
+                    }
+                    report.answers[i].1 = soa_serial(&m);
+                }
+            }
+        }
+        if !got {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    report
 }
 
 /// Encodes a query (RD=0, no EDNS).

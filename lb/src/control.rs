@@ -24,7 +24,7 @@ use crate::control_protocol::{
     BackendStatus, ControlCommand, ControlRequest, ControlResponse, ControlResult, StatusReport,
     MAX_REQUEST_BYTES, PROTOCOL_VERSION,
 };
-use crate::health::{self, CheckerSettings};
+use crate::health::{self, AllDown, CheckerSettings};
 use crate::state::{self, RuntimeState};
 use crate::stats::{DropReason, Proto};
 
@@ -159,6 +159,10 @@ impl ControlContext {
                 .iter()
                 .filter(|r| st.drops(**r) > 0)
                 .map(|r| (r.as_str().to_string(), st.drops(*r)))
+                .collect(),
+            all_down: [AllDown::FailOpen, AllDown::Servfail, AllDown::Drop]
+                .iter()
+                .map(|m| (m.as_str().to_string(), st.all_down_count(*m)))
                 .collect(),
             swaps: st.swaps.load(Ordering::Relaxed),
             tcp_connections_open: st.tcp_open.load(Ordering::Relaxed),

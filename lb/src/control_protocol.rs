@@ -82,6 +82,8 @@ pub struct StatusReport {
     pub responses: u64,
     /// Drops by reason label (only reasons that occurred).
     pub drops: Vec<(String, u64)>,
+    /// Queries that found every backend down, by the behaviour applied.
+    pub all_down: Vec<(String, u64)>,
     pub swaps: u64,
     pub tcp_connections_open: u64,
     pub pid: u32,

@@ -1,3 +1,4 @@
 //! Integration tests: one binary, one module per area (as hickory's `bin/tests/integration`).
 
+mod control;
 mod proxy;
