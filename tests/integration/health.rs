@@ -1,0 +1,216 @@
+//! Health checks against real BIND: detection and recovery times, REFUSED never up, zone loss,
+//! the three all-down behaviours.
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::RecordType;
+use integration_tests::*;
+
+const T: Duration = Duration::from_secs(3);
+const INTERVAL_MS: u64 = 200;
+const TIMEOUT_MS: u64 = 200;
+const RISE: u64 = 2;
+const FALL: u64 = 2;
+
+fn health(extra: &str) -> String {
+    format!(
+        "\n[health]\nzones = [\"example.test.\"]\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nrise = {RISE}\nfall = {FALL}\n{extra}"
+    )
+}
+
+fn no_zone() -> ZoneSpec {
+    ZoneSpec {
+        serial: None,
+        tag: "r".into(),
+    }
+}
+
+#[test]
+fn a_stopped_backend_is_marked_down_in_time_and_comes_back() {
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let mut b = Named::start(ZoneSpec::new(1, "b"));
+    let lb = Lb::start(&format!(
+        "{}{}",
+        lb_config(&[a.addr, b.addr], "round-robin", ""),
+        health("tcp = true\n")
+    ));
+    assert_eq!(lb.wait_state(b.addr, "up", T).map(|_| ()), Some(()));
+    assert_eq!(lb.backend_state(a.addr).unwrap().0, "up");
+
+    let qps = 1000;
+    let load = LoadClient::start(lb.udp(), qps);
+    std::thread::sleep(Duration::from_millis(500));
+    b.stop();
+    let stopped_at = load.started.elapsed();
+    let detect = lb.wait_state(b.addr, "down", T).expect("marked down");
+    let detected_at = load.started.elapsed();
+    let window = Duration::from_millis(INTERVAL_MS * FALL + TIMEOUT_MS);
+    assert!(
+        detect <= window + Duration::from_millis(300),
+        "down after {detect:?}, window {window:?}"
+    );
+    let (_, reason) = lb.backend_state(b.addr).unwrap();
+    assert!(reason.is_some(), "the reason is kept");
+    std::thread::sleep(Duration::from_millis(500));
+    b.restart();
+    let recover = lb.wait_state(b.addr, "up", T).expect("back up");
+    let rise_window = Duration::from_millis(INTERVAL_MS * RISE + TIMEOUT_MS);
+    assert!(
+        recover <= rise_window + Duration::from_millis(300),
+        "up after {recover:?}, window {rise_window:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let report = load.finish();
+    let lost_after_detection = report
+        .answers
+        .iter()
+        .filter(|(sent, serial)| {
+            *sent > detected_at + Duration::from_millis(50) && serial.is_none()
+        })
+        .count();
+    eprintln!(
+        "health: detection {detect:?} (window {window:?}), recovery {recover:?}; at {qps} qps sent {}, lost {} (all sent between {stopped_at:?} and {detected_at:?}), lost after detection {lost_after_detection}",
+        report.sent,
+        report.lost()
+    );
+    assert_eq!(
+        lost_after_detection, 0,
+        "the other backend answers everything once b is down"
+    );
+    let bound = (qps as f64 * (window.as_secs_f64() + 0.3)) as usize;
+    assert!(
+        report.lost() <= bound,
+        "lost {} > bound {bound}",
+        report.lost()
+    );
+}
+
+#[test]
+fn refused_backend_is_never_up_and_zone_loss_marks_down() {
+    let mut a = Named::start(ZoneSpec::new(1, "a"));
+    let r = Named::start(no_zone());
+    // r first: first-available would prefer it if it were ever up.
+    let lb = Lb::start(&format!(
+        "{}{}",
+        lb_config(&[r.addr, a.addr], "first-available", ""),
+        health("")
+    ));
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(1200) {
+        let (state, reason) = lb.backend_state(r.addr).unwrap();
+        assert_eq!(state, "down");
+        assert_eq!(reason.as_deref(), Some("refused"));
+        let m = udp_query(lb.udp(), "who.example.test.", RecordType::TXT, T).unwrap();
+        assert_eq!(txt(&m).as_deref(), Some("a"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // a loses the zone: it answers REFUSED from now on and goes down.
+    a.set_zone(no_zone());
+    let took = lb
+        .wait_state(a.addr, "down", T)
+        .expect("zone loss detected");
+    assert_eq!(
+        lb.backend_state(a.addr).unwrap().1.as_deref(),
+        Some("refused")
+    );
+    eprintln!("zone loss detected after {took:?}");
+}
+
+#[test]
+fn all_down_behaviours() {
+    let r = Named::start(no_zone());
+
+    // fail-open (default): queries still go to the backend; BIND's REFUSED comes back.
+    let lb = Lb::start(&format!(
+        "{}{}",
+        lb_config(&[r.addr], "round-robin", ""),
+        health("")
+    ));
+    let m = udp_query(lb.udp(), "www.example.test.", RecordType::A, T).expect("fail-open answers");
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    let st = lb.status();
+    assert!(
+        st.all_down.iter().any(|(k, n)| k == "fail-open" && *n >= 1),
+        "{:?}",
+        st.all_down
+    );
+    drop(lb);
+
+    // servfail: the proxy answers SERVFAIL itself, over UDP and TCP, with the client's ID.
+    let lb = Lb::start(&format!(
+        "{}{}",
+        lb_config(&[r.addr], "round-robin", ""),
+        health("all_down = \"servfail\"\n")
+    ));
+    let m = udp_query(lb.udp(), "www.example.test.", RecordType::A, T).expect("servfail answer");
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    assert_eq!(m.queries[0].name().to_ascii(), "www.example.test.");
+    let mut s = TcpStream::connect(lb.tcp()).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    tcp_write(
+        &mut s,
+        &query_bytes(321, "www.example.test.", RecordType::AAAA),
+    );
+    let m = Message::from_vec(&tcp_read(&mut s).unwrap()).unwrap();
+    assert_eq!(
+        (m.metadata.id, m.metadata.response_code),
+        (321, ResponseCode::ServFail)
+    );
+    let st = lb.status();
+    assert!(
+        st.all_down.iter().any(|(k, n)| k == "servfail" && *n >= 2),
+        "{:?}",
+        st.all_down
+    );
+    drop(lb);
+
+    // drop: no answer, counted.
+    let lb = Lb::start(&format!(
+        "{}{}",
+        lb_config(&[r.addr], "round-robin", ""),
+        health("all_down = \"drop\"\n")
+    ));
+    assert!(udp_query(
+        lb.udp(),
+        "www.example.test.",
+        RecordType::A,
+        Duration::from_millis(500)
+    )
+    .is_none());
+    assert!(lb.drops("no-backend") >= 1);
+    let st = lb.status();
+    assert!(
+        st.all_down.iter().any(|(k, n)| k == "drop" && *n >= 1),
+        "{:?}",
+        st.all_down
+    );
+}
+
+#[test]
+fn passive_timeouts_mark_a_silent_backend_down_before_the_probe_would() {
+    // A backend that answers probes (BIND) but whose UDP answers stop: simulate with a long
+    // probe interval and a backend killed while live traffic flows; passive detection needs
+    // `passive_timeouts` consecutive query timeouts.
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let mut b = Named::start(ZoneSpec::new(1, "b"));
+    let lb = Lb::start(&format!(
+        "{}{}",
+        lb_config(&[a.addr, b.addr], "round-robin", "timeout_ms = 300\n"),
+        "\n[health]\nzones = [\"example.test.\"]\ninterval_ms = 60000\ntimeout_ms = 300\npassive_timeouts = 5\n"
+    ));
+    assert!(lb.wait_state(b.addr, "up", T).is_some());
+    let load = LoadClient::start(lb.udp(), 500);
+    std::thread::sleep(Duration::from_millis(200));
+    b.stop();
+    let took = lb
+        .wait_state(b.addr, "down", T)
+        .expect("passively marked down");
+    let _ = load.finish();
+    assert_eq!(
+        lb.backend_state(b.addr).unwrap().1.as_deref(),
+        Some("passive-timeouts")
+    );
+    eprintln!("passive detection after {took:?} (probe interval 60 s)");
+}
