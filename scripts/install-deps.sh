@@ -3,7 +3,7 @@
 # Safe to re-run: it only installs what is missing.
 set -euo pipefail
 
-apt_pkgs=(bind9 bind9-utils dnsutils dnsperf prometheus iproute2 procps)
+apt_pkgs=(bind9 bind9-utils dnsutils dnsperf prometheus systemd iproute2 procps)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

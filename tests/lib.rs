@@ -76,6 +76,11 @@ impl Output {
     pub fn text(&self) -> String {
         self.0.lock().unwrap().clone()
     }
+    /// Collects `r` and sends each line to `tx` as well.
+    pub fn collect_lines(&self, r: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
+        self.collect(r, Some(tx))
+    }
+
     fn collect(&self, r: impl Read + Send + 'static, lines: Option<mpsc::Sender<String>>) {
         let buf = self.0.clone();
         std::thread::spawn(move || {
@@ -306,6 +311,8 @@ pub struct Lb {
     pub config: PathBuf,
     pub dir: TempDir,
     socket: Option<PathBuf>,
+    /// The `/metrics` address, if the config has `[metrics]`.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Lb {
@@ -373,6 +380,11 @@ impl Lb {
         }
     }
 
+    /// Scrapes `/metrics` (plain HTTP/1.1 over a TCP stream).
+    pub fn scrape(&self) -> String {
+        http_get(self.metrics.expect("config has [metrics]"), "/metrics").1
+    }
+
     /// A drop counter from `status` (0 if it never happened).
     pub fn drops(&self, reason: &str) -> u64 {
         self.status()
@@ -429,6 +441,7 @@ impl Lb {
             name: "lb".into(),
         };
         let (mut udp, mut tcp) = (Vec::new(), Vec::new());
+        let mut metrics = None;
         let end = Instant::now() + Duration::from_secs(10);
         let mut started = false;
         while udp.len() < want_udp || tcp.len() < want_tcp || !started {
@@ -440,6 +453,9 @@ impl Lb {
                     }
                     if let Some(a) = addr_after(&line, "listening for tcp on ") {
                         tcp.push(a);
+                    }
+                    if let Some(a) = addr_after(&line, "listening for metrics on ") {
+                        metrics = Some(a);
                     }
                     // Logged once the control socket is up and the workers run.
                     started |= line.contains("lb started");
@@ -455,6 +471,7 @@ impl Lb {
             udp: udp.first().copied(),
             tcp: tcp.first().copied(),
             socket: cfg.control.socket,
+            metrics,
             config: path,
             dir,
         }
@@ -593,6 +610,41 @@ fn run_load(
         }
     }
     report
+}
+
+/// A GET request; returns (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one sample (`name{labels}` exactly as exposed) in a scrape, or 0.
+pub fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == series).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
 }
 
 /// Encodes a query (RD=0, no EDNS).

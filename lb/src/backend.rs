@@ -12,13 +12,14 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
 use crate::config::{BackendAddr, LbConfig};
 use crate::health::{AllDown, ProbeFailure};
+use crate::metrics::LatencyHistogram;
 use crate::policy::{pick, PickContext, Policy};
 use crate::stats::{DropReason, Stats};
 use crate::tcp_backend::TcpPool;
@@ -57,6 +58,8 @@ pub struct BackendState {
     /// A probe of this backend is in flight (one at most).
     pub probe_running: AtomicBool,
     health_failures: [AtomicU64; ProbeFailure::ALL.len()],
+    /// Time from forwarding to the matched answer.
+    pub latency: LatencyHistogram,
 }
 
 impl BackendState {
@@ -74,6 +77,7 @@ impl BackendState {
             passive_timeouts: AtomicU32::new(0),
             probe_running: AtomicBool::new(false),
             health_failures: Default::default(),
+            latency: LatencyHistogram::default(),
         }
     }
 
@@ -310,6 +314,9 @@ pub struct Shared {
     pool_size: usize,
     /// Whether active checks run (new backends then start down until probed).
     checked: AtomicBool,
+    /// Backends removed by a swap, kept (weakly) so their metrics stay visible while they still
+    /// have queries in flight.
+    retired: Mutex<Vec<Weak<Backend>>>,
 }
 
 fn new_backend(addr: SocketAddr, pool_size: usize, unchecked: bool) -> Backend {
@@ -347,6 +354,7 @@ impl Shared {
             write_lock: Mutex::new(()),
             pool_size,
             checked: AtomicBool::new(params.checked),
+            retired: Mutex::new(Vec::new()),
         }
     }
 
@@ -396,7 +404,22 @@ impl Shared {
             passive_timeouts: params.map_or(old.passive_timeouts, |p| p.passive_timeouts),
         }));
         self.stats.swaps.fetch_add(1, Ordering::Relaxed);
+        let current = self.set.load();
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        for b in &old.backends {
+            if current.find(b.addr).is_none() {
+                retired.push(Arc::downgrade(b));
+            }
+        }
+        retired.retain(|w| w.upgrade().is_some_and(|b| current.find(b.addr).is_none()));
         generation
+    }
+
+    /// Removed backends that still have queries in flight (for metrics).
+    pub fn draining_retired(&self) -> Vec<Arc<Backend>> {
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        retired.retain(|w| w.upgrade().is_some_and(|b| b.state.outstanding() > 0));
+        retired.iter().filter_map(Weak::upgrade).collect()
     }
 
     /// Runs `f` under the writers' lock (for drain/undrain plus persisting the result).

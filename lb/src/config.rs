@@ -48,6 +48,17 @@ pub struct LbConfig {
     pub control: ControlConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the Prometheus endpoint; fixed after start.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address for `GET /metrics` and `GET /healthz` (unset: no HTTP endpoint).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[listen]`: addresses and worker threads; fixed after start.

@@ -26,6 +26,8 @@ pub struct Listeners {
     /// Per UDP worker, one socket per `[listen] udp` address.
     pub udp: Vec<Vec<std::net::UdpSocket>>,
     pub tcp: Vec<std::net::TcpListener>,
+    /// The `/metrics` endpoint, if configured.
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 fn buffers(cfg: &LbConfig) -> BufferSizes {
@@ -37,10 +39,45 @@ fn buffers(cfg: &LbConfig) -> BufferSizes {
 
 /// Binds every configured address and logs `listening for udp on ADDR` /
 /// `listening for tcp on ADDR` with the real (port 0 resolved) address.
+/// With socket activation (`LISTEN_FDS`), the passed sockets are used instead of
+/// `[listen]`; every UDP worker gets a duplicate of each passed UDP socket.
 pub fn bind_listeners(cfg: &LbConfig) -> Result<Listeners> {
     let workers = cfg.workers();
     let bufs = buffers(cfg);
     let mut udp: Vec<Vec<std::net::UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
+    let metrics = match cfg.metrics.listen {
+        Some(addr) => {
+            let l = crate::metrics::bind(addr)?;
+            tracing::info!("listening for metrics on {}", l.local_addr()?);
+            Some(l)
+        }
+        None => None,
+    };
+    if let Some(inh) = crate::systemd::inherited_sockets()? {
+        tracing::info!(
+            "using {} udp and {} tcp sockets passed by systemd instead of [listen]",
+            inh.udp.len(),
+            inh.tcp.len()
+        );
+        for s in inh.udp {
+            for w in udp.iter_mut().skip(1) {
+                w.push(
+                    s.try_clone()
+                        .context("cannot duplicate a passed udp socket")?,
+                );
+            }
+            tracing::info!("listening for udp on {}", s.local_addr()?);
+            udp[0].push(s);
+        }
+        for l in &inh.tcp {
+            tracing::info!("listening for tcp on {}", l.local_addr()?);
+        }
+        return Ok(Listeners {
+            udp,
+            tcp: inh.tcp,
+            metrics,
+        });
+    }
     for addr in &cfg.listen.udp {
         let first = build_udp_listener(*addr, true, bufs)
             .with_context(|| format!("cannot bind udp {addr}"))?;
@@ -59,7 +96,7 @@ pub fn bind_listeners(cfg: &LbConfig) -> Result<Listeners> {
         tracing::info!("listening for tcp on {}", l.local_addr()?);
         tcp.push(l);
     }
-    Ok(Listeners { udp, tcp })
+    Ok(Listeners { udp, tcp, metrics })
 }
 
 fn tcp_settings(cfg: &LbConfig) -> TcpSettings {
@@ -143,7 +180,7 @@ pub fn run(cfg: LbConfig, config_path: PathBuf, listeners: Listeners) -> Result<
         .context("cannot start the tokio runtime")?;
     let tcp_set = tcp_settings(&cfg);
     let limits = Arc::new(ConnLimits::default());
-    let udp_control = Arc::new(UdpControl::default());
+    let udp_control = Arc::new(UdpControl::new(listeners.udp.len()));
     let udp_settings = UdpSettings {
         max_datagram: cfg.udp.max_datagram,
         max_in_flight: cfg.backends.max_in_flight,
@@ -184,6 +221,15 @@ pub fn run(cfg: LbConfig, config_path: PathBuf, listeners: Listeners) -> Result<
                 stop_rx.clone(),
             )));
         }
+        if let Some(l) = listeners.metrics {
+            let l =
+                tokio::net::TcpListener::from_std(l).context("cannot register metrics listener")?;
+            tokio::spawn(crate::metrics::serve(
+                l,
+                Arc::clone(&shared),
+                stop_rx.clone(),
+            ));
+        }
         if let Some(l) = control_listener {
             let l =
                 tokio::net::UnixListener::from_std(l).context("cannot register control socket")?;
@@ -202,7 +248,10 @@ pub fn run(cfg: LbConfig, config_path: PathBuf, listeners: Listeners) -> Result<
             set.policy.as_str(),
             config_path.display()
         );
+        crate::systemd::notify_ready();
+        tokio::spawn(crate::systemd::run_watchdog(Arc::clone(&udp_control.beats)));
         wait_for_stop_signal(&ctx).await;
+        crate::systemd::notify_stopping();
         tracing::info!("shutting down: answering queries in flight");
         let _ = stop_tx.send(true);
         udp_control.stop.store(true, Ordering::Relaxed);
@@ -241,8 +290,9 @@ async fn wait_for_stop_signal(ctx: &ControlContext) {
             _ = term.recv() => return,
             _ = int.recv() => return,
             _ = hup.recv() => {
-                if let Err(e) = ctx.reload() {
-                    tracing::warn!("{e}");
+                match ctx.reload() {
+                    Ok(_) => crate::systemd::notify_reloaded(),
+                    Err(e) => tracing::warn!("{e}"),
                 }
             }
         }

@@ -300,6 +300,7 @@ fn handle_answers(
         };
         backend.state.answers.fetch_add(1, Ordering::Relaxed);
         backend.state.in_flight_done();
+        backend.state.latency.observe(p.sent_at.elapsed());
         wire::set_id(msg, p.client_id);
         let mut frame = Vec::with_capacity(len + 2);
         frame.extend_from_slice(&(len as u16).to_be_bytes());

@@ -24,6 +24,7 @@ use crate::backend::{Backend, BackendSet, Choice, Shared};
 use crate::inflight::InflightTable;
 use crate::sockets::{build_upstream_udp, BufferSizes};
 use crate::stats::{DropReason, Proto};
+use crate::systemd::Heartbeats;
 use crate::wire::{self, Question};
 
 /// How often in-flight tables are scanned for timeouts and due re-sends.
@@ -43,11 +44,22 @@ pub struct UdpSettings {
     pub drain_timeout: Duration,
 }
 
-/// Flags the control plane sets to stop the workers.
-#[derive(Debug, Default)]
+/// Flags the control plane sets to stop the workers, and the workers' liveness.
+#[derive(Debug)]
 pub struct UdpControl {
     /// Stop reading listeners; answer what is in flight, then exit.
     pub stop: AtomicBool,
+    /// One heartbeat per worker, for the systemd watchdog.
+    pub beats: Arc<Heartbeats>,
+}
+
+impl UdpControl {
+    pub fn new(workers: usize) -> UdpControl {
+        UdpControl {
+            stop: AtomicBool::new(false),
+            beats: Arc::new(Heartbeats::new(workers)),
+        }
+    }
 }
 
 /// Starts one worker thread per entry of `listeners` (each entry: one socket per listen address).
@@ -64,7 +76,7 @@ pub fn spawn_workers(
         let h = std::thread::Builder::new()
             .name(format!("lb-udp-{n}"))
             .spawn(move || match Worker::new(socks, shared, settings) {
-                Ok(mut w) => w.run(&control),
+                Ok(mut w) => w.run(&control, n),
                 Err(e) => tracing::error!("udp worker {n} failed to start: {e}"),
             })?;
         handles.push(h);
@@ -137,7 +149,7 @@ impl Worker {
         })
     }
 
-    fn run(&mut self, control: &UdpControl) {
+    fn run(&mut self, control: &UdpControl, n: usize) {
         let mut events = Events::with_capacity(256);
         let mut last_scan = Instant::now();
         let mut stopping: Option<Instant> = None;
@@ -153,6 +165,7 @@ impl Worker {
                     return;
                 }
             }
+            control.beats.beat(n);
             if stopping.is_none() && control.stop.load(Ordering::Relaxed) {
                 stopping = Some(Instant::now());
                 for l in &mut self.listeners {
@@ -383,6 +396,7 @@ impl Worker {
             st.answers.fetch_add(1, Ordering::Relaxed);
             st.in_flight_done();
             st.passive_answer();
+            st.latency.observe(slot.sent_at.elapsed());
             up.table.release(h.id);
             match sent {
                 Ok(_) => stats.response(msg),

@@ -2,4 +2,5 @@
 
 mod control;
 mod health;
+mod observe;
 mod proxy;

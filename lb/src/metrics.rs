@@ -1,0 +1,482 @@
+//! Prometheus metrics over HTTP (`GET /metrics`, `GET /healthz`).
+//!
+//! The per-packet path only does relaxed atomic adds on counters it already owns
+//! ([`crate::stats::Stats`] and each backend's [`crate::backend::BackendState`]); nothing is
+//! looked up by label per packet. At scrape time [`LbCollector`] reads those atomics and builds
+//! the metric families, so a backend's series exist exactly while it is in the current set or
+//! still draining answers after a swap (no unbounded label growth). The `prometheus` crate
+//! (without protobuf) provides the data model, the process collector and the text encoder.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::backend::{Backend, Shared};
+use crate::health::{AllDown, ProbeFailure};
+use crate::stats::{DropReason, Proto};
+
+/// Upper bounds (seconds) of the answer latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+/// The same bounds in nanoseconds, for the hot path.
+const LATENCY_BUCKETS_NS: [u64; 14] = [
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+];
+
+/// A fixed-bucket latency histogram made of atomics: observing is a short scan and two adds.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Non-cumulative counts; the last slot is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl LatencyHistogram {
+    #[inline]
+    pub fn observe(&self, d: Duration) {
+        let ns = d.as_nanos().min(u64::MAX as u128) as u64;
+        let i = LATENCY_BUCKETS_NS
+            .iter()
+            .position(|&b| ns <= b)
+            .unwrap_or(LATENCY_BUCKETS_NS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    fn to_proto(&self) -> proto::Histogram {
+        let mut h = proto::Histogram::default();
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(LATENCY_BUCKETS.len());
+        for (i, ub) in LATENCY_BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let mut b = proto::Bucket::default();
+            b.set_upper_bound(*ub);
+            b.set_cumulative_count(cumulative);
+            buckets.push(b);
+        }
+        cumulative += self.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
+        h.set_bucket(buckets);
+        h.set_sample_count(cumulative);
+        h.set_sample_sum(self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9);
+        h
+    }
+}
+
+/// One metric family under construction.
+struct Family {
+    mf: MetricFamily,
+}
+
+impl Family {
+    fn new(name: &str, help: &str, t: MetricType) -> Family {
+        let mut mf = MetricFamily::default();
+        mf.set_name(name.to_string());
+        mf.set_help(help.to_string());
+        mf.set_field_type(t);
+        Family { mf }
+    }
+
+    fn metric(labels: &[(&str, &str)]) -> proto::Metric {
+        let mut m = proto::Metric::default();
+        m.set_label(
+            labels
+                .iter()
+                .map(|(k, v)| {
+                    let mut l = LabelPair::default();
+                    l.set_name(k.to_string());
+                    l.set_value(v.to_string());
+                    l
+                })
+                .collect(),
+        );
+        m
+    }
+
+    fn counter(&mut self, labels: &[(&str, &str)], v: u64) {
+        let mut m = Self::metric(labels);
+        let mut c = proto::Counter::default();
+        c.set_value(v as f64);
+        m.set_counter(c);
+        self.mf.mut_metric().push(m);
+    }
+
+    fn gauge(&mut self, labels: &[(&str, &str)], v: f64) {
+        let mut m = Self::metric(labels);
+        let mut g = proto::Gauge::default();
+        g.set_value(v);
+        m.set_gauge(g);
+        self.mf.mut_metric().push(m);
+    }
+
+    fn histogram(&mut self, labels: &[(&str, &str)], h: proto::Histogram) {
+        let mut m = Self::metric(labels);
+        m.set_histogram(h);
+        self.mf.mut_metric().push(m);
+    }
+}
+
+/// Family names, help texts, types and label names; also the collector's descriptors.
+const FAMILIES: [(&str, &str, MetricType, &[&str]); 17] = [
+    (
+        "lb_queries_total",
+        "Queries received from clients, by protocol.",
+        MetricType::COUNTER,
+        &["protocol"],
+    ),
+    (
+        "lb_responses_total",
+        "Answers sent to clients, by RCODE.",
+        MetricType::COUNTER,
+        &["rcode"],
+    ),
+    (
+        "lb_dropped_total",
+        "Packets, frames or connections dropped, by reason.",
+        MetricType::COUNTER,
+        &["reason"],
+    ),
+    (
+        "lb_all_down_total",
+        "Queries that found every backend down, by the behaviour applied.",
+        MetricType::COUNTER,
+        &["behaviour"],
+    ),
+    (
+        "lb_backend_queries_total",
+        "Queries forwarded to a backend.",
+        MetricType::COUNTER,
+        &["backend"],
+    ),
+    (
+        "lb_backend_answers_total",
+        "Answers received from a backend and matched.",
+        MetricType::COUNTER,
+        &["backend"],
+    ),
+    (
+        "lb_backend_timeouts_total",
+        "Queries a backend did not answer in time.",
+        MetricType::COUNTER,
+        &["backend"],
+    ),
+    (
+        "lb_backend_answer_duration_seconds",
+        "Time from forwarding a query to its matched answer.",
+        MetricType::HISTOGRAM,
+        &["backend"],
+    ),
+    (
+        "lb_backend_in_flight",
+        "Queries in flight to a backend.",
+        MetricType::GAUGE,
+        &["backend"],
+    ),
+    (
+        "lb_backend_up",
+        "1 if the backend passes its health checks, else 0.",
+        MetricType::GAUGE,
+        &["backend"],
+    ),
+    (
+        "lb_backend_draining",
+        "1 if the backend is drained by the operator, else 0.",
+        MetricType::GAUGE,
+        &["backend"],
+    ),
+    (
+        "lb_backend_health_check_failures_total",
+        "Failed health checks, by reason.",
+        MetricType::COUNTER,
+        &["backend", "reason"],
+    ),
+    (
+        "lb_backend_set_generation",
+        "Generation of the backend set in force.",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_backend_set_swaps_total",
+        "Backend set swaps (set-backends, reloads) since start.",
+        MetricType::COUNTER,
+        &[],
+    ),
+    (
+        "lb_tcp_connections_open",
+        "Client TCP connections open.",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_tcp_connections_total",
+        "Client TCP connections accepted.",
+        MetricType::COUNTER,
+        &[],
+    ),
+    (
+        "lb_build_info",
+        "Build information; always 1.",
+        MetricType::GAUGE,
+        &["version"],
+    ),
+];
+
+const RCODES: [&str; 16] = [
+    "NOERROR",
+    "FORMERR",
+    "SERVFAIL",
+    "NXDOMAIN",
+    "NOTIMP",
+    "REFUSED",
+    "YXDOMAIN",
+    "YXRRSET",
+    "NXRRSET",
+    "NOTAUTH",
+    "NOTZONE",
+    "DSOTYPENI",
+    "RCODE12",
+    "RCODE13",
+    "RCODE14",
+    "RCODE15",
+];
+
+/// Reads the proxy's atomics at scrape time.
+pub struct LbCollector {
+    shared: Arc<Shared>,
+    descs: Vec<Desc>,
+}
+
+impl LbCollector {
+    pub fn new(shared: Arc<Shared>) -> LbCollector {
+        let descs = FAMILIES
+            .iter()
+            .map(|(name, help, _, labels)| {
+                Desc::new(
+                    name.to_string(),
+                    help.to_string(),
+                    labels.iter().map(|l| l.to_string()).collect(),
+                    HashMap::new(),
+                )
+                .expect("static metric descriptors are valid")
+            })
+            .collect();
+        LbCollector { shared, descs }
+    }
+}
+
+impl Collector for LbCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut f: Vec<Family> = FAMILIES
+            .iter()
+            .map(|(n, h, t, _)| Family::new(n, h, *t))
+            .collect();
+        let st = &self.shared.stats;
+        f[0].counter(&[("protocol", "udp")], st.queries(Proto::Udp));
+        f[0].counter(&[("protocol", "tcp")], st.queries(Proto::Tcp));
+        for (i, name) in RCODES.iter().enumerate() {
+            let n = st.responses(i as u8);
+            if n > 0 || i < 6 {
+                f[1].counter(&[("rcode", name)], n);
+            }
+        }
+        for r in DropReason::ALL {
+            f[2].counter(&[("reason", r.as_str())], st.drops(r));
+        }
+        for m in [AllDown::FailOpen, AllDown::Servfail, AllDown::Drop] {
+            f[3].counter(&[("behaviour", m.as_str())], st.all_down_count(m));
+        }
+        let set = self.shared.current();
+        let mut backends: Vec<Arc<Backend>> = set.backends.clone();
+        for b in self.shared.draining_retired() {
+            if !backends.iter().any(|x| x.addr == b.addr) {
+                backends.push(b);
+            }
+        }
+        for b in &backends {
+            let addr = b.addr.to_string();
+            let l = [("backend", addr.as_str())];
+            let s = &b.state;
+            f[4].counter(&l, s.queries.load(Ordering::Relaxed));
+            f[5].counter(&l, s.answers.load(Ordering::Relaxed));
+            f[6].counter(&l, s.timeouts.load(Ordering::Relaxed));
+            f[7].histogram(&l, s.latency.to_proto());
+            f[8].gauge(&l, s.outstanding() as f64);
+            f[9].gauge(&l, if s.is_up() { 1.0 } else { 0.0 });
+            f[10].gauge(&l, if s.is_draining() { 1.0 } else { 0.0 });
+            for r in ProbeFailure::ALL {
+                if r == ProbeFailure::NotChecked {
+                    continue;
+                }
+                f[11].counter(
+                    &[("backend", addr.as_str()), ("reason", r.as_str())],
+                    s.health_failures(r),
+                );
+            }
+        }
+        f[12].gauge(&[], set.generation as f64);
+        f[13].counter(&[], st.swaps.load(Ordering::Relaxed));
+        f[14].gauge(&[], st.tcp_open.load(Ordering::Relaxed) as f64);
+        f[15].counter(&[], st.tcp_total.load(Ordering::Relaxed));
+        f[16].gauge(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+        f.into_iter()
+            .map(|x| x.mf)
+            .filter(|mf| !mf.get_metric().is_empty())
+            .collect()
+    }
+}
+
+/// The registry: the proxy's collector plus the process collector (RSS, CPU, fds).
+pub fn registry(shared: Arc<Shared>) -> Registry {
+    let r = Registry::new();
+    r.register(Box::new(LbCollector::new(shared)))
+        .expect("the lb collector registers once");
+    let _ = r.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ));
+    r
+}
+
+/// Renders the text exposition format.
+pub fn render(r: &Registry) -> String {
+    let mut out = Vec::new();
+    let _ = TextEncoder::new().encode(&r.gather(), &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Scrape connections served at once.
+const MAX_SCRAPERS: usize = 16;
+
+/// Serves `/metrics` and `/healthz` until `stop` turns true.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let registry = Arc::new(registry(Arc::clone(&shared)));
+    let slots = Arc::new(Semaphore::new(MAX_SCRAPERS));
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = crate::server::stopped(&mut stop) => return,
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            continue;
+        };
+        let registry = Arc::clone(&registry);
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let registry = Arc::clone(&registry);
+                let shared = Arc::clone(&shared);
+                async move { Ok::<_, Infallible>(respond(&req, &registry, &shared)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+            drop(permit);
+        });
+    }
+}
+
+fn respond(
+    req: &Request<hyper::body::Incoming>,
+    registry: &Registry,
+    shared: &Shared,
+) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match (req.method(), req.uri().path()) {
+        (&hyper::Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            render(registry),
+        ),
+        (&hyper::Method::GET, "/healthz") => {
+            let set = shared.current();
+            let up = set.backends.iter().filter(|b| b.is_usable()).count();
+            if up > 0 {
+                (
+                    StatusCode::OK,
+                    "text/plain",
+                    format!("ok: {up} of {} backends usable\n", set.backends.len()),
+                )
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "no usable backend\n".to_string(),
+                )
+            }
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics or /healthz\n".to_string(),
+        ),
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", ctype)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+/// Binds the metrics listener.
+pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    use anyhow::Context;
+    let l = crate::sockets::build_tcp_listener(addr)
+        .with_context(|| format!("cannot bind metrics listener {addr}"))?;
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = LatencyHistogram::default();
+        h.observe(Duration::from_micros(50));
+        h.observe(Duration::from_micros(300));
+        h.observe(Duration::from_secs(10));
+        let p = h.to_proto();
+        assert_eq!(p.get_sample_count(), 3);
+        let b = p.get_bucket();
+        assert_eq!(b[0].cumulative_count(), 1);
+        assert_eq!(b[2].cumulative_count(), 2);
+        assert_eq!(b.last().unwrap().cumulative_count(), 2);
+    }
+}
