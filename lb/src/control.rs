@@ -106,6 +106,7 @@ impl ControlContext {
 
     /// Handles one command.
     pub async fn handle(&self, cmd: ControlCommand) -> ControlResponse {
+        let t0 = std::time::Instant::now();
         let r = match cmd {
             ControlCommand::Status => Ok(ControlResult::Status(self.status())),
             ControlCommand::SetBackends { backends, verify } => {
@@ -121,10 +122,12 @@ impl ControlContext {
                     })
             }
         };
-        match r {
+        let mut resp = match r {
             Ok(res) => ControlResponse::ok(res),
             Err(e) => ControlResponse::error(e),
-        }
+        };
+        resp.elapsed_us = Some(t0.elapsed().as_micros() as u64);
+        resp
     }
 
     /// `lb ctl status`.

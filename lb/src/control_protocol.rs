@@ -55,6 +55,9 @@ pub struct ControlResponse {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<ControlResult>,
+    /// How long the server took to handle the request, in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_us: Option<u64>,
 }
 
 /// The payload of a successful response.
@@ -111,6 +114,7 @@ impl ControlResponse {
             ok: true,
             error: None,
             result: Some(result),
+            elapsed_us: None,
         }
     }
     pub fn error(message: impl Into<String>) -> Self {
@@ -119,6 +123,7 @@ impl ControlResponse {
             ok: false,
             error: Some(message.into()),
             result: None,
+            elapsed_us: None,
         }
     }
 }
