@@ -1,6 +1,190 @@
-//! `deployer`: blue-green rollouts of authoritative nameservers behind `lb`.
+//! The `deployer` command: parse the command line, call the library, report.
 
-fn main() {
-    eprintln!("deployer: not built yet (see the deployer issue)");
-    std::process::exit(2);
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use deployer::config::DeployerConfig;
+use deployer::deploy::Deployer;
+
+#[derive(Parser)]
+#[command(
+    name = "deployer",
+    version,
+    about = "Blue-green rollouts of authoritative nameservers behind lb"
+)]
+struct Cli {
+    /// The deployment's config file.
+    #[arg(long, short = 'c', global = true, default_value = "deployer.toml")]
+    config: PathBuf,
+    /// One JSON object per line instead of human output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the whole infrastructure from scratch: nameservers, then lbs, then checks.
+    Up {
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Replace every nameserver blue-green (create NAME-next, provision, check, flip, verify,
+    /// delete the old, rename).
+    Roll {
+        /// Finish an unfinished roll from where it stopped.
+        #[arg(long)]
+        resume: bool,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Undo an unfinished operation: flip lbs back, delete what it created.
+    Rollback,
+    /// Instances, each lb's backends and generation, and any unfinished operation.
+    Status,
+    /// Delete everything this deployment owns.
+    Down {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let cfg = DeployerConfig::read(&cli.config)?;
+    let mut d = Deployer::new(cfg, cli.json)?;
+    let t = std::time::Instant::now();
+    match cli.command {
+        Cmd::Up { dry_run } => d.up(dry_run)?,
+        Cmd::Roll { resume, dry_run } => d.roll(resume, dry_run)?,
+        Cmd::Rollback => d.rollback()?,
+        Cmd::Status => {
+            let s = d.status()?;
+            if cli.json {
+                println!("{s}");
+            } else {
+                print_status(&s);
+            }
+            return Ok(());
+        }
+        Cmd::Down { yes, dry_run } => {
+            let all = d.list()?;
+            if dry_run || all.is_empty() {
+                for i in &all {
+                    d.out.info(&format!(
+                        "would delete {} (id {}, {})",
+                        i.label,
+                        i.id,
+                        i.dns_addr()
+                    ));
+                }
+                if all.is_empty() {
+                    d.out.info("nothing to delete");
+                }
+                return Ok(());
+            }
+            if !yes {
+                eprintln!(
+                    "delete {} instances of deployment {} ({})? type yes:",
+                    all.len(),
+                    d.cfg.deployment,
+                    all.iter()
+                        .map(|i| i.label.clone())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                let mut line = String::new();
+                std::io::stdin().lock().read_line(&mut line)?;
+                if line.trim() != "yes" {
+                    anyhow::bail!("not confirmed; nothing deleted");
+                }
+            }
+            d.down(false)?;
+        }
+    }
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({"event": "done", "ok": true, "elapsed_ms": t.elapsed().as_millis() as u64})
+        );
+    } else {
+        println!("done in {:.1}s", t.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+fn print_status(s: &serde_json::Value) {
+    println!("deployment {}", s["deployment"].as_str().unwrap_or(""));
+    println!(
+        "{:<14} {:>6} {:<12} {:<10} ADDRESS",
+        "INSTANCE", "ID", "ROLE", "STATE"
+    );
+    for i in s["instances"].as_array().into_iter().flatten() {
+        println!(
+            "{:<14} {:>6} {:<12} {:<10} {}:{}",
+            i["label"].as_str().unwrap_or(""),
+            i["id"],
+            i["role"].as_str().unwrap_or(""),
+            i["status"].as_str().unwrap_or(""),
+            i["address"].as_str().unwrap_or(""),
+            i["dns_port"]
+        );
+    }
+    for l in s["lbs"].as_array().into_iter().flatten() {
+        match l.get("error") {
+            Some(e) => println!("lb {}: {}", l["name"].as_str().unwrap_or(""), e),
+            None => {
+                let backends: Vec<String> = l["backends"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|b| {
+                        format!(
+                            "{} ({})",
+                            b["address"].as_str().unwrap_or(""),
+                            b["state"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect();
+                println!(
+                    "lb {} at {}: generation {}, backends {}",
+                    l["name"].as_str().unwrap_or(""),
+                    l["address"].as_str().unwrap_or(""),
+                    l["generation"],
+                    backends.join(", ")
+                );
+            }
+        }
+    }
+    match s.get("unfinished").filter(|u| !u.is_null()) {
+        Some(u) => println!(
+            "UNFINISHED {}: steps done {}; run `deployer roll --resume` or `deployer rollback`",
+            u["operation"].as_str().unwrap_or(""),
+            u["steps_done"]
+        ),
+        None => println!("no unfinished operation"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "done", "ok": false, "error": format!("{e:#}")})
+                );
+            }
+            eprintln!("deployer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,239 @@
+//! Running the playbooks in `ansible/` on the instances of one step.
+//!
+//! Per run the deployer writes an inventory and a variables file (JSON) under the state
+//! directory, runs `ansible-playbook` with a timeout while its output streams to the terminal
+//! (stderr, so `--json` keeps stdout clean), and maps the exit status to a clear error. SSH
+//! host keys are accepted on first use into a per-deployment known_hosts file; checking is
+//! never turned off.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+use crate::config::DeployerConfig;
+use crate::provider::{Instance, Provider, Role};
+
+/// What went wrong with a playbook run.
+#[derive(Debug, thiserror::Error)]
+pub enum AnsibleError {
+    #[error("cannot run {command}: {source} (install ansible-core: pip install ansible-core)")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("ansible-playbook {playbook} timed out after {0:?} and was stopped", .timeout)]
+    Timeout { playbook: String, timeout: Duration },
+    #[error(
+        "ansible-playbook {playbook} failed: {meaning} (exit status {code}); its output is above"
+    )]
+    Failed {
+        playbook: String,
+        code: i32,
+        meaning: &'static str,
+    },
+    #[error("cannot write the ansible run files in {dir}: {source}")]
+    Files {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The meaning of `ansible-playbook`'s exit codes.
+pub fn exit_meaning(code: i32) -> &'static str {
+    match code {
+        1 => "an error occurred",
+        2 => "one or more hosts failed a task",
+        3 => "one or more hosts were unreachable",
+        4 => "the playbook or inventory could not be parsed",
+        5 => "bad or incomplete options",
+        99 => "interrupted",
+        250 => "unexpected error",
+        _ => "unknown failure",
+    }
+}
+
+/// The inventory for one run: `targets` in their group; every known lb in `lbs` too, so the
+/// nameservers can exempt the load balancers from rate limiting.
+pub fn inventory(
+    provider: &dyn Provider,
+    targets: &[Instance],
+    known_lbs: &[Instance],
+    cfg: &DeployerConfig,
+    known_hosts: &std::path::Path,
+) -> Value {
+    let mut ns = Map::new();
+    let mut lbs = Map::new();
+    let host_entry = |i: &Instance| {
+        let mut vars = provider.host_vars(i);
+        if vars.get("ansible_connection").and_then(Value::as_str) != Some("local") {
+            vars.insert(
+                "ansible_ssh_common_args".into(),
+                json!(format!(
+                    "-o UserKnownHostsFile={} -o StrictHostKeyChecking=accept-new",
+                    known_hosts.display()
+                )),
+            );
+        }
+        let base = i.label.trim_end_matches("-next");
+        let extra = match i.role {
+            Role::Nameserver => cfg
+                .nameservers
+                .iter()
+                .find(|n| n.name == base)
+                .map(|n| &n.vars),
+            Role::Lb => cfg.lbs.iter().find(|l| l.name == base).map(|l| &l.vars),
+        };
+        for (k, v) in extra.into_iter().flatten() {
+            vars.insert(k.clone(), v.clone());
+        }
+        Value::Object(vars)
+    };
+    for i in targets {
+        match i.role {
+            Role::Nameserver => ns.insert(i.label.clone(), host_entry(i)),
+            Role::Lb => lbs.insert(i.label.clone(), host_entry(i)),
+        };
+    }
+    for i in known_lbs {
+        if !lbs.contains_key(&i.label) {
+            lbs.insert(
+                i.label.clone(),
+                json!({ "ansible_host": i.address.to_string() }),
+            );
+        }
+    }
+    json!({ "all": { "children": {
+        "nameservers": { "hosts": ns },
+        "lbs": { "hosts": lbs },
+    }}})
+}
+
+/// Variables for every host of a run: the zones (overriding group_vars so the deployer's
+/// config is the one truth), plus per-host variables already in the inventory.
+pub fn run_vars(cfg: &DeployerConfig, more: Map<String, Value>) -> Value {
+    let zones: Vec<Value> = cfg
+        .zones
+        .names
+        .iter()
+        .map(|z| {
+            let name = z.trim_end_matches('.');
+            json!({ "name": name, "file": format!("{name}.zone") })
+        })
+        .collect();
+    let mut m = Map::new();
+    m.insert("dns_zones".into(), Value::Array(zones));
+    m.insert(
+        "nameserver_zones_src".into(),
+        json!(cfg.ansible_dir.join("zones")),
+    );
+    m.insert("lb_binary_src".into(), json!(cfg.lb_binary));
+    m.insert(
+        "lb_dist_dir".into(),
+        json!(cfg.ansible_dir.join("../lb/dist")),
+    );
+    m.extend(more);
+    for (k, v) in &cfg.ansible.extra_vars {
+        m.insert(k.clone(), v.clone());
+    }
+    Value::Object(m)
+}
+
+/// Runs `playbook` against `inventory` with `vars`, streaming its output to stderr.
+pub fn run_playbook(
+    cfg: &DeployerConfig,
+    playbook: &str,
+    run_name: &str,
+    inventory: &Value,
+    vars: &Value,
+    timeout: Duration,
+) -> Result<(), AnsibleError> {
+    let dir = cfg.state_dir.join("runs").join(run_name);
+    let files = |source| AnsibleError::Files {
+        dir: dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&dir).map_err(files)?;
+    let inv = dir.join("inventory.json");
+    let varfile = dir.join("vars.json");
+    std::fs::write(
+        &inv,
+        serde_json::to_vec_pretty(inventory).unwrap_or_default(),
+    )
+    .map_err(files)?;
+    std::fs::write(
+        &varfile,
+        serde_json::to_vec_pretty(vars).unwrap_or_default(),
+    )
+    .map_err(files)?;
+
+    let command = cfg
+        .ansible
+        .playbook_command
+        .clone()
+        .unwrap_or_else(|| "ansible-playbook".into());
+    let stderr_fd = std::io::stderr();
+    let out = std::os::fd::AsFd::as_fd(&stderr_fd)
+        .try_clone_to_owned()
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::inherit());
+    let mut child = Command::new(&command)
+        .arg("-i")
+        .arg(&inv)
+        .arg(cfg.ansible_dir.join(playbook))
+        .arg("-e")
+        .arg(format!("@{}", varfile.display()))
+        .env("ANSIBLE_CONFIG", cfg.ansible_dir.join("ansible.cfg"))
+        .env("ANSIBLE_FORCE_COLOR", "0")
+        .env("ANSIBLE_NOCOLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out)
+        // Its own process group, so a timeout stops ansible and everything it started.
+        .process_group(0)
+        .spawn()
+        .map_err(|source| AnsibleError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                let code = status.code().unwrap_or(250);
+                return if code == 0 {
+                    Ok(())
+                } else {
+                    Err(AnsibleError::Failed {
+                        playbook: playbook.into(),
+                        code,
+                        meaning: exit_meaning(code),
+                    })
+                };
+            }
+            Ok(None) if start.elapsed() >= timeout => {
+                let pgid = child.id() as i32;
+                let _ = Command::new("kill")
+                    .args(["-TERM", &format!("-{pgid}")])
+                    .status();
+                std::thread::sleep(Duration::from_secs(2));
+                let _ = Command::new("kill")
+                    .args(["-KILL", &format!("-{pgid}")])
+                    .status();
+                let _ = child.wait();
+                return Err(AnsibleError::Timeout {
+                    playbook: playbook.into(),
+                    timeout,
+                });
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => {
+                return Err(AnsibleError::Spawn {
+                    command: command.clone(),
+                    source: e,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,763 @@
+//! The orchestration: `up`, `roll` (the seed's seven steps), `rollback`, `status`, `down`.
+//!
+//! Every step is recorded in the [`Journal`] before the deployer moves on. A failure in steps
+//! 1-5 rolls back at once (flip flipped lbs back, delete what was created) with the old set
+//! serving throughout. Once old instances are being deleted (step 6) a roll can only go
+//! forward: `roll --resume` finishes it.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Map, Value};
+
+use crate::ansible;
+use crate::checks::check_serving;
+use crate::config::{DeployerConfig, ProviderKind};
+use crate::journal::{Flip, Journal, JournalFile, JournalState, Operation, StepRecord};
+use crate::provider::linode::{LinodeClient, LinodeProvider};
+use crate::provider::local::LocalProvider;
+use crate::provider::{Instance, InstanceSpec, Provider, Role};
+use crate::zones;
+
+/// The roll's steps, in order (the seed's numbered list).
+pub const ROLL_STEPS: [&str; 7] = [
+    "create",
+    "provision",
+    "check",
+    "flip",
+    "verify",
+    "delete-old",
+    "rename",
+];
+/// The steps of `up`.
+pub const UP_STEPS: [&str; 6] = [
+    "create-nameservers",
+    "provision-nameservers",
+    "check-nameservers",
+    "create-lbs",
+    "provision-lbs",
+    "check-lbs",
+];
+
+/// Human or JSON progress output, one line per step with elapsed time.
+pub struct Reporter {
+    pub json: bool,
+}
+
+impl Reporter {
+    fn step(&self, n: usize, total: usize, rec: &StepRecord) {
+        if self.json {
+            println!(
+                "{}",
+                json!({"event": "step", "n": n, "of": total, "step": rec.step, "ok": rec.ok,
+                       "detail": rec.detail, "elapsed_ms": rec.elapsed_ms})
+            );
+        } else {
+            println!(
+                "[{n}/{total}] {:<22} {} ({:.1}s) {}",
+                rec.step,
+                if rec.ok { "ok" } else { "FAILED" },
+                rec.elapsed_ms as f64 / 1000.0,
+                rec.detail
+            );
+        }
+    }
+
+    pub fn info(&self, msg: &str) {
+        if self.json {
+            println!("{}", json!({"event": "info", "message": msg}));
+        } else {
+            println!("{msg}");
+        }
+    }
+}
+
+/// Test hooks from the environment: `DEPLOYER_FAIL_AT=STEP` fails that step before it runs;
+/// `DEPLOYER_PAUSE_AFTER=STEP` sleeps after the step is recorded (so a test can kill -9).
+#[derive(Debug, Default, Clone)]
+struct Hooks {
+    fail_at: Option<String>,
+    pause_after: Option<String>,
+}
+
+impl Hooks {
+    fn from_env() -> Hooks {
+        Hooks {
+            fail_at: std::env::var("DEPLOYER_FAIL_AT").ok(),
+            pause_after: std::env::var("DEPLOYER_PAUSE_AFTER").ok(),
+        }
+    }
+}
+
+/// One deployment, as configured.
+pub struct Deployer {
+    pub cfg: DeployerConfig,
+    provider: Box<dyn Provider>,
+    journal: JournalFile,
+    pub out: Reporter,
+    hooks: Hooks,
+}
+
+fn elapsed_ms(t: Instant) -> u64 {
+    t.elapsed().as_millis() as u64
+}
+
+impl Deployer {
+    pub fn new(cfg: DeployerConfig, json: bool) -> Result<Deployer> {
+        let provider: Box<dyn Provider> = match cfg.provider.kind {
+            ProviderKind::Local => Box::new(LocalProvider::new(&cfg.state_dir, &cfg.lb_binary)),
+            ProviderKind::Linode => {
+                let l = cfg
+                    .linode
+                    .clone()
+                    .ok_or_else(|| anyhow!("[linode] section missing"))?;
+                let client = LinodeClient::from_env(&l.api_url, cfg.timeouts.api())?;
+                Box::new(LinodeProvider::new(client, l, cfg.tag(), &cfg.state_dir))
+            }
+        };
+        std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
+            format!("cannot create state directory {}", cfg.state_dir.display())
+        })?;
+        Ok(Deployer {
+            journal: JournalFile::new(&cfg.state_dir),
+            cfg,
+            provider,
+            out: Reporter { json },
+            hooks: Hooks::from_env(),
+        })
+    }
+
+    /// Expected serial of every zone, from the zone files.
+    fn serials(&self) -> Result<Vec<(String, u32)>> {
+        self.cfg
+            .zones
+            .names
+            .iter()
+            .map(|z| {
+                let s = zones::soa_serial(&self.cfg.zone_file(z)).map_err(|e| anyhow!(e))?;
+                Ok((z.clone(), s))
+            })
+            .collect()
+    }
+
+    fn unfinished(&self) -> Result<Option<Journal>> {
+        Ok(self
+            .journal
+            .load()?
+            .filter(|j| j.state == JournalState::InProgress))
+    }
+
+    fn refuse_if_unfinished(&self) -> Result<()> {
+        if let Some(j) = self.unfinished()? {
+            bail!(
+                "an unfinished {:?} is recorded in {} ({} steps done): run `deployer roll --resume` to finish it or `deployer rollback` to undo it",
+                j.operation,
+                self.journal.path.display(),
+                j.steps.iter().filter(|s| s.ok).count()
+            );
+        }
+        Ok(())
+    }
+
+    fn lb_instances(&self) -> Result<Vec<Instance>> {
+        let all = self.provider.list()?;
+        Ok(all.into_iter().filter(|i| i.role == Role::Lb).collect())
+    }
+
+    fn find(&self, label: &str) -> Result<Option<Instance>> {
+        Ok(self.provider.find_by_label(label)?)
+    }
+
+    /// Runs the steps of `op` not yet done; on failure before `point_of_no_return`, rolls back.
+    fn run_steps(
+        &mut self,
+        j: &mut Journal,
+        steps: &[&'static str],
+        point_of_no_return: usize,
+    ) -> Result<()> {
+        let total = steps.len();
+        for (k, step) in steps.iter().enumerate() {
+            if j.done(step) {
+                continue;
+            }
+            let t = Instant::now();
+            let r = if self.hooks.fail_at.as_deref() == Some(step) {
+                Err(anyhow!(
+                    "failure injected at step {step} (DEPLOYER_FAIL_AT)"
+                ))
+            } else {
+                self.run_step(step, j)
+            };
+            let rec = StepRecord {
+                step: step.to_string(),
+                ok: r.is_ok(),
+                detail: match &r {
+                    Ok(d) => d.clone(),
+                    Err(e) => format!("{e:#}"),
+                },
+                elapsed_ms: elapsed_ms(t),
+            };
+            self.out.step(k + 1, total, &rec);
+            j.steps.push(rec);
+            self.journal.save(j)?;
+            if let Err(e) = r {
+                if k < point_of_no_return {
+                    let rb = self.rollback_journal(j);
+                    return Err(match rb {
+                        Ok(()) => e.context(format!(
+                            "step {step} failed; rolled back: the old set kept serving and nothing created is left"
+                        )),
+                        Err(rb) => e.context(format!(
+                            "step {step} failed and the rollback was incomplete: {rb:#}; see {}",
+                            self.journal.path.display()
+                        )),
+                    });
+                }
+                j.state = JournalState::InProgress;
+                self.journal.save(j)?;
+                return Err(e.context(format!(
+                    "step {step} failed after the old instances started being deleted; fix the cause and run `deployer roll --resume`"
+                )));
+            }
+            if self.hooks.pause_after.as_deref() == Some(step) {
+                self.out
+                    .info(&format!("pausing after {step} (DEPLOYER_PAUSE_AFTER)"));
+                std::thread::sleep(Duration::from_secs(120));
+            }
+        }
+        j.state = JournalState::Done;
+        self.journal.save(j)?;
+        Ok(())
+    }
+
+    fn run_step(&mut self, step: &str, j: &mut Journal) -> Result<String> {
+        match step {
+            "create" => self.create(j, Role::Nameserver, true),
+            "provision" => self.provision(j, Role::Nameserver),
+            "check" => self.check_new(j, Role::Nameserver),
+            "flip" => self.flip(j),
+            "verify" => self.verify_lbs(j),
+            "delete-old" => self.delete_old(j),
+            "rename" => self.rename(j),
+            "create-nameservers" => self.create(j, Role::Nameserver, false),
+            "provision-nameservers" => self.provision(j, Role::Nameserver),
+            "check-nameservers" => self.check_new(j, Role::Nameserver),
+            "create-lbs" => self.create(j, Role::Lb, false),
+            "provision-lbs" => self.provision(j, Role::Lb),
+            "check-lbs" => self.verify_lbs(j),
+            other => bail!("unknown step {other}"),
+        }
+    }
+
+    /// Creates the instances of `role` (labels `NAME-next` when `next`), adopting one that a
+    /// killed run created before it could record it.
+    fn create(&mut self, j: &mut Journal, role: Role, next: bool) -> Result<String> {
+        let specs: Vec<InstanceSpec> = match role {
+            Role::Nameserver => self
+                .cfg
+                .nameservers
+                .iter()
+                .map(|n| InstanceSpec {
+                    label: if next {
+                        format!("{}-next", n.name)
+                    } else {
+                        n.name.clone()
+                    },
+                    role,
+                    region: n.region.clone(),
+                    instance_type: n.instance_type.clone(),
+                    image: n.image.clone(),
+                })
+                .collect(),
+            Role::Lb => self
+                .cfg
+                .lbs
+                .iter()
+                .map(|l| InstanceSpec {
+                    label: l.name.clone(),
+                    role,
+                    region: l.region.clone(),
+                    instance_type: l.instance_type.clone(),
+                    image: l.image.clone(),
+                })
+                .collect(),
+        };
+        let mut made = Vec::new();
+        for spec in &specs {
+            if j.created.iter().any(|i| i.label == spec.label) {
+                continue;
+            }
+            if let Some(existing) = self.find(&spec.label)? {
+                if j.creating.contains(&spec.label) {
+                    j.created.push(existing);
+                    j.creating.retain(|l| l != &spec.label);
+                    self.journal.save(j)?;
+                    continue;
+                }
+                bail!(
+                    "instance {} (id {}) already exists and this run did not create it: run `deployer rollback`, or delete it",
+                    spec.label,
+                    existing.id
+                );
+            }
+            j.creating.push(spec.label.clone());
+            self.journal.save(j)?;
+            let inst = self.provider.create(spec)?;
+            j.created.push(inst);
+            j.creating.retain(|l| l != &spec.label);
+            self.journal.save(j)?;
+        }
+        for i in 0..j.created.len() {
+            if j.created[i].role != role {
+                continue;
+            }
+            let running = self
+                .provider
+                .wait_running(j.created[i].id, self.cfg.timeouts.boot())
+                .with_context(|| format!("waiting for {} to boot", j.created[i].label))?;
+            j.created[i] = running;
+            made.push(format!(
+                "{} (id {}, {})",
+                j.created[i].label,
+                j.created[i].id,
+                j.created[i].dns_addr()
+            ));
+        }
+        self.journal.save(j)?;
+        Ok(made.join(", "))
+    }
+
+    fn created(&self, j: &Journal, role: Role) -> Vec<Instance> {
+        j.created
+            .iter()
+            .filter(|i| i.role == role)
+            .cloned()
+            .collect()
+    }
+
+    /// Address of the instance serving nameserver `name` for this operation.
+    fn nameserver_addr(&self, j: &Journal, name: &str) -> Result<String> {
+        let next = format!("{name}-next");
+        if let Some(i) = j
+            .created
+            .iter()
+            .find(|i| i.label == next || i.label == name)
+        {
+            return Ok(i.dns_addr().to_string());
+        }
+        let i = self
+            .find(name)?
+            .ok_or_else(|| anyhow!("nameserver {name} does not exist: run `deployer up` first"))?;
+        Ok(i.dns_addr().to_string())
+    }
+
+    fn provision(&mut self, j: &mut Journal, role: Role) -> Result<String> {
+        let targets = self.created(j, role);
+        let lbs = self.lb_instances()?;
+        let known_hosts = self.cfg.state_dir.join("known_hosts");
+        let mut inv = ansible::inventory(
+            self.provider.as_ref(),
+            &targets,
+            &lbs,
+            &self.cfg,
+            &known_hosts,
+        );
+        if role == Role::Lb {
+            // Each lb starts pointed at the nameservers it fronts.
+            let hosts = inv["all"]["children"]["lbs"]["hosts"]
+                .as_object_mut()
+                .ok_or_else(|| anyhow!("inventory has no lbs"))?;
+            for l in &self.cfg.lbs {
+                let backends: Vec<String> = l
+                    .fronts
+                    .iter()
+                    .map(|f| self.nameserver_addr(j, f))
+                    .collect::<Result<_>>()?;
+                if let Some(Value::Object(h)) = hosts.get_mut(&l.name) {
+                    h.insert("lb_backends".into(), json!(backends));
+                }
+            }
+        }
+        let (playbook, what) = match role {
+            Role::Nameserver => ("nameserver.yml", "nameservers"),
+            Role::Lb => ("lb.yml", "lbs"),
+        };
+        let vars = ansible::run_vars(&self.cfg, Map::new());
+        let run = format!("{}-{what}", j.started_unix);
+        ansible::run_playbook(
+            &self.cfg,
+            playbook,
+            &run,
+            &inv,
+            &vars,
+            self.cfg.timeouts.provision(),
+        )?;
+        Ok(targets
+            .iter()
+            .map(|i| i.label.clone())
+            .collect::<Vec<_>>()
+            .join(", "))
+    }
+
+    fn check_new(&mut self, j: &mut Journal, role: Role) -> Result<String> {
+        let mut done = Vec::new();
+        for i in self.created(j, role) {
+            check_serving(i.dns_addr(), &j.serials, self.cfg.timeouts.check())
+                .map_err(|e| anyhow!("{} does not serve the zones: {e}", i.label))?;
+            done.push(format!("{} authoritative", i.label));
+        }
+        Ok(format!(
+            "{}; serials {}",
+            done.join(", "),
+            fmt_serials(&j.serials)
+        ))
+    }
+
+    /// Flips every lb to the new nameservers with a verified swap.
+    fn flip(&mut self, j: &mut Journal) -> Result<String> {
+        let mut out = Vec::new();
+        for l in self.cfg.lbs.clone() {
+            if j.flips.iter().any(|f| f.lb == l.name) {
+                continue;
+            }
+            let inst = self
+                .find(&l.name)?
+                .ok_or_else(|| anyhow!("lb {} does not exist: run `deployer up` first", l.name))?;
+            let ctl = self.provider.lb_control(&inst, &l.control_socket);
+            let previous: Vec<String> = ctl
+                .status(self.cfg.timeouts.ctl())
+                .map_err(|e| anyhow!("lb {}: {e}", l.name))?
+                .backends
+                .into_iter()
+                .map(|b| b.address)
+                .collect();
+            let new: Vec<String> = l
+                .fronts
+                .iter()
+                .map(|f| self.nameserver_addr(j, f))
+                .collect::<Result<_>>()?;
+            // Record intent first: a kill between the swap and this write must still flip back.
+            j.flips.push(Flip {
+                lb: l.name.clone(),
+                previous: previous.clone(),
+                new: new.clone(),
+            });
+            self.journal.save(j)?;
+            match ctl.set_backends(&new, true, self.cfg.timeouts.ctl()) {
+                Ok(g) => out.push(format!("{} -> {} (generation {g})", l.name, new.join(" "))),
+                Err(e) => {
+                    // Refused: the lb kept its set, so there is nothing to flip back here.
+                    j.flips.retain(|f| f.lb != l.name);
+                    self.journal.save(j)?;
+                    bail!("lb {} refused the swap: {e}", l.name);
+                }
+            }
+        }
+        Ok(out.join(", "))
+    }
+
+    fn verify_lbs(&mut self, j: &mut Journal) -> Result<String> {
+        let mut out = Vec::new();
+        for l in &self.cfg.lbs {
+            let inst = self
+                .find(&l.name)?
+                .ok_or_else(|| anyhow!("lb {} does not exist", l.name))?;
+            check_serving(inst.dns_addr(), &j.serials, self.cfg.timeouts.check())
+                .map_err(|e| anyhow!("through lb {}: {e}", l.name))?;
+            out.push(format!("{} ({}) ok", l.name, inst.dns_addr()));
+        }
+        Ok(out.join(", "))
+    }
+
+    fn delete_old(&mut self, j: &mut Journal) -> Result<String> {
+        j.deleting_old = true;
+        self.journal.save(j)?;
+        let mut out = Vec::new();
+        for i in j.old.clone() {
+            self.provider
+                .delete(i.id)
+                .or_else(|e| match e {
+                    crate::provider::ProviderError::NotFound(_) => Ok(()),
+                    e => Err(e),
+                })
+                .with_context(|| format!("deleting {} (id {})", i.label, i.id))?;
+            out.push(format!("{} (id {})", i.label, i.id));
+        }
+        Ok(out.join(", "))
+    }
+
+    fn rename(&mut self, j: &mut Journal) -> Result<String> {
+        let mut out = Vec::new();
+        for k in 0..j.created.len() {
+            let i = j.created[k].clone();
+            let Some(base) = i.label.strip_suffix("-next") else {
+                continue;
+            };
+            self.provider
+                .rename(i.id, base)
+                .with_context(|| format!("renaming {} to {base}", i.label))?;
+            j.created[k].label = base.to_string();
+            self.journal.save(j)?;
+            out.push(format!("{} -> {base}", i.label));
+        }
+        Ok(out.join(", "))
+    }
+
+    /// Undoes an operation: flips lbs back, deletes what it created.
+    fn rollback_journal(&mut self, j: &mut Journal) -> Result<()> {
+        let mut errors = Vec::new();
+        for f in j.flips.clone().iter().rev() {
+            let r = self
+                .find(&f.lb)
+                .map_err(|e| e.to_string())
+                .and_then(|inst| {
+                    let inst = inst.ok_or_else(|| format!("lb {} not found", f.lb))?;
+                    let socket = self
+                        .cfg
+                        .lbs
+                        .iter()
+                        .find(|l| l.name == f.lb)
+                        .map(|l| l.control_socket.clone())
+                        .unwrap_or_default();
+                    let ctl = self.provider.lb_control(&inst, &socket);
+                    // Not verified: putting the old set back must not be refused.
+                    ctl.set_backends(&f.previous, false, self.cfg.timeouts.ctl())
+                });
+            match r {
+                Ok(g) => {
+                    self.out.info(&format!(
+                        "rollback: lb {} back on {} (generation {g})",
+                        f.lb,
+                        f.previous.join(" ")
+                    ));
+                    j.flips.retain(|x| x.lb != f.lb);
+                }
+                Err(e) => errors.push(format!("flipping lb {} back: {e}", f.lb)),
+            }
+            self.journal.save(j)?;
+        }
+        for label in j.creating.clone() {
+            if let Ok(Some(i)) = self.find(&label) {
+                if !j.created.iter().any(|c| c.id == i.id) {
+                    j.created.push(i);
+                }
+            }
+            j.creating.retain(|l| l != &label);
+        }
+        for i in j.created.clone() {
+            match self.provider.delete(i.id) {
+                Ok(()) | Err(crate::provider::ProviderError::NotFound(_)) => {
+                    self.out
+                        .info(&format!("rollback: deleted {} (id {})", i.label, i.id));
+                    j.created.retain(|c| c.id != i.id);
+                }
+                Err(e) => errors.push(format!("deleting {} (id {}): {e}", i.label, i.id)),
+            }
+            self.journal.save(j)?;
+        }
+        if errors.is_empty() {
+            j.state = JournalState::RolledBack;
+            self.journal.save(j)?;
+            Ok(())
+        } else {
+            j.state = JournalState::Failed;
+            j.error = Some(errors.join("; "));
+            self.journal.save(j)?;
+            Err(anyhow!("{}", errors.join("; ")))
+        }
+    }
+
+    /// `deployer up`.
+    pub fn up(&mut self, dry_run: bool) -> Result<()> {
+        self.refuse_if_unfinished()?;
+        let serials = self.serials()?;
+        if dry_run {
+            self.plan_up();
+            return Ok(());
+        }
+        for name in self
+            .cfg
+            .nameservers
+            .iter()
+            .map(|n| n.name.clone())
+            .chain(self.cfg.lbs.iter().map(|l| l.name.clone()))
+        {
+            if let Some(i) = self.find(&name)? {
+                bail!(
+                    "{name} (id {}) already exists: this deployment is up; use `deployer roll`, or `deployer down` first",
+                    i.id
+                );
+            }
+        }
+        let mut j = Journal::new(Operation::Up, serials);
+        self.journal.save(&j)?;
+        self.run_steps(&mut j, &UP_STEPS, UP_STEPS.len())
+    }
+
+    fn plan_up(&self) {
+        self.out
+            .info("plan for `deployer up` (dry run, nothing changes):");
+        for n in &self.cfg.nameservers {
+            self.out.info(&format!("  create nameserver {}", n.name));
+        }
+        self.out
+            .info("  provision them with ansible/nameserver.yml, check every zone");
+        for l in &self.cfg.lbs {
+            self.out.info(&format!(
+                "  create lb {} fronting {}",
+                l.name,
+                l.fronts.join(", ")
+            ));
+        }
+        self.out
+            .info("  provision them with ansible/lb.yml, check every zone through every lb");
+    }
+
+    /// `deployer roll` (or `--resume`).
+    pub fn roll(&mut self, resume: bool, dry_run: bool) -> Result<()> {
+        let mut j = if resume {
+            let j = self
+                .unfinished()?
+                .ok_or_else(|| anyhow!("there is no unfinished roll to resume"))?;
+            if j.operation != Operation::Roll {
+                bail!(
+                    "the unfinished operation is {:?}, not a roll: run `deployer rollback`",
+                    j.operation
+                );
+            }
+            self.out.info(&format!(
+                "resuming the roll: {} of {} steps done",
+                j.steps.iter().filter(|s| s.ok).count(),
+                ROLL_STEPS.len()
+            ));
+            j
+        } else {
+            self.refuse_if_unfinished()?;
+            let serials = self.serials()?;
+            let mut old = Vec::new();
+            for n in &self.cfg.nameservers {
+                let i = self.find(&n.name)?.ok_or_else(|| {
+                    anyhow!(
+                        "nameserver {} does not exist: run `deployer up` first",
+                        n.name
+                    )
+                })?;
+                old.push(i);
+            }
+            if dry_run {
+                self.out
+                    .info("plan for `deployer roll` (dry run, nothing changes):");
+                for (k, s) in ROLL_STEPS.iter().enumerate() {
+                    self.out.info(&format!("  {}. {s}", k + 1));
+                }
+                for i in &old {
+                    self.out.info(&format!(
+                        "  replace {} (id {}, {}) by {}-next",
+                        i.label,
+                        i.id,
+                        i.dns_addr(),
+                        i.label
+                    ));
+                }
+                self.out
+                    .info(&format!("  expected serials: {}", fmt_serials(&serials)));
+                return Ok(());
+            }
+            let mut j = Journal::new(Operation::Roll, serials);
+            j.old = old;
+            self.journal.save(&j)?;
+            j
+        };
+        self.run_steps(&mut j, &ROLL_STEPS, 5)
+    }
+
+    /// `deployer rollback`: undo an unfinished operation.
+    pub fn rollback(&mut self) -> Result<()> {
+        let mut j = self
+            .unfinished()?
+            .ok_or_else(|| anyhow!("there is no unfinished operation to roll back"))?;
+        if j.deleting_old {
+            bail!("the old instances were already being deleted; only `deployer roll --resume` can finish this roll");
+        }
+        self.rollback_journal(&mut j)?;
+        self.out
+            .info("rolled back: the old set serves and nothing created is left");
+        Ok(())
+    }
+
+    /// `deployer status`.
+    pub fn status(&self) -> Result<Value> {
+        let instances = self.provider.list()?;
+        let mut lbs = Vec::new();
+        for l in &self.cfg.lbs {
+            let entry = match instances.iter().find(|i| i.label == l.name) {
+                None => json!({"name": l.name, "error": "not created"}),
+                Some(inst) => match self
+                    .provider
+                    .lb_control(inst, &l.control_socket)
+                    .status(self.cfg.timeouts.ctl())
+                {
+                    Ok(s) => json!({"name": l.name, "address": inst.dns_addr().to_string(),
+                                    "generation": s.generation, "backends": s.backends}),
+                    Err(e) => {
+                        json!({"name": l.name, "address": inst.dns_addr().to_string(), "error": e})
+                    }
+                },
+            };
+            lbs.push(entry);
+        }
+        let journal = self.journal.load()?;
+        let unfinished = journal
+            .as_ref()
+            .filter(|j| j.state == JournalState::InProgress);
+        Ok(json!({
+            "deployment": self.cfg.deployment,
+            "instances": instances,
+            "lbs": lbs,
+            "unfinished": unfinished.map(|j| json!({
+                "operation": j.operation,
+                "steps_done": j.steps.iter().filter(|s| s.ok).map(|s| s.step.clone()).collect::<Vec<_>>(),
+                "created": j.created,
+            })),
+            "last": journal.as_ref().map(|j| json!({"operation": j.operation, "state": j.state})),
+        }))
+    }
+
+    /// `deployer down`: delete every instance of this deployment.
+    pub fn down(&mut self, dry_run: bool) -> Result<Vec<Instance>> {
+        let all = self.provider.list()?;
+        if dry_run {
+            return Ok(all);
+        }
+        let mut errors = Vec::new();
+        for i in &all {
+            match self.provider.delete(i.id) {
+                Ok(()) | Err(crate::provider::ProviderError::NotFound(_)) => {
+                    self.out.info(&format!("deleted {} (id {})", i.label, i.id))
+                }
+                Err(e) => errors.push(format!("{} (id {}): {e}", i.label, i.id)),
+            }
+        }
+        if let Some(mut j) = self.unfinished()? {
+            j.state = JournalState::RolledBack;
+            j.error = Some("deployment taken down".into());
+            self.journal.save(&j)?;
+        }
+        if errors.is_empty() {
+            Ok(all)
+        } else {
+            Err(anyhow!("could not delete: {}", errors.join("; ")))
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<Instance>> {
+        Ok(self.provider.list()?)
+    }
+}
+
+fn fmt_serials(s: &[(String, u32)]) -> String {
+    s.iter()
+        .map(|(z, n)| format!("{z} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,129 @@
+//! Driving an `lb` through its control socket: directly on this machine, or through SSH running
+//! `lb ctl --json` on the lb host. Both speak [`lb::control_protocol`], so they cannot drift.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use lb::control_protocol::{
+    send_request, ControlCommand, ControlResponse, ControlResult, StatusReport,
+};
+
+/// How to reach one lb's control socket.
+#[derive(Debug, Clone)]
+pub enum LbControl {
+    Local {
+        socket: PathBuf,
+    },
+    Ssh {
+        /// `user@host`.
+        target: String,
+        socket: PathBuf,
+        known_hosts: PathBuf,
+    },
+}
+
+impl LbControl {
+    /// Sends one command; an `Err` is a failure to reach lb or a refusal, with the reason.
+    pub fn request(&self, cmd: ControlCommand, timeout: Duration) -> Result<ControlResult, String> {
+        let resp = match self {
+            LbControl::Local { socket } => {
+                send_request(socket, cmd, timeout).map_err(|e| e.to_string())?
+            }
+            LbControl::Ssh {
+                target,
+                socket,
+                known_hosts,
+            } => ssh_request(target, socket, known_hosts, cmd, timeout)?,
+        };
+        if resp.ok {
+            resp.result
+                .ok_or_else(|| "lb sent an empty response".to_string())
+        } else {
+            Err(resp
+                .error
+                .unwrap_or_else(|| "lb refused without a reason".into()))
+        }
+    }
+
+    pub fn status(&self, timeout: Duration) -> Result<StatusReport, String> {
+        match self.request(ControlCommand::Status, timeout)? {
+            ControlResult::Status(s) => Ok(s),
+            other => Err(format!("unexpected status response {other:?}")),
+        }
+    }
+
+    /// `set-backends [--verify]`; returns the new generation.
+    pub fn set_backends(
+        &self,
+        backends: &[String],
+        verify: bool,
+        timeout: Duration,
+    ) -> Result<u64, String> {
+        match self.request(
+            ControlCommand::SetBackends {
+                backends: backends.to_vec(),
+                verify,
+            },
+            timeout,
+        )? {
+            ControlResult::Done { generation, .. } => Ok(generation),
+            other => Err(format!("unexpected set-backends response {other:?}")),
+        }
+    }
+}
+
+fn ssh_request(
+    target: &str,
+    socket: &std::path::Path,
+    known_hosts: &std::path::Path,
+    cmd: ControlCommand,
+    timeout: Duration,
+) -> Result<ControlResponse, String> {
+    let mut args: Vec<String> = vec![
+        "lb".into(),
+        "ctl".into(),
+        "--json".into(),
+        "--socket".into(),
+        socket.display().to_string(),
+        "--timeout-ms".into(),
+        timeout.as_millis().to_string(),
+    ];
+    match cmd {
+        ControlCommand::Status => args.push("status".into()),
+        ControlCommand::SetBackends { backends, verify } => {
+            args.push("set-backends".into());
+            if verify {
+                args.push("--verify".into());
+            }
+            args.extend(backends);
+        }
+        ControlCommand::Drain { backend } => args.extend(["drain".into(), backend]),
+        ControlCommand::Undrain { backend } => args.extend(["undrain".into(), backend]),
+        ControlCommand::Reload => args.push("reload".into()),
+    }
+    let out = Command::new("ssh")
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            &format!("UserKnownHostsFile={}", known_hosts.display()),
+            "-o",
+            "StrictHostKeyChecking=accept-new",
+            "-o",
+            &format!("ConnectTimeout={}", timeout.as_secs().max(1)),
+            target,
+        ])
+        .args(&args)
+        .output()
+        .map_err(|e| format!("cannot run ssh to {target}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or("");
+    serde_json::from_str(line).map_err(|_| {
+        format!(
+            "`lb ctl` over ssh to {target} failed (exit {:?}): {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })
+}

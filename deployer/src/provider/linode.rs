@@ -1,0 +1,543 @@
+//! A small client of the Linode API v4 (instances only) and the provider built on it.
+//!
+//! - Auth: `Authorization: Bearer $LINODE_TOKEN`; the token comes only from the environment and
+//!   is never printed (the client's `Debug` redacts it).
+//! - Lists follow pagination (`page`, `page_size`, `pages`) and filter with `X-Filter`.
+//! - 429 is retried after `Retry-After`; 5xx and network errors are retried with backoff for
+//!   reads, renames and deletes. A create is never retried blindly after a 5xx or a lost
+//!   response (the API has no idempotency key): the caller looks the label up first.
+//! - Errors `{"errors":[{"reason","field"}]}` are shown with the status code.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use reqwest::blocking::{Client, Response};
+use reqwest::{Method, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use super::{Instance, InstanceSpec, Provider, ProviderError, Role};
+use crate::config::LinodeConfig;
+use crate::lbctl::LbControl;
+
+/// Most attempts for one retryable request.
+const MAX_ATTEMPTS: u32 = 6;
+/// Longest wait honoured from a `Retry-After` header.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+const PAGE_SIZE: u32 = 100;
+
+/// A Linode API failure.
+#[derive(Debug, thiserror::Error)]
+pub enum LinodeError {
+    #[error("LINODE_TOKEN is not set: export a Linode API token with Linodes read/write scope")]
+    MissingToken,
+    #[error("Linode API {method} {path}: HTTP {status}: {message}")]
+    Api {
+        method: String,
+        path: String,
+        status: u16,
+        message: String,
+    },
+    #[error("Linode API {method} {path}: {message}")]
+    Transport {
+        method: String,
+        path: String,
+        message: String,
+    },
+    #[error("Linode API {method} {path}: gave up after {attempts} attempts: {last}")]
+    RetriesExhausted {
+        method: String,
+        path: String,
+        attempts: u32,
+        last: String,
+    },
+}
+
+/// An instance as the API returns it (the fields the deployer uses).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinodeInstance {
+    pub id: u64,
+    pub label: String,
+    pub status: String,
+    #[serde(default)]
+    pub ipv4: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub region: String,
+    #[serde(default, rename = "type")]
+    pub instance_type: Option<String>,
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+/// `POST /linode/instances`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CreateInstance {
+    pub label: String,
+    pub region: String,
+    #[serde(rename = "type")]
+    pub instance_type: String,
+    pub image: String,
+    pub root_pass: String,
+    pub authorized_keys: Vec<String>,
+    pub tags: Vec<String>,
+    pub booted: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct Page {
+    data: Vec<LinodeInstance>,
+    #[serde(default)]
+    page: u32,
+    #[serde(default)]
+    pages: u32,
+}
+
+#[derive(Debug, Deserialize)]
+struct ApiErrors {
+    errors: Vec<ApiErrorItem>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ApiErrorItem {
+    reason: String,
+    #[serde(default)]
+    field: Option<String>,
+}
+
+/// The HTTP client.
+pub struct LinodeClient {
+    base: String,
+    token: String,
+    http: Client,
+    /// Base delay of the exponential backoff (tests shorten it).
+    pub backoff: Duration,
+}
+
+impl std::fmt::Debug for LinodeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinodeClient")
+            .field("base", &self.base)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Whether a failed request may be sent again.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Reads, renames and deletes: retry 5xx, 429 and network errors.
+    Safe,
+    /// Creates: retry only 429 (the request was rejected before it was processed).
+    OnlyRateLimit,
+}
+
+impl LinodeClient {
+    /// A client using `LINODE_TOKEN`.
+    pub fn from_env(base: &str, timeout: Duration) -> Result<LinodeClient, LinodeError> {
+        let token = std::env::var("LINODE_TOKEN").map_err(|_| LinodeError::MissingToken)?;
+        if token.trim().is_empty() {
+            return Err(LinodeError::MissingToken);
+        }
+        Ok(Self::new(base, &token, timeout))
+    }
+
+    pub fn new(base: &str, token: &str, timeout: Duration) -> LinodeClient {
+        let http = Client::builder()
+            .timeout(timeout)
+            .user_agent(concat!("lb-deployer/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("a reqwest client with rustls builds");
+        LinodeClient {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http,
+            backoff: Duration::from_millis(500),
+        }
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        filter: Option<&Value>,
+        body: Option<&Value>,
+        retry: Retry,
+    ) -> Result<Value, LinodeError> {
+        let url = format!("{}{path}", self.base);
+        let mut last = String::new();
+        for attempt in 1..=MAX_ATTEMPTS {
+            let mut req = self
+                .http
+                .request(method.clone(), &url)
+                .bearer_auth(&self.token)
+                .query(query);
+            if let Some(f) = filter {
+                req = req.header("X-Filter", f.to_string());
+            }
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let wait = match req.send() {
+                Ok(resp) => {
+                    let status = resp.status();
+                    if status.is_success() {
+                        return resp.json::<Value>().or_else(|e| {
+                            if status == StatusCode::OK {
+                                Err(LinodeError::Transport {
+                                    method: method.to_string(),
+                                    path: path.into(),
+                                    message: format!("invalid JSON in response: {e}"),
+                                })
+                            } else {
+                                Ok(Value::Null)
+                            }
+                        });
+                    }
+                    if status == StatusCode::TOO_MANY_REQUESTS {
+                        let after = retry_after(&resp);
+                        last = format!("HTTP 429 (retry after {after:?})");
+                        after
+                    } else if status.is_server_error() && retry == Retry::Safe {
+                        last = format!("HTTP {}: {}", status.as_u16(), error_message(resp));
+                        self.backoff_for(attempt)
+                    } else {
+                        return Err(LinodeError::Api {
+                            method: method.to_string(),
+                            path: path.into(),
+                            status: status.as_u16(),
+                            message: error_message(resp),
+                        });
+                    }
+                }
+                Err(e) if retry == Retry::Safe => {
+                    last = e.to_string();
+                    self.backoff_for(attempt)
+                }
+                Err(e) => {
+                    return Err(LinodeError::Transport {
+                        method: method.to_string(),
+                        path: path.into(),
+                        message: format!(
+                        "{e} (not retried: the instance may or may not exist; look it up by label)"
+                    ),
+                    })
+                }
+            };
+            if attempt < MAX_ATTEMPTS {
+                std::thread::sleep(wait);
+            }
+        }
+        Err(LinodeError::RetriesExhausted {
+            method: method.to_string(),
+            path: path.into(),
+            attempts: MAX_ATTEMPTS,
+            last,
+        })
+    }
+
+    fn backoff_for(&self, attempt: u32) -> Duration {
+        let base = self.backoff * 2u32.saturating_pow(attempt.saturating_sub(1)).min(32);
+        let jitter = rand::rng().random_range(0..=base.as_millis() as u64 / 4 + 1);
+        base + Duration::from_millis(jitter)
+    }
+
+    pub fn create_instance(&self, req: &CreateInstance) -> Result<LinodeInstance, LinodeError> {
+        let body = serde_json::to_value(req).expect("create request serialises");
+        let v = self.request(
+            Method::POST,
+            "/linode/instances",
+            &[],
+            None,
+            Some(&body),
+            Retry::OnlyRateLimit,
+        )?;
+        parse(v, "POST", "/linode/instances")
+    }
+
+    /// `None` if the instance does not exist (404).
+    pub fn get_instance(&self, id: u64) -> Result<Option<LinodeInstance>, LinodeError> {
+        let path = format!("/linode/instances/{id}");
+        match self.request(Method::GET, &path, &[], None, None, Retry::Safe) {
+            Ok(v) => parse(v, "GET", &path).map(Some),
+            Err(LinodeError::Api { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every page of `GET /linode/instances` matching `filter`.
+    pub fn list_instances(&self, filter: &Value) -> Result<Vec<LinodeInstance>, LinodeError> {
+        let mut out = Vec::new();
+        let mut page = 1;
+        loop {
+            let v = self.request(
+                Method::GET,
+                "/linode/instances",
+                &[
+                    ("page", page.to_string()),
+                    ("page_size", PAGE_SIZE.to_string()),
+                ],
+                Some(filter),
+                None,
+                Retry::Safe,
+            )?;
+            let p: Page = parse(v, "GET", "/linode/instances")?;
+            out.extend(p.data);
+            if p.pages <= p.page.max(page) || page >= 1000 {
+                return Ok(out);
+            }
+            page += 1;
+        }
+    }
+
+    pub fn update_label(&self, id: u64, label: &str) -> Result<(), LinodeError> {
+        let path = format!("/linode/instances/{id}");
+        self.request(
+            Method::PUT,
+            &path,
+            &[],
+            None,
+            Some(&json!({ "label": label })),
+            Retry::Safe,
+        )?;
+        Ok(())
+    }
+
+    /// Deletes; a 404 (already gone) is success.
+    pub fn delete_instance(&self, id: u64) -> Result<(), LinodeError> {
+        let path = format!("/linode/instances/{id}");
+        match self.request(Method::DELETE, &path, &[], None, None, Retry::Safe) {
+            Ok(_) | Err(LinodeError::Api { status: 404, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(
+    v: Value,
+    method: &str,
+    path: &str,
+) -> Result<T, LinodeError> {
+    serde_json::from_value(v).map_err(|e| LinodeError::Transport {
+        method: method.into(),
+        path: path.into(),
+        message: format!("unexpected response shape: {e}"),
+    })
+}
+
+fn retry_after(resp: &Response) -> Duration {
+    resp.headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map_or(Duration::from_secs(1), Duration::from_secs)
+        .min(MAX_RETRY_AFTER)
+}
+
+/// `field: reason; ...` from the API's error JSON, or the raw body.
+fn error_message(resp: Response) -> String {
+    let text = resp.text().unwrap_or_default();
+    match serde_json::from_str::<ApiErrors>(&text) {
+        Ok(e) if !e.errors.is_empty() => e
+            .errors
+            .iter()
+            .map(|x| match &x.field {
+                Some(f) => format!("{f}: {}", x.reason),
+                None => x.reason.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        _ => text.chars().take(300).collect(),
+    }
+}
+
+/// Instances as Linode VMs.
+pub struct LinodeProvider {
+    client: LinodeClient,
+    cfg: LinodeConfig,
+    tag: String,
+    known_hosts: std::path::PathBuf,
+}
+
+impl LinodeProvider {
+    pub fn new(
+        client: LinodeClient,
+        cfg: LinodeConfig,
+        tag: String,
+        state_dir: &Path,
+    ) -> LinodeProvider {
+        LinodeProvider {
+            client,
+            cfg,
+            tag,
+            known_hosts: state_dir.join("known_hosts"),
+        }
+    }
+
+    fn convert(&self, li: LinodeInstance) -> Instance {
+        let role = if li.tags.iter().any(|t| t == "role-lb") {
+            Role::Lb
+        } else {
+            Role::Nameserver
+        };
+        let address = li
+            .ipv4
+            .iter()
+            .filter_map(|a| a.parse::<IpAddr>().ok())
+            .find(|a| !is_private(a))
+            .or_else(|| li.ipv4.iter().find_map(|a| a.parse().ok()))
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        Instance {
+            id: li.id,
+            label: li.label,
+            role,
+            status: li.status,
+            address,
+            dns_port: 53,
+            metrics_port: 9153,
+            dir: None,
+        }
+    }
+}
+
+fn is_private(a: &IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v) => v.is_private() || v.is_loopback(),
+        IpAddr::V6(_) => false,
+    }
+}
+
+fn api_err(e: LinodeError) -> ProviderError {
+    ProviderError::Api(e.to_string())
+}
+
+impl Provider for LinodeProvider {
+    fn create(&self, spec: &InstanceSpec) -> Result<Instance, ProviderError> {
+        let mut keys = Vec::new();
+        for f in &self.cfg.authorized_keys_files {
+            let k = std::fs::read_to_string(f).map_err(|e| {
+                ProviderError::Io(format!("cannot read authorized key {}: {e}", f.display()))
+            })?;
+            keys.extend(
+                k.lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(str::to_string),
+            );
+        }
+        // A random root password is required by the API; login is by key only, so it is
+        // never stored or shown.
+        let root_pass: String = (0..32)
+            .map(|_| {
+                let c = rand::rng().random_range(0..62u8);
+                (match c {
+                    0..=9 => b'0' + c,
+                    10..=35 => b'a' + c - 10,
+                    _ => b'A' + c - 36,
+                }) as char
+            })
+            .collect::<String>()
+            + "#9aA";
+        let role_tag = match spec.role {
+            Role::Lb => "role-lb",
+            Role::Nameserver => "role-nameserver",
+        };
+        let req = CreateInstance {
+            label: spec.label.clone(),
+            region: spec
+                .region
+                .clone()
+                .unwrap_or_else(|| self.cfg.region.clone()),
+            instance_type: spec
+                .instance_type
+                .clone()
+                .unwrap_or_else(|| self.cfg.instance_type.clone()),
+            image: spec.image.clone().unwrap_or_else(|| self.cfg.image.clone()),
+            root_pass,
+            authorized_keys: keys,
+            tags: vec![self.tag.clone(), role_tag.into()],
+            booted: true,
+        };
+        self.client
+            .create_instance(&req)
+            .map(|li| self.convert(li))
+            .map_err(api_err)
+    }
+
+    fn get(&self, id: u64) -> Result<Option<Instance>, ProviderError> {
+        let li = self.client.get_instance(id).map_err(api_err)?;
+        Ok(li
+            .filter(|l| l.tags.contains(&self.tag))
+            .map(|l| self.convert(l)))
+    }
+
+    fn list(&self) -> Result<Vec<Instance>, ProviderError> {
+        let all = self
+            .client
+            .list_instances(&json!({ "tags": self.tag }))
+            .map_err(api_err)?;
+        // The filter is the API's; check the tag again so a lax filter can never widen it.
+        Ok(all
+            .into_iter()
+            .filter(|l| l.tags.contains(&self.tag))
+            .map(|l| self.convert(l))
+            .collect())
+    }
+
+    fn find_by_label(&self, label: &str) -> Result<Option<Instance>, ProviderError> {
+        let all = self
+            .client
+            .list_instances(&json!({ "label": label, "tags": self.tag }))
+            .map_err(api_err)?;
+        Ok(all
+            .into_iter()
+            .find(|l| l.label == label && l.tags.contains(&self.tag))
+            .map(|l| self.convert(l)))
+    }
+
+    fn rename(&self, id: u64, label: &str) -> Result<(), ProviderError> {
+        self.client.update_label(id, label).map_err(api_err)
+    }
+
+    fn delete(&self, id: u64) -> Result<(), ProviderError> {
+        self.client.delete_instance(id).map_err(api_err)
+    }
+
+    fn wait_running(&self, id: u64, timeout: Duration) -> Result<Instance, ProviderError> {
+        let start = Instant::now();
+        loop {
+            let last = match self.get(id)? {
+                Some(i) if i.status == "running" => return Ok(i),
+                Some(i) => i.status,
+                None => return Err(ProviderError::NotFound(id)),
+            };
+            if start.elapsed() >= timeout {
+                return Err(ProviderError::BootTimeout {
+                    id,
+                    label: String::new(),
+                    waited: timeout,
+                    status: last,
+                });
+            }
+            std::thread::sleep(self.client.backoff.min(Duration::from_secs(5)));
+        }
+    }
+
+    fn host_vars(&self, inst: &Instance) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("ansible_host".into(), json!(inst.address.to_string()));
+        m.insert("ansible_user".into(), json!(self.cfg.ssh_user));
+        m
+    }
+
+    fn lb_control(&self, inst: &Instance, socket: &Path) -> LbControl {
+        LbControl::Ssh {
+            target: format!("{}@{}", self.cfg.ssh_user, inst.address),
+            socket: socket.to_path_buf(),
+            known_hosts: self.known_hosts.clone(),
+        }
+    }
+}

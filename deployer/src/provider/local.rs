@@ -1,0 +1,239 @@
+//! The local provider: instances are real processes on 127.0.0.1, one port per instance.
+//!
+//! An instance is a directory under `STATE_DIR/local/` plus an entry in a registry file
+//! (written atomically). A nameserver instance runs `named` and an lb instance runs `lb`, both
+//! started by the same Ansible roles as on Linode (in their `local` mode). BIND listens only on
+//! addresses configured on an interface, so instead of adding addresses to `lo` each instance
+//! gets its own port on 127.0.0.1: no root and no interface changes are needed.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use super::{Instance, InstanceSpec, Provider, ProviderError, Role};
+use crate::lbctl::LbControl;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Registry {
+    next_id: u64,
+    instances: Vec<Instance>,
+}
+
+/// Instances as local processes.
+pub struct LocalProvider {
+    root: PathBuf,
+    lb_binary: PathBuf,
+}
+
+impl LocalProvider {
+    pub fn new(state_dir: &Path, lb_binary: &Path) -> LocalProvider {
+        LocalProvider {
+            root: state_dir.join("local"),
+            lb_binary: lb_binary.to_path_buf(),
+        }
+    }
+
+    fn registry_path(&self) -> PathBuf {
+        self.root.join("instances.json")
+    }
+
+    fn load(&self) -> Result<Registry, ProviderError> {
+        match std::fs::read_to_string(self.registry_path()) {
+            Ok(t) => serde_json::from_str(&t).map_err(|e| {
+                ProviderError::Io(format!(
+                    "{} is corrupt: {e}",
+                    self.registry_path().display()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Registry {
+                next_id: 1,
+                instances: Vec::new(),
+            }),
+            Err(e) => Err(ProviderError::Io(format!(
+                "{}: {e}",
+                self.registry_path().display()
+            ))),
+        }
+    }
+
+    fn save(&self, r: &Registry) -> Result<(), ProviderError> {
+        std::fs::create_dir_all(&self.root)
+            .map_err(|e| ProviderError::Io(format!("{}: {e}", self.root.display())))?;
+        crate::journal::write_atomic(
+            &self.registry_path(),
+            &serde_json::to_vec_pretty(r).unwrap_or_default(),
+        )
+        .map_err(|e| ProviderError::Io(format!("{}: {e}", self.registry_path().display())))
+    }
+}
+
+/// A port free for UDP and TCP on 127.0.0.1 and not used by another local instance.
+fn free_port(taken: &[u16]) -> Result<u16, ProviderError> {
+    for _ in 0..200 {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0")
+            .map_err(|e| ProviderError::Io(e.to_string()))?;
+        let port = u
+            .local_addr()
+            .map_err(|e| ProviderError::Io(e.to_string()))?
+            .port();
+        if !taken.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(ProviderError::Io("no free port on 127.0.0.1".into()))
+}
+
+/// Kills the process whose PID is in `pidfile`, if it runs, and waits briefly for it to go.
+fn kill_pidfile(pidfile: &Path) {
+    let Ok(text) = std::fs::read_to_string(pidfile) else {
+        return;
+    };
+    let Ok(pid) = text.trim().parse::<i32>() else {
+        return;
+    };
+    if pid <= 1 {
+        return;
+    }
+    let _ = std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status();
+    for _ in 0..50 {
+        let alive = std::process::Command::new("kill")
+            .args(["-0", &pid.to_string()])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !alive {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+}
+
+impl Provider for LocalProvider {
+    fn create(&self, spec: &InstanceSpec) -> Result<Instance, ProviderError> {
+        let mut r = self.load()?;
+        if r.instances.iter().any(|i| i.label == spec.label) {
+            return Err(ProviderError::Api(format!(
+                "label {} is already in use",
+                spec.label
+            )));
+        }
+        let taken: Vec<u16> = r
+            .instances
+            .iter()
+            .flat_map(|i| [i.dns_port, i.metrics_port])
+            .collect();
+        let dns_port = free_port(&taken)?;
+        let metrics_port = match spec.role {
+            Role::Lb => free_port(&[taken.as_slice(), &[dns_port]].concat())?,
+            Role::Nameserver => 0,
+        };
+        let id = r.next_id.max(1);
+        r.next_id = id + 1;
+        let dir = self.root.join(format!("{id}"));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ProviderError::Io(format!("{}: {e}", dir.display())))?;
+        let inst = Instance {
+            id,
+            label: spec.label.clone(),
+            role: spec.role,
+            status: "running".into(),
+            address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            dns_port,
+            metrics_port,
+            dir: Some(dir),
+        };
+        r.instances.push(inst.clone());
+        self.save(&r)?;
+        Ok(inst)
+    }
+
+    fn get(&self, id: u64) -> Result<Option<Instance>, ProviderError> {
+        Ok(self.load()?.instances.into_iter().find(|i| i.id == id))
+    }
+
+    fn list(&self) -> Result<Vec<Instance>, ProviderError> {
+        Ok(self.load()?.instances)
+    }
+
+    fn rename(&self, id: u64, label: &str) -> Result<(), ProviderError> {
+        let mut r = self.load()?;
+        if r.instances.iter().any(|i| i.label == label && i.id != id) {
+            return Err(ProviderError::Api(format!(
+                "label {label} is already in use"
+            )));
+        }
+        let inst = r
+            .instances
+            .iter_mut()
+            .find(|i| i.id == id)
+            .ok_or(ProviderError::NotFound(id))?;
+        inst.label = label.to_string();
+        self.save(&r)
+    }
+
+    fn delete(&self, id: u64) -> Result<(), ProviderError> {
+        let mut r = self.load()?;
+        let Some(pos) = r.instances.iter().position(|i| i.id == id) else {
+            return Err(ProviderError::NotFound(id));
+        };
+        let inst = r.instances.remove(pos);
+        if let Some(dir) = &inst.dir {
+            for pidfile in ["named.pid", "lb.pid"] {
+                kill_pidfile(&dir.join(pidfile));
+            }
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        self.save(&r)
+    }
+
+    fn wait_running(&self, id: u64, _timeout: Duration) -> Result<Instance, ProviderError> {
+        self.get(id)?.ok_or(ProviderError::NotFound(id))
+    }
+
+    fn host_vars(&self, inst: &Instance) -> Map<String, Value> {
+        let dir = inst.dir.clone().unwrap_or_default();
+        let mut m = Map::new();
+        m.insert("ansible_connection".into(), json!("local"));
+        m.insert(
+            "ansible_python_interpreter".into(),
+            json!("{{ ansible_playbook_python }}"),
+        );
+        match inst.role {
+            Role::Nameserver => {
+                m.insert("nameserver_mode".into(), json!("local"));
+                m.insert("nameserver_dir".into(), json!(dir));
+                m.insert(
+                    "nameserver_listen_address".into(),
+                    json!(inst.address.to_string()),
+                );
+                m.insert("nameserver_port".into(), json!(inst.dns_port));
+            }
+            Role::Lb => {
+                m.insert("lb_mode".into(), json!("local"));
+                m.insert("lb_dir".into(), json!(dir));
+                m.insert("lb_listen".into(), json!([inst.dns_addr().to_string()]));
+                m.insert(
+                    "lb_metrics_listen".into(),
+                    json!(inst.metrics_addr().to_string()),
+                );
+                m.insert("lb_binary_src".into(), json!(self.lb_binary));
+                m.insert("lb_workers".into(), json!(2));
+            }
+        }
+        m
+    }
+
+    fn lb_control(&self, inst: &Instance, _socket: &Path) -> LbControl {
+        LbControl::Local {
+            socket: inst.dir.clone().unwrap_or_default().join("control.sock"),
+        }
+    }
+}

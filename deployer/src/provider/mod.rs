@@ -1,0 +1,98 @@
+//! Where instances come from: one trait, two implementations ([`local::LocalProvider`] and
+//! [`linode::LinodeProvider`]).
+//!
+//! Every provider lists and touches only instances carrying the deployment's tag.
+
+pub mod linode;
+pub mod local;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// What an instance is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Nameserver,
+    Lb,
+}
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    pub label: String,
+    pub role: Role,
+    pub region: Option<String>,
+    pub instance_type: Option<String>,
+    pub image: Option<String>,
+}
+
+/// An instance as the provider reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    pub id: u64,
+    pub label: String,
+    pub role: Role,
+    /// Provider status (`provisioning`, `booting`, `running`, ...).
+    pub status: String,
+    pub address: IpAddr,
+    /// DNS port (53 on VMs; one per instance on the local provider).
+    pub dns_port: u16,
+    /// Metrics port of an lb instance.
+    pub metrics_port: u16,
+    /// The local provider's instance directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+}
+
+impl Instance {
+    pub fn dns_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.dns_port)
+    }
+    pub fn metrics_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.metrics_port)
+    }
+}
+
+/// A provider failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("{0}")]
+    Api(String),
+    #[error("instance {0} not found")]
+    NotFound(u64),
+    #[error("instance {id} ({label}) is not running after {waited:?} (status {status})")]
+    BootTimeout {
+        id: u64,
+        label: String,
+        waited: Duration,
+        status: String,
+    },
+    #[error("{0}")]
+    Io(String),
+}
+
+/// The operations the deployer needs from a cloud.
+pub trait Provider {
+    /// Creates an instance tagged with the deployment's tag. Never retried blindly: callers
+    /// look the label up first.
+    fn create(&self, spec: &InstanceSpec) -> Result<Instance, ProviderError>;
+    fn get(&self, id: u64) -> Result<Option<Instance>, ProviderError>;
+    /// Every instance with the deployment's tag.
+    fn list(&self) -> Result<Vec<Instance>, ProviderError>;
+    /// The tagged instance with this label, if any.
+    fn find_by_label(&self, label: &str) -> Result<Option<Instance>, ProviderError> {
+        Ok(self.list()?.into_iter().find(|i| i.label == label))
+    }
+    fn rename(&self, id: u64, label: &str) -> Result<(), ProviderError>;
+    fn delete(&self, id: u64) -> Result<(), ProviderError>;
+    /// Waits until the instance runs (and can be provisioned).
+    fn wait_running(&self, id: u64, timeout: Duration) -> Result<Instance, ProviderError>;
+    /// Ansible host variables to reach and configure this instance.
+    fn host_vars(&self, inst: &Instance) -> serde_json::Map<String, serde_json::Value>;
+    /// How to run `lb ctl` against an lb instance.
+    fn lb_control(&self, inst: &Instance, socket: &std::path::Path) -> crate::lbctl::LbControl;
+}
