@@ -1,5 +1,5 @@
 //! Test harness shared by the integration tests: real BIND backends, real `lb` processes, and a
-//! small DNS client, all on loopback.
+//! small DNS client, all on loopback; and a fake of the Linode API ([`fake_linode`]).
 //!
 //! Like hickory's `server_harness`, every process started here is owned by a guard whose `Drop`
 //! kills it by PID and, when the test panicked, prints its output.
@@ -11,6 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+
+pub mod fake_linode;
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RData, RecordType};

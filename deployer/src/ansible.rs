@@ -77,6 +77,9 @@ pub fn inventory(
                 )),
             );
         }
+        // The zones are a host variable (not an extra var) so that a per-instance `vars` entry
+        // in deployer.toml can still override them; host vars beat the playbook's group_vars.
+        vars.insert("dns_zones".into(), zones_var(cfg));
         let base = i.label.trim_end_matches("-next");
         let extra = match i.role {
             Role::Nameserver => cfg
@@ -111,20 +114,24 @@ pub fn inventory(
     }}})
 }
 
-/// Variables for every host of a run: the zones (overriding group_vars so the deployer's
-/// config is the one truth), plus per-host variables already in the inventory.
+/// The `dns_zones` variable for the roles, from the deployer's `[zones]`.
+fn zones_var(cfg: &DeployerConfig) -> Value {
+    Value::Array(
+        cfg.zones
+            .names
+            .iter()
+            .map(|z| {
+                let name = z.trim_end_matches('.');
+                json!({ "name": name, "file": format!("{name}.zone") })
+            })
+            .collect(),
+    )
+}
+
+/// Variables for every host of a run (paths of the zone sources and the lb binary), plus
+/// `[ansible] extra_vars`; passed with `-e`, so they win over everything.
 pub fn run_vars(cfg: &DeployerConfig, more: Map<String, Value>) -> Value {
-    let zones: Vec<Value> = cfg
-        .zones
-        .names
-        .iter()
-        .map(|z| {
-            let name = z.trim_end_matches('.');
-            json!({ "name": name, "file": format!("{name}.zone") })
-        })
-        .collect();
     let mut m = Map::new();
-    m.insert("dns_zones".into(), Value::Array(zones));
     m.insert(
         "nameserver_zones_src".into(),
         json!(cfg.ansible_dir.join("zones")),

@@ -571,6 +571,12 @@ impl Deployer {
     pub fn up(&mut self, dry_run: bool) -> Result<()> {
         self.refuse_if_unfinished()?;
         let serials = self.serials()?;
+        if !self.cfg.lb_binary.exists() {
+            bail!(
+                "lb binary {} not found (key lb_binary): build it with `cargo build --release -p lb`",
+                self.cfg.lb_binary.display()
+            );
+        }
         if dry_run {
             self.plan_up();
             return Ok(());

@@ -2,5 +2,6 @@
 
 mod control;
 mod health;
+mod linode;
 mod observe;
 mod proxy;

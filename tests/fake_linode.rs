@@ -1,0 +1,431 @@
+//! A faithful local fake of the Linode API v4 instance endpoints, for testing the deployer's
+//! client without the internet.
+//!
+//! Implements `POST/GET /v4/linode/instances`, `GET/PUT/DELETE /v4/linode/instances/{id}` with
+//! bearer-token auth, `page`/`page_size` pagination (`data`, `page`, `pages`, `results`),
+//! `X-Filter` on `label`, `tags`, `region` and `status`, the `{"errors":[{"reason","field"}]}`
+//! error shape, instances that go `provisioning` -> `booting` -> `running` over a few polls, and
+//! injected failures (5xx, 429 with `Retry-After`).
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// A failure to return instead of handling the next matching request.
+#[derive(Debug, Clone)]
+pub struct Injection {
+    /// Only requests with this method (any when `None`).
+    pub method: Option<String>,
+    pub status: u16,
+    pub retry_after: Option<u64>,
+}
+
+/// The fake's state, shared with the test.
+#[derive(Debug)]
+pub struct FakeState {
+    pub token: String,
+    pub instances: Vec<Value>,
+    next_id: u64,
+    /// GETs of an instance before it reports `running` (half of them `provisioning`).
+    pub boot_polls: u32,
+    polls: std::collections::HashMap<u64, u32>,
+    /// The most results per page the fake returns, whatever `page_size` asks.
+    pub max_page_size: usize,
+    pub inject: VecDeque<Injection>,
+    /// Every request: (method, path with query, X-Filter).
+    pub log: Vec<(String, String, Option<String>)>,
+}
+
+/// A running fake on 127.0.0.1.
+pub struct FakeLinode {
+    pub addr: SocketAddr,
+    pub state: Arc<Mutex<FakeState>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FakeLinode {
+    pub fn start(token: &str) -> FakeLinode {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let state = Arc::new(Mutex::new(FakeState {
+            token: token.into(),
+            instances: Vec::new(),
+            next_id: 1000,
+            boot_polls: 0,
+            polls: Default::default(),
+            max_page_size: 500,
+            inject: VecDeque::new(),
+            log: Vec::new(),
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (state.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !sp.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let st = st.clone();
+                        std::thread::spawn(move || serve(s, &st));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        FakeLinode { addr, state, stop }
+    }
+
+    /// The API base URL, like `https://api.linode.com/v4`.
+    pub fn base(&self) -> String {
+        format!("http://{}/v4", self.addr)
+    }
+
+    /// Adds an instance directly (e.g. one that belongs to someone else).
+    pub fn seed(&self, label: &str, tags: &[&str]) -> u64 {
+        let mut s = self.state.lock().unwrap();
+        s.next_id += 1;
+        let id = s.next_id;
+        s.instances
+            .push(instance(id, label, "us-east", tags, "running"));
+        id
+    }
+
+    pub fn count(&self, method: &str, path_prefix: &str) -> usize {
+        let s = self.state.lock().unwrap();
+        s.log
+            .iter()
+            .filter(|(m, p, _)| m == method && p.starts_with(path_prefix))
+            .count()
+    }
+}
+
+impl Drop for FakeLinode {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn instance(id: u64, label: &str, region: &str, tags: &[&str], status: &str) -> Value {
+    json!({
+        "id": id, "label": label, "region": region, "type": "g6-nanode-1", "image": "linode/debian12",
+        "status": status, "ipv4": [format!("192.0.2.{}", id % 250), format!("192.168.128.{}", id % 250)],
+        "ipv6": "2001:db8::1/128", "tags": tags, "group": "", "hypervisor": "kvm",
+        "created": "2026-11-27T00:00:00", "updated": "2026-11-27T00:00:00",
+    })
+}
+
+fn errors(reason: &str, field: Option<&str>) -> Value {
+    match field {
+        Some(f) => json!({"errors": [{"reason": reason, "field": f}]}),
+        None => json!({"errors": [{"reason": reason}]}),
+    }
+}
+
+struct Request {
+    method: String,
+    path: String,
+    query: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn read_request(s: &TcpStream) -> Option<Request> {
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).ok()?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let target = parts.next()?.to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).ok()?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':')?;
+        headers.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).ok()?;
+    let (path, q) = target.split_once('?').unwrap_or((&target, ""));
+    let query = q
+        .split('&')
+        .filter(|x| !x.is_empty())
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    Some(Request {
+        method,
+        path: path.to_string(),
+        query,
+        headers,
+        body,
+    })
+}
+
+fn respond(mut s: TcpStream, status: u16, body: &Value, retry_after: Option<u64>) {
+    let text = body.to_string();
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Status",
+    };
+    let mut head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        text.len()
+    );
+    if let Some(r) = retry_after {
+        head.push_str(&format!("Retry-After: {r}\r\n"));
+    }
+    head.push_str("\r\n");
+    let _ = s.write_all(head.as_bytes());
+    let _ = s.write_all(text.as_bytes());
+}
+
+fn serve(s: TcpStream, state: &Mutex<FakeState>) {
+    let Some(req) = read_request(&s) else {
+        return;
+    };
+    let (status, body, retry_after) = handle(&req, state);
+    respond(s, status, &body, retry_after);
+}
+
+fn matches_filter(inst: &Value, filter: &Value) -> Result<bool, String> {
+    let Some(obj) = filter.as_object() else {
+        return Err("X-Filter must be a JSON object".into());
+    };
+    for (k, want) in obj {
+        let ok = match k.as_str() {
+            "tags" => inst["tags"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|x| x == want)),
+            "label" | "region" | "status" => &inst[k] == want,
+            other => return Err(format!("Cannot filter on {other}")),
+        };
+        if !ok {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn handle(req: &Request, state: &Mutex<FakeState>) -> (u16, Value, Option<u64>) {
+    let mut st = state.lock().unwrap();
+    let full = if req.query.is_empty() {
+        req.path.clone()
+    } else {
+        format!(
+            "{}?{}",
+            req.path,
+            req.query
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("&")
+        )
+    };
+    st.log.push((
+        req.method.clone(),
+        full,
+        req.header("X-Filter").map(str::to_string),
+    ));
+    if let Some(pos) = st
+        .inject
+        .iter()
+        .position(|i| i.method.as_deref().is_none_or(|m| m == req.method))
+    {
+        let inj = st.inject.remove(pos).unwrap();
+        let body = if inj.status == 429 {
+            errors("Too many requests", None)
+        } else {
+            errors("Internal server error", None)
+        };
+        return (inj.status, body, inj.retry_after);
+    }
+    if req.header("Authorization") != Some(&format!("Bearer {}", st.token)) {
+        return (401, errors("Invalid Token", None), None);
+    }
+    let rest = req.path.strip_prefix("/v4/linode/instances").unwrap_or("?");
+    match (req.method.as_str(), rest) {
+        ("POST", "") => {
+            let Ok(body) = serde_json::from_slice::<Value>(&req.body) else {
+                return (400, errors("Invalid JSON", None), None);
+            };
+            for f in ["region", "type"] {
+                if !body[f].is_string() {
+                    return (400, errors(&format!("{f} is required"), Some(f)), None);
+                }
+            }
+            if body["image"].is_string() && !body["root_pass"].is_string() {
+                return (
+                    400,
+                    errors(
+                        "root_pass is required when deploying an image",
+                        Some("root_pass"),
+                    ),
+                    None,
+                );
+            }
+            let label = body["label"].as_str().unwrap_or("linode").to_string();
+            if st.instances.iter().any(|i| i["label"] == label.as_str()) {
+                return (
+                    400,
+                    errors("Label must be unique among your linodes", Some("label")),
+                    None,
+                );
+            }
+            st.next_id += 1;
+            let id = st.next_id;
+            let tags: Vec<&str> = body["tags"]
+                .as_array()
+                .map(|t| t.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let status = if st.boot_polls > 0 {
+                "provisioning"
+            } else {
+                "running"
+            };
+            let inst = instance(
+                id,
+                &label,
+                body["region"].as_str().unwrap_or(""),
+                &tags,
+                status,
+            );
+            st.instances.push(inst.clone());
+            (200, inst, None)
+        }
+        ("GET", "") => {
+            let filter = match req.header("X-Filter").map(serde_json::from_str::<Value>) {
+                None => json!({}),
+                Some(Ok(f)) => f,
+                Some(Err(_)) => return (400, errors("Invalid X-Filter", None), None),
+            };
+            let mut all = Vec::new();
+            for i in &st.instances {
+                match matches_filter(i, &filter) {
+                    Ok(true) => all.push(i.clone()),
+                    Ok(false) => {}
+                    Err(e) => return (400, errors(&e, None), None),
+                }
+            }
+            let q = |k: &str| {
+                req.query
+                    .iter()
+                    .find(|(x, _)| x == k)
+                    .and_then(|(_, v)| v.parse::<usize>().ok())
+            };
+            let page_size = q("page_size").unwrap_or(100);
+            if !(25..=500).contains(&page_size) {
+                return (400, errors("Must be 25-500", Some("page_size")), None);
+            }
+            let size = page_size.min(st.max_page_size).max(1);
+            let pages = all.len().div_ceil(size).max(1);
+            let page = q("page").unwrap_or(1);
+            if page < 1 || page > pages {
+                return (
+                    400,
+                    errors(
+                        "Must be a value between 1 and the number of pages",
+                        Some("page"),
+                    ),
+                    None,
+                );
+            }
+            let data: Vec<Value> = all
+                .iter()
+                .skip((page - 1) * size)
+                .take(size)
+                .cloned()
+                .collect();
+            (
+                200,
+                json!({"data": data, "page": page, "pages": pages, "results": all.len()}),
+                None,
+            )
+        }
+        (method, id) => {
+            let Some(id) = id.strip_prefix('/').and_then(|x| x.parse::<u64>().ok()) else {
+                return (404, errors("Not found", None), None);
+            };
+            let Some(pos) = st.instances.iter().position(|i| i["id"] == id) else {
+                return (404, errors("Not found", None), None);
+            };
+            match method {
+                "GET" => {
+                    let boot = st.boot_polls;
+                    let n = {
+                        let c = st.polls.entry(id).or_insert(0);
+                        *c += 1;
+                        *c
+                    };
+                    let status = if n >= boot {
+                        "running"
+                    } else if n >= boot / 2 {
+                        "booting"
+                    } else {
+                        "provisioning"
+                    };
+                    if st.instances[pos]["status"] != "running" {
+                        st.instances[pos]["status"] = json!(status);
+                    }
+                    (200, st.instances[pos].clone(), None)
+                }
+                "PUT" => {
+                    let Ok(body) = serde_json::from_slice::<Value>(&req.body) else {
+                        return (400, errors("Invalid JSON", None), None);
+                    };
+                    if let Some(l) = body["label"].as_str() {
+                        if st
+                            .instances
+                            .iter()
+                            .any(|i| i["label"] == l && i["id"] != id)
+                        {
+                            return (
+                                400,
+                                errors("Label must be unique among your linodes", Some("label")),
+                                None,
+                            );
+                        }
+                        st.instances[pos]["label"] = json!(l);
+                    }
+                    (200, st.instances[pos].clone(), None)
+                }
+                "DELETE" => {
+                    st.instances.remove(pos);
+                    (200, json!({}), None)
+                }
+                _ => (405, errors("Method not allowed", None), None),
+            }
+        }
+    }
+}
