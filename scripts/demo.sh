@@ -17,11 +17,7 @@ ROOT="$PWD"
 QPS="${1:-2000}"
 SECS="${2:-25}"
 
-bash scripts/install-deps.sh
-if ! command -v ansible-playbook >/dev/null; then
-  echo "installing ansible-core with pip"
-  python3 -m pip install -q ansible-core
-fi
+source scripts/install-deps.sh
 cargo build --release -q -p lb -p deployer
 
 WORK="$(mktemp -d /tmp/lb-demo.XXXXXX)"

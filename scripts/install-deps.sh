@@ -1,24 +1,40 @@
 #!/usr/bin/env bash
-# Installs the Debian and Python packages the tests, the demo and the benchmarks use.
-# Safe to re-run: it only installs what is missing.
+# Installs what the tests, the demo and the benchmarks use, only what is missing:
+#   - Debian packages (apt): BIND, dig, dnsperf, promtool, systemd-analyze;
+#   - Python tools (pip, in a virtualenv at .tools/venv): ansible-core and ansible-lint.
+# Source it (`source scripts/install-deps.sh`) so that the virtualenv lands on PATH.
 set -euo pipefail
 
-apt_pkgs=(bind9 bind9-utils dnsutils dnsperf prometheus systemd iproute2 procps)
-missing=()
-for p in "${apt_pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+_deps_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PATH="$HOME/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
+
+_apt_pkgs=(bind9 bind9-utils dnsutils dnsperf prometheus systemd iproute2 procps bc python3 python3-venv)
+_missing=()
+for p in "${_apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || _missing+=("$p")
 done
-if [ ${#missing[@]} -gt 0 ]; then
-  SUDO=""
-  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  echo "installing: ${missing[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if [ ${#_missing[@]} -gt 0 ]; then
+  _sudo=""
+  [ "$(id -u)" -ne 0 ] && _sudo="sudo"
+  echo "installing with apt: ${_missing[*]}"
+  $_sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $_sudo apt-get install -y -qq --no-install-recommends "${_missing[@]}" >/dev/null
 fi
-# The Debian packages may start daemons that hold port 53 or 9090; the tests use their own
-# instances on free ports, so these are not needed.
-for svc in named bind9 prometheus; do
-  if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
-    systemctl stop "$svc" || true
-  fi
-done
+# Debian starts the packaged daemons on install; the tests run their own instances on free
+# ports, so stop these if they run (they would hold port 53 or 9090).
+if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+  for svc in named bind9 prometheus; do
+    systemctl is-active --quiet "$svc" 2>/dev/null && systemctl stop "$svc" || true
+  done
+fi
+
+_venv="$_deps_root/.tools/venv"
+if [ ! -x "$_venv/bin/ansible-playbook" ] || [ ! -x "$_venv/bin/ansible-lint" ]; then
+  echo "installing ansible-core and ansible-lint with pip into $_venv"
+  # /usr/bin/python3 is Debian's (python3-venv); any python3 on PATH will do otherwise.
+  _py=/usr/bin/python3
+  [ -x "$_py" ] || _py="$(command -v python3)"
+  "$_py" -m venv "$_venv"
+  "$_venv/bin/pip" install -q --disable-pip-version-check "ansible-core>=2.15" "ansible-lint>=24"
+fi
+export PATH="$_venv/bin:$PATH"

@@ -168,20 +168,17 @@ impl Deployer {
         Ok(self.provider.find_by_label(label)?)
     }
 
-    /// Runs the steps of `op` not yet done; on failure before `point_of_no_return`, rolls back.
-    fn run_steps(
-        &mut self,
-        j: &mut Journal,
-        steps: &[&'static str],
-        point_of_no_return: usize,
-    ) -> Result<()> {
+    /// Runs the steps not yet done; on a failure before any old instance may have been
+    /// deleted, rolls back.
+    fn run_steps(&mut self, j: &mut Journal, steps: &[&'static str]) -> Result<()> {
         let total = steps.len();
         for (k, step) in steps.iter().enumerate() {
             if j.done(step) {
                 continue;
             }
             let t = Instant::now();
-            let r = if self.hooks.fail_at.as_deref() == Some(step) {
+            // delete-old injects its failure mid-deletion (see `delete_old`).
+            let r = if self.hooks.fail_at.as_deref() == Some(step) && *step != "delete-old" {
                 Err(anyhow!(
                     "failure injected at step {step} (DEPLOYER_FAIL_AT)"
                 ))
@@ -201,7 +198,9 @@ impl Deployer {
             j.steps.push(rec);
             self.journal.save(j)?;
             if let Err(e) = r {
-                if k < point_of_no_return {
+                // Until an old instance may have been deleted, undoing is safe and is the
+                // default; after that only going forward can restore a complete set.
+                if !j.deleting_old {
                     let rb = self.rollback_journal(j);
                     return Err(match rb {
                         Ok(()) => e.context(format!(
@@ -482,6 +481,12 @@ impl Deployer {
                 })
                 .with_context(|| format!("deleting {} (id {})", i.label, i.id))?;
             out.push(format!("{} (id {})", i.label, i.id));
+            if self.hooks.fail_at.as_deref() == Some("delete-old") {
+                bail!(
+                    "failure injected at step delete-old after deleting {} (DEPLOYER_FAIL_AT)",
+                    i.label
+                );
+            }
         }
         Ok(out.join(", "))
     }
@@ -597,7 +602,7 @@ impl Deployer {
         }
         let mut j = Journal::new(Operation::Up, serials);
         self.journal.save(&j)?;
-        self.run_steps(&mut j, &UP_STEPS, UP_STEPS.len())
+        self.run_steps(&mut j, &UP_STEPS)
     }
 
     fn plan_up(&self) {
@@ -674,7 +679,7 @@ impl Deployer {
             self.journal.save(&j)?;
             j
         };
-        self.run_steps(&mut j, &ROLL_STEPS, 5)
+        self.run_steps(&mut j, &ROLL_STEPS)
     }
 
     /// `deployer rollback`: undo an unfinished operation.

@@ -1,6 +1,8 @@
 //! Integration tests: one binary, one module per area (as hickory's `bin/tests/integration`).
 
+mod ansible;
 mod control;
+mod deploy;
 mod health;
 mod linode;
 mod observe;

@@ -1,0 +1,477 @@
+//! The deployer end to end on the local provider (real `named` and `lb` processes provisioned
+//! by the Ansible roles): a roll under load loses nothing, and a failure at each step leaves
+//! the old set serving with nothing orphaned.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hickory_proto::rr::RecordType;
+use integration_tests::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(3);
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+/// One deployment in its own directory, with its own copy of the Ansible tree.
+struct Deployment {
+    dir: TempDir,
+    cfg: PathBuf,
+    ns_vars: [String; 2],
+    lb_vars: [String; 2],
+}
+
+impl Deployment {
+    fn new(name: &str) -> Deployment {
+        let dir = TempDir::new(name);
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        copy_dir(&repo.join("ansible"), &dir.path().join("ansible"));
+        let d = Deployment {
+            cfg: dir.path().join("deployer.toml"),
+            dir,
+            ns_vars: Default::default(),
+            lb_vars: Default::default(),
+        };
+        d.write_config();
+        d
+    }
+
+    fn write_config(&self) {
+        let p = self.dir.path();
+        let vars = |v: &str| {
+            if v.is_empty() {
+                String::new()
+            } else {
+                format!("vars = {v}\n")
+            }
+        };
+        let text = format!(
+            "deployment = \"{}\"\nstate_dir = \"{}/state\"\nansible_dir = \"{}/ansible\"\nlb_binary = \"{}\"\n\n\
+             [provider]\nkind = \"local\"\n\n\
+             [[nameservers]]\nname = \"ns1\"\n{}\n[[nameservers]]\nname = \"ns2\"\n{}\n\
+             [zones]\nnames = [\"example.test\"]\n\n\
+             [[lbs]]\nname = \"lb1\"\nfronts = [\"ns1\"]\n{}\n[[lbs]]\nname = \"lb2\"\nfronts = [\"ns2\"]\n{}\n\
+             [timeouts]\nboot_secs = 30\nprovision_secs = 240\ncheck_secs = 5\nctl_secs = 10\n",
+            p.file_name().unwrap().to_string_lossy().replace('.', "-"),
+            p.display(),
+            p.display(),
+            bin("lb").display(),
+            vars(&self.ns_vars[0]),
+            vars(&self.ns_vars[1]),
+            vars(&self.lb_vars[0]),
+            vars(&self.lb_vars[1]),
+        );
+        std::fs::write(&self.cfg, text).unwrap();
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("deployer"));
+        c.arg("-c").arg(&self.cfg).args(args).stdin(Stdio::null());
+        c
+    }
+
+    /// Runs the deployer; returns (exit code, stdout, stderr).
+    fn run(&self, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+        let mut c = self.command(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().expect("deployer runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.run(args, &[]);
+        assert_eq!(code, 0, "deployer {args:?} failed:\n{out}\n{err}");
+        out
+    }
+
+    fn status(&self) -> Value {
+        serde_json::from_str(&self.ok(&["--json", "status"])).unwrap()
+    }
+
+    /// (label, id) of every instance, sorted.
+    fn instances(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<_> = self.status()["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i["label"].as_str().unwrap().to_string(),
+                    i["id"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn lb_addrs(&self) -> Vec<SocketAddr> {
+        self.status()["lbs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["address"].as_str().unwrap().parse().unwrap())
+            .collect()
+    }
+
+    /// Backends of each lb, in config order.
+    fn lb_backends(&self) -> Vec<Vec<String>> {
+        self.status()["lbs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                l["backends"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b["address"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn zone(&self) -> PathBuf {
+        self.dir.path().join("ansible/zones/example.test.zone")
+    }
+
+    fn serial(&self) -> u32 {
+        let text = std::fs::read_to_string(self.zone()).unwrap();
+        text.lines()
+            .find(|l| l.contains("; serial"))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// Bumps the zone's serial; returns the new one.
+    fn bump_serial(&self) -> u32 {
+        let old = self.serial();
+        let text = std::fs::read_to_string(self.zone()).unwrap();
+        std::fs::write(
+            self.zone(),
+            text.replace(&old.to_string(), &(old + 1).to_string()),
+        )
+        .unwrap();
+        old + 1
+    }
+
+    /// Every lb answers with this serial.
+    fn assert_serving(&self, serial: u32) {
+        for a in self.lb_addrs() {
+            let m = udp_query(a, "example.test.", RecordType::SOA, T)
+                .unwrap_or_else(|| panic!("{a} answers"));
+            assert_eq!(soa_serial(&m), Some(serial), "serial through {a}");
+            let m = tcp_query(a, "example.test.", RecordType::SOA).expect("tcp answer");
+            assert_eq!(soa_serial(&m), Some(serial));
+        }
+    }
+
+    fn journal_state(&self) -> String {
+        let j: Value = serde_json::from_str(
+            &std::fs::read_to_string(self.dir.path().join("state/journal.json")).unwrap(),
+        )
+        .unwrap();
+        j["state"].as_str().unwrap().to_string()
+    }
+
+    /// After a failed roll: rolled back, the same instances, the old serial served, and a new
+    /// roll may start.
+    fn assert_rolled_back(&self, before: &[(String, u64)], backends: &[Vec<String>], serial: u32) {
+        assert_eq!(self.journal_state(), "rolled-back");
+        assert_eq!(
+            self.instances(),
+            before,
+            "nothing created is left, nothing old is gone"
+        );
+        assert_eq!(
+            self.lb_backends(),
+            backends,
+            "every lb is back on the old set"
+        );
+        self.assert_serving(serial);
+        let dirs = std::fs::read_dir(self.dir.path().join("state/local"))
+            .unwrap()
+            .count();
+        assert_eq!(
+            dirs,
+            before.len() + 1,
+            "no instance directory left behind (+ registry)"
+        );
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        let _ = self.run(&["down", "--yes"], &[]);
+    }
+}
+
+fn up(name: &str) -> Deployment {
+    let d = Deployment::new(name);
+    d.ok(&["up"]);
+    d
+}
+
+#[test]
+fn roll_under_load_loses_no_query_and_changes_the_serial() {
+    let d = up("dep-roll");
+    let before = d.instances();
+    let old_serial = d.serial();
+    d.assert_serving(old_serial);
+    let loads: Vec<_> = d
+        .lb_addrs()
+        .into_iter()
+        .map(|a| LoadClient::start(a, 300))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let new_serial = d.bump_serial();
+    let t = Instant::now();
+    let out = d.ok(&["roll"]);
+    let took = t.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut sent, mut lost) = (0, 0);
+    for l in loads {
+        let r = l.finish();
+        sent += r.sent;
+        lost += r.lost();
+    }
+    eprintln!("deployer roll under load: {took:?}, queries sent {sent}, lost {lost}\n{out}");
+    assert!(sent > 1000);
+    assert_eq!(lost, 0, "no query lost during the roll");
+    for step in [
+        "create",
+        "provision",
+        "check",
+        "flip",
+        "verify",
+        "delete-old",
+        "rename",
+    ] {
+        assert!(out.contains(step), "{step} reported:\n{out}");
+    }
+    d.assert_serving(new_serial);
+    let after = d.instances();
+    let labels: Vec<_> = after.iter().map(|(l, _)| l.as_str()).collect();
+    assert_eq!(labels, vec!["lb1", "lb2", "ns1", "ns2"]);
+    assert_ne!(after, before, "the nameservers are new instances");
+    assert_eq!(d.journal_state(), "done");
+    assert!(d.status()["unfinished"].is_null());
+    // A dry run changes nothing.
+    d.bump_serial();
+    let out = d.ok(&["roll", "--dry-run"]);
+    assert!(out.contains("dry run"));
+    assert_eq!(d.instances(), after);
+}
+
+#[test]
+fn provisioning_failure_rolls_back() {
+    let d = up("dep-prov");
+    let (before, backends, serial) = (d.instances(), d.lb_backends(), d.serial());
+    d.bump_serial();
+    let text = std::fs::read_to_string(d.zone()).unwrap();
+    std::fs::write(d.zone(), format!("{text}broken IN A 999.1.1.1\n")).unwrap();
+    let (code, out, err) = d.run(&["roll"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("bad dotted quad"),
+        "named-checkzone's message is shown:\n{err}"
+    );
+    assert!(err.contains("step provision failed; rolled back"), "{err}");
+    assert!(out.contains("FAILED"));
+    d.assert_rolled_back(&before, &backends, serial);
+}
+
+#[test]
+fn a_new_server_answering_refused_rolls_back() {
+    let mut d = up("dep-refused");
+    let (before, backends, serial) = (d.instances(), d.lb_backends(), d.serial());
+    d.bump_serial();
+    // ns1's new instance serves no zone at all: BIND answers REFUSED.
+    d.ns_vars[0] = "{ dns_zones = [] }".into();
+    d.write_config();
+    let (code, _, err) = d.run(&["roll"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("ns1-next does not serve the zones") && err.contains("refused"),
+        "{err}"
+    );
+    assert!(err.contains("step check failed; rolled back"), "{err}");
+    d.assert_rolled_back(&before, &backends, serial);
+}
+
+#[test]
+fn an_lb_refusing_the_swap_flips_the_others_back() {
+    let mut d = Deployment::new("dep-lbrefuse");
+    // lb2's health checks demand a serial no zone has: its verified swap will be refused.
+    d.lb_vars[1] = "{ lb_health_min_serial = 4000000000 }".into();
+    d.write_config();
+    d.ok(&["up"]);
+    let (before, backends, serial) = (d.instances(), d.lb_backends(), d.serial());
+    d.bump_serial();
+    let (code, out, err) = d.run(&["roll"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("lb lb2 refused the swap") && err.contains("serial-too-low"),
+        "{err}"
+    );
+    assert!(
+        out.contains("rollback: lb lb1 back on"),
+        "lb1 was flipped and is flipped back:\n{out}"
+    );
+    d.assert_rolled_back(&before, &backends, serial);
+}
+
+#[test]
+fn injected_failures_roll_back_before_deletion_and_resume_after() {
+    let d = up("dep-inject");
+    let (before, backends, serial) = (d.instances(), d.lb_backends(), d.serial());
+    let new_serial = d.bump_serial();
+    for step in ["create", "flip", "verify"] {
+        let (code, _, err) = d.run(&["roll"], &[("DEPLOYER_FAIL_AT", step)]);
+        assert_eq!(code, 1, "{step}");
+        assert!(
+            err.contains(&format!("step {step} failed; rolled back")),
+            "{err}"
+        );
+        d.assert_rolled_back(&before, &backends, serial);
+    }
+    // Past the point of no return a failure stops; --resume finishes the roll.
+    for step in ["delete-old", "rename"] {
+        let (code, _, err) = d.run(&["roll"], &[("DEPLOYER_FAIL_AT", step)]);
+        assert_eq!(code, 1);
+        assert!(err.contains("deployer roll --resume"), "{err}");
+        assert_eq!(d.journal_state(), "in-progress");
+        let (code, _, err) = d.run(&["roll"], &[]);
+        assert_eq!(code, 1, "a new roll refuses while one is unfinished");
+        assert!(err.contains("unfinished"), "{err}");
+        let (code, _, err) = d.run(&["rollback"], &[]);
+        assert_eq!(
+            code, 1,
+            "cannot roll back once old instances are being deleted"
+        );
+        assert!(err.contains("--resume"), "{err}");
+        d.ok(&["roll", "--resume"]);
+        assert_eq!(d.journal_state(), "done");
+        d.assert_serving(d.serial());
+        let labels: Vec<_> = d.instances().into_iter().map(|(l, _)| l).collect();
+        assert_eq!(labels, vec!["lb1", "lb2", "ns1", "ns2"]);
+        d.bump_serial();
+    }
+    assert!(d.serial() > new_serial);
+}
+
+/// Starts `deployer roll` paused after `step`, waits for the pause, and kills it with SIGKILL.
+fn kill_roll_after(d: &Deployment, step: &str) {
+    let mut c = d.command(&["roll"]);
+    c.env("DEPLOYER_PAUSE_AFTER", step)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let marker = format!("pausing after {step}");
+    let mut seen = false;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        if line.contains(&marker) {
+            seen = true;
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen, "deployer reached {step}");
+}
+
+#[test]
+fn kill_9_mid_roll_then_resume() {
+    let d = up("dep-resume");
+    let new_serial = d.bump_serial();
+    kill_roll_after(&d, "flip");
+    assert_eq!(d.journal_state(), "in-progress");
+    let st = d.status();
+    assert!(
+        !st["unfinished"].is_null(),
+        "status reports the unfinished roll"
+    );
+    let human = d.ok(&["status"]);
+    assert!(human.contains("UNFINISHED"), "{human}");
+    let (code, _, err) = d.run(&["roll"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--resume") && err.contains("rollback"),
+        "{err}"
+    );
+    // The lbs already serve the new nameservers while the deployer is dead.
+    d.assert_serving(new_serial);
+    let out = d.ok(&["roll", "--resume"]);
+    assert!(out.contains("resuming"), "{out}");
+    assert_eq!(d.journal_state(), "done");
+    d.assert_serving(new_serial);
+    let labels: Vec<_> = d.instances().into_iter().map(|(l, _)| l).collect();
+    assert_eq!(labels, vec!["lb1", "lb2", "ns1", "ns2"]);
+}
+
+#[test]
+fn kill_9_mid_roll_then_rollback() {
+    let d = up("dep-rollback");
+    let (before, backends, serial) = (d.instances(), d.lb_backends(), d.serial());
+    d.bump_serial();
+    kill_roll_after(&d, "verify");
+    assert_eq!(
+        d.instances().len(),
+        6,
+        "the new instances exist while the roll is unfinished"
+    );
+    d.ok(&["rollback"]);
+    d.assert_rolled_back(&before, &backends, serial);
+}
+
+#[test]
+fn dry_runs_and_confirmation_change_nothing() {
+    let d = Deployment::new("dep-dry");
+    let out = d.ok(&["up", "--dry-run"]);
+    assert!(out.contains("dry run") && out.contains("lb1"));
+    assert!(d.instances().is_empty());
+    d.ok(&["up"]);
+    let before = d.instances();
+    let (code, _, _) = d.run(&["up"], &[]);
+    assert_eq!(code, 1, "up refuses when the deployment exists");
+    let (code, _, err) = d.run(&["down"], &[]);
+    assert_eq!(code, 1, "down asks for confirmation");
+    assert!(err.contains("not confirmed"), "{err}");
+    assert_eq!(d.instances(), before);
+    let out = d.ok(&["down", "--dry-run"]);
+    assert!(out.contains("would delete"));
+    assert_eq!(d.instances(), before);
+    d.ok(&["down", "--yes"]);
+    assert!(d.instances().is_empty());
+    let out = Command::new(bin("deployer"))
+        .args(["--config", "/nonexistent.toml", "status"])
+        .output()
+        .unwrap();
+    let (code, err) = (out.status.code(), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("/nonexistent.toml"), "{err}");
+}
