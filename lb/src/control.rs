@@ -271,6 +271,9 @@ impl ControlContext {
         if new.control != old.control {
             fixed.push("[control]");
         }
+        if new.metrics != old.metrics {
+            fixed.push("[metrics]");
+        }
         if new.backends.max_in_flight != old.backends.max_in_flight {
             fixed.push("backends.max_in_flight");
         }
