@@ -419,10 +419,15 @@ impl Lb {
 
     /// Starts `lb run --config PATH` with extra environment.
     pub fn start_with(dir: TempDir, path: PathBuf, env: &[(&str, &str)]) -> Lb {
+        Self::start_binary(&bin("lb"), dir, path, env)
+    }
+
+    /// Starts `BINARY run --config PATH` with extra environment.
+    pub fn start_binary(binary: &Path, dir: TempDir, path: PathBuf, env: &[(&str, &str)]) -> Lb {
         let cfg = lb::config::LbConfig::read(&path).expect("test config must be valid");
         let want_udp = cfg.listen.udp.len();
         let want_tcp = cfg.listen.tcp.len();
-        let mut cmd = Command::new(bin("lb"));
+        let mut cmd = Command::new(binary);
         cmd.args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info")

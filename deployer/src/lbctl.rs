@@ -101,6 +101,12 @@ fn ssh_request(
         ControlCommand::Drain { backend } => args.extend(["drain".into(), backend]),
         ControlCommand::Undrain { backend } => args.extend(["undrain".into(), backend]),
         ControlCommand::Reload => args.push("reload".into()),
+        ControlCommand::Upgrade { binary } => {
+            args.push("upgrade".into());
+            if let Some(b) = binary {
+                args.extend(["--binary".into(), b]);
+            }
+        }
     }
     let out = Command::new("ssh")
         .args([

@@ -9,7 +9,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +27,7 @@ use crate::control_protocol::{
 use crate::health::{self, AllDown, CheckerSettings};
 use crate::state::{self, RuntimeState};
 use crate::stats::{DropReason, Proto};
+use crate::upgrade::HandoffSockets;
 
 /// Control clients served at once; more get an error and are closed.
 pub const MAX_CLIENTS: usize = 32;
@@ -76,6 +77,43 @@ pub struct ControlContext {
     pub checker: Arc<ArcSwapOption<CheckerSettings>>,
     /// Wakes the checker after a swap so new backends are probed at once.
     pub wake: Arc<Notify>,
+    /// What a binary upgrade needs; `None` where upgrades are not possible (tests).
+    pub upgrade: Option<Arc<UpgradeHooks>>,
+}
+
+/// What `lb ctl upgrade` / SIGUSR2 needs from the running process.
+pub struct UpgradeHooks {
+    /// Duplicates of every listening socket, handed to the new process.
+    pub sockets: HandoffSockets,
+    /// This binary's path as started (a replaced file at that path is the new binary).
+    pub exe: PathBuf,
+    pub log_json: bool,
+    /// Stops accepting (control included) as soon as the new process serves.
+    pub stop_tx: watch::Sender<bool>,
+    /// Notified once the new process has taken over.
+    pub done: Notify,
+    /// PID of the process that took over (0 while none).
+    pub new_pid: AtomicU32,
+    in_progress: AtomicBool,
+}
+
+impl UpgradeHooks {
+    pub fn new(
+        sockets: HandoffSockets,
+        exe: PathBuf,
+        log_json: bool,
+        stop_tx: watch::Sender<bool>,
+    ) -> Self {
+        UpgradeHooks {
+            sockets,
+            exe,
+            log_json,
+            stop_tx,
+            done: Notify::new(),
+            new_pid: AtomicU32::new(0),
+            in_progress: AtomicBool::new(false),
+        }
+    }
 }
 
 impl ControlContext {
@@ -89,6 +127,90 @@ impl ControlContext {
             config: Mutex::new(config),
             checker,
             wake: Arc::new(Notify::new()),
+            upgrade: None,
+        }
+    }
+
+    /// Enables `upgrade`.
+    pub fn with_upgrade(mut self, hooks: UpgradeHooks) -> Self {
+        self.upgrade = Some(Arc::new(hooks));
+        self
+    }
+
+    /// The current backend set as persisted state.
+    fn runtime_state(&self, cfg: &LbConfig) -> RuntimeState {
+        self.shared.with_write_lock(|set| {
+            RuntimeState::new(
+                set.generation,
+                set.backends.iter().map(|b| BackendAddr(b.addr)).collect(),
+                set.backends
+                    .iter()
+                    .filter(|b| b.state.is_draining())
+                    .map(|b| BackendAddr(b.addr))
+                    .collect(),
+                cfg.backends.servers.clone(),
+            )
+        })
+    }
+
+    /// Starts `binary` (default: this one), hands it the sockets and the backend set, and on
+    /// success starts this process's shutdown. On failure this process keeps serving.
+    pub async fn upgrade(&self, binary: Option<String>) -> Result<ControlResult, String> {
+        let h = self
+            .upgrade
+            .as_ref()
+            .ok_or_else(|| "upgrades are not available in this process".to_string())?;
+        if h.in_progress.swap(true, Ordering::AcqRel) {
+            return Err("an upgrade is already in progress".into());
+        }
+        let cfg = self.config();
+        let binary = binary.map(PathBuf::from).unwrap_or_else(|| h.exe.clone());
+        let handoff = match &cfg.control.socket {
+            Some(s) => s.with_extension("upgrade"),
+            None => std::env::temp_dir().join(format!("lb-upgrade-{}.sock", std::process::id())),
+        };
+        let _ = self.persist(&cfg);
+        let st = self.runtime_state(&cfg);
+        let generation = st.generation;
+        let hooks = Arc::clone(h);
+        let config_path = self.config_path.clone();
+        let bin2 = binary.clone();
+        tracing::info!("upgrade: starting {}", binary.display());
+        let r = tokio::task::spawn_blocking(move || {
+            crate::upgrade::hand_over(
+                &bin2,
+                &config_path,
+                hooks.log_json,
+                &handoff,
+                &hooks.sockets,
+                st,
+            )
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("upgrade task failed: {e}")));
+        match r {
+            Ok(pid) => {
+                tracing::info!(
+                    "upgrade: pid {pid} serves now; this process (pid {}) drains and exits",
+                    std::process::id()
+                );
+                h.new_pid.store(pid, Ordering::Release);
+                let _ = h.stop_tx.send(true);
+                h.done.notify_one();
+                Ok(ControlResult::Done {
+                    generation,
+                    message: format!(
+                        "upgraded to {} (pid {pid}); pid {} answers what it forwarded and exits",
+                        binary.display(),
+                        std::process::id()
+                    ),
+                })
+            }
+            Err(e) => {
+                h.in_progress.store(false, Ordering::Release);
+                tracing::warn!("upgrade failed, still serving: {e}");
+                Err(format!("upgrade failed, this process keeps serving: {e}"))
+            }
         }
     }
 
@@ -121,6 +243,7 @@ impl ControlContext {
                         message,
                     })
             }
+            ControlCommand::Upgrade { binary } => self.upgrade(binary).await,
         };
         let mut resp = match r {
             Ok(res) => ControlResponse::ok(res),
@@ -323,18 +446,7 @@ impl ControlContext {
         let Some(path) = &cfg.control.state_file else {
             return String::new();
         };
-        let st = self.shared.with_write_lock(|set| {
-            RuntimeState::new(
-                set.generation,
-                set.backends.iter().map(|b| BackendAddr(b.addr)).collect(),
-                set.backends
-                    .iter()
-                    .filter(|b| b.state.is_draining())
-                    .map(|b| BackendAddr(b.addr))
-                    .collect(),
-                cfg.backends.servers.clone(),
-            )
-        });
+        let st = self.runtime_state(cfg);
         match state::save(path, &st) {
             Ok(()) => String::new(),
             Err(e) => {

@@ -44,6 +44,12 @@ pub enum ControlCommand {
     Undrain { backend: String },
     /// Re-read the config file.
     Reload,
+    /// Start a new binary (this one's when `binary` is unset), hand it the listening sockets,
+    /// and exit once it serves and this one has drained.
+    Upgrade {
+        #[serde(default)]
+        binary: Option<String>,
+    },
 }
 
 /// One response: `ok` with a result, or an error message.

@@ -32,4 +32,5 @@ pub mod systemd;
 pub mod tcp;
 pub mod tcp_backend;
 pub mod udp;
+pub mod upgrade;
 pub mod wire;

@@ -74,6 +74,12 @@ enum CtlCommand {
     Undrain { backend: String },
     /// Re-read the config file (an invalid one is refused and the running one stays).
     Reload,
+    /// Start a new binary, hand it the listening sockets, and let this process drain and exit.
+    Upgrade {
+        /// The new binary (default: the running one's path).
+        #[arg(long)]
+        binary: Option<String>,
+    },
 }
 
 fn ctl(args: CtlArgs) -> ExitCode {
@@ -102,12 +108,20 @@ fn ctl(args: CtlArgs) -> ExitCode {
         CtlCommand::Drain { backend } => ControlCommand::Drain { backend },
         CtlCommand::Undrain { backend } => ControlCommand::Undrain { backend },
         CtlCommand::Reload => ControlCommand::Reload,
+        CtlCommand::Upgrade { binary } => ControlCommand::Upgrade { binary },
+    };
+    // An upgrade waits for the new process to become ready.
+    let timeout_ms = match command {
+        ControlCommand::Upgrade { .. } => args
+            .timeout_ms
+            .max(lb::upgrade::READY_TIMEOUT.as_millis() as u64 + 5_000),
+        _ => args.timeout_ms,
     };
     ExitCode::from(lb::ctl::run(
         &socket,
         command,
         args.json,
-        std::time::Duration::from_millis(args.timeout_ms),
+        std::time::Duration::from_millis(timeout_ms),
     ))
 }
 
@@ -153,7 +167,10 @@ fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|cfg| {
                     let listeners = lb::server::bind_listeners(&cfg)?;
-                    lb::server::run(cfg, config.clone(), listeners)
+                    let opts = lb::server::RunOptions {
+                        log_json: matches!(log_format, LogFormat::Json),
+                    };
+                    lb::server::run(cfg, config.clone(), listeners, opts)
                 });
             match result {
                 Ok(()) => ExitCode::SUCCESS,

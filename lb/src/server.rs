@@ -10,13 +10,14 @@ use tokio::sync::watch;
 
 use crate::backend::{SetParams, Shared};
 use crate::config::{BackendAddr, LbConfig};
-use crate::control::ControlContext;
+use crate::control::{ControlContext, UpgradeHooks};
 use crate::health;
 use crate::sockets::{build_tcp_listener, build_udp_listener, BufferSizes};
 use crate::state;
 use crate::tcp::{self, ConnLimits, TcpSettings};
 use crate::tcp_backend::PoolSettings;
 use crate::udp::{self, UdpControl, UdpSettings};
+use crate::upgrade::HandoffSockets;
 use std::sync::atomic::Ordering;
 
 /// The listening sockets, bound before [`run`] so that tests (and socket activation) can hand
@@ -28,6 +29,56 @@ pub struct Listeners {
     pub tcp: Vec<std::net::TcpListener>,
     /// The `/metrics` endpoint, if configured.
     pub metrics: Option<std::net::TcpListener>,
+    /// The control socket, if configured.
+    pub control: Option<std::os::unix::net::UnixListener>,
+    /// Set when the sockets came from an upgrading process: where to report readiness, and the
+    /// backend set it handed over.
+    pub handoff: Option<(std::os::unix::net::UnixStream, crate::state::RuntimeState)>,
+}
+
+/// Options of [`run`] that do not come from the config file.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Logs are JSON (passed on to the new process of an upgrade).
+    pub log_json: bool,
+}
+
+/// Builds [`Listeners`] from sockets handed over by an upgrading `lb`.
+fn listeners_from_handoff(workers: usize, r: crate::upgrade::Received) -> Result<Listeners> {
+    let mut udp: Vec<Vec<std::net::UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
+    let n = r.udp.len().max(if r.udp.is_empty() { 0 } else { workers });
+    for i in 0..n {
+        let s = r.udp[i % r.udp.len()]
+            .try_clone()
+            .context("cannot duplicate a handed-over udp socket")?;
+        udp[i % workers].push(s);
+    }
+    let mut seen = Vec::new();
+    for s in &r.udp {
+        let a = s.local_addr()?;
+        if !seen.contains(&a) {
+            tracing::info!("listening for udp on {a}");
+            seen.push(a);
+        }
+    }
+    for l in &r.tcp {
+        tracing::info!("listening for tcp on {}", l.local_addr()?);
+    }
+    if let Some(m) = &r.metrics {
+        tracing::info!("listening for metrics on {}", m.local_addr()?);
+    }
+    tracing::info!(
+        "took over {} udp, {} tcp sockets from the previous process",
+        r.udp.len(),
+        r.tcp.len()
+    );
+    Ok(Listeners {
+        udp,
+        tcp: r.tcp,
+        metrics: r.metrics,
+        control: r.control,
+        handoff: Some((r.stream, r.state)),
+    })
 }
 
 fn buffers(cfg: &LbConfig) -> BufferSizes {
@@ -43,6 +94,13 @@ fn buffers(cfg: &LbConfig) -> BufferSizes {
 /// `[listen]`; every UDP worker gets a duplicate of each passed UDP socket.
 pub fn bind_listeners(cfg: &LbConfig) -> Result<Listeners> {
     let workers = cfg.workers();
+    if let Some(r) = crate::upgrade::receive_from_env()? {
+        return listeners_from_handoff(workers, r);
+    }
+    let control = match &cfg.control.socket {
+        Some(p) => Some(crate::control::bind_control_socket(p)?),
+        None => None,
+    };
     let bufs = buffers(cfg);
     let mut udp: Vec<Vec<std::net::UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
     let metrics = match cfg.metrics.listen {
@@ -76,6 +134,8 @@ pub fn bind_listeners(cfg: &LbConfig) -> Result<Listeners> {
             udp,
             tcp: inh.tcp,
             metrics,
+            control,
+            handoff: None,
         });
     }
     for addr in &cfg.listen.udp {
@@ -96,7 +156,13 @@ pub fn bind_listeners(cfg: &LbConfig) -> Result<Listeners> {
         tracing::info!("listening for tcp on {}", l.local_addr()?);
         tcp.push(l);
     }
-    Ok(Listeners { udp, tcp, metrics })
+    Ok(Listeners {
+        udp,
+        tcp,
+        metrics,
+        control,
+        handoff: None,
+    })
 }
 
 fn tcp_settings(cfg: &LbConfig) -> TcpSettings {
@@ -121,7 +187,17 @@ fn tcp_settings(cfg: &LbConfig) -> TcpSettings {
 /// Chooses the starting backend list: the state file's (a restart never reverts a deploy)
 /// unless it is missing, corrupt, or the config's list was edited since it was written.
 /// Returns (servers, generation, drained).
-fn initial_backends(cfg: &LbConfig) -> (Vec<BackendAddr>, u64, Vec<BackendAddr>) {
+fn initial_backends(
+    cfg: &LbConfig,
+    handed: Option<&state::RuntimeState>,
+) -> (Vec<BackendAddr>, u64, Vec<BackendAddr>) {
+    if let Some(st) = handed {
+        tracing::info!(
+            "backend set (generation {}) handed over by the previous process",
+            st.generation
+        );
+        return (st.backends.clone(), st.generation, st.drained.clone());
+    }
     let from_config = (cfg.backends.servers.clone(), 1, Vec::new());
     let Some(path) = &cfg.control.state_file else {
         return from_config;
@@ -153,8 +229,15 @@ fn initial_backends(cfg: &LbConfig) -> (Vec<BackendAddr>, u64, Vec<BackendAddr>)
 /// Runs the proxy on already-bound sockets until SIGTERM or SIGINT, then stops reading new
 /// queries, answers those in flight (bounded by the query timeout) and returns. SIGHUP reloads
 /// the config like `lb ctl reload`.
-pub fn run(cfg: LbConfig, config_path: PathBuf, listeners: Listeners) -> Result<()> {
-    let (servers, generation, drained) = initial_backends(&cfg);
+pub fn run(
+    cfg: LbConfig,
+    config_path: PathBuf,
+    listeners: Listeners,
+    opts: RunOptions,
+) -> Result<()> {
+    let mut listeners = listeners;
+    let handoff = listeners.handoff.take();
+    let (servers, generation, drained) = initial_backends(&cfg, handoff.as_ref().map(|h| &h.1));
     let shared = Arc::new(Shared::new(
         SetParams::from_config(&cfg),
         &servers,
@@ -167,10 +250,35 @@ pub fn run(cfg: LbConfig, config_path: PathBuf, listeners: Listeners) -> Result<
         }
     }
     let drain_timeout = cfg.backends.timeout() + Duration::from_millis(100);
-    let control_listener = match &cfg.control.socket {
-        Some(p) => Some(crate::control::bind_control_socket(p)?),
-        None => None,
+    let control_listener = listeners.control.take();
+    // Duplicates of every listening socket, for a later upgrade's handoff.
+    let dup = |fd: std::io::Result<std::os::fd::OwnedFd>| {
+        fd.context("cannot duplicate a listening socket")
     };
+    let sockets = HandoffSockets {
+        udp: listeners
+            .udp
+            .iter()
+            .flatten()
+            .map(|s| dup(s.try_clone().map(Into::into)))
+            .collect::<Result<_>>()?,
+        tcp: listeners
+            .tcp
+            .iter()
+            .map(|s| dup(s.try_clone().map(Into::into)))
+            .collect::<Result<_>>()?,
+        metrics: listeners
+            .metrics
+            .as_ref()
+            .map(|s| dup(s.try_clone().map(Into::into)))
+            .transpose()?,
+        control: control_listener
+            .as_ref()
+            .map(|s| dup(s.try_clone().map(Into::into)))
+            .transpose()?,
+    };
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("lb"));
+    let (stop_tx, stop_rx) = watch::channel(false);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.workers().clamp(1, 4))
@@ -187,11 +295,11 @@ pub fn run(cfg: LbConfig, config_path: PathBuf, listeners: Listeners) -> Result<
         buffers: buffers(&cfg),
         drain_timeout,
     };
-    let ctx = Arc::new(ControlContext::new(
-        Arc::clone(&shared),
-        config_path.clone(),
-        cfg,
-    ));
+    let ctx = Arc::new(
+        ControlContext::new(Arc::clone(&shared), config_path.clone(), cfg).with_upgrade(
+            UpgradeHooks::new(sockets, exe, opts.log_json, stop_tx.clone()),
+        ),
+    );
     let workers = rt.block_on(async {
         // One probe round before serving, so health is known from the first query.
         if let Some(s) = ctx.checker.load_full() {
@@ -209,7 +317,6 @@ pub fn run(cfg: LbConfig, config_path: PathBuf, listeners: Listeners) -> Result<
             Arc::clone(&udp_control),
         )
         .context("cannot start udp workers")?;
-        let (stop_tx, stop_rx) = watch::channel(false);
         let mut servers = Vec::new();
         for l in listeners.tcp {
             let l = tokio::net::TcpListener::from_std(l).context("cannot register tcp listener")?;
@@ -248,10 +355,22 @@ pub fn run(cfg: LbConfig, config_path: PathBuf, listeners: Listeners) -> Result<
             set.policy.as_str(),
             config_path.display()
         );
-        crate::systemd::notify_ready();
+        match handoff {
+            // Under systemd the old process makes this one the main PID before it exits.
+            Some((mut stream, _)) => crate::upgrade::report_ready(&mut stream),
+            None => crate::systemd::notify_ready(),
+        }
         tokio::spawn(crate::systemd::run_watchdog(Arc::clone(&udp_control.beats)));
         wait_for_stop_signal(&ctx).await;
-        crate::systemd::notify_stopping();
+        let new_pid = ctx
+            .upgrade
+            .as_ref()
+            .map_or(0, |h| h.new_pid.load(Ordering::Acquire));
+        if new_pid != 0 {
+            crate::systemd::notify_main_pid(new_pid);
+        } else {
+            crate::systemd::notify_stopping();
+        }
         tracing::info!("shutting down: answering queries in flight");
         let _ = stop_tx.send(true);
         udp_control.stop.store(true, Ordering::Relaxed);
@@ -267,33 +386,58 @@ pub fn run(cfg: LbConfig, config_path: PathBuf, listeners: Listeners) -> Result<
     for w in workers {
         let _ = w.join();
     }
-    if let Some(p) = &ctx.config_snapshot().control.socket {
-        let _ = std::fs::remove_file(p);
+    let upgraded = ctx
+        .upgrade
+        .as_ref()
+        .is_some_and(|h| h.new_pid.load(Ordering::Acquire) != 0);
+    if !upgraded {
+        // After an upgrade the socket file belongs to the new process.
+        if let Some(p) = &ctx.config_snapshot().control.socket {
+            let _ = std::fs::remove_file(p);
+        }
     }
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP in the meantime reloads the config.
-async fn wait_for_stop_signal(ctx: &ControlContext) {
+/// Waits for SIGTERM or SIGINT, or for an upgrade to have handed over; SIGHUP in the meantime
+/// reloads the config and SIGUSR2 upgrades to the binary at this one's path.
+async fn wait_for_stop_signal(ctx: &Arc<ControlContext>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr2)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined2()),
     ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };
+    let upgraded = async {
+        match &ctx.upgrade {
+            Some(h) => h.done.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(upgraded);
     loop {
         tokio::select! {
             _ = term.recv() => return,
             _ = int.recv() => return,
+            _ = &mut upgraded => return,
             _ = hup.recv() => {
                 match ctx.reload() {
                     Ok(_) => crate::systemd::notify_reloaded(),
                     Err(e) => tracing::warn!("{e}"),
                 }
+            }
+            _ = usr2.recv() => {
+                let ctx = Arc::clone(ctx);
+                tokio::spawn(async move {
+                    if let Err(e) = ctx.upgrade(None).await {
+                        tracing::warn!("{e}");
+                    }
+                });
             }
         }
     }

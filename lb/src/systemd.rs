@@ -58,6 +58,11 @@ pub fn notify_stopping() {
     let _ = sd_notify::notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
 }
 
+/// Tells systemd that `pid` (the process this one upgraded to) is the service's main process.
+pub fn notify_main_pid(pid: u32) {
+    let _ = sd_notify::notify(&[NotifyState::MainPid(pid), NotifyState::Status("upgraded")]);
+}
+
 /// Tells systemd a reload is done (also fine without `Type=notify-reload`).
 pub fn notify_reloaded() {
     let _ = sd_notify::notify(&[NotifyState::Ready]);

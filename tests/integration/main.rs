@@ -7,3 +7,4 @@ mod health;
 mod linode;
 mod observe;
 mod proxy;
+mod upgrade;

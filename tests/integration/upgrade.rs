@@ -1,0 +1,194 @@
+//! Upgrading the lb binary without losing a query: `lb ctl upgrade` and SIGUSR2 hand the
+//! listening sockets to a new process; a failed upgrade leaves the old one serving.
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::Message;
+use hickory_proto::rr::RecordType;
+use integration_tests::*;
+
+/// A TCP client that keeps querying over one connection, reconnecting (and re-sending) when
+/// the server closes it cleanly. Returns (answered, reconnects, lost).
+fn tcp_client(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(usize, usize, usize)> {
+    std::thread::spawn(move || {
+        let (mut answered, mut reconnects, mut lost) = (0, 0, 0);
+        let connect = || {
+            let s = TcpStream::connect(addr).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+            Some(s)
+        };
+        let mut s = connect();
+        let mut id: u16 = 0;
+        while !stop.load(Ordering::Relaxed) {
+            id = id.wrapping_add(1);
+            let q = query_bytes(id, "example.test.", RecordType::SOA);
+            let mut ok = false;
+            for _attempt in 0..2 {
+                let Some(conn) = s.as_mut() else {
+                    s = connect();
+                    reconnects += 1;
+                    continue;
+                };
+                tcp_write(conn, &q);
+                match tcp_read(conn) {
+                    Some(r) if Message::from_vec(&r).is_ok_and(|m| m.metadata.id == id) => {
+                        ok = true;
+                        break;
+                    }
+                    // Closed (the old process finished this connection): reconnect, resend.
+                    _ => {
+                        s = connect();
+                        reconnects += 1;
+                    }
+                }
+            }
+            if ok {
+                answered += 1;
+            } else {
+                lost += 1;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (answered, reconnects, lost)
+    })
+}
+
+fn copy_binary(dir: &TempDir, name: &str) -> std::path::PathBuf {
+    let p = dir.path().join(name);
+    std::fs::copy(bin("lb"), &p).unwrap();
+    p
+}
+
+#[test]
+fn upgrade_under_udp_and_tcp_load_loses_nothing() {
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let b = Named::start(ZoneSpec::new(1, "b"));
+    let lb = Lb::start(&format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        lb_config(&[a.addr, b.addr], "round-robin", "")
+    ));
+    let old_pid = lb.proc.pid();
+    assert_eq!(lb.status().pid, old_pid);
+    // Swap once so the runtime set differs from the config's and must carry over.
+    lb.ctl(&["set-backends", &b.addr.to_string()]);
+    let bins = TempDir::new("bins");
+    let new_bin = copy_binary(&bins, "lb-v2");
+
+    let load = LoadClient::start(lb.udp(), 1000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let tcp = tcp_client(lb.tcp(), stop.clone());
+    std::thread::sleep(Duration::from_millis(700));
+    let t = Instant::now();
+    let (code, out, err) = lb.ctl(&["upgrade", "--binary", &new_bin.display().to_string()]);
+    let took = t.elapsed();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("upgraded"), "{out}");
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    let report = load.finish();
+    let (tcp_answered, reconnects, tcp_lost) = tcp.join().unwrap();
+    eprintln!(
+        "upgrade under load: took {took:?}; udp sent {} lost {}; tcp answered {tcp_answered}, reconnects {reconnects}, lost {tcp_lost}",
+        report.sent,
+        report.lost()
+    );
+    assert!(report.sent > 1000);
+    assert_eq!(report.lost(), 0, "no UDP query lost");
+    assert!(tcp_answered > 100);
+    assert_eq!(tcp_lost, 0, "no TCP query lost");
+
+    // The old process is gone; the new one serves with the same runtime set and socket path.
+    let mut old = lb;
+    assert!(
+        old.proc.wait_exit(Duration::from_secs(5)).is_some(),
+        "old process exited"
+    );
+    let st = old.status();
+    assert_ne!(st.pid, old_pid);
+    assert_eq!(st.backends.len(), 1);
+    assert_eq!(st.backends[0].address, b.addr.to_string());
+    assert_eq!(st.generation, 2);
+    assert!(udp_query(
+        old.udp(),
+        "www.example.test.",
+        RecordType::A,
+        Duration::from_secs(2)
+    )
+    .is_some());
+    assert!(http_get(old.metrics.unwrap(), "/metrics")
+        .1
+        .contains("lb_queries_total"));
+    // The new process is not our child: stop it by PID.
+    let _ = std::process::Command::new("kill")
+        .arg(st.pid.to_string())
+        .status();
+}
+
+#[test]
+fn a_failed_upgrade_leaves_the_old_process_serving() {
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let lb = Lb::start(&lb_config(&[a.addr], "round-robin", ""));
+    let pid = lb.proc.pid();
+    for bad in ["/bin/false", "/nonexistent/lb"] {
+        let (code, _, err) = lb.ctl(&["upgrade", "--binary", bad]);
+        assert_eq!(code, 1, "{bad}");
+        assert!(
+            err.contains("upgrade failed") && err.contains("keeps serving"),
+            "{err}"
+        );
+        assert_eq!(lb.status().pid, pid);
+        assert!(udp_query(
+            lb.udp(),
+            "www.example.test.",
+            RecordType::A,
+            Duration::from_secs(2)
+        )
+        .is_some());
+    }
+}
+
+#[test]
+fn sigusr2_upgrades_to_the_binary_at_the_same_path() {
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let bins = TempDir::new("bins");
+    let path = copy_binary(&bins, "lb");
+    let dir = TempDir::new("lb");
+    let cfg = dir.path().join("lb.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}\n[control]\nsocket = \"{}/control.sock\"\n",
+            lb_config(&[a.addr], "round-robin", ""),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut lb = Lb::start_binary(&path, dir, cfg, &[]);
+    let old = lb.proc.pid();
+    // Replace the file at the same path, as a package upgrade would, then signal.
+    std::fs::remove_file(&path).unwrap();
+    std::fs::copy(bin("lb"), &path).unwrap();
+    lb.proc.signal("USR2");
+    assert!(
+        lb.proc.wait_exit(Duration::from_secs(10)).is_some(),
+        "old process exited"
+    );
+    let st = lb.status();
+    assert_ne!(st.pid, old);
+    assert!(udp_query(
+        lb.udp(),
+        "www.example.test.",
+        RecordType::A,
+        Duration::from_secs(2)
+    )
+    .is_some());
+    let _ = std::process::Command::new("kill")
+        .arg(st.pid.to_string())
+        .status();
+}
