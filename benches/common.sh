@@ -168,3 +168,56 @@ cpu_ticks() {
 peak_rss_kb() {
   awk '/VmHWM/ { print $2 }' "/proc/$1/status"
 }
+
+# dnsdist as in shared/reference/peers.md on 127.0.0.1:$1 (no packet cache unless $2 = cache).
+# Sets DNSDIST_PID.
+start_dnsdist() {
+  local port="$1" cache="${2:-}" d="$WORK/dnsdist-$1"
+  mkdir -p "$d"
+  cat >"$d/dnsdist.conf" <<LUA
+setLocal('127.0.0.1:$port', {reusePort=true})
+addLocal('127.0.0.1:$port', {reusePort=true})
+setMaxTCPClientThreads(2)
+setSecurityPollSuffix('')
+newServer({address='127.0.0.11:53', checkName='example.test.', checkType='SOA', checkInterval=1})
+newServer({address='127.0.0.12:53', checkName='example.test.', checkType='SOA', checkInterval=1})
+setServerPolicy(leastOutstanding)
+LUA
+  if [ "$cache" = cache ]; then
+    echo "pc = newPacketCache(100000, {maxTTL=86400}) getPool(''):setCache(pc)" >>"$d/dnsdist.conf"
+  fi
+  # Its own session: dnsdist signals its process group on exit.
+  setsid dnsdist --supervised --disable-syslog -C "$d/dnsdist.conf" >"$d/log" 2>&1 &
+  DNSDIST_PID=$!
+  PIDS+=("$DNSDIST_PID")
+  wait_dns 127.0.0.1 "$port"
+}
+
+# nginx stream as in shared/reference/peers.md on 127.0.0.1:$1. Sets NGINX_PID, NGINX_CONF.
+start_nginx() {
+  local port="$1" d="$WORK/nginx-$1"
+  mkdir -p "$d/logs"
+  NGINX_CONF="$d/nginx.conf"
+  cat >"$NGINX_CONF" <<NGX
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 2;
+daemon off;
+pid $d/nginx.pid;
+error_log $d/logs/error.log;
+events { worker_connections 8192; }
+stream {
+  upstream dns_backends { server 127.0.0.11:53; server 127.0.0.12:53; }
+  server { listen 127.0.0.1:$port udp reuseport; proxy_pass dns_backends; proxy_responses 1; proxy_timeout 3s; }
+  server { listen 127.0.0.1:$port reuseport;     proxy_pass dns_backends; proxy_timeout 10s; }
+}
+NGX
+  nginx -c "$NGINX_CONF" -p "$d" >"$d/stdout" 2>&1 &
+  NGINX_PID=$!
+  PIDS+=("$NGINX_PID")
+  wait_dns 127.0.0.1 "$port"
+}
+
+# Prints "sent completed lost" from dnsperf output in $1.
+perf_counts() {
+  echo "$(dnsperf_field "$1" "Queries sent") $(dnsperf_field "$1" "Queries completed") $(dnsperf_field "$1" "Queries lost")"
+}
