@@ -53,6 +53,42 @@ pub struct DeployerConfig {
     pub timeouts: TimeoutsConfig,
     #[serde(default)]
     pub ansible: AnsibleConfig,
+    #[serde(default)]
+    pub roll_lb: RollLbConfig,
+}
+
+/// `[roll_lb]`: the hand-off to the registrar and the drain of the old load balancers.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RollLbConfig {
+    /// A command run at the hand-off with the new lb addresses as arguments and a JSON
+    /// description on stdin (e.g. a script calling the registrar's API). Unset: the deployer
+    /// prints what to change and waits for `deployer roll-lb --resume`.
+    #[serde(default)]
+    pub delegation_hook: Option<String>,
+    /// An old lb counts as drained below this many queries per second.
+    #[serde(default = "d_threshold")]
+    pub drain_threshold_qps: f64,
+    /// How long the rate must stay below the threshold; default: the longest TTL of the
+    /// delegation records (NS and their glue) in the zones.
+    #[serde(default)]
+    pub quiet_secs: Option<u64>,
+    /// Longest wait for the old lbs to drain before the deployer stops (they are not deleted).
+    #[serde(default = "d_max_drain")]
+    pub max_drain_secs: u64,
+    /// How often the old lbs' metrics are read.
+    #[serde(default = "d_poll")]
+    pub poll_secs: f64,
+}
+
+fn d_threshold() -> f64 {
+    1.0
+}
+fn d_max_drain() -> u64 {
+    86_400
+}
+fn d_poll() -> f64 {
+    5.0
 }
 
 /// `[provider]`.

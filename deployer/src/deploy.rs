@@ -29,6 +29,29 @@ pub const ROLL_STEPS: [&str; 7] = [
     "delete-old",
     "rename",
 ];
+/// The steps of `roll-lb` (the seed's second list).
+pub const ROLL_LB_STEPS: [&str; 7] = [
+    "create-lbs-next",
+    "provision-lbs-next",
+    "check-lbs-next",
+    "handoff",
+    "drain",
+    "delete-old-lbs",
+    "rename-lbs",
+];
+
+/// A step that stops the run without failing it: the operator has to act, then resume.
+#[derive(Debug)]
+struct WaitForOperator(String);
+
+impl std::fmt::Display for WaitForOperator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for WaitForOperator {}
+
 /// The steps of `up`.
 pub const UP_STEPS: [&str; 6] = [
     "create-nameservers",
@@ -42,6 +65,8 @@ pub const UP_STEPS: [&str; 6] = [
 /// Human or JSON progress output, one line per step with elapsed time.
 pub struct Reporter {
     pub json: bool,
+    /// When the last progress line went out (progress to a pipe is throttled).
+    last_progress: std::cell::Cell<Option<Instant>>,
 }
 
 impl Reporter {
@@ -61,6 +86,39 @@ impl Reporter {
                 rec.detail
             );
         }
+    }
+
+    /// A progress line that replaces itself on a terminal (one JSON event per call with --json).
+    pub fn progress(&self, msg: &str) {
+        use std::io::{IsTerminal, Write};
+        let tty = !self.json && std::io::stdout().is_terminal();
+        if !tty {
+            // To a pipe or log: one line every 5 s, not a flood.
+            if self
+                .last_progress
+                .get()
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+            {
+                return;
+            }
+            self.last_progress.set(Some(Instant::now()));
+        }
+        if self.json {
+            println!("{}", json!({"event": "progress", "message": msg}));
+        } else if tty {
+            print!("\r{msg}\x1b[K");
+            let _ = std::io::stdout().flush();
+        } else {
+            println!("{msg}");
+        }
+    }
+
+    pub fn progress_end(&self) {
+        use std::io::IsTerminal;
+        if !self.json && std::io::stdout().is_terminal() {
+            println!();
+        }
+        self.last_progress.set(None);
     }
 
     pub fn info(&self, msg: &str) {
@@ -96,6 +154,8 @@ pub struct Deployer {
     journal: JournalFile,
     pub out: Reporter,
     hooks: Hooks,
+    /// Set when the last operation stopped to wait for the operator (not finished, not failed).
+    pub waiting: bool,
 }
 
 fn elapsed_ms(t: Instant) -> u64 {
@@ -122,8 +182,12 @@ impl Deployer {
             journal: JournalFile::new(&cfg.state_dir),
             cfg,
             provider,
-            out: Reporter { json },
+            out: Reporter {
+                json,
+                last_progress: std::cell::Cell::new(None),
+            },
             hooks: Hooks::from_env(),
+            waiting: false,
         })
     }
 
@@ -185,6 +249,14 @@ impl Deployer {
             } else {
                 self.run_step(step, j)
             };
+            if let Err(e) = &r {
+                if let Some(w) = e.downcast_ref::<WaitForOperator>() {
+                    self.out.info(&w.0);
+                    self.journal.save(j)?;
+                    self.waiting = true;
+                    return Ok(());
+                }
+            }
             let rec = StepRecord {
                 step: step.to_string(),
                 ok: r.is_ok(),
@@ -244,6 +316,13 @@ impl Deployer {
             "create-lbs" => self.create(j, Role::Lb, false),
             "provision-lbs" => self.provision(j, Role::Lb),
             "check-lbs" => self.verify_lbs(j),
+            "create-lbs-next" => self.create(j, Role::Lb, true),
+            "provision-lbs-next" => self.provision(j, Role::Lb),
+            "check-lbs-next" => self.check_new_lbs(j),
+            "handoff" => self.handoff(j),
+            "drain" => self.drain(j),
+            "delete-old-lbs" => self.delete_old(j),
+            "rename-lbs" => self.rename(j),
             other => bail!("unknown step {other}"),
         }
     }
@@ -273,7 +352,11 @@ impl Deployer {
                 .lbs
                 .iter()
                 .map(|l| InstanceSpec {
-                    label: l.name.clone(),
+                    label: if next {
+                        format!("{}-next", l.name)
+                    } else {
+                        l.name.clone()
+                    },
                     role,
                     region: l.region.clone(),
                     instance_type: l.instance_type.clone(),
@@ -352,7 +435,12 @@ impl Deployer {
 
     fn provision(&mut self, j: &mut Journal, role: Role) -> Result<String> {
         let targets = self.created(j, role);
-        let lbs = self.lb_instances()?;
+        // Existing lbs are listed only for the nameservers (rate-limit exemptions); a play on
+        // `lbs` must touch nothing but the new instances.
+        let lbs = match role {
+            Role::Nameserver => self.lb_instances()?,
+            Role::Lb => Vec::new(),
+        };
         let known_hosts = self.cfg.state_dir.join("known_hosts");
         let mut inv = ansible::inventory(
             self.provider.as_ref(),
@@ -366,13 +454,20 @@ impl Deployer {
             let hosts = inv["all"]["children"]["lbs"]["hosts"]
                 .as_object_mut()
                 .ok_or_else(|| anyhow!("inventory has no lbs"))?;
-            for l in &self.cfg.lbs {
+            for t in &targets {
+                let base = t.label.trim_end_matches("-next");
+                let l = self
+                    .cfg
+                    .lbs
+                    .iter()
+                    .find(|l| l.name == base)
+                    .ok_or_else(|| anyhow!("lb {base} is not in the config"))?;
                 let backends: Vec<String> = l
                     .fronts
                     .iter()
                     .map(|f| self.nameserver_addr(j, f))
                     .collect::<Result<_>>()?;
-                if let Some(Value::Object(h)) = hosts.get_mut(&l.name) {
+                if let Some(Value::Object(h)) = hosts.get_mut(&t.label) {
                     h.insert("lb_backends".into(), json!(backends));
                 }
             }
@@ -688,12 +783,266 @@ impl Deployer {
             .unfinished()?
             .ok_or_else(|| anyhow!("there is no unfinished operation to roll back"))?;
         if j.deleting_old {
-            bail!("the old instances were already being deleted; only `deployer roll --resume` can finish this roll");
+            bail!(
+                "past the point of no return (old instances being deleted, or the delegation handed over); only `deployer {} --resume` can finish",
+                if j.operation == Operation::RollLb { "roll-lb" } else { "roll" }
+            );
         }
         self.rollback_journal(&mut j)?;
         self.out
             .info("rolled back: the old set serves and nothing created is left");
         Ok(())
+    }
+
+    /// The new lbs serve every zone over UDP and TCP, and their metrics endpoint is up.
+    fn check_new_lbs(&mut self, j: &mut Journal) -> Result<String> {
+        let mut out = Vec::new();
+        for i in self.created(j, Role::Lb) {
+            check_serving(i.dns_addr(), &j.serials, self.cfg.timeouts.check())
+                .map_err(|e| anyhow!("new lb {} does not serve the zones: {e}", i.label))?;
+            scrape_queries(i.metrics_addr(), self.cfg.timeouts.ctl()).map_err(|e| {
+                anyhow!(
+                    "new lb {}: /metrics at {} is not up: {e}",
+                    i.label,
+                    i.metrics_addr()
+                )
+            })?;
+            out.push(format!("{} ({}) ok, metrics up", i.label, i.dns_addr()));
+        }
+        Ok(out.join(", "))
+    }
+
+    /// What has to change at the registrar: per lb, old and new address.
+    fn handoff_plan(&self, j: &Journal) -> Vec<(String, String, String)> {
+        self.cfg
+            .lbs
+            .iter()
+            .filter_map(|l| {
+                let old = j.old.iter().find(|i| i.label == l.name)?;
+                let new = j
+                    .created
+                    .iter()
+                    .find(|i| i.label == format!("{}-next", l.name))?;
+                Some((
+                    l.name.clone(),
+                    old.dns_addr().to_string(),
+                    new.dns_addr().to_string(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Points the delegation at the new lbs: through the hook, or by the operator.
+    fn handoff(&mut self, j: &mut Journal) -> Result<String> {
+        let plan = self.handoff_plan(j);
+        let zones: Vec<&String> = self.cfg.zones.names.iter().collect();
+        let Some(hook) = self.cfg.roll_lb.delegation_hook.clone() else {
+            j.waiting_for_handoff = true;
+            self.journal.save(j)?;
+            let mut msg = String::from(
+                "hand-off: change the delegation at your registrar (NS glue addresses) for the zones ",
+            );
+            msg.push_str(
+                &zones
+                    .iter()
+                    .map(|z| z.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+            msg.push_str(":\n");
+            for (name, old, new) in &plan {
+                msg.push_str(&format!("  {name}: replace {old} by {new}\n"));
+            }
+            msg.push_str("then run `deployer roll-lb --resume` (the old load balancers keep serving until they drain)");
+            return Err(WaitForOperator(msg).into());
+        };
+        let input = json!({
+            "deployment": self.cfg.deployment,
+            "zones": zones,
+            "lbs": plan.iter().map(|(n, o, w)| json!({"name": n, "old_address": o, "new_address": w})).collect::<Vec<_>>(),
+        });
+        let mut child = std::process::Command::new(&hook)
+            .args(plan.iter().map(|p| p.2.clone()))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot run delegation_hook {hook}"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            let _ = stdin.write_all(input.to_string().as_bytes());
+        }
+        let status = wait_child(&mut child, self.cfg.timeouts.provision())
+            .with_context(|| format!("delegation_hook {hook}"))?;
+        if !status.success() {
+            bail!(
+                "delegation_hook {hook} failed ({status}); if it changed part of the delegation, restore it"
+            );
+        }
+        j.deleting_old = true;
+        Ok(plan
+            .iter()
+            .map(|(n, o, w)| format!("{n}: {o} -> {w}"))
+            .collect::<Vec<_>>()
+            .join(", "))
+    }
+
+    /// Waits until every old lb's query rate stays below the threshold for the quiet period.
+    fn drain(&mut self, j: &mut Journal) -> Result<String> {
+        let rl = self.cfg.roll_lb.clone();
+        let quiet = match rl.quiet_secs {
+            Some(q) => Duration::from_secs(q),
+            None => {
+                let mut ttl = 0;
+                for z in &self.cfg.zones.names {
+                    ttl = ttl.max(
+                        zones::delegation_max_ttl(&self.cfg.zone_file(z), z)
+                            .map_err(|e| anyhow!(e))?,
+                    );
+                }
+                Duration::from_secs(ttl)
+            }
+        };
+        let poll = Duration::from_secs_f64(rl.poll_secs.max(0.05));
+        let max_wait = Duration::from_secs(rl.max_drain_secs);
+        let start = Instant::now();
+        struct Watch {
+            label: String,
+            addr: std::net::SocketAddr,
+            last: Option<(f64, Instant)>,
+            rate: Option<f64>,
+            below_since: Option<Instant>,
+        }
+        let mut w: Vec<Watch> = j
+            .old
+            .iter()
+            .map(|i| Watch {
+                label: i.label.clone(),
+                addr: i.metrics_addr(),
+                last: None,
+                rate: None,
+                below_since: None,
+            })
+            .collect();
+        loop {
+            let now = Instant::now();
+            for x in &mut w {
+                match scrape_queries(x.addr, self.cfg.timeouts.ctl()) {
+                    Ok(total) => {
+                        if let Some((prev, t)) = x.last {
+                            let dt = now.duration_since(t).as_secs_f64().max(1e-3);
+                            x.rate = Some(((total - prev) / dt).max(0.0));
+                        }
+                        x.last = Some((total, now));
+                    }
+                    // Unknown is not quiet: never delete an lb we cannot see.
+                    Err(_) => x.rate = None,
+                }
+                match x.rate {
+                    Some(r) if r <= rl.drain_threshold_qps => {
+                        x.below_since.get_or_insert(now);
+                    }
+                    _ => x.below_since = None,
+                }
+            }
+            let drained = w.iter().all(|x| {
+                x.below_since
+                    .is_some_and(|b| now.duration_since(b) >= quiet)
+            });
+            let line = w
+                .iter()
+                .map(|x| match x.rate {
+                    Some(r) => format!(
+                        "{} {r:.1} qps (quiet {}s/{}s)",
+                        x.label,
+                        x.below_since.map_or(0, |b| now.duration_since(b).as_secs()),
+                        quiet.as_secs()
+                    ),
+                    None => format!("{} rate unknown", x.label),
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            self.out.progress(&format!("drain: {line}"));
+            if drained {
+                self.out.progress_end();
+                return Ok(format!(
+                    "old lbs quiet for {}s below {} qps",
+                    quiet.as_secs(),
+                    rl.drain_threshold_qps
+                ));
+            }
+            if start.elapsed() >= max_wait {
+                self.out.progress_end();
+                bail!(
+                    "the old lbs did not drain within {}s ({line}); they were NOT deleted: an lb that still receives traffic is never deleted. Run `deployer roll-lb --resume` to keep waiting",
+                    max_wait.as_secs()
+                );
+            }
+            std::thread::sleep(poll);
+        }
+    }
+
+    /// `deployer roll-lb` (or `--resume`): blue-green the load balancers themselves.
+    pub fn roll_lb(&mut self, resume: bool, dry_run: bool) -> Result<()> {
+        let mut j = if resume {
+            let mut j = self
+                .unfinished()?
+                .ok_or_else(|| anyhow!("there is no unfinished roll-lb to resume"))?;
+            if j.operation != Operation::RollLb {
+                bail!(
+                    "the unfinished operation is {:?}, not a roll-lb",
+                    j.operation
+                );
+            }
+            if j.waiting_for_handoff {
+                // The operator says the delegation now points at the new lbs.
+                j.waiting_for_handoff = false;
+                j.deleting_old = true;
+                j.steps.push(StepRecord {
+                    step: "handoff".into(),
+                    ok: true,
+                    detail: "confirmed by the operator (--resume)".into(),
+                    elapsed_ms: 0,
+                });
+                self.journal.save(&j)?;
+            }
+            j
+        } else {
+            self.refuse_if_unfinished()?;
+            let serials = self.serials()?;
+            let mut old = Vec::new();
+            for l in &self.cfg.lbs {
+                old.push(self.find(&l.name)?.ok_or_else(|| {
+                    anyhow!("lb {} does not exist: run `deployer up` first", l.name)
+                })?);
+            }
+            if dry_run {
+                self.out
+                    .info("plan for `deployer roll-lb` (dry run, nothing changes):");
+                for (k, s) in ROLL_LB_STEPS.iter().enumerate() {
+                    self.out.info(&format!("  {}. {s}", k + 1));
+                }
+                for i in &old {
+                    self.out.info(&format!(
+                        "  replace lb {} ({}) by {}-next",
+                        i.label,
+                        i.dns_addr(),
+                        i.label
+                    ));
+                }
+                return Ok(());
+            }
+            if !self.cfg.lb_binary.exists() {
+                bail!(
+                    "lb binary {} not found (key lb_binary)",
+                    self.cfg.lb_binary.display()
+                );
+            }
+            let mut j = Journal::new(Operation::RollLb, serials);
+            j.old = old;
+            self.journal.save(&j)?;
+            j
+        };
+        self.run_steps(&mut j, &ROLL_LB_STEPS)
     }
 
     /// `deployer status`.
@@ -763,6 +1112,52 @@ impl Deployer {
 
     pub fn list(&self) -> Result<Vec<Instance>> {
         Ok(self.provider.list()?)
+    }
+}
+
+/// Sum of `lb_queries_total` (all protocols) from an lb's `/metrics`.
+pub fn scrape_queries(addr: std::net::SocketAddr, timeout: Duration) -> Result<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lb\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    if !text.starts_with("HTTP/1.") || !text.contains(" 200 ") {
+        bail!("unexpected response: {}", text.lines().next().unwrap_or(""));
+    }
+    let mut total = 0.0;
+    let mut seen = false;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("lb_queries_total{") {
+            if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+                total += v;
+                seen = true;
+            }
+        }
+    }
+    if !seen {
+        bail!("no lb_queries_total in the metrics");
+    }
+    Ok(total)
+}
+
+/// Waits for a child with a deadline, killing it when it passes.
+fn wait_child(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Result<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(st);
+        }
+        if start.elapsed() >= timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("timed out after {timeout:?} and was stopped");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -36,6 +36,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub enum Operation {
     Up,
     Roll,
+    RollLb,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,8 +83,12 @@ pub struct Journal {
     pub flips: Vec<Flip>,
     /// Expected SOA serial per zone, read from the zone files when the operation started.
     pub serials: Vec<(String, u32)>,
-    /// Old instances were being deleted: past this point a roll can only go forward.
+    /// Past the point of no return (old instances being deleted, or the delegation handed to
+    /// the new lbs): the operation can only go forward.
     pub deleting_old: bool,
+    /// roll-lb: the hand-off instructions were printed; `--resume` confirms the change.
+    #[serde(default)]
+    pub waiting_for_handoff: bool,
     #[serde(default)]
     pub error: Option<String>,
 }
@@ -103,6 +108,7 @@ impl Journal {
             flips: Vec::new(),
             serials,
             deleting_old: false,
+            waiting_for_handoff: false,
             error: None,
         }
     }

@@ -41,6 +41,15 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Replace the load balancers blue-green: create NAME-next, provision, check, hand the
+    /// delegation over (hook or operator), wait until the old ones drain, delete, rename.
+    RollLb {
+        /// Continue after the operator changed the delegation, or keep waiting for the drain.
+        #[arg(long, visible_alias = "continue")]
+        resume: bool,
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Undo an unfinished operation: flip lbs back, delete what it created.
     Rollback,
     /// Instances, each lb's backends and generation, and any unfinished operation.
@@ -62,6 +71,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Up { dry_run } => d.up(dry_run)?,
         Cmd::Roll { resume, dry_run } => d.roll(resume, dry_run)?,
+        Cmd::RollLb { resume, dry_run } => d.roll_lb(resume, dry_run)?,
         Cmd::Rollback => d.rollback()?,
         Cmd::Status => {
             let s = d.status()?;

@@ -176,7 +176,8 @@ impl Worker {
             for ev in events.iter() {
                 self.hot.push(ev.token());
             }
-            let set = self.shared.current();
+            // A guard, not a clone: no shared refcount write per wake-up.
+            let set = self.shared.load();
             if set.generation != self.route_generation {
                 self.rebuild_routes(&set);
             }

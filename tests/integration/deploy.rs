@@ -33,6 +33,8 @@ struct Deployment {
     cfg: PathBuf,
     ns_vars: [String; 2],
     lb_vars: [String; 2],
+    /// More TOML appended to the config (e.g. a `[roll_lb]` section).
+    extra: String,
 }
 
 impl Deployment {
@@ -45,6 +47,7 @@ impl Deployment {
             dir,
             ns_vars: Default::default(),
             lb_vars: Default::default(),
+            extra: String::new(),
         };
         d.write_config();
         d
@@ -65,7 +68,7 @@ impl Deployment {
              [[nameservers]]\nname = \"ns1\"\n{}\n[[nameservers]]\nname = \"ns2\"\n{}\n\
              [zones]\nnames = [\"example.test\"]\n\n\
              [[lbs]]\nname = \"lb1\"\nfronts = [\"ns1\"]\n{}\n[[lbs]]\nname = \"lb2\"\nfronts = [\"ns2\"]\n{}\n\
-             [timeouts]\nboot_secs = 30\nprovision_secs = 240\ncheck_secs = 5\nctl_secs = 10\n",
+             [timeouts]\nboot_secs = 30\nprovision_secs = 240\ncheck_secs = 5\nctl_secs = 10\n{}",
             p.file_name().unwrap().to_string_lossy().replace('.', "-"),
             p.display(),
             p.display(),
@@ -74,6 +77,7 @@ impl Deployment {
             vars(&self.ns_vars[1]),
             vars(&self.lb_vars[0]),
             vars(&self.lb_vars[1]),
+            self.extra,
         );
         std::fs::write(&self.cfg, text).unwrap();
     }
@@ -474,4 +478,154 @@ fn dry_runs_and_confirmation_change_nothing() {
     let (code, err) = (out.status.code(), String::from_utf8_lossy(&out.stderr));
     assert_eq!(code, Some(1));
     assert!(err.contains("/nonexistent.toml"), "{err}");
+}
+
+/// The hook writes the new addresses (its arguments) and its stdin JSON to files.
+fn write_hook(d: &Deployment) -> PathBuf {
+    let hook = d.dir.path().join("hook.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\ncat > {0}/hook-input.json\necho \"$@\" > {0}/new-targets.tmp\nmv {0}/new-targets.tmp {0}/new-targets\n",
+            d.dir.path().display()
+        ),
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&hook)
+        .status()
+        .unwrap();
+    hook
+}
+
+#[test]
+fn roll_lb_under_load_with_a_delegation_hook_loses_nothing() {
+    let mut d = Deployment::new("dep-rolllb");
+    let hook = write_hook(&d);
+    d.extra = format!(
+        "\n[roll_lb]\ndelegation_hook = \"{}\"\ndrain_threshold_qps = 1.0\nquiet_secs = 2\npoll_secs = 0.2\nmax_drain_secs = 60\n",
+        hook.display()
+    );
+    d.write_config();
+    d.ok(&["up"]);
+    let serial = d.serial();
+    let before = d.instances();
+    let old_addrs = d.lb_addrs();
+    // Clients follow the delegation: they use the old lbs until the hook announces new ones.
+    let old_loads: Vec<_> = old_addrs
+        .iter()
+        .map(|a| LoadClient::start(*a, 200))
+        .collect();
+    let child = d
+        .command(&["roll-lb"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let targets = d.dir.path().join("new-targets");
+    let t0 = Instant::now();
+    while !targets.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "the hook ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let new_addrs: Vec<SocketAddr> = std::fs::read_to_string(&targets)
+        .unwrap()
+        .split_whitespace()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    assert_eq!(new_addrs.len(), 2);
+    assert!(new_addrs.iter().all(|a| !old_addrs.contains(a)));
+    let input: Value = serde_json::from_str(
+        &std::fs::read_to_string(d.dir.path().join("hook-input.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(input["lbs"][0]["name"], "lb1");
+    assert_eq!(input["lbs"][0]["old_address"], old_addrs[0].to_string());
+    let new_loads: Vec<_> = new_addrs
+        .iter()
+        .map(|a| LoadClient::start(*a, 200))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // The old lbs are still there after the hand-off: they are deleted only once quiet.
+    assert_eq!(d.instances().len(), 6);
+    let switched = Instant::now();
+    let (mut sent, mut lost) = (0, 0);
+    for l in old_loads {
+        let r = l.finish();
+        sent += r.sent;
+        lost += r.lost();
+    }
+    let out = child.wait_with_output().unwrap();
+    let waited_after_switch = switched.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for l in new_loads {
+        let r = l.finish();
+        sent += r.sent;
+        lost += r.lost();
+    }
+    eprintln!("roll-lb under load: sent {sent}, lost {lost}; deleted {waited_after_switch:?} after clients left\n{stdout}");
+    assert!(sent > 500);
+    assert_eq!(lost, 0);
+    assert!(
+        waited_after_switch >= Duration::from_secs(2),
+        "old lbs deleted only after the quiet period"
+    );
+    assert!(stdout.contains("drain"));
+    let after = d.instances();
+    let labels: Vec<_> = after.iter().map(|(l, _)| l.as_str()).collect();
+    assert_eq!(labels, vec!["lb1", "lb2", "ns1", "ns2"]);
+    assert_ne!(after, before);
+    assert_eq!(d.lb_addrs(), new_addrs);
+    d.assert_serving(serial);
+    assert_eq!(d.journal_state(), "done");
+}
+
+#[test]
+fn roll_lb_without_a_hook_waits_for_the_operator_and_never_deletes_a_busy_lb() {
+    let mut d = Deployment::new("dep-rolllb-manual");
+    d.extra = "\n[roll_lb]\nquiet_secs = 1\npoll_secs = 0.2\nmax_drain_secs = 2\n".into();
+    d.write_config();
+    d.ok(&["up"]);
+    let old_addrs = d.lb_addrs();
+    let out = d.ok(&["roll-lb"]);
+    assert!(
+        out.contains("replace") && out.contains("roll-lb --resume"),
+        "{out}"
+    );
+    assert!(out.contains(&old_addrs[0].to_string()));
+    assert_eq!(d.journal_state(), "in-progress");
+    assert_eq!(d.instances().len(), 6);
+    // The old lb1 keeps receiving traffic: the drain gives up and deletes nothing.
+    let busy = LoadClient::start(old_addrs[0], 100);
+    let (code, _, err) = d.run(&["roll-lb", "--resume"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("NOT deleted"), "{err}");
+    assert_eq!(
+        d.instances().len(),
+        6,
+        "nothing deleted while traffic flows"
+    );
+    let r = busy.finish();
+    assert_eq!(r.lost(), 0);
+    // Traffic gone: --continue finishes.
+    d.ok(&["roll-lb", "--continue"]);
+    assert_eq!(d.journal_state(), "done");
+    let labels: Vec<_> = d.instances().into_iter().map(|(l, _)| l).collect();
+    assert_eq!(labels, vec!["lb1", "lb2", "ns1", "ns2"]);
+    assert!(d.lb_addrs().iter().all(|a| !old_addrs.contains(a)));
+}
+
+#[test]
+fn roll_lb_failure_before_the_handoff_rolls_back() {
+    let d = up("dep-rolllb-fail");
+    let (before, backends, serial) = (d.instances(), d.lb_backends(), d.serial());
+    let (code, _, err) = d.run(&["roll-lb"], &[("DEPLOYER_FAIL_AT", "check-lbs-next")]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("step check-lbs-next failed; rolled back"),
+        "{err}"
+    );
+    d.assert_rolled_back(&before, &backends, serial);
 }
