@@ -217,6 +217,15 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Arbitrary request lines decode or fail cleanly, never panic.
+        #[test]
+        fn arbitrary_lines_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = serde_json::from_slice::<ControlRequest>(&bytes);
+            let _ = serde_json::from_slice::<ControlResponse>(&bytes);
+        }
+    }
+
     #[test]
     fn unknown_commands_and_fields_fail_to_parse() {
         assert!(serde_json::from_str::<ControlRequest>(

@@ -210,6 +210,36 @@ mod tests {
         assert_eq!(t.slots.len(), 3, "freed slots are reused");
     }
 
+    proptest::proptest! {
+        /// A model check: random inserts and releases keep the table consistent with a map,
+        /// within its capacity, never handing out an ID already in flight.
+        #[test]
+        fn behaves_like_a_bounded_map(ops in proptest::collection::vec((proptest::bool::ANY, proptest::num::u16::ANY), 0..400)) {
+            let (m, question) = q();
+            let client: SocketAddr = "127.0.0.1:9".parse().unwrap();
+            let now = Instant::now();
+            let mut t = InflightTable::new(32);
+            let mut model = std::collections::HashSet::new();
+            for (insert, x) in ops {
+                if insert {
+                    let mut seed = x;
+                    let r = t.insert(|| { seed = seed.wrapping_mul(31).wrapping_add(7); seed }, client, 0, &m, question, now);
+                    match r {
+                        Ok(id) => proptest::prop_assert!(model.insert(id), "id {} handed out twice", id),
+                        Err(TableFull) => proptest::prop_assert_eq!(model.len(), 32),
+                    }
+                } else {
+                    let id = model.iter().next().copied().unwrap_or(x);
+                    proptest::prop_assert_eq!(t.release(id), model.remove(&id));
+                }
+                proptest::prop_assert_eq!(t.len(), model.len());
+                for id in &model {
+                    proptest::prop_assert_eq!(t.get(*id).map(|s| s.upstream_id), Some(*id));
+                }
+            }
+        }
+    }
+
     #[test]
     fn finds_expired() {
         let (m, question) = q();

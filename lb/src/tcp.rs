@@ -127,6 +127,34 @@ pub async fn serve(
     }
 }
 
+/// What the start of a client's TCP byte stream holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame {
+    /// Not a whole frame yet.
+    Incomplete,
+    /// A whole message of this length follows the 2-byte prefix.
+    Complete(usize),
+    /// A frame the connection must be closed for.
+    Bad(DropReason),
+}
+
+/// Parses the length prefix at the start of `buf` (RFC 7766 framing).
+pub fn next_frame(buf: &[u8], max_query_size: usize) -> Frame {
+    if buf.len() < 2 {
+        return Frame::Incomplete;
+    }
+    let len = u16::from_be_bytes([buf[0], buf[1]]) as usize;
+    if len == 0 {
+        Frame::Bad(DropReason::TcpZeroLength)
+    } else if len > max_query_size {
+        Frame::Bad(DropReason::TcpOversized)
+    } else if buf.len() < 2 + len {
+        Frame::Incomplete
+    } else {
+        Frame::Complete(len)
+    }
+}
+
 /// Serves one client connection until it closes, misbehaves, idles out or `stop` turns true;
 /// answers to queries already read are still written before the connection closes.
 async fn handle_client(
@@ -159,19 +187,15 @@ async fn handle_client(
     let mut counter = 0usize;
     'conn: loop {
         // Take every complete frame out of the buffer.
-        while buf.len() >= 2 {
-            let len = u16::from_be_bytes([buf[0], buf[1]]) as usize;
-            if len == 0 {
-                shared.stats.drop(DropReason::TcpZeroLength);
-                break 'conn;
-            }
-            if len > s.max_query_size {
-                shared.stats.drop(DropReason::TcpOversized);
-                break 'conn;
-            }
-            if buf.len() < 2 + len {
-                break;
-            }
+        loop {
+            let len = match next_frame(&buf, s.max_query_size) {
+                Frame::Incomplete => break,
+                Frame::Complete(len) => len,
+                Frame::Bad(reason) => {
+                    shared.stats.drop(reason);
+                    break 'conn;
+                }
+            };
             let frame: Vec<u8> = buf[..2 + len].to_vec();
             buf.drain(..2 + len);
             shared.stats.query(Proto::Tcp);
@@ -243,4 +267,58 @@ async fn handle_client(
     // The writer ends once every query's reply sender is gone: answered or timed out.
     drop(tx);
     let _ = writer.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn frames() {
+        assert_eq!(next_frame(&[0], 512), Frame::Incomplete);
+        assert_eq!(
+            next_frame(&[0, 0], 512),
+            Frame::Bad(DropReason::TcpZeroLength)
+        );
+        assert_eq!(
+            next_frame(&[2, 1], 512),
+            Frame::Bad(DropReason::TcpOversized)
+        );
+        assert_eq!(next_frame(&[0, 3, 1, 2], 512), Frame::Incomplete);
+        assert_eq!(next_frame(&[0, 3, 1, 2, 3, 9], 512), Frame::Complete(3));
+    }
+
+    proptest! {
+        /// Reassembling a stream cut at arbitrary points yields exactly the frames written,
+        /// whatever the chunking; arbitrary bytes never panic.
+        #[test]
+        fn reassembly_is_independent_of_chunking(
+            msgs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..300), 0..20),
+            cuts in proptest::collection::vec(1usize..64, 1..50),
+            junk in proptest::collection::vec(any::<u8>(), 0..100),
+        ) {
+            let mut stream = Vec::new();
+            for m in &msgs {
+                stream.extend_from_slice(&(m.len() as u16).to_be_bytes());
+                stream.extend_from_slice(m);
+            }
+            let mut buf = Vec::new();
+            let mut got = Vec::new();
+            let mut pos = 0;
+            let mut cut = cuts.iter().cycle();
+            while pos < stream.len() {
+                let n = (*cut.next().unwrap()).min(stream.len() - pos);
+                buf.extend_from_slice(&stream[pos..pos + n]);
+                pos += n;
+                while let Frame::Complete(len) = next_frame(&buf, 512) {
+                    got.push(buf[2..2 + len].to_vec());
+                    buf.drain(..2 + len);
+                }
+            }
+            prop_assert_eq!(got, msgs);
+            prop_assert!(buf.is_empty());
+            let _ = next_frame(&junk, 512);
+        }
+    }
 }

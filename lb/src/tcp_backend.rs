@@ -317,3 +317,50 @@ fn handle_answers(
     }
     off
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::SetParams;
+    use crate::health::AllDown;
+    use crate::policy::Policy;
+    use proptest::prelude::*;
+
+    fn shared() -> Shared {
+        let p = SetParams {
+            policy: Policy::RoundRobin,
+            timeout: Duration::from_secs(1),
+            resend_after: Duration::from_millis(100),
+            all_down: AllDown::FailOpen,
+            passive_timeouts: 0,
+            checked: false,
+        };
+        Shared::new(p, &["127.0.0.1:53".parse().unwrap()], 1, 1)
+    }
+
+    proptest! {
+        /// Backend answer streams of arbitrary bytes, in arbitrary chunks: never a panic,
+        /// never more consumed than received, and nothing matched without a pending query.
+        #[test]
+        fn answer_stream_of_garbage_is_safe(
+            bytes in proptest::collection::vec(any::<u8>(), 0..2000),
+            cuts in proptest::collection::vec(1usize..300, 1..20),
+        ) {
+            let sh = shared();
+            let b = sh.current().backends[0].clone();
+            let mut pending = HashMap::new();
+            let mut rbuf = Vec::new();
+            let mut pos = 0;
+            let mut cut = cuts.iter().cycle();
+            while pos < bytes.len() {
+                let n = (*cut.next().unwrap()).min(bytes.len() - pos);
+                rbuf.extend_from_slice(&bytes[pos..pos + n]);
+                pos += n;
+                let used = handle_answers(&mut rbuf, &mut pending, &b, &sh);
+                prop_assert!(used <= rbuf.len());
+                rbuf.drain(..used);
+            }
+            prop_assert_eq!(b.state.answers.load(Ordering::Relaxed), 0);
+        }
+    }
+}

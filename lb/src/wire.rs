@@ -440,3 +440,92 @@ mod tests {
         assert_eq!(question(&m[..n]).unwrap().qtype, 1);
     }
 }
+
+/// Property tests over arbitrary and generated packets: the same code a fuzzer drives (see
+/// `fuzz/`), run on stable in CI.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn label() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(
+            prop_oneof![b'a'..=b'z', b'A'..=b'Z', b'0'..=b'9', Just(b'-')],
+            1..20,
+        )
+    }
+
+    /// A well-formed query for a generated name, type and class.
+    fn query() -> impl Strategy<Value = (Vec<u8>, Vec<Vec<u8>>, u16, u16, u16)> {
+        (
+            any::<u16>(),
+            proptest::collection::vec(label(), 0..5),
+            any::<u16>(),
+            any::<u16>(),
+        )
+            .prop_map(|(id, labels, qtype, qclass)| {
+                let mut m = id.to_be_bytes().to_vec();
+                m.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+                for l in &labels {
+                    m.push(l.len() as u8);
+                    m.extend_from_slice(l);
+                }
+                m.push(0);
+                m.extend_from_slice(&qtype.to_be_bytes());
+                m.extend_from_slice(&qclass.to_be_bytes());
+                (m, labels, id, qtype, qclass)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = header(&bytes);
+            if let Ok(q) = question(&bytes) {
+                prop_assert!(q.end <= bytes.len());
+                prop_assert!(q.name_start <= q.name_end && q.name_end <= q.end);
+                let _ = qname_hash(&bytes, &q);
+                prop_assert!(same_question(&bytes, &q, &bytes));
+                let mut copy = bytes.clone();
+                let n = make_servfail(&mut copy, &q);
+                prop_assert_eq!(header(&copy[..n]).unwrap().rcode, 2);
+            }
+            let _ = soa_serial(&bytes);
+        }
+
+        #[test]
+        fn generated_queries_parse_and_match((m, labels, id, qtype, qclass) in query()) {
+            let q = question(&m).unwrap();
+            prop_assert_eq!((q.qtype, q.qclass, q.end), (qtype, qclass, m.len()));
+            prop_assert_eq!(self::id(&m), id);
+            // Any change of case matches and hashes alike; another type does not match.
+            let mut upper = m.clone();
+            for b in &mut upper[HEADER_LEN..q.name_end] {
+                b.make_ascii_uppercase();
+            }
+            prop_assert!(same_question(&m, &q, &upper));
+            prop_assert_eq!(qname_hash(&m, &q), qname_hash(&upper, &question(&upper).unwrap()));
+            let mut other = m.clone();
+            let n = other.len();
+            other[n - 3] ^= 1;
+            prop_assert!(!same_question(&m, &q, &other));
+            let mut rewritten = m.clone();
+            set_id(&mut rewritten, id ^ 0xffff);
+            prop_assert_eq!(self::id(&rewritten), id ^ 0xffff);
+            prop_assert_eq!(&rewritten[2..], &m[2..]);
+            prop_assert!(labels.len() < 5);
+        }
+
+        #[test]
+        fn truncations_of_a_query_never_panic((m, _l, _i, _t, _c) in query(), cut in 0usize..64) {
+            let cut = cut.min(m.len());
+            let t = &m[..m.len() - cut];
+            match question(t) {
+                Ok(q) => prop_assert!(q.end <= t.len()),
+                Err(_) => prop_assert!(cut > 0),
+            }
+        }
+    }
+}
