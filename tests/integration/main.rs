@@ -4,6 +4,7 @@ mod ansible;
 mod control;
 mod deploy;
 mod health;
+mod hostile;
 mod linode;
 mod observe;
 mod proxy;
