@@ -44,18 +44,19 @@ impl RuntimeState {
     }
 }
 
-/// Writes the state atomically.
-pub fn save(path: &Path, state: &RuntimeState) -> std::io::Result<()> {
+/// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory. A
+/// crash leaves either the old file or the new one, never a torn one. (The deployer's journal
+/// uses it too.)
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension("tmp");
-    let text = serde_json::to_string_pretty(state).expect("state always serialises");
     {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.write_all(b"\n")?;
+        f.write_all(bytes)?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
@@ -63,6 +64,13 @@ pub fn save(path: &Path, state: &RuntimeState) -> std::io::Result<()> {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Writes the state atomically.
+pub fn save(path: &Path, state: &RuntimeState) -> std::io::Result<()> {
+    let mut text = serde_json::to_string_pretty(state).expect("state always serialises");
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
 }
 
 /// Reads the state: `Ok(None)` if there is no file, `Err` with the reason if it is unusable.

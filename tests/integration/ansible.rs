@@ -61,9 +61,14 @@ fn changed(output: &str) -> usize {
         .sum()
 }
 
-fn kill_pidfile(p: &Path) {
-    if let Ok(pid) = std::fs::read_to_string(p) {
-        let _ = Command::new("kill").arg(pid.trim()).status();
+/// Kills the process named by a pid file when dropped (the roles start daemons).
+struct KillOnDrop(PathBuf);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.0) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
     }
 }
 
@@ -116,14 +121,7 @@ fn nameserver_role_serves_authoritatively_and_is_idempotent() {
         &[],
         dir.path(),
     );
-    let pidfile = dir.path().join("ns/named.pid");
-    struct Kill(PathBuf);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            kill_pidfile(&self.0);
-        }
-    }
-    let _guard = Kill(pidfile.clone());
+    let _guard = KillOnDrop(dir.path().join("ns/named.pid"));
     assert_eq!(code, 0, "{out}");
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let m = udp_query(
@@ -220,13 +218,7 @@ fn lb_role_runs_lb_and_is_idempotent() {
         "lb_workers": 1,
     });
     let (code, out) = playbook("lb.yml", "lbs", vars.clone(), &[], dir.path());
-    struct Kill(PathBuf);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            kill_pidfile(&self.0);
-        }
-    }
-    let _guard = Kill(dir.path().join("lb/lb.pid"));
+    let _guard = KillOnDrop(dir.path().join("lb/lb.pid"));
     assert_eq!(code, 0, "{out}");
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let m = udp_query(
