@@ -13,6 +13,7 @@
 # the proxy's processes), and TCP qps over persistent connections (dnsperf -m tcp).
 #
 # Usage: benches/compare.sh [REPS] [SECS]     (defaults 3 and 10; run as root; ~15 min)
+#        TARGETS="lb" LB_WORKERS=1 benches/compare.sh   (lb alone, for the worker-scaling table)
 source "$(dirname "$0")/common.sh"
 REPS="${1:-3}"
 SECS="${2:-10}"
@@ -62,10 +63,15 @@ run() {
   echo "$qps $avg $max $lost $cpu" >>"$WORK/res-$t-$mode"
 }
 
-targets=(lb dnsdist nginx direct)
+# TARGETS restricts the run (e.g. TARGETS=lb LB_WORKERS=1 for the scaling table).
+read -r -a targets <<<"${TARGETS:-lb dnsdist nginx direct}"
 for r in $(seq 1 "$REPS"); do
   # Alternate the order between repetitions.
-  if [ $((r % 2)) -eq 0 ]; then order=(direct nginx dnsdist lb); else order=("${targets[@]}"); fi
+  order=("${targets[@]}")
+  if [ $((r % 2)) -eq 0 ]; then
+    order=()
+    for ((k = ${#targets[@]} - 1; k >= 0; k--)); do order+=("${targets[$k]}"); done
+  fi
   for t in "${order[@]}"; do
     echo "rep $r: $t" >&2
     run "$t" udp
@@ -84,7 +90,7 @@ echo "Machine: $(nproc) CPUs ($(awk -F': ' '/model name/ { print $2; exit }' /pr
 echo
 echo "| target | UDP qps (median, min-max) | avg/max latency at 20k (us) | lost at 20k | CPU/query at 20k (us) | avg/max latency at 50k (us) | lost at 50k | CPU/query at 50k (us) | TCP qps | peak RSS (MB) |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-for t in lb dnsdist nginx direct; do
+for t in "${targets[@]}"; do
   rss=$(rss_of "$t")
   tcp="-"
   [ "$t" != direct ] && tcp=$(col "$t-tcp" 1)
@@ -95,6 +101,7 @@ for t in lb dnsdist nginx direct; do
     "$tcp" "$(awk -v r="$rss" 'BEGIN { if (r > 0) printf "%.1f", r / 1024; else print "-" }')"
 done
 echo
+[ ${#targets[@]} -lt 4 ] && exit 0
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "nan" }'; }
 echo "Ratios (lb / peer): UDP qps vs dnsdist $(ratio "$(col lb-udp 1)" "$(col dnsdist-udp 1)"), vs nginx $(ratio "$(col lb-udp 1)" "$(col nginx-udp 1)");" \
   "CPU/query at 20k vs dnsdist $(ratio "$(col lb-q20k 5)" "$(col dnsdist-q20k 5)"), at 50k $(ratio "$(col lb-q50k 5)" "$(col dnsdist-q50k 5)");" \
