@@ -59,6 +59,42 @@ fn tcp_client(
     })
 }
 
+/// Kills the process that took over (not our child) when the test ends, even on failure.
+struct KillPid(u32);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        if self.0 != 0 {
+            let _ = std::process::Command::new("kill")
+                .arg(self.0.to_string())
+                .status();
+        }
+    }
+}
+
+/// The PID now answering on `lb`'s control socket, once it differs from `old`.
+fn new_pid(lb: &Lb, old: u32) -> KillPid {
+    let t = Instant::now();
+    loop {
+        if let Ok(r) = lb::control_protocol::send_request(
+            &lb.socket(),
+            lb::control_protocol::ControlCommand::Status,
+            Duration::from_secs(2),
+        ) {
+            if let Some(lb::control_protocol::ControlResult::Status(s)) = r.result {
+                if s.pid != old {
+                    return KillPid(s.pid);
+                }
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "a new process took over"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn copy_binary(dir: &TempDir, name: &str) -> std::path::PathBuf {
     let p = dir.path().join(name);
     std::fs::copy(bin("lb"), &p).unwrap();
@@ -89,6 +125,7 @@ fn upgrade_under_udp_and_tcp_load_loses_nothing() {
     let took = t.elapsed();
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("upgraded"), "{out}");
+    let _new = new_pid(&lb, old_pid);
     std::thread::sleep(Duration::from_millis(1000));
     stop.store(true, Ordering::Relaxed);
     let report = load.finish();
