@@ -186,7 +186,7 @@ impl Worker {
                 let more = if tok.0 < self.listeners.len() {
                     stopping.is_none() && self.read_listener(tok.0, &set)
                 } else {
-                    self.read_upstream(tok.0 - self.listeners.len())
+                    self.read_upstream(tok.0 - self.listeners.len(), &set)
                 };
                 if more && !self.next_hot.contains(&tok) {
                     self.next_hot.push(tok);
@@ -302,9 +302,16 @@ impl Worker {
             Ok(q) => q,
             Err(r) => return stats.drop(r),
         };
-        match self.forward(msg, q, client, li, set) {
+        let mut r = self.forward(msg, q, client, li, set);
+        if let Err(Forward::Refused(ui)) = r {
+            // The chosen backend's port is closed: mark it down and try once more.
+            self.backend_refused(ui, set);
+            r = self.forward(msg, q, client, li, set);
+        }
+        match r {
             Ok(_) | Err(Forward::Counted) => {}
             Err(Forward::Drop(r)) => self.shared.stats.drop(r),
+            Err(Forward::Refused(_)) => self.shared.stats.drop(DropReason::SendFailed),
             Err(Forward::Servfail) => {
                 let n = wire::make_servfail(msg, &q);
                 match self.listeners[li].send_to(&msg[..n], client) {
@@ -340,6 +347,7 @@ impl Worker {
         let Some(up) = self.upstreams[ui].as_mut() else {
             return Err(Forward::Drop(DropReason::SendFailed));
         };
+        let client_id = wire::id(msg);
         let id = up
             .table
             .insert(|| rng.random(), client, li, msg, q, Instant::now())
@@ -352,15 +360,63 @@ impl Worker {
                 st.in_flight_add(1);
                 Ok((ui, id))
             }
-            Err(_) => {
+            Err(e) => {
                 up.table.release(id);
-                Err(Forward::Drop(DropReason::SendFailed))
+                wire::set_id(msg, client_id);
+                // A pending ICMP "port unreachable" can surface on send as well as on recv.
+                if e.kind() == io::ErrorKind::ConnectionRefused {
+                    Err(Forward::Refused(ui))
+                } else {
+                    Err(Forward::Drop(DropReason::SendFailed))
+                }
             }
         }
     }
 
     /// Reads up to [`BATCH`] answers from upstream `ui`; true if it may have more.
-    fn read_upstream(&mut self, ui: usize) -> bool {
+    fn read_upstream(&mut self, ui: usize, set: &BackendSet) -> bool {
+        let mut refused = false;
+        let more = self.read_answers(ui, &mut refused);
+        if refused {
+            self.backend_refused(ui, set);
+        }
+        more
+    }
+
+    /// The backend's port answered ICMP "port unreachable" (nothing listens there any more).
+    /// With health checks on, that is proof enough: mark it down at once and re-send what it
+    /// had in flight to the rest of the set instead of letting those queries time out. The
+    /// active probe brings it back. Without health checks nothing would, so timeouts decide.
+    fn backend_refused(&mut self, ui: usize, set: &BackendSet) {
+        let Some(up) = self.upstreams[ui].as_mut() else {
+            return;
+        };
+        if set.passive_timeouts == 0 {
+            return;
+        }
+        let st = &up.backend.state;
+        if st.is_up() {
+            st.set_up(false);
+            st.set_reason(crate::health::ProbeFailure::Network);
+            st.health_ok.store(0, Ordering::Relaxed);
+            st.count_health_failure(crate::health::ProbeFailure::Network);
+            tracing::warn!(
+                "backend {} is down: port unreachable on live traffic",
+                up.backend.addr
+            );
+        }
+        let mut ids = std::mem::take(&mut self.expired);
+        ids.clear();
+        up.table
+            .older_than(Instant::now(), Duration::ZERO, &mut ids);
+        for &id in &ids {
+            self.resend_once(ui, id, set);
+        }
+        self.expired = ids;
+    }
+
+    /// Reads up to [`BATCH`] answers; true if the socket may have more.
+    fn read_answers(&mut self, ui: usize, refused: &mut bool) -> bool {
         let Some(up) = self.upstreams.get_mut(ui).and_then(Option::as_mut) else {
             return false;
         };
@@ -370,7 +426,10 @@ impl Worker {
             let n = match up.socket.recv(buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                // ECONNREFUSED and friends: the backend is not listening. Timeouts count it.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    *refused = true;
+                    continue;
+                }
                 Err(_) => continue,
             };
             let msg = &mut buf[..n];
@@ -407,8 +466,8 @@ impl Worker {
         true
     }
 
-    /// Times out old queries, re-sends those stuck on removed backends, and closes retired
-    /// upstreams whose tables are empty.
+    /// Times out old queries, re-sends those stuck on removed or down backends, and closes
+    /// retired upstreams whose tables are empty.
     fn scan_tables(&mut self, set: &BackendSet, now: Instant) {
         for ui in 0..self.upstreams.len() {
             let Some(up) = self.upstreams[ui].as_mut() else {
@@ -416,7 +475,9 @@ impl Worker {
             };
             let mut expired = std::mem::take(&mut self.expired);
             expired.clear();
-            if up.retired {
+            // Queries stuck on a removed backend, or on one found down meanwhile (possibly by
+            // another worker), move to the usable backends instead of waiting for the timeout.
+            if up.retired || !up.backend.state.is_up() {
                 up.table.older_than(now, set.resend_after, &mut expired);
                 for &id in &expired {
                     self.resend_or_expire(ui, id, set, now);
@@ -462,6 +523,20 @@ impl Worker {
             }
             return;
         }
+        self.resend_once(ui, id, set);
+    }
+
+    /// Moves one query from upstream `ui` to a backend of the current set (once per query).
+    fn resend_once(&mut self, ui: usize, id: u16, set: &BackendSet) {
+        let Some(up) = self.upstreams[ui].as_mut() else {
+            return;
+        };
+        let Some(slot) = up.table.get(id) else {
+            return;
+        };
+        if slot.resent {
+            return;
+        }
         let (client, li, question) = (slot.client, slot.listener, slot.question);
         let mut msg = std::mem::take(&mut self.resend_buf);
         msg.clear();
@@ -481,6 +556,7 @@ impl Worker {
             }
             Err(Forward::Drop(r)) => self.shared.stats.drop(r),
             Err(Forward::Counted) => {}
+            Err(Forward::Refused(_)) => self.shared.stats.drop(DropReason::SendFailed),
             // The client's first query got no SERVFAIL either; let it retry.
             Err(Forward::Servfail) => self.shared.stats.drop(DropReason::NoBackend),
         }
@@ -496,6 +572,8 @@ enum Forward {
     Counted,
     /// Answer SERVFAIL (every backend down, `all_down = "servfail"`).
     Servfail,
+    /// The send reported the backend's port closed (upstream index).
+    Refused(usize),
 }
 
 /// Validates a client query: a header, QR=0, and a well-formed question.

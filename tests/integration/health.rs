@@ -188,29 +188,86 @@ fn all_down_behaviours() {
     );
 }
 
+/// A UDP relay in front of a real server that can be told to go silent: it keeps its socket
+/// open (so no ICMP "port unreachable" tells the proxy), it just stops answering.
+fn silenceable_relay(
+    real: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = s.local_addr().unwrap();
+    let silent = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = silent.clone();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            if flag.load(Ordering::Relaxed) {
+                continue;
+            }
+            if let Some(r) = udp_exchange(real, &buf[..n], Duration::from_secs(1)) {
+                let _ = s.send_to(&r, from);
+            }
+        }
+    });
+    (addr, silent)
+}
+
 #[test]
 fn passive_timeouts_mark_a_silent_backend_down_before_the_probe_would() {
-    // A backend that answers probes (BIND) but whose UDP answers stop: simulate with a long
-    // probe interval and a backend killed while live traffic flows; passive detection needs
-    // `passive_timeouts` consecutive query timeouts.
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let b = Named::start(ZoneSpec::new(1, "b"));
+    let (relay, silent) = silenceable_relay(b.addr);
+    let lb = Lb::start(&format!(
+        "{}{}",
+        lb_config(&[a.addr, relay], "round-robin", "timeout_ms = 300\n"),
+        "\n[health]\nzones = [\"example.test.\"]\ninterval_ms = 60000\ntimeout_ms = 300\npassive_timeouts = 5\n"
+    ));
+    assert!(lb.wait_state(relay, "up", T).is_some());
+    let load = LoadClient::start(lb.udp(), 500);
+    std::thread::sleep(Duration::from_millis(200));
+    silent.store(true, std::sync::atomic::Ordering::Relaxed);
+    let took = lb
+        .wait_state(relay, "down", T)
+        .expect("passively marked down");
+    let _ = load.finish();
+    assert_eq!(
+        lb.backend_state(relay).unwrap().1.as_deref(),
+        Some("passive-timeouts")
+    );
+    eprintln!("passive detection after {took:?} (probe interval 60 s)");
+}
+
+#[test]
+fn a_killed_backend_is_detected_from_port_unreachable_and_its_queries_re_sent() {
+    // Killing a backend closes its port: the kernel reports "port unreachable" on the proxy's
+    // connected upstream socket, the backend goes down at once and its in-flight queries are
+    // re-sent to the others, so the client loses nothing.
     let a = Named::start(ZoneSpec::new(1, "a"));
     let mut b = Named::start(ZoneSpec::new(1, "b"));
     let lb = Lb::start(&format!(
         "{}{}",
-        lb_config(&[a.addr, b.addr], "round-robin", "timeout_ms = 300\n"),
-        "\n[health]\nzones = [\"example.test.\"]\ninterval_ms = 60000\ntimeout_ms = 300\npassive_timeouts = 5\n"
+        lb_config(&[a.addr, b.addr], "round-robin", ""),
+        "\n[health]\nzones = [\"example.test.\"]\ninterval_ms = 60000\n"
     ));
     assert!(lb.wait_state(b.addr, "up", T).is_some());
-    let load = LoadClient::start(lb.udp(), 500);
-    std::thread::sleep(Duration::from_millis(200));
+    let load = LoadClient::start(lb.udp(), 1000);
+    std::thread::sleep(Duration::from_millis(300));
     b.stop();
-    let took = lb
-        .wait_state(b.addr, "down", T)
-        .expect("passively marked down");
-    let _ = load.finish();
+    let took = lb.wait_state(b.addr, "down", T).expect("marked down");
+    std::thread::sleep(Duration::from_millis(300));
+    let r = load.finish();
+    eprintln!(
+        "port unreachable: down after {took:?}; sent {}, lost {}",
+        r.sent,
+        r.lost()
+    );
     assert_eq!(
         lb.backend_state(b.addr).unwrap().1.as_deref(),
-        Some("passive-timeouts")
+        Some("network-error")
     );
-    eprintln!("passive detection after {took:?} (probe interval 60 s)");
+    assert_eq!(r.lost(), 0);
 }
