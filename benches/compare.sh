@@ -10,16 +10,21 @@
 # Measures per target: unthrottled UDP qps (-l SECS), average and max latency and lost queries
 # at fixed 20k and 50k qps, CPU time of the proxy per answered query at those rates
 # (utime+stime of every process of the proxy / queries completed), peak RSS (VmHWM summed over
-# the proxy's processes), and TCP qps over persistent connections (dnsperf -m tcp).
+# the proxy's processes), and TCP qps over 8 persistent connections with 20 queries pipelined
+# on each (tests/examples/tcpload.rs; dnsperf's TCP mode does not pipeline enough to load a
+# proxy).
 #
 # Usage: benches/compare.sh [REPS] [SECS]     (defaults 3 and 10; run as root; ~15 min)
 #        TARGETS="lb" LB_WORKERS=1 benches/compare.sh   (lb alone, for the worker-scaling table)
+#        MODES="tcp" benches/compare.sh                  (a subset of the measurements)
 source "$(dirname "$0")/common.sh"
 REPS="${1:-3}"
 SECS="${2:-10}"
 LB_WORKERS="${LB_WORKERS:-2}"
 need nsd dnsperf dnsutils dnsdist nginx libnginx-mod-stream
 build_lb
+(cd "$ROOT" && cargo build --release -q -p integration-tests --example tcpload)
+TCPLOAD="$ROOT/target/release/examples/tcpload"
 write_queries "$WORK/queries.txt"
 start_nsd 127.0.0.11 1
 start_nsd 127.0.0.12 1
@@ -74,16 +79,24 @@ for r in $(seq 1 "$REPS"); do
   fi
   for t in "${order[@]}"; do
     echo "rep $r: $t" >&2
-    run "$t" udp
-    run "$t" q20k -Q 20000
-    run "$t" q50k -Q 50000
-    [ "$t" != direct ] && run "$t" tcp -m tcp
+    for m in ${MODES:-udp q20k q50k tcp}; do
+      case "$m" in
+        udp) run "$t" udp ;;
+        q20k) run "$t" q20k -Q 20000 ;;
+        q50k) run "$t" q50k -Q 50000 ;;
+        tcp)
+          if [ "$t" != direct ]; then
+            timeout $((SECS + 30)) "$TCPLOAD" "${ADDR[$t]}:${PORT[$t]}" 8 20 "$SECS" | awk '{ print $2 }' >>"$WORK/res-$t-tcp"
+          fi
+          ;;
+      esac
+    done
   done
 done
 
 median() { sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) print "nan"; else print a[int((NR + 1) / 2)] }'; }
-col() { awk -v c="$2" '{ print $c }' "$WORK/res-$1" | median; }
-minmax() { awk -v c="$2" '{ print $c }' "$WORK/res-$1" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%s-%s", lo, hi }'; }
+col() { [ -f "$WORK/res-$1" ] || { echo nan; return; }; awk -v c="$2" '{ print $c }' "$WORK/res-$1" | median; }
+minmax() { [ -f "$WORK/res-$1" ] || { echo nan; return; }; awk -v c="$2" '{ print $c }' "$WORK/res-$1" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%s-%s", lo, hi }'; }
 
 echo
 echo "Machine: $(nproc) CPUs ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)), $(uname -r); $REPS runs of ${SECS}s, medians."
