@@ -130,7 +130,7 @@ fn zones_var(cfg: &DeployerConfig) -> Value {
 
 /// Variables for every host of a run (paths of the zone sources and the lb binary), plus
 /// `[ansible] extra_vars`; passed with `-e`, so they win over everything.
-pub fn run_vars(cfg: &DeployerConfig, more: Map<String, Value>) -> Value {
+pub fn run_vars(cfg: &DeployerConfig) -> Value {
     let mut m = Map::new();
     m.insert(
         "nameserver_zones_src".into(),
@@ -141,7 +141,6 @@ pub fn run_vars(cfg: &DeployerConfig, more: Map<String, Value>) -> Value {
         "lb_dist_dir".into(),
         json!(cfg.ansible_dir.join("../lb/dist")),
     );
-    m.extend(more);
     for (k, v) in &cfg.ansible.extra_vars {
         m.insert(k.clone(), v.clone());
     }

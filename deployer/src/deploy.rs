@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::ansible;
 use crate::checks::check_serving;
@@ -476,7 +476,7 @@ impl Deployer {
             Role::Nameserver => ("nameserver.yml", "nameservers"),
             Role::Lb => ("lb.yml", "lbs"),
         };
-        let vars = ansible::run_vars(&self.cfg, Map::new());
+        let vars = ansible::run_vars(&self.cfg);
         let run = format!("{}-{what}", j.started_unix);
         ansible::run_playbook(
             &self.cfg,

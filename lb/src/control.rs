@@ -214,12 +214,8 @@ impl ControlContext {
         }
     }
 
-    /// The config in force.
-    pub fn config_snapshot(&self) -> LbConfig {
-        self.config()
-    }
-
-    fn config(&self) -> LbConfig {
+    /// The config in force (last successful load or reload).
+    pub fn config(&self) -> LbConfig {
         self.config
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -392,7 +392,7 @@ pub fn run(
         .is_some_and(|h| h.new_pid.load(Ordering::Acquire) != 0);
     if !upgraded {
         // After an upgrade the socket file belongs to the new process.
-        if let Some(p) = &ctx.config_snapshot().control.socket {
+        if let Some(p) = &ctx.config().control.socket {
             let _ = std::fs::remove_file(p);
         }
     }

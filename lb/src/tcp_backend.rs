@@ -104,7 +104,10 @@ impl TcpPool {
         shared: &Arc<Shared>,
     ) {
         backend.state.in_flight_add(1);
-        backend.state.queries.fetch_add(1, Ordering::Relaxed);
+        if !q.retried {
+            // A retry after a broken connection is the same query, counted once.
+            backend.state.queries.fetch_add(1, Ordering::Relaxed);
+        }
         let n = self.slots.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let mut q = q;

@@ -485,12 +485,10 @@ impl Worker {
             } else {
                 up.table.older_than(now, set.timeout, &mut expired);
                 for &id in &expired {
-                    if up.table.release(id) {
-                        let st = &up.backend.state;
-                        st.timeouts.fetch_add(1, Ordering::Relaxed);
-                        st.in_flight_done();
-                        st.passive_timeout(up.backend.addr, set.passive_timeouts);
-                        self.shared.stats.drop(DropReason::BackendTimeout);
+                    if expire(up, id, &self.shared) {
+                        up.backend
+                            .state
+                            .passive_timeout(up.backend.addr, set.passive_timeouts);
                     }
                 }
             }
@@ -516,10 +514,7 @@ impl Worker {
         };
         if slot.resent {
             if now.saturating_duration_since(slot.sent_at) >= set.timeout {
-                up.table.release(id);
-                up.backend.state.timeouts.fetch_add(1, Ordering::Relaxed);
-                up.backend.state.in_flight_done();
-                self.shared.stats.drop(DropReason::BackendTimeout);
+                expire(up, id, &self.shared);
             }
             return;
         }
@@ -562,6 +557,17 @@ impl Worker {
         }
         self.resend_buf = msg;
     }
+}
+
+/// Gives up on query `id` of `up` as a backend timeout; false if it was no longer in flight.
+fn expire(up: &mut Upstream, id: u16, shared: &Shared) -> bool {
+    if !up.table.release(id) {
+        return false;
+    }
+    up.backend.state.timeouts.fetch_add(1, Ordering::Relaxed);
+    up.backend.state.in_flight_done();
+    shared.stats.drop(DropReason::BackendTimeout);
+    true
 }
 
 /// Why a query was not forwarded.
