@@ -23,6 +23,7 @@ pub mod ctl;
 pub mod health;
 pub mod inflight;
 pub mod metrics;
+pub mod mmsg;
 pub mod policy;
 pub mod server;
 pub mod sockets;

@@ -26,7 +26,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::backend::{Backend, Shared};
 use crate::health::{AllDown, ProbeFailure};
-use crate::stats::{DropReason, Proto};
+use crate::stats::{BatchOp, DropReason, Proto};
 
 /// Upper bounds (seconds) of the answer latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 14] = [
@@ -143,7 +143,7 @@ impl Family {
 }
 
 /// Family names, help texts, types and label names; also the collector's descriptors.
-const FAMILIES: [(&str, &str, MetricType, &[&str]); 17] = [
+const FAMILIES: [(&str, &str, MetricType, &[&str]); 19] = [
     (
         "lb_queries_total",
         "Queries received from clients, by protocol.",
@@ -245,6 +245,18 @@ const FAMILIES: [(&str, &str, MetricType, &[&str]); 17] = [
         "Build information; always 1.",
         MetricType::GAUGE,
         &["version"],
+    ),
+    (
+        "lb_udp_batches_total",
+        "UDP system calls that moved datagrams (recvmmsg, sendmmsg), by operation.",
+        MetricType::COUNTER,
+        &["op"],
+    ),
+    (
+        "lb_udp_batch_datagrams_total",
+        "Datagrams moved by those system calls, by operation.",
+        MetricType::COUNTER,
+        &["op"],
     ),
 ];
 
@@ -349,6 +361,11 @@ impl Collector for LbCollector {
         f[14].gauge(&[], st.tcp_open.load(Ordering::Relaxed) as f64);
         f[15].counter(&[], st.tcp_total.load(Ordering::Relaxed));
         f[16].gauge(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+        for op in [BatchOp::Recv, BatchOp::Send] {
+            let (calls, datagrams) = st.batches(op);
+            f[17].counter(&[("op", op.as_str())], calls);
+            f[18].counter(&[("op", op.as_str())], datagrams);
+        }
         f.into_iter()
             .map(|x| x.mf)
             .filter(|mf| !mf.get_metric().is_empty())

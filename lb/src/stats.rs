@@ -126,12 +126,50 @@ pub struct Stats {
     pub tcp_total: AtomicU64,
     /// Queries that found every backend down, by the all-down behaviour applied.
     all_down: [AtomicU64; 3],
+    /// UDP system calls (recvmmsg, sendmmsg) and the datagrams they moved: their ratio is
+    /// the batch size, the main lever on CPU per query under load.
+    batches: [AtomicU64; 2],
+    batched: [AtomicU64; 2],
+}
+
+/// Direction of a batched UDP system call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum BatchOp {
+    Recv,
+    Send,
+}
+
+impl BatchOp {
+    /// The `op` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchOp::Recv => "recv",
+            BatchOp::Send => "send",
+        }
+    }
 }
 
 impl Stats {
     #[inline]
     pub fn drop(&self, reason: DropReason) {
         self.drops[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts `calls` batched system calls that moved `datagrams` (once per batch, not per
+    /// packet).
+    #[inline]
+    pub fn batch(&self, op: BatchOp, calls: usize, datagrams: usize) {
+        self.batches[op as usize].fetch_add(calls as u64, Ordering::Relaxed);
+        self.batched[op as usize].fetch_add(datagrams as u64, Ordering::Relaxed);
+    }
+
+    /// (system calls, datagrams) for `op`.
+    pub fn batches(&self, op: BatchOp) -> (u64, u64) {
+        (
+            self.batches[op as usize].load(Ordering::Relaxed),
+            self.batched[op as usize].load(Ordering::Relaxed),
+        )
     }
 
     #[inline]

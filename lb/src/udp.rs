@@ -5,12 +5,19 @@
 //! this path is shared between workers except the backend snapshot (loaded once per wake-up)
 //! and atomic counters, so there is no lock and, once the tables are warm, no allocation.
 //!
+//! Datagrams move in batches ([`crate::mmsg`]): one `recvmmsg` reads what a socket has queued,
+//! the queries it yields are queued per backend and leave in one `sendmmsg` per backend, and
+//! answers likewise leave in one `sendmmsg` per listener. Under load this divides the system
+//! calls and, more importantly on loopback, the wake-ups of the receiving processes, by the
+//! batch size; at low rates a batch is a single datagram and nothing waits for a batch to fill.
+//!
 //! After a swap a worker keeps the upstreams of removed backends ("retired") until their tables
 //! are empty: late answers from old backends are still delivered, and a query an old backend
 //! leaves unanswered for `resend_after` is re-sent once to the new set.
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -22,17 +29,19 @@ use rand::Rng;
 
 use crate::backend::{Backend, BackendSet, Choice, Shared};
 use crate::inflight::InflightTable;
+use crate::mmsg::{RecvBatch, SendBatch, MAX_BATCH};
 use crate::sockets::{build_upstream_udp, BufferSizes};
-use crate::stats::{DropReason, Proto};
+use crate::stats::{BatchOp, DropReason, Proto};
 use crate::systemd::Heartbeats;
 use crate::wire::{self, Question};
 
 /// How often in-flight tables are scanned for timeouts and due re-sends.
 const TICK: Duration = Duration::from_millis(10);
-/// Datagrams read from one socket before the worker looks at its other sockets.
-const BATCH: usize = 64;
-/// Largest UDP payload; answers are read into a buffer this big.
+/// Largest UDP payload; answers are read into buffers this big.
 const MAX_UDP: usize = 65_535;
+/// Rounds of re-sending after sends found backends' ports closed; each query is re-sent at
+/// most once, so this bound is only a guard.
+const MAX_FLUSH_ROUNDS: usize = 4;
 
 /// Settings a UDP worker needs, fixed at start.
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +98,8 @@ struct Upstream {
     backend: Arc<Backend>,
     socket: UdpSocket,
     table: InflightTable,
+    /// Queries waiting for the next `sendmmsg`, tagged with their upstream ID.
+    out: SendBatch,
     /// The backend is no longer in the current set; kept until its table is empty.
     retired: bool,
 }
@@ -103,8 +114,14 @@ struct Worker {
     route_generation: u64,
     shared: Arc<Shared>,
     settings: UdpSettings,
-    /// Receive buffer (one datagram at a time).
-    buf: Vec<u8>,
+    /// Queries read from a listener.
+    queries: RecvBatch,
+    /// Answers read from an upstream.
+    answers: RecvBatch,
+    /// Per listener: answers waiting for the next `sendmmsg`.
+    replies: Vec<SendBatch>,
+    /// Upstreams whose last flush found the backend's port closed.
+    refused: Vec<usize>,
     /// Copy of a query being re-sent.
     resend_buf: Vec<u8>,
     /// Scratch list of expired IDs.
@@ -131,6 +148,9 @@ impl Worker {
                 .register(&mut s, Token(i), Interest::READABLE)?;
             listeners.push(s);
         }
+        let replies = (0..listeners.len())
+            .map(|_| SendBatch::new(MAX_UDP))
+            .collect();
         Ok(Worker {
             poll,
             listeners,
@@ -139,7 +159,11 @@ impl Worker {
             route_generation: 0,
             shared,
             settings,
-            buf: vec![0u8; MAX_UDP],
+            // One byte more than allowed, to tell an oversized query from a full-size one.
+            queries: RecvBatch::new(settings.max_datagram + 1),
+            answers: RecvBatch::new(MAX_UDP),
+            replies,
+            refused: Vec::new(),
             resend_buf: Vec::with_capacity(MAX_UDP),
             expired: Vec::new(),
             hot: Vec::new(),
@@ -200,6 +224,7 @@ impl Worker {
             if now.duration_since(last_scan) >= TICK {
                 last_scan = now;
                 self.scan_tables(&set, now);
+                self.flush_upstreams(&set);
             }
             if let Some(since) = stopping {
                 let in_flight: usize = self.upstreams.iter().flatten().map(|u| u.table.len()).sum();
@@ -266,63 +291,71 @@ impl Worker {
             backend: Arc::clone(backend),
             socket,
             table: InflightTable::new(self.settings.max_in_flight),
+            out: SendBatch::new(self.settings.max_datagram),
             retired: false,
         });
         Some(idx)
     }
 
-    /// Reads up to [`BATCH`] queries from listener `li`; true if it may have more.
+    /// Reads one batch of queries from listener `li` and sends them on; true if the
+    /// listener may have more.
     fn read_listener(&mut self, li: usize, set: &BackendSet) -> bool {
-        let mut buf = std::mem::take(&mut self.buf);
-        let limit = self.settings.max_datagram + 1;
-        let mut more = true;
-        for _ in 0..BATCH {
-            match self.listeners[li].recv_from(&mut buf[..limit]) {
-                Ok((n, client)) => self.handle_query(&mut buf[..n], client, li, set),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    more = false;
-                    break;
+        let mut batch = std::mem::take(&mut self.queries);
+        let more = match batch.recv(self.listeners[li].as_raw_fd()) {
+            Ok(n) => {
+                self.shared.stats.batch(BatchOp::Recv, 1, n);
+                let now = Instant::now();
+                for i in 0..n {
+                    let (msg, truncated, from) = batch.get_mut(i);
+                    match from {
+                        Some(client) => self.handle_query(msg, truncated, client, li, set, now),
+                        None => self.shared.stats.drop(DropReason::SendFailed),
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // ICMP errors for earlier sends surface here; they concern no particular query.
-                Err(_) => {}
+                // A short batch means the queue was empty; edge-triggered polling reports
+                // every datagram that arrives after that.
+                n == MAX_BATCH
             }
-        }
-        self.buf = buf;
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            // ICMP errors for earlier sends surface here; they concern no particular query.
+            Err(_) => true,
+        };
+        self.queries = batch;
+        self.flush_upstreams(set);
+        self.flush_replies();
         more
     }
 
-    fn handle_query(&mut self, msg: &mut [u8], client: SocketAddr, li: usize, set: &BackendSet) {
+    fn handle_query(
+        &mut self,
+        msg: &mut [u8],
+        truncated: bool,
+        client: SocketAddr,
+        li: usize,
+        set: &BackendSet,
+        now: Instant,
+    ) {
         let stats = &self.shared.stats;
         stats.query(Proto::Udp);
-        if msg.len() > self.settings.max_datagram {
+        if truncated || msg.len() > self.settings.max_datagram {
             return stats.drop(DropReason::OversizedDatagram);
         }
         let q = match check_query(msg) {
             Ok(q) => q,
             Err(r) => return stats.drop(r),
         };
-        let mut r = self.forward(msg, q, client, li, set);
-        if let Err(Forward::Refused(ui)) = r {
-            // The chosen backend's port is closed: mark it down and try once more.
-            self.backend_refused(ui, set);
-            r = self.forward(msg, q, client, li, set);
-        }
-        match r {
+        match self.forward(msg, q, client, li, set, now) {
             Ok(_) | Err(Forward::Counted) => {}
             Err(Forward::Drop(r)) => self.shared.stats.drop(r),
-            Err(Forward::Refused(_)) => self.shared.stats.drop(DropReason::SendFailed),
             Err(Forward::Servfail) => {
                 let n = wire::make_servfail(msg, &q);
-                match self.listeners[li].send_to(&msg[..n], client) {
-                    Ok(_) => self.shared.stats.response(&msg[..n]),
-                    Err(_) => self.shared.stats.drop(DropReason::SendFailed),
-                }
+                self.queue_reply(li, &msg[..n], client);
             }
         }
     }
 
-    /// Sends a validated query to a backend of `set` under a fresh random ID.
+    /// Queues a validated query for a backend of `set` under a fresh random ID; it leaves
+    /// with the backend's next flush.
     fn forward(
         &mut self,
         msg: &mut [u8],
@@ -330,6 +363,7 @@ impl Worker {
         client: SocketAddr,
         li: usize,
         set: &BackendSet,
+        now: Instant,
     ) -> Result<(usize, u16), Forward> {
         self.counter = self.counter.wrapping_add(1);
         let bi = match set.choose(msg, &q, self.counter, &self.shared.stats) {
@@ -343,42 +377,125 @@ impl Worker {
             .copied()
             .flatten()
             .ok_or(Forward::Drop(DropReason::SendFailed))?;
+        if self.upstreams[ui]
+            .as_ref()
+            .is_some_and(|u| u.out.is_full(msg.len()))
+        {
+            self.flush_upstream(ui, set);
+        }
         let rng = &mut self.rng;
         let Some(up) = self.upstreams[ui].as_mut() else {
             return Err(Forward::Drop(DropReason::SendFailed));
         };
-        let client_id = wire::id(msg);
         let id = up
             .table
-            .insert(|| rng.random(), client, li, msg, q, Instant::now())
+            .insert(|| rng.random(), client, li, msg, q, now)
             .map_err(|_| Forward::Drop(DropReason::BackendFull))?;
+        let client_id = wire::id(msg);
         wire::set_id(msg, id);
-        match up.socket.send(msg) {
-            Ok(_) => {
-                let st = &up.backend.state;
-                st.queries.fetch_add(1, Ordering::Relaxed);
-                st.in_flight_add(1);
-                Ok((ui, id))
+        let queued = up.out.push(msg, None, u32::from(id));
+        wire::set_id(msg, client_id);
+        if !queued {
+            // Only a query longer than max_datagram could fail to fit, and those are dropped
+            // before this point.
+            up.table.release(id);
+            return Err(Forward::Drop(DropReason::SendFailed));
+        }
+        up.backend.state.in_flight_add(1);
+        Ok((ui, id))
+    }
+
+    /// Sends the queries queued for upstream `ui`. A query the kernel refuses is taken out of
+    /// the table and counted, except when the backend's port is closed and health checks run:
+    /// then it stays, and [`Self::backend_refused`] moves it to another backend.
+    fn flush_upstream(&mut self, ui: usize, set: &BackendSet) {
+        let Some(up) = self.upstreams[ui].as_mut() else {
+            return;
+        };
+        if up.out.is_empty() {
+            return;
+        }
+        let fd = up.socket.as_raw_fd();
+        let stats = &self.shared.stats;
+        let keep_refused = set.passive_timeouts != 0;
+        let (mut sent, mut refused) = (0u64, false);
+        let queued = up.out.len();
+        let calls = up.out.flush(fd, |(tag, _, result)| match result {
+            Ok(()) => sent += 1,
+            Err(e) if keep_refused && e.kind() == io::ErrorKind::ConnectionRefused => {
+                refused = true;
             }
-            Err(e) => {
-                up.table.release(id);
-                wire::set_id(msg, client_id);
-                // A pending ICMP "port unreachable" can surface on send as well as on recv.
-                if e.kind() == io::ErrorKind::ConnectionRefused {
-                    Err(Forward::Refused(ui))
-                } else {
-                    Err(Forward::Drop(DropReason::SendFailed))
+            Err(_) => {
+                if up.table.release(tag as u16) {
+                    up.backend.state.in_flight_done();
                 }
+                stats.drop(DropReason::SendFailed);
+            }
+        });
+        up.backend.state.queries.fetch_add(sent, Ordering::Relaxed);
+        stats.batch(BatchOp::Send, calls, queued);
+        if refused && !self.refused.contains(&ui) {
+            self.refused.push(ui);
+        }
+    }
+
+    /// Sends every queued query, then moves the queries of backends found closed meanwhile
+    /// (which queues them again, for other backends).
+    fn flush_upstreams(&mut self, set: &BackendSet) {
+        for _ in 0..MAX_FLUSH_ROUNDS {
+            for ui in 0..self.upstreams.len() {
+                self.flush_upstream(ui, set);
+            }
+            if self.refused.is_empty() {
+                return;
+            }
+            let mut refused = std::mem::take(&mut self.refused);
+            for &ui in &refused {
+                self.backend_refused(ui, set);
+            }
+            refused.clear();
+            self.refused = refused;
+        }
+    }
+
+    /// Queues an answer to `client` on listener `li`.
+    fn queue_reply(&mut self, li: usize, msg: &[u8], client: SocketAddr) {
+        if self.replies[li].is_full(msg.len()) {
+            self.flush_replies_of(li);
+        }
+        if !self.replies[li].push(msg, Some(client), 0) {
+            self.shared.stats.drop(DropReason::SendFailed);
+        }
+    }
+
+    fn flush_replies_of(&mut self, li: usize) {
+        let fd = self.listeners[li].as_raw_fd();
+        let stats = &self.shared.stats;
+        let queued = self.replies[li].len();
+        let calls = self.replies[li].flush(fd, |(_, msg, result)| match result {
+            Ok(()) => stats.response(msg),
+            Err(_) => stats.drop(DropReason::SendFailed),
+        });
+        stats.batch(BatchOp::Send, calls, queued);
+    }
+
+    fn flush_replies(&mut self) {
+        for li in 0..self.replies.len() {
+            if !self.replies[li].is_empty() {
+                self.flush_replies_of(li);
             }
         }
     }
 
-    /// Reads up to [`BATCH`] answers from upstream `ui`; true if it may have more.
+    /// Reads one batch of answers from upstream `ui` and relays them; true if the socket may
+    /// have more.
     fn read_upstream(&mut self, ui: usize, set: &BackendSet) -> bool {
         let mut refused = false;
         let more = self.read_answers(ui, &mut refused);
+        self.flush_replies();
         if refused {
             self.backend_refused(ui, set);
+            self.flush_upstreams(set);
         }
         more
     }
@@ -407,63 +524,73 @@ impl Worker {
         }
         let mut ids = std::mem::take(&mut self.expired);
         ids.clear();
-        up.table
-            .older_than(Instant::now(), Duration::ZERO, &mut ids);
+        let now = Instant::now();
+        up.table.older_than(now, Duration::ZERO, &mut ids);
         for &id in &ids {
-            self.resend_once(ui, id, set);
+            self.resend_once(ui, id, set, now);
         }
         self.expired = ids;
     }
 
-    /// Reads up to [`BATCH`] answers; true if the socket may have more.
+    /// Reads one batch of answers and queues those that match a query in flight; true if the
+    /// socket may have more.
     fn read_answers(&mut self, ui: usize, refused: &mut bool) -> bool {
-        let Some(up) = self.upstreams.get_mut(ui).and_then(Option::as_mut) else {
+        let Some(fd) = self
+            .upstreams
+            .get(ui)
+            .and_then(Option::as_ref)
+            .map(|u| u.socket.as_raw_fd())
+        else {
             return false;
         };
-        let stats = &self.shared.stats;
-        let buf = &mut self.buf;
-        for _ in 0..BATCH {
-            let n = match up.socket.recv(buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    *refused = true;
-                    continue;
+        let mut batch = std::mem::take(&mut self.answers);
+        let more = match batch.recv(fd) {
+            Ok(n) => {
+                self.shared.stats.batch(BatchOp::Recv, 1, n);
+                for i in 0..n {
+                    let (msg, _, _) = batch.get_mut(i);
+                    self.relay_answer(ui, msg);
                 }
-                Err(_) => continue,
-            };
-            let msg = &mut buf[..n];
-            let Ok(h) = wire::header(msg) else {
-                stats.drop(DropReason::BadAnswer);
-                continue;
-            };
-            if !h.qr {
-                stats.drop(DropReason::BadAnswer);
-                continue;
+                n == MAX_BATCH
             }
-            let Some(slot) = up.table.get(h.id) else {
-                stats.drop(DropReason::UnmatchedAnswer);
-                continue;
-            };
-            if !wire::same_question(&slot.query, &slot.question, msg) {
-                // Keep the slot: a spoofed answer must not cancel the real one.
-                stats.drop(DropReason::MismatchedQuestion);
-                continue;
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) => {
+                *refused |= e.kind() == io::ErrorKind::ConnectionRefused;
+                true
             }
-            wire::set_id(msg, slot.client_id);
-            let sent = self.listeners[slot.listener].send_to(msg, slot.client);
-            let st = &up.backend.state;
-            st.answers.fetch_add(1, Ordering::Relaxed);
-            st.in_flight_done();
-            st.passive_answer();
-            st.latency.observe(slot.sent_at.elapsed());
-            up.table.release(h.id);
-            match sent {
-                Ok(_) => stats.response(msg),
-                Err(_) => stats.drop(DropReason::SendFailed),
-            }
+        };
+        self.answers = batch;
+        more
+    }
+
+    /// Matches one answer from upstream `ui` to its query and queues it for the client.
+    fn relay_answer(&mut self, ui: usize, msg: &mut [u8]) {
+        let Some(up) = self.upstreams[ui].as_mut() else {
+            return;
+        };
+        let stats = &self.shared.stats;
+        let Ok(h) = wire::header(msg) else {
+            return stats.drop(DropReason::BadAnswer);
+        };
+        if !h.qr {
+            return stats.drop(DropReason::BadAnswer);
         }
-        true
+        let Some(slot) = up.table.get(h.id) else {
+            return stats.drop(DropReason::UnmatchedAnswer);
+        };
+        if !wire::same_question(&slot.query, &slot.question, msg) {
+            // Keep the slot: a spoofed answer must not cancel the real one.
+            return stats.drop(DropReason::MismatchedQuestion);
+        }
+        wire::set_id(msg, slot.client_id);
+        let (li, client) = (slot.listener, slot.client);
+        let st = &up.backend.state;
+        st.answers.fetch_add(1, Ordering::Relaxed);
+        st.in_flight_done();
+        st.passive_answer();
+        st.latency.observe(slot.sent_at.elapsed());
+        up.table.release(h.id);
+        self.queue_reply(li, msg, client);
     }
 
     /// Times out old queries, re-sends those stuck on removed or down backends, and closes
@@ -518,11 +645,11 @@ impl Worker {
             }
             return;
         }
-        self.resend_once(ui, id, set);
+        self.resend_once(ui, id, set, now);
     }
 
     /// Moves one query from upstream `ui` to a backend of the current set (once per query).
-    fn resend_once(&mut self, ui: usize, id: u16, set: &BackendSet) {
+    fn resend_once(&mut self, ui: usize, id: u16, set: &BackendSet, now: Instant) {
         let Some(up) = self.upstreams[ui].as_mut() else {
             return;
         };
@@ -538,7 +665,7 @@ impl Worker {
         msg.extend_from_slice(&slot.query);
         up.table.release(id);
         up.backend.state.in_flight_done();
-        match self.forward(&mut msg, question, client, li, set) {
+        match self.forward(&mut msg, question, client, li, set, now) {
             Ok((new_ui, new_id)) => {
                 if let Some(slot) = self
                     .upstreams
@@ -551,7 +678,6 @@ impl Worker {
             }
             Err(Forward::Drop(r)) => self.shared.stats.drop(r),
             Err(Forward::Counted) => {}
-            Err(Forward::Refused(_)) => self.shared.stats.drop(DropReason::SendFailed),
             // The client's first query got no SERVFAIL either; let it retry.
             Err(Forward::Servfail) => self.shared.stats.drop(DropReason::NoBackend),
         }
@@ -578,8 +704,6 @@ enum Forward {
     Counted,
     /// Answer SERVFAIL (every backend down, `all_down = "servfail"`).
     Servfail,
-    /// The send reported the backend's port closed (upstream index).
-    Refused(usize),
 }
 
 /// Validates a client query: a header, QR=0, and a well-formed question.

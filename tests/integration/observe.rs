@@ -69,6 +69,8 @@ fn metrics_pass_promtool_and_count_exactly() {
         "lb_tcp_connections_open",
         "lb_tcp_connections_total",
         "lb_build_info",
+        "lb_udp_batches_total",
+        "lb_udp_batch_datagrams_total",
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",
         "process_open_fds",

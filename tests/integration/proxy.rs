@@ -48,6 +48,86 @@ fn answers_are_identical_to_querying_bind_directly() {
     assert!(soa.metadata.authoritative);
 }
 
+/// Queries arriving faster than the proxy wakes up are read and sent on in batches
+/// (`recvmmsg`/`sendmmsg`): every one of a burst from several clients gets its own answer,
+/// with its own ID, byte for byte what BIND answers, from the address it was sent to.
+#[test]
+fn a_burst_of_queries_is_batched_and_every_answer_matches_its_query() {
+    let (a, b) = two_backends();
+    let lb = Lb::start(&lb_config(
+        &[a.addr, b.addr],
+        "round-robin",
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    ));
+    let names: Vec<(String, RecordType)> = (0..50)
+        .map(|i| (format!("host{i}.example.test."), RecordType::A))
+        .chain([
+            ("www.example.test.".to_string(), RecordType::AAAA),
+            ("nope.example.test.".to_string(), RecordType::A),
+            ("example.test.".to_string(), RecordType::SOA),
+        ])
+        .collect();
+    // Both zones are the same apart from `who`; expected answers come from BIND directly.
+    let expected: Vec<Vec<u8>> = names
+        .iter()
+        .map(|(n, t)| udp_exchange(a.addr, &query_bytes(0, n, *t), T).expect("BIND answers"))
+        .collect();
+    let before = sample(&lb.scrape(), "lb_queries_total{protocol=\"udp\"}");
+    // 100 answers fit a client's default receive buffer; the burst is 800 queries.
+    const PER_CLIENT: usize = 100;
+    const CLIENTS: usize = 8;
+    let clients: Vec<UdpSocket> = (0..CLIENTS)
+        .map(|_| {
+            let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+            c.set_read_timeout(Some(T)).unwrap();
+            c
+        })
+        .collect();
+    for k in 0..PER_CLIENT {
+        for (ci, c) in clients.iter().enumerate() {
+            let (n, t) = &names[(k + ci) % names.len()];
+            let id = (ci * PER_CLIENT + k) as u16;
+            c.send_to(&query_bytes(id, n, *t), lb.udp()).unwrap();
+        }
+    }
+    let mut buf = vec![0u8; 65535];
+    for (ci, c) in clients.iter().enumerate() {
+        let mut seen = [false; PER_CLIENT];
+        for _ in 0..PER_CLIENT {
+            let Ok((len, from)) = c.recv_from(&mut buf) else {
+                panic!("client {ci}: an answer is missing; lb: {:?}", lb.status());
+            };
+            assert_eq!(from, lb.udp());
+            let id = u16::from_be_bytes([buf[0], buf[1]]) as usize;
+            let k = id
+                .checked_sub(ci * PER_CLIENT)
+                .expect("an ID this client sent");
+            assert!(
+                k < PER_CLIENT && !seen[k],
+                "ID {id} answered once, to its client"
+            );
+            seen[k] = true;
+            let mut want = expected[(k + ci) % names.len()].clone();
+            want[..2].copy_from_slice(&(id as u16).to_be_bytes());
+            assert_eq!(&buf[..len], &want[..], "answer to ID {id}");
+        }
+    }
+    let scrape = lb.scrape();
+    let after = sample(&scrape, "lb_queries_total{protocol=\"udp\"}");
+    assert_eq!(after - before, (CLIENTS * PER_CLIENT) as f64);
+    let calls = sample(&scrape, "lb_udp_batches_total{op=\"recv\"}");
+    let moved = sample(&scrape, "lb_udp_batch_datagrams_total{op=\"recv\"}");
+    assert!(
+        moved >= 1600.0,
+        "queries and answers were counted ({moved})"
+    );
+    assert!(
+        moved > calls,
+        "some recvmmsg calls carried several datagrams ({moved} in {calls} calls)"
+    );
+    assert_eq!(lb.drops("backend_timeout"), 0);
+}
+
 #[test]
 fn dig_through_the_proxy() {
     let ns = Named::start(ZoneSpec::new(3, "a"));
