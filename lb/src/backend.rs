@@ -154,6 +154,19 @@ impl BackendState {
         self.outstanding.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Accounts for a batch of matched answers: counters, in-flight gauge, passive health
+    /// and latency, with one shared update each.
+    pub fn answered(&self, tally: &crate::metrics::LocalHistogram) {
+        if tally.count == 0 {
+            return;
+        }
+        self.answers.fetch_add(tally.count, Ordering::Relaxed);
+        self.outstanding
+            .fetch_sub(tally.count as usize, Ordering::Relaxed);
+        self.passive_answer();
+        self.latency.merge(tally);
+    }
+
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
     }

@@ -58,16 +58,36 @@ pub struct LatencyHistogram {
     sum_ns: AtomicU64,
 }
 
+/// The bucket of a duration in nanoseconds (the last one is +Inf).
+#[inline]
+fn bucket_of(ns: u64) -> usize {
+    LATENCY_BUCKETS_NS
+        .iter()
+        .position(|&b| ns <= b)
+        .unwrap_or(LATENCY_BUCKETS_NS.len())
+}
+
+#[inline]
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
+}
+
 impl LatencyHistogram {
     #[inline]
     pub fn observe(&self, d: Duration) {
-        let ns = d.as_nanos().min(u64::MAX as u128) as u64;
-        let i = LATENCY_BUCKETS_NS
-            .iter()
-            .position(|&b| ns <= b)
-            .unwrap_or(LATENCY_BUCKETS_NS.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let ns = nanos(d);
+        self.buckets[bucket_of(ns)].fetch_add(1, Ordering::Relaxed);
         self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Adds what a worker tallied over one batch.
+    pub fn merge(&self, local: &LocalHistogram) {
+        for (b, &n) in self.buckets.iter().zip(&local.buckets) {
+            if n > 0 {
+                b.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        self.sum_ns.fetch_add(local.sum_ns, Ordering::Relaxed);
     }
 
     fn to_proto(&self) -> proto::Histogram {
@@ -86,6 +106,25 @@ impl LatencyHistogram {
         h.set_sample_count(cumulative);
         h.set_sample_sum(self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9);
         h
+    }
+}
+
+/// A worker's tally over one batch, merged into the shared [`LatencyHistogram`] once per batch
+/// instead of two shared atomic adds per answer (the workers would fight over the cache line).
+#[derive(Debug, Default, Clone)]
+pub struct LocalHistogram {
+    buckets: [u64; LATENCY_BUCKETS.len() + 1],
+    sum_ns: u64,
+    pub count: u64,
+}
+
+impl LocalHistogram {
+    #[inline]
+    pub fn observe(&mut self, d: Duration) {
+        let ns = nanos(d);
+        self.buckets[bucket_of(ns)] += 1;
+        self.sum_ns = self.sum_ns.saturating_add(ns);
+        self.count += 1;
     }
 }
 
@@ -495,5 +534,30 @@ mod tests {
         assert_eq!(b[0].cumulative_count(), 1);
         assert_eq!(b[2].cumulative_count(), 2);
         assert_eq!(b.last().unwrap().cumulative_count(), 2);
+    }
+
+    #[test]
+    fn a_merged_batch_tally_equals_observing_one_by_one() {
+        let direct = LatencyHistogram::default();
+        let merged = LatencyHistogram::default();
+        let mut local = LocalHistogram::default();
+        for us in [1, 40, 99, 100, 101, 2_000, 70_000, 5_000_000, 1, 1] {
+            let d = Duration::from_micros(us);
+            direct.observe(d);
+            local.observe(d);
+        }
+        assert_eq!(local.count, 10);
+        merged.merge(&local);
+        merged.merge(&LocalHistogram::default());
+        let (a, b) = (direct.to_proto(), merged.to_proto());
+        assert_eq!(a.get_sample_count(), b.get_sample_count());
+        assert_eq!(a.get_sample_sum(), b.get_sample_sum());
+        let counts = |h: &proto::Histogram| -> Vec<u64> {
+            h.get_bucket()
+                .iter()
+                .map(|x| x.cumulative_count())
+                .collect()
+        };
+        assert_eq!(counts(&a), counts(&b));
     }
 }

@@ -177,6 +177,21 @@ impl Stats {
         self.queries[proto as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts `n` queries at once (a UDP batch).
+    #[inline]
+    pub fn queries_add(&self, proto: Proto, n: usize) {
+        self.queries[proto as usize].fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts a batch of answers tallied by RCODE.
+    pub fn responses_add(&self, by_rcode: &[u32; 16]) {
+        for (c, &n) in self.responses.iter().zip(by_rcode) {
+            if n > 0 {
+                c.fetch_add(u64::from(n), Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Counts an answer sent to a client by its RCODE (low 4 bits of byte 3).
     #[inline]
     pub fn response(&self, msg: &[u8]) {

@@ -29,6 +29,7 @@ use rand::Rng;
 
 use crate::backend::{Backend, BackendSet, Choice, Shared};
 use crate::inflight::InflightTable;
+use crate::metrics::LocalHistogram;
 use crate::mmsg::{RecvBatch, SendBatch, MAX_BATCH};
 use crate::sockets::{build_upstream_udp, BufferSizes};
 use crate::stats::{BatchOp, DropReason, Proto};
@@ -304,6 +305,7 @@ impl Worker {
         let more = match batch.recv(self.listeners[li].as_raw_fd()) {
             Ok(n) => {
                 self.shared.stats.batch(BatchOp::Recv, 1, n);
+                self.shared.stats.queries_add(Proto::Udp, n);
                 let now = Instant::now();
                 for i in 0..n {
                     let (msg, truncated, from) = batch.get_mut(i);
@@ -336,7 +338,6 @@ impl Worker {
         now: Instant,
     ) {
         let stats = &self.shared.stats;
-        stats.query(Proto::Udp);
         if truncated || msg.len() > self.settings.max_datagram {
             return stats.drop(DropReason::OversizedDatagram);
         }
@@ -472,10 +473,12 @@ impl Worker {
         let fd = self.listeners[li].as_raw_fd();
         let stats = &self.shared.stats;
         let queued = self.replies[li].len();
+        let mut by_rcode = [0u32; 16];
         let calls = self.replies[li].flush(fd, |(_, msg, result)| match result {
-            Ok(()) => stats.response(msg),
+            Ok(()) => by_rcode[usize::from(msg.get(3).map_or(0, |b| b & 0x0f))] += 1,
             Err(_) => stats.drop(DropReason::SendFailed),
         });
+        stats.responses_add(&by_rcode);
         stats.batch(BatchOp::Send, calls, queued);
     }
 
@@ -547,9 +550,13 @@ impl Worker {
         let more = match batch.recv(fd) {
             Ok(n) => {
                 self.shared.stats.batch(BatchOp::Recv, 1, n);
+                let mut tally = LocalHistogram::default();
                 for i in 0..n {
                     let (msg, _, _) = batch.get_mut(i);
-                    self.relay_answer(ui, msg);
+                    self.relay_answer(ui, msg, &mut tally);
+                }
+                if let Some(up) = self.upstreams[ui].as_ref() {
+                    up.backend.state.answered(&tally);
                 }
                 n == MAX_BATCH
             }
@@ -563,8 +570,9 @@ impl Worker {
         more
     }
 
-    /// Matches one answer from upstream `ui` to its query and queues it for the client.
-    fn relay_answer(&mut self, ui: usize, msg: &mut [u8]) {
+    /// Matches one answer from upstream `ui` to its query, queues it for the client and
+    /// tallies it (the backend's counters are updated once per batch).
+    fn relay_answer(&mut self, ui: usize, msg: &mut [u8], tally: &mut LocalHistogram) {
         let Some(up) = self.upstreams[ui].as_mut() else {
             return;
         };
@@ -584,11 +592,7 @@ impl Worker {
         }
         wire::set_id(msg, slot.client_id);
         let (li, client) = (slot.listener, slot.client);
-        let st = &up.backend.state;
-        st.answers.fetch_add(1, Ordering::Relaxed);
-        st.in_flight_done();
-        st.passive_answer();
-        st.latency.observe(slot.sent_at.elapsed());
+        tally.observe(slot.sent_at.elapsed());
         up.table.release(h.id);
         self.queue_reply(li, msg, client);
     }
