@@ -311,6 +311,7 @@ impl Worker {
                     let (msg, truncated, from) = batch.get_mut(i);
                     match from {
                         Some(client) => self.handle_query(msg, truncated, client, li, set, now),
+                        // Not possible on an IPv4/IPv6 socket; counted rather than ignored.
                         None => self.shared.stats.drop(DropReason::SendFailed),
                     }
                 }
