@@ -24,17 +24,16 @@ sleep 1.5
 HZ=$(getconf CLK_TCK)
 declare -A PORT=([a]=5300 [b]=5310) PID=([a]=$PID_A [b]=$PID_B)
 
-ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-switches() { cat /proc/"$1"/task/*/status | awk '/ctxt_switches/ { s += $2 } END { print s }'; }
+switches() { ctx_switches "$1" | awk '{ print $1 + $2 }'; }
 
 run() {
   local t="$1" mode="$2"
   shift 2
   local c0 s0 c1 s1 out
-  c0=$(ticks "${PID[$t]}")
+  c0=$(cpu_ticks "${PID[$t]}")
   s0=$(switches "${PID[$t]}")
   out=$(run_dnsperf "${PORT[$t]}" -l "$SECS" "$@")
-  c1=$(ticks "${PID[$t]}")
+  c1=$(cpu_ticks "${PID[$t]}")
   s1=$(switches "${PID[$t]}")
   local qps avg lost done
   qps=$(echo "$out" | awk '/Queries per second:/ { print $4 }')

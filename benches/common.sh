@@ -164,6 +164,11 @@ cpu_ticks() {
   awk '{ print $14 + $15 + $16 + $17 }' "/proc/$1/stat"
 }
 
+# Context switches of all threads of a process: "voluntary involuntary".
+ctx_switches() {
+  cat /proc/"$1"/task/*/status | awk '/^voluntary_ctxt_switches/ { v += $2 } /^nonvoluntary_ctxt_switches/ { n += $2 } END { print v, n }'
+}
+
 # Peak RSS (VmHWM) in kB of a process.
 peak_rss_kb() {
   awk '/VmHWM/ { print $2 }' "/proc/$1/status"

@@ -382,6 +382,17 @@ impl Lb {
         }
     }
 
+    /// True if a UDP query for `www.example.test. A` is answered within 2 s.
+    pub fn answers_udp(&self) -> bool {
+        udp_query(
+            self.udp(),
+            "www.example.test.",
+            RecordType::A,
+            Duration::from_secs(2),
+        )
+        .is_some()
+    }
+
     /// Scrapes `/metrics` (plain HTTP/1.1 over a TCP stream).
     pub fn scrape(&self) -> String {
         http_get(self.metrics.expect("config has [metrics]"), "/metrics").1

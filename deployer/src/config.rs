@@ -9,23 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// A problem with the deployer configuration, naming the file and key.
-#[derive(Debug, thiserror::Error)]
-pub enum DeployConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("invalid config file {path}: key `{key}`: {message}")]
-    Invalid {
-        path: PathBuf,
-        key: String,
-        message: String,
-    },
-}
+/// A problem with the deployer configuration, naming the file and key (the same errors and
+/// messages as lb's configuration).
+pub use lb::config::ConfigError as DeployConfigError;
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -273,15 +259,7 @@ fn valid_name(s: &str) -> bool {
 impl DeployerConfig {
     /// Reads, validates and resolves relative paths against the file's directory.
     pub fn read(path: &Path) -> Result<DeployerConfig, DeployConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| DeployConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut cfg: DeployerConfig =
-            toml::from_str(&text).map_err(|e| DeployConfigError::Parse {
-                path: path.to_owned(),
-                message: e.to_string().trim_end().to_string(),
-            })?;
+        let mut cfg: DeployerConfig = lb::config::read_toml(path)?;
         let base = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -306,11 +284,7 @@ impl DeployerConfig {
     }
 
     fn validate(&self, path: &Path) -> Result<(), DeployConfigError> {
-        let invalid = |key: &str, message: String| DeployConfigError::Invalid {
-            path: path.to_owned(),
-            key: key.into(),
-            message,
-        };
+        let invalid = |key: &str, message: String| DeployConfigError::invalid(path, key, message);
         if !valid_name(&self.deployment) {
             return Err(invalid(
                 "deployment",

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::health::HealthConfig;
@@ -32,6 +33,35 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+}
+
+impl ConfigError {
+    /// A bad value of `key` in the file at `path`.
+    pub fn invalid(path: &Path, key: &str, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_string(),
+            message,
+        }
+    }
+}
+
+/// Reads a TOML file into `T`; every error names the file. Used for lb's and the deployer's
+/// configuration.
+pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_toml(&text, path)
+}
+
+/// Parses TOML text into `T`; `path` is only used in messages.
+pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().to_string(),
+    })
 }
 
 /// The whole `lb` configuration file.
@@ -306,29 +336,20 @@ pub fn check_backend_list(servers: &[BackendAddr]) -> Result<(), String> {
 impl LbConfig {
     /// Reads and validates a config file.
     pub fn read(path: &Path) -> Result<LbConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        let cfg: LbConfig = read_toml(path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
     }
 
     /// Parses and validates config text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<LbConfig, ConfigError> {
-        let cfg: LbConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        let cfg: LbConfig = parse_toml(text, path)?;
         cfg.validate(path)?;
         Ok(cfg)
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: &str, message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            key: key.to_string(),
-            message,
-        };
+        let invalid = |key: &str, message: String| ConfigError::invalid(path, key, message);
         if self.listen.udp.is_empty() && self.listen.tcp.is_empty() {
             return Err(invalid(
                 "listen",

@@ -89,18 +89,10 @@ impl RecvBatch {
         Ok(n)
     }
 
-    /// Datagrams held after the last [`recv`](Self::recv).
-    pub fn len(&self) -> usize {
-        self.count
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
-    /// Datagram `i`: its bytes (writable, for the ID rewrite), whether it was longer than the
+    /// Datagram `i` (below what the last [`recv`](Self::recv) returned): its bytes (writable, for the ID rewrite), whether it was longer than the
     /// slot, and its source address (None for a family other than IPv4/IPv6).
     pub fn get_mut(&mut self, i: usize) -> (&mut [u8], bool, Option<SocketAddr>) {
+        debug_assert!(i < self.count);
         let start = i * self.slot_len;
         let msg = &mut self.data[start..start + self.lens[i]];
         (msg, self.truncated[i], from_storage(&self.addrs[i]))
@@ -207,8 +199,13 @@ impl SendBatch {
             let r = unsafe {
                 libc::sendmmsg(fd, hdrs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT)
             };
-            if r < 0 {
-                let e = io::Error::last_os_error();
+            if r <= 0 {
+                // Zero would mean no progress; it counts as the first datagram failing.
+                let e = if r < 0 {
+                    io::Error::last_os_error()
+                } else {
+                    io::Error::from(io::ErrorKind::WriteZero)
+                };
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -218,16 +215,9 @@ impl SendBatch {
                 next += 1;
                 continue;
             }
-            // Zero would mean no progress; count it as the first datagram failing.
-            let sent = (r as usize).max(1).min(n);
-            for k in 0..sent {
-                let q = self.queued[next + k];
-                let res = if r == 0 {
-                    Err(io::Error::from(io::ErrorKind::WriteZero))
-                } else {
-                    Ok(())
-                };
-                done((q.tag, &self.data[q.start..q.start + q.len], res));
+            let sent = (r as usize).min(n);
+            for q in &self.queued[next..next + sent] {
+                done((q.tag, &self.data[q.start..q.start + q.len], Ok(())));
             }
             next += sent;
         }

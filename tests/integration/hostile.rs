@@ -277,13 +277,7 @@ fn spoofed_and_garbage_answers_never_reach_the_client() {
         assert!(t.elapsed() < Duration::from_secs(3), "timeout counted");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(udp_query(
-        lb.udp(),
-        "www.example.test.",
-        RecordType::A,
-        Duration::from_secs(2)
-    )
-    .is_some());
+    assert!(lb.answers_udp());
     assert!(peak_rss_kb(lb.proc.pid()) < RSS_BOUND_KB);
     stop.store(true, Ordering::Relaxed);
 }

@@ -151,13 +151,7 @@ fn upgrade_under_udp_and_tcp_load_loses_nothing() {
     assert_eq!(st.backends.len(), 1);
     assert_eq!(st.backends[0].address, b.addr.to_string());
     assert_eq!(st.generation, 2);
-    assert!(udp_query(
-        old.udp(),
-        "www.example.test.",
-        RecordType::A,
-        Duration::from_secs(2)
-    )
-    .is_some());
+    assert!(old.answers_udp());
     assert!(http_get(old.metrics.unwrap(), "/metrics")
         .1
         .contains("lb_queries_total"));
@@ -180,13 +174,7 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
             "{err}"
         );
         assert_eq!(lb.status().pid, pid);
-        assert!(udp_query(
-            lb.udp(),
-            "www.example.test.",
-            RecordType::A,
-            Duration::from_secs(2)
-        )
-        .is_some());
+        assert!(lb.answers_udp());
     }
 }
 
@@ -218,13 +206,7 @@ fn sigusr2_upgrades_to_the_binary_at_the_same_path() {
     );
     let st = lb.status();
     assert_ne!(st.pid, old);
-    assert!(udp_query(
-        lb.udp(),
-        "www.example.test.",
-        RecordType::A,
-        Duration::from_secs(2)
-    )
-    .is_some());
+    assert!(lb.answers_udp());
     let _ = std::process::Command::new("kill")
         .arg(st.pid.to_string())
         .status();
