@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = lb::udp::check_query(data);
+    let _ = lb::dataplane::query::check_query(data);
     let _ = lb::wire::soa_serial(data);
     if let Ok(q) = lb::wire::question(data) {
         assert!(q.end <= data.len());

@@ -10,13 +10,13 @@ fuzz_target!(|data: &[u8]| {
     for piece in stream.chunks(chunk) {
         buf.extend_from_slice(piece);
         loop {
-            match lb::tcp::next_frame(&buf, 16 * 1024) {
-                lb::tcp::Frame::Complete(len) => {
-                    let _ = lb::udp::check_query(&buf[2..2 + len]);
+            match lb::dataplane::tcp::next_frame(&buf, 16 * 1024) {
+                lb::dataplane::tcp::Frame::Complete(len) => {
+                    let _ = lb::dataplane::query::check_query(&buf[2..2 + len]);
                     buf.drain(..2 + len);
                 }
-                lb::tcp::Frame::Incomplete => break,
-                lb::tcp::Frame::Bad(_) => return,
+                lb::dataplane::tcp::Frame::Incomplete => break,
+                lb::dataplane::tcp::Frame::Bad(_) => return,
             }
         }
     }

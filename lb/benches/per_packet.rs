@@ -42,7 +42,7 @@ fn backends(n: usize) -> Vec<Arc<Backend>> {
 fn bench(c: &mut Criterion) {
     let q = query();
     c.bench_function("check_query", |b| {
-        b.iter(|| lb::udp::check_query(black_box(&q)))
+        b.iter(|| lb::dataplane::query::check_query(black_box(&q)))
     });
 
     let set = backends(4);
@@ -69,7 +69,7 @@ fn bench(c: &mut Criterion) {
                         qname_hash: h,
                         counter,
                     },
-                    Backend::is_usable,
+                    |b: &Arc<Backend>| b.is_usable(),
                 )
             })
         });

@@ -9,6 +9,11 @@
 //! counters carry over and a health flip racing a swap lands on the same object either way (the
 //! race pingora's two separate `ArcSwap`s admit). A removed backend lives on through the
 //! in-flight entries and worker upstreams that still hold it, until its last answer is in.
+//!
+//! Whether a backend is up is written in one place only: [`Backend::mark_down`] and
+//! [`Backend::mark_up`], called by the active checker, by passive detection on live traffic and
+//! by the UDP path when the backend's port is closed. The snapshot holds no connections: the
+//! data plane keeps its sockets and pools itself, keyed by the snapshot's backends.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -17,13 +22,10 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::config::{BackendAddr, LbConfig};
-use crate::health::{AllDown, ProbeFailure};
-use crate::metrics::LatencyHistogram;
-use crate::policy::{pick, PickContext, Policy};
-use crate::stats::{DropReason, Stats};
-use crate::tcp_backend::TcpPool;
-use crate::wire::{self, Question};
+use crate::config::{AllDown, BackendAddr, LbConfig};
+use crate::policy::{pick, Candidate, PickContext, Policy};
+use crate::probe::ProbeFailure;
+use crate::stats::{LatencyHistogram, LocalHistogram, Stats};
 
 /// One nameserver behind the proxy.
 #[derive(Debug)]
@@ -32,14 +34,13 @@ pub struct Backend {
     /// Hash of the address, precomputed for the qname-hash policy.
     pub addr_hash: u64,
     pub state: BackendState,
-    /// Pooled TCP connections to this backend, shared by all client connections.
-    pub tcp_pool: TcpPool,
 }
 
 /// Counters and flags shared by every worker, all atomics.
 ///
 /// `up` (health) and `draining` (operator intent) are kept apart, as pingora does with
-/// `set_enable`: undraining a backend must not make a dead one look healthy.
+/// `set_enable`: undraining a backend must not make a dead one look healthy. `up` and the
+/// reason change only through [`Backend::mark_down`] / [`Backend::mark_up`].
 #[derive(Debug)]
 pub struct BackendState {
     outstanding: AtomicUsize,
@@ -47,31 +48,31 @@ pub struct BackendState {
     pub answers: AtomicU64,
     pub timeouts: AtomicU64,
     up: AtomicBool,
-    pub draining: AtomicBool,
+    draining: AtomicBool,
     /// Last health verdict ([`ProbeFailure`] as u8; `None` = healthy).
     reason: AtomicU8,
-    /// Consecutive probe successes / failures (written by the checker only).
+    /// Consecutive probe successes / failures (the active checker's, written by it only).
     pub health_ok: AtomicU32,
     pub health_fail: AtomicU32,
     /// Consecutive UDP timeouts on live traffic (reset by any answer).
-    pub passive_timeouts: AtomicU32,
+    passive_timeouts: AtomicU32,
     /// A probe of this backend is in flight (one at most).
-    pub probe_running: AtomicBool,
+    probe_running: AtomicBool,
     health_failures: [AtomicU64; ProbeFailure::ALL.len()],
     /// Time from forwarding to the matched answer.
     pub latency: LatencyHistogram,
 }
 
 impl BackendState {
-    fn new() -> Self {
+    fn new(up: bool, reason: ProbeFailure) -> Self {
         BackendState {
             outstanding: AtomicUsize::new(0),
             queries: AtomicU64::new(0),
             answers: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
-            up: AtomicBool::new(true),
+            up: AtomicBool::new(up),
             draining: AtomicBool::new(false),
-            reason: AtomicU8::new(ProbeFailure::None as u8),
+            reason: AtomicU8::new(reason as u8),
             health_ok: AtomicU32::new(0),
             health_fail: AtomicU32::new(0),
             passive_timeouts: AtomicU32::new(0),
@@ -86,18 +87,20 @@ impl BackendState {
         ProbeFailure::from_u8(self.reason.load(Ordering::Relaxed))
     }
 
-    pub fn set_reason(&self, r: ProbeFailure) {
+    /// Counts a failed check without changing whether the backend is up (a probe failure
+    /// below `fall`), keeping its reason for `lb ctl status`.
+    pub fn record_failure(&self, r: ProbeFailure) {
         self.reason.store(r as u8, Ordering::Relaxed);
+        self.count_failure(r);
     }
 
-    /// Counts a failed health check by reason.
-    pub fn count_health_failure(&self, r: ProbeFailure) {
+    fn count_failure(&self, r: ProbeFailure) {
         if let Some(i) = ProbeFailure::ALL.iter().position(|x| *x == r) {
             self.health_failures[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Failed health checks with this reason since the backend was added.
+    /// Failed checks with this reason since the backend was added.
     pub fn health_failures(&self, r: ProbeFailure) -> u64 {
         ProbeFailure::ALL
             .iter()
@@ -105,20 +108,17 @@ impl BackendState {
             .map_or(0, |i| self.health_failures[i].load(Ordering::Relaxed))
     }
 
-    /// Records a UDP timeout on live traffic; marks the backend down after `limit` in a row
-    /// (0 = passive checks off).
-    pub fn passive_timeout(&self, addr: SocketAddr, limit: u32) {
-        let n = self.passive_timeouts.fetch_add(1, Ordering::Relaxed) + 1;
-        if limit > 0 && n >= limit && self.is_up() {
-            self.set_up(false);
-            self.set_reason(ProbeFailure::PassiveTimeouts);
-            self.health_ok.store(0, Ordering::Relaxed);
-            self.count_health_failure(ProbeFailure::PassiveTimeouts);
-            tracing::warn!("backend {addr} is down: {n} queries in a row timed out");
-        }
+    /// Claims the backend's one probe slot; false if a probe is already running.
+    pub fn try_start_probe(&self) -> bool {
+        !self.probe_running.swap(true, Ordering::AcqRel)
     }
 
-    /// Records an answer on live traffic (resets the passive timeout run).
+    /// Releases the probe slot.
+    pub fn end_probe(&self) {
+        self.probe_running.store(false, Ordering::Release);
+    }
+
+    /// Resets the passive timeout run (a probe or an answer proved the backend alive).
     #[inline]
     pub fn passive_answer(&self) {
         if self.passive_timeouts.load(Ordering::Relaxed) != 0 {
@@ -156,7 +156,7 @@ impl BackendState {
 
     /// Accounts for a batch of matched answers: counters, in-flight gauge, passive health
     /// and latency, with one shared update each.
-    pub fn answered(&self, tally: &crate::metrics::LocalHistogram) {
+    pub fn answered(&self, tally: &LocalHistogram) {
         if tally.count == 0 {
             return;
         }
@@ -167,33 +167,46 @@ impl BackendState {
         self.latency.merge(tally);
     }
 
-    pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+    /// Accounts for one matched answer (the TCP path, which is not batched).
+    pub fn answered_one(&self, took: Duration) {
+        self.answers.fetch_add(1, Ordering::Relaxed);
+        self.in_flight_done();
+        self.passive_answer();
+        self.latency.observe(took);
     }
 
-    pub fn set_up(&self, up: bool) {
-        self.up.store(up, Ordering::Relaxed);
+    /// Accounts for a query that got no answer in time.
+    pub fn timed_out(&self) {
+        self.timeouts.fetch_add(1, Ordering::Relaxed);
+        self.in_flight_done();
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
     }
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
+
+    /// Operator intent, separate from health.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
+    }
 }
 
 impl Backend {
+    /// A backend that is up until a check says otherwise.
     pub fn new(addr: SocketAddr) -> Self {
-        Self::with_pool_size(addr, 4)
+        Self::with_state(addr, true, ProbeFailure::None)
     }
 
     /// A backend that starts down ("not checked yet") until its first successful probe.
-    pub fn unchecked(addr: SocketAddr, pool_size: usize) -> Self {
-        let b = Self::with_pool_size(addr, pool_size);
-        b.state.set_up(false);
-        b.state.set_reason(ProbeFailure::NotChecked);
-        b
+    pub fn unchecked(addr: SocketAddr) -> Self {
+        Self::with_state(addr, false, ProbeFailure::NotChecked)
     }
 
-    pub fn with_pool_size(addr: SocketAddr, pool_size: usize) -> Self {
+    fn with_state(addr: SocketAddr, up: bool, reason: ProbeFailure) -> Self {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in addr.to_string().bytes() {
             h ^= b as u64;
@@ -202,8 +215,7 @@ impl Backend {
         Backend {
             addr,
             addr_hash: h,
-            state: BackendState::new(),
-            tcp_pool: TcpPool::new(pool_size),
+            state: BackendState::new(up, reason),
         }
     }
 
@@ -211,6 +223,56 @@ impl Backend {
     #[inline]
     pub fn is_usable(&self) -> bool {
         self.state.is_up() && !self.state.is_draining()
+    }
+
+    /// Takes the backend out of use for `reason` (`detail` says why, for the log). Returns
+    /// true if it was up. The one place a backend goes down: the active checker, passive
+    /// detection and the UDP path all call it. A never-checked backend's first failure is
+    /// logged too (it was down already, but nobody knew why).
+    pub fn mark_down(&self, reason: ProbeFailure, detail: &dyn std::fmt::Display) -> bool {
+        let s = &self.state;
+        let first_verdict = s.reason() == ProbeFailure::NotChecked;
+        s.reason.store(reason as u8, Ordering::Relaxed);
+        let was_up = s.up.swap(false, Ordering::Relaxed);
+        if was_up {
+            s.health_ok.store(0, Ordering::Relaxed);
+            s.count_failure(reason);
+        }
+        if was_up || first_verdict {
+            tracing::warn!("backend {} is down: {detail}", self.addr);
+        }
+        was_up
+    }
+
+    /// Puts the backend back into use (the active checker's verdict). Returns true if it was
+    /// down.
+    pub fn mark_up(&self) -> bool {
+        let s = &self.state;
+        s.reason.store(ProbeFailure::None as u8, Ordering::Relaxed);
+        let was_down = !s.up.swap(true, Ordering::Relaxed);
+        if was_down {
+            tracing::info!("backend {} is up", self.addr);
+        }
+        was_down
+    }
+
+    /// Records a UDP timeout on live traffic; marks the backend down after `limit` in a row
+    /// (0 = passive checks off).
+    pub fn passive_timeout(&self, limit: u32) {
+        let n = self.state.passive_timeouts.fetch_add(1, Ordering::Relaxed) + 1;
+        if limit > 0 && n >= limit && self.state.is_up() {
+            let detail = format!("{n} queries in a row timed out");
+            self.mark_down(ProbeFailure::PassiveTimeouts, &detail);
+        }
+    }
+}
+
+impl Candidate for Arc<Backend> {
+    fn outstanding(&self) -> usize {
+        self.state.outstanding()
+    }
+    fn identity_hash(&self) -> u64 {
+        self.addr_hash
     }
 }
 
@@ -263,68 +325,62 @@ impl SetParams {
     }
 }
 
-/// Where a query goes.
+/// Where the policy sends a query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Choice {
+    /// A usable backend.
     Backend(usize),
-    /// Every backend is down and `all_down = "servfail"`.
-    Servfail,
-    /// No backend can take it (all drained, or all down with `all_down = "drop"`).
-    Drop,
+    /// No backend is usable; `mode` (the set's `all_down`) decides. With fail-open,
+    /// `fallback` is the policy's pick among every undrained backend (None: all drained).
+    AllDown {
+        mode: AllDown,
+        fallback: Option<usize>,
+    },
 }
 
 impl BackendSet {
     /// Chooses where a query goes: the policy over usable (healthy, undrained) backends, or,
     /// when none is usable, what `all_down` says (fail-open: the policy over every undrained
-    /// backend, a last resort that beats certain failure). Counts the all-down outcomes.
+    /// backend, a last resort that beats certain failure). Pure: the caller counts.
     #[inline]
-    pub fn choose(&self, msg: &[u8], q: &Question, counter: usize, stats: &Stats) -> Choice {
-        let qname_hash = if self.policy == Policy::QnameHash {
-            wire::qname_hash(msg, q)
-        } else {
-            0
-        };
+    pub fn choose(&self, qname_hash: u64, counter: usize) -> Choice {
         let ctx = PickContext {
             qname_hash,
             counter,
         };
-        if let Some(i) = pick(self.policy, &self.backends, ctx, Backend::is_usable) {
+        if let Some(i) = pick(self.policy, &self.backends, ctx, |b| b.is_usable()) {
             return Choice::Backend(i);
         }
-        stats.all_down(self.all_down);
-        match self.all_down {
-            AllDown::FailOpen => {
-                match pick(self.policy, &self.backends, ctx, |b| !b.state.is_draining()) {
-                    Some(i) => Choice::Backend(i),
-                    None => {
-                        stats.drop(DropReason::NoBackend);
-                        Choice::Drop
-                    }
-                }
-            }
-            AllDown::Servfail => Choice::Servfail,
-            AllDown::Drop => {
-                stats.drop(DropReason::NoBackend);
-                Choice::Drop
-            }
+        let fallback = match self.all_down {
+            AllDown::FailOpen => pick(self.policy, &self.backends, ctx, |b| !b.state.is_draining()),
+            AllDown::Servfail | AllDown::Drop => None,
+        };
+        Choice::AllDown {
+            mode: self.all_down,
+            fallback,
         }
     }
 
-    /// Position of a backend by address.
+    /// A backend by address.
     pub fn find(&self, addr: SocketAddr) -> Option<&Arc<Backend>> {
         self.backends.iter().find(|b| b.addr == addr)
     }
+
+    /// The backends' addresses, in order.
+    pub fn addrs(&self) -> Vec<BackendAddr> {
+        self.backends.iter().map(|b| BackendAddr(b.addr)).collect()
+    }
 }
 
-/// State shared by every worker and the control plane.
+/// State shared by every worker and the control plane: the snapshot and the counters.
 #[derive(Debug)]
 pub struct Shared {
     set: ArcSwap<BackendSet>,
-    pub stats: Stats,
+    /// Shared with the TCP pools, which count their drops and timeouts here.
+    pub stats: Arc<Stats>,
     /// Serialises writers (swap, drain, reload) so that two control commands cannot interleave
     /// their read-modify-store; readers never take it.
     write_lock: Mutex<()>,
-    pool_size: usize,
     /// Whether active checks run (new backends then start down until probed).
     checked: AtomicBool,
     /// Backends removed by a swap, kept (weakly) so their metrics stay visible while they still
@@ -332,26 +388,21 @@ pub struct Shared {
     retired: Mutex<Vec<Weak<Backend>>>,
 }
 
-fn new_backend(addr: SocketAddr, pool_size: usize, unchecked: bool) -> Backend {
+fn new_backend(addr: SocketAddr, unchecked: bool) -> Backend {
     if unchecked {
-        Backend::unchecked(addr, pool_size)
+        Backend::unchecked(addr)
     } else {
-        Backend::with_pool_size(addr, pool_size)
+        Backend::new(addr)
     }
 }
 
 impl Shared {
     /// Builds the first snapshot. With active checks its backends start down until their first
     /// probe (the server runs one round before it serves).
-    pub fn new(
-        params: SetParams,
-        servers: &[BackendAddr],
-        generation: u64,
-        pool_size: usize,
-    ) -> Shared {
+    pub fn new(params: SetParams, servers: &[BackendAddr], generation: u64) -> Shared {
         let backends = servers
             .iter()
-            .map(|a| Arc::new(new_backend(a.0, pool_size, params.checked)))
+            .map(|a| Arc::new(new_backend(a.0, params.checked)))
             .collect();
         Shared {
             set: ArcSwap::from_pointee(BackendSet {
@@ -363,9 +414,8 @@ impl Shared {
                 all_down: params.all_down,
                 passive_timeouts: params.passive_timeouts,
             }),
-            stats: Stats::default(),
+            stats: Arc::default(),
             write_lock: Mutex::new(()),
-            pool_size,
             checked: AtomicBool::new(params.checked),
             retired: Mutex::new(Vec::new()),
         }
@@ -400,7 +450,7 @@ impl Shared {
             .iter()
             .map(|a| match old.find(a.0) {
                 Some(b) => Arc::clone(b),
-                None => Arc::new(new_backend(a.0, self.pool_size, checked && !verified)),
+                None => Arc::new(new_backend(a.0, checked && !verified)),
             })
             .collect();
         if let Some(p) = params {
@@ -463,17 +513,14 @@ mod tests {
 
     #[test]
     fn replace_keeps_state_of_staying_backends() {
-        let shared = Shared::new(params(), &addrs(&["127.0.0.1:1", "127.0.0.2:1"]), 1, 2);
+        let shared = Shared::new(params(), &addrs(&["127.0.0.1:1", "127.0.0.2:1"]), 1);
         let before = shared.current();
         assert!(
             !before.backends[0].state.is_up(),
             "unchecked backends start down"
         );
-        before.backends[0].state.set_up(true);
-        before.backends[1]
-            .state
-            .draining
-            .store(true, Ordering::Relaxed);
+        before.backends[0].mark_up();
+        before.backends[1].state.set_draining(true);
         let g = shared.replace(&addrs(&["127.0.0.2:1", "127.0.0.3:1"]), None, true);
         assert_eq!(g, 2);
         let after = shared.current();
@@ -490,24 +537,51 @@ mod tests {
 
     #[test]
     fn all_down_behaviours() {
-        let msg = crate::wire::build_query(1, b"\x01a\x00", 1);
-        let q = crate::wire::question(&msg).unwrap();
         for (mode, want) in [
-            (AllDown::FailOpen, Choice::Backend(0)),
-            (AllDown::Servfail, Choice::Servfail),
-            (AllDown::Drop, Choice::Drop),
+            (AllDown::FailOpen, Some(0)),
+            (AllDown::Servfail, None),
+            (AllDown::Drop, None),
         ] {
             let p = SetParams {
                 all_down: mode,
                 policy: Policy::FirstAvailable,
                 ..params()
             };
-            let shared = Shared::new(p, &addrs(&["127.0.0.1:1", "127.0.0.2:1"]), 1, 1);
+            let shared = Shared::new(p, &addrs(&["127.0.0.1:1", "127.0.0.2:1"]), 1);
             let set = shared.current();
-            assert_eq!(set.choose(&msg, &q, 0, &shared.stats), want, "{mode:?}");
-            assert_eq!(shared.stats.all_down_count(mode), 1);
-            set.backends[1].state.set_up(true);
-            assert_eq!(set.choose(&msg, &q, 0, &shared.stats), Choice::Backend(1));
+            assert_eq!(
+                set.choose(0, 0),
+                Choice::AllDown {
+                    mode,
+                    fallback: want
+                },
+                "{mode:?}"
+            );
+            set.backends[1].mark_up();
+            assert_eq!(set.choose(0, 0), Choice::Backend(1));
         }
+    }
+
+    #[test]
+    fn one_writer_of_health_state() {
+        let b = Backend::unchecked("127.0.0.1:53".parse().unwrap());
+        assert!(!b.mark_down(ProbeFailure::Refused, &"first verdict"));
+        assert_eq!(b.state.reason(), ProbeFailure::Refused);
+        assert!(b.mark_up());
+        assert!(!b.mark_up());
+        for _ in 0..2 {
+            b.passive_timeout(3);
+        }
+        assert!(b.state.is_up());
+        b.passive_timeout(3);
+        assert!(!b.state.is_up());
+        assert_eq!(b.state.reason(), ProbeFailure::PassiveTimeouts);
+        assert_eq!(b.state.health_failures(ProbeFailure::PassiveTimeouts), 1);
+        b.passive_timeout(3);
+        assert_eq!(
+            b.state.health_failures(ProbeFailure::PassiveTimeouts),
+            1,
+            "counted once, when it flipped"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! The TOML configuration, split like dnsdist's: what is fixed once the process runs
 //! ([`ListenConfig`], [`UdpConfig`], [`TcpConfig`], [`ControlConfig`]) and what may change at run
-//! time through a reload or the control socket ([`BackendsConfig`]).
+//! time through a reload or the control socket ([`BackendsConfig`], [`HealthConfig`]).
 //!
 //! Every struct denies unknown keys, so a typo is an error rather than a silently ignored key.
 //! Errors name the file and the key at fault.
@@ -14,16 +14,18 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::health::HealthConfig;
 use crate::policy::Policy;
+use crate::wire;
 
 /// A configuration problem, with the file (and where known the key) at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    // The OS error is part of the message, not a `source`, so a report of the error chain
+    // does not print it twice.
+    #[error("cannot read config file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
@@ -49,9 +51,9 @@ impl ConfigError {
 /// Reads a TOML file into `T`; every error names the file. Used for lb's and the deployer's
 /// configuration.
 pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })?;
     parse_toml(&text, path)
 }
@@ -268,6 +270,154 @@ impl Default for TcpConfig {
             backend_idle_timeout_ms: default_backend_idle_timeout_ms(),
             backend_max_in_flight: default_backend_max_in_flight(),
         }
+    }
+}
+
+/// What the proxy does with a query when no backend is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AllDown {
+    /// Keep sending to every undrained backend, as a last resort.
+    #[default]
+    FailOpen,
+    /// Answer SERVFAIL at once (resolvers then try another nameserver).
+    Servfail,
+    /// Drop the query.
+    Drop,
+}
+
+impl AllDown {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AllDown::FailOpen => "fail-open",
+            AllDown::Servfail => "servfail",
+            AllDown::Drop => "drop",
+        }
+    }
+}
+
+/// `[health]`: active and passive checks; may change at run time (reload).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Active checks run when true and `zones` is non-empty; with `[health]` present, zones are
+    /// required unless `enabled = false`.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Zones whose SOA each backend must serve authoritatively, e.g. `["example.test."]`.
+    #[serde(default)]
+    pub zones: Vec<String>,
+    #[serde(default = "default_health_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_health_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Consecutive successes for a down backend to come back up.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures for an up backend to go down.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// Also probe over TCP (the proxy forwards TCP too).
+    #[serde(default)]
+    pub tcp: bool,
+    /// Lowest acceptable SOA serial (for every zone), if set.
+    #[serde(default)]
+    pub min_serial: Option<u32>,
+    /// Consecutive UDP query timeouts on live traffic that mark a backend down before the next
+    /// probe would (0 turns passive checks off).
+    #[serde(default = "default_passive_timeouts")]
+    pub passive_timeouts: u32,
+    /// What happens to queries when every backend is down.
+    #[serde(default)]
+    pub all_down: AllDown,
+    /// Deadline for `set-backends --verify` probes.
+    #[serde(default = "default_verify_timeout_ms")]
+    pub verify_timeout_ms: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_health_interval_ms() -> u64 {
+    1000
+}
+fn default_health_timeout_ms() -> u64 {
+    500
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+fn default_passive_timeouts() -> u32 {
+    10
+}
+fn default_verify_timeout_ms() -> u64 {
+    2000
+}
+
+impl Default for HealthConfig {
+    /// No `[health]` section: no active checks (there is no zone to ask for), passive checks
+    /// on, fail-open.
+    fn default() -> Self {
+        HealthConfig {
+            enabled: false,
+            zones: Vec::new(),
+            interval_ms: default_health_interval_ms(),
+            timeout_ms: default_health_timeout_ms(),
+            rise: default_rise(),
+            fall: default_fall(),
+            tcp: false,
+            min_serial: None,
+            passive_timeouts: default_passive_timeouts(),
+            all_down: AllDown::FailOpen,
+            verify_timeout_ms: default_verify_timeout_ms(),
+        }
+    }
+}
+
+impl HealthConfig {
+    /// True when active probes run.
+    pub fn active(&self) -> bool {
+        self.enabled && !self.zones.is_empty()
+    }
+
+    /// Checks the section; the message names the key.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.enabled && self.zones.is_empty() {
+            return Err((
+                "health.zones".into(),
+                "at least one zone is required when health checks are on (or set enabled = false)"
+                    .into(),
+            ));
+        }
+        for z in &self.zones {
+            wire::encode_name(z).map_err(|m| ("health.zones".to_string(), m))?;
+        }
+        for (k, v) in [
+            ("health.interval_ms", self.interval_ms),
+            ("health.timeout_ms", self.timeout_ms),
+            ("health.verify_timeout_ms", self.verify_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err((k.into(), "must be greater than 0".into()));
+            }
+        }
+        for (k, v) in [("health.rise", self.rise), ("health.fall", self.fall)] {
+            if v == 0 || v > 100 {
+                return Err((k.into(), format!("{v} is outside 1..=100")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The zones as wire-format names (validated at load).
+    pub fn zone_names(&self) -> Vec<Vec<u8>> {
+        self.zones
+            .iter()
+            .filter_map(|z| wire::encode_name(z).ok())
+            .collect()
     }
 }
 

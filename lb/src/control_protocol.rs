@@ -134,19 +134,14 @@ impl ControlResponse {
     }
 }
 
-/// A failure to talk to the control socket (as opposed to a refused command).
+/// A failure to talk to the control socket (as opposed to a refused command). The OS error is
+/// part of each message rather than a `source`, so it is printed once.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("cannot connect to control socket {path}: {source}")]
-    Connect {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("control socket {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot connect to control socket {path}: {error}")]
+    Connect { path: String, error: std::io::Error },
+    #[error("control socket {path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("control socket {path} sent an invalid response: {message}")]
     BadResponse { path: String, message: String },
 }
@@ -159,13 +154,13 @@ pub fn send_request(
     timeout: Duration,
 ) -> Result<ControlResponse, ControlError> {
     let p = path.display().to_string();
-    let io = |source| ControlError::Io {
+    let io = |error| ControlError::Io {
         path: p.clone(),
-        source,
+        error,
     };
-    let mut stream = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+    let mut stream = UnixStream::connect(path).map_err(|error| ControlError::Connect {
         path: p.clone(),
-        source,
+        error,
     })?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;

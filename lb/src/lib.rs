@@ -1,37 +1,53 @@
 //! `lb`: a DNS-aware UDP and TCP load balancer for authoritative nameservers.
 //!
-//! The per-packet path ([`udp`], [`tcp`], [`tcp_backend`]) reads one immutable
-//! [`backend::BackendSet`] behind one `ArcSwap`; control code builds a new set off that path and
-//! stores it whole. Messages are inspected ([`wire`]) but never re-encoded.
+//! The per-packet path ([`dataplane`]) reads one immutable [`backend::BackendSet`] behind one
+//! `ArcSwap`; the [`controlplane`] builds a new set off that path and stores it whole. Messages
+//! are inspected ([`wire`]) but never re-encoded. `lb/ARCHITECTURE.md` walks a query and a swap
+//! through the layers.
 //!
-//! Modules, one per concern:
-//! - [`config`]: the TOML file, fixed versus run-time parts.
-//! - [`backend`]: backends, their atomic state, the snapshot and its holder.
-//! - [`policy`]: selection policies as pure functions.
-//! - [`wire`]: header/question parsing, ID rewrite, answer matching.
-//! - [`inflight`]: the bounded per-backend UDP ID table.
-//! - [`udp`], [`tcp`], [`tcp_backend`]: the forwarding paths.
-//! - [`sockets`]: socket construction.
-//! - [`stats`]: counters, including every drop reason.
-//! - [`server`]: binds, starts the workers and runs until a signal.
+//! Modules form layers; a module imports only from layers below its own, never sideways
+//! between the two planes, so there is no cycle. This table is the one place the layers are
+//! kept: `lb/tests/layers.rs` reads it and checks every `crate::` path in `src/` against it.
+//!
+//! | layer | modules |
+//! | --- | --- |
+//! | 0 | wire, mmsg, sockets, systemd, control_protocol, lifecycle, fdpass |
+//! | 1 | policy, probe, inflight |
+//! | 2 | config |
+//! | 3 | stats, state |
+//! | 4 | backend |
+//! | 5 | dataplane::query, controlplane::health, controlplane::metrics, controlplane::upgrade |
+//! | 6 | dataplane::udp, dataplane::tcp_pool, controlplane::commands |
+//! | 7 | dataplane::tcp, controlplane::socket |
+//! | 8 | server, ctl |
+//!
+//! - Leaves (0): DNS wire format, batched datagram I/O, socket construction, systemd
+//!   notifications, the control protocol, the process lifecycle, descriptor passing.
+//! - Pure policy and data (1-3): selection policies, the health probe, the UDP in-flight table,
+//!   every config type, counters and histograms, the persisted state.
+//! - The snapshot (4): backends, their atomic state (one writer of up/down), the set, `Shared`.
+//! - The planes (5-7): [`dataplane`] (UDP workers, TCP clients and pools) beside
+//!   [`controlplane`] (health checker, metrics, upgrade, control commands and socket).
+//! - Wiring (8): [`server`] binds and starts everything; [`ctl`] is `lb ctl`'s client.
 
 pub mod backend;
 pub mod config;
-pub mod control;
 pub mod control_protocol;
+pub mod controlplane;
 pub mod ctl;
-pub mod health;
+pub mod dataplane;
+pub mod fdpass;
 pub mod inflight;
-pub mod metrics;
+pub mod lifecycle;
 pub mod mmsg;
 pub mod policy;
+pub mod probe;
 pub mod server;
 pub mod sockets;
 pub mod state;
 pub mod stats;
 pub mod systemd;
-pub mod tcp;
-pub mod tcp_backend;
-pub mod udp;
-pub mod upgrade;
 pub mod wire;
+
+/// The health checker and probe, under the path the deployer and tests use.
+pub use controlplane::health;

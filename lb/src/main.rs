@@ -114,7 +114,7 @@ fn ctl(args: CtlArgs) -> ExitCode {
     let timeout_ms = match command {
         ControlCommand::Upgrade { .. } => args
             .timeout_ms
-            .max(lb::upgrade::READY_TIMEOUT.as_millis() as u64 + 5_000),
+            .max(lb::controlplane::upgrade::READY_TIMEOUT.as_millis() as u64 + 5_000),
         _ => args.timeout_ms,
     };
     ExitCode::from(lb::ctl::run(
@@ -175,8 +175,8 @@ fn main() -> ExitCode {
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
+                    // Logging is on stderr already: one line, with the whole cause chain.
                     tracing::error!("{e:#}");
-                    eprintln!("lb: {e:#}");
                     ExitCode::FAILURE
                 }
             }

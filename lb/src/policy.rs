@@ -2,12 +2,18 @@
 //!
 //! They share one signature (like dnsdist's `firstAvailable`, `leastOutstanding`, `roundrobin`,
 //! `chashed`), read only atomics, and never allocate, so they are trivial to unit-test and bench.
-
-use std::sync::Arc;
+//! They see a backend only through [`Candidate`] (as pingora's `BackendSelection` never sees
+//! health-check internals): whether it is usable is the caller's predicate.
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::Backend;
+/// What a policy needs to know of a backend.
+pub trait Candidate {
+    /// Queries in flight to it now (least-outstanding).
+    fn outstanding(&self) -> usize;
+    /// A stable hash of its identity (qname-hash's rendezvous score).
+    fn identity_hash(&self) -> u64;
+}
 
 /// How a query's backend is chosen among the usable ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -39,25 +45,25 @@ impl Policy {
 /// Per-query inputs to a policy.
 #[derive(Debug, Clone, Copy)]
 pub struct PickContext {
-    /// [`crate::wire::qname_hash`] of the query (only read by qname-hash).
+    /// Hash of the query name (only read by qname-hash).
     pub qname_hash: u64,
     /// A per-worker counter advanced per query (round-robin position and tie-breaking).
     pub counter: usize,
 }
 
 /// Picks the index of a backend for which `usable` holds, or `None` if there is none.
-pub fn pick(
+pub fn pick<C: Candidate>(
     policy: Policy,
-    backends: &[Arc<Backend>],
+    backends: &[C],
     ctx: PickContext,
-    usable: impl Fn(&Backend) -> bool,
+    usable: impl Fn(&C) -> bool,
 ) -> Option<usize> {
     let n = backends.len();
     if n == 0 {
         return None;
     }
     match policy {
-        Policy::FirstAvailable => backends.iter().position(|b| usable(b)),
+        Policy::FirstAvailable => backends.iter().position(&usable),
         Policy::RoundRobin => {
             let start = ctx.counter % n;
             (0..n)
@@ -73,7 +79,7 @@ pub fn pick(
                 if !usable(b) {
                     continue;
                 }
-                let load = b.state.outstanding();
+                let load = b.outstanding();
                 if best.is_none_or(|(_, l)| load < l) {
                     best = Some((i, load));
                 }
@@ -86,7 +92,7 @@ pub fn pick(
                 if !usable(b) {
                     continue;
                 }
-                let score = mix(ctx.qname_hash ^ b.addr_hash);
+                let score = mix(ctx.qname_hash ^ b.identity_hash());
                 if best.is_none_or(|(_, s)| score > s) {
                     best = Some((i, score));
                 }
@@ -106,16 +112,36 @@ fn mix(mut x: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::SocketAddr;
-    use std::sync::atomic::Ordering;
+    use std::cell::Cell;
 
-    fn set(n: usize) -> Vec<Arc<Backend>> {
+    /// A backend as a policy sees it.
+    struct B {
+        load: Cell<usize>,
+        hash: u64,
+        usable: Cell<bool>,
+    }
+
+    impl Candidate for B {
+        fn outstanding(&self) -> usize {
+            self.load.get()
+        }
+        fn identity_hash(&self) -> u64 {
+            self.hash
+        }
+    }
+
+    fn set(n: usize) -> Vec<B> {
         (0..n)
-            .map(|i| {
-                let a: SocketAddr = format!("127.0.0.{}:53", i + 1).parse().unwrap();
-                Arc::new(Backend::new(a))
+            .map(|i| B {
+                load: Cell::new(0),
+                hash: mix(i as u64 + 1),
+                usable: Cell::new(true),
             })
             .collect()
+    }
+
+    fn usable(b: &B) -> bool {
+        b.usable.get()
     }
 
     fn ctx(counter: usize, qname_hash: u64) -> PickContext {
@@ -129,12 +155,12 @@ mod tests {
     fn round_robin_cycles_and_skips_unusable() {
         let b = set(3);
         let picks: Vec<_> = (0..6)
-            .map(|c| pick(Policy::RoundRobin, &b, ctx(c, 0), |_| true).unwrap())
+            .map(|c| pick(Policy::RoundRobin, &b, ctx(c, 0), usable).unwrap())
             .collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
-        b[1].state.draining.store(true, Ordering::Relaxed);
+        b[1].usable.set(false);
         let picks: Vec<_> = (0..4)
-            .map(|c| pick(Policy::RoundRobin, &b, ctx(c, 0), |x| x.is_usable()).unwrap())
+            .map(|c| pick(Policy::RoundRobin, &b, ctx(c, 0), usable).unwrap())
             .collect();
         assert_eq!(picks, vec![0, 2, 2, 0]);
     }
@@ -142,36 +168,27 @@ mod tests {
     #[test]
     fn first_available_prefers_order() {
         let b = set(3);
-        assert_eq!(
-            pick(Policy::FirstAvailable, &b, ctx(7, 0), |_| true),
-            Some(0)
-        );
-        b[0].state.set_up(false);
-        assert_eq!(
-            pick(Policy::FirstAvailable, &b, ctx(7, 0), |x| x.is_usable()),
-            Some(1)
-        );
-        b[1].state.set_up(false);
-        b[2].state.set_up(false);
-        assert_eq!(
-            pick(Policy::FirstAvailable, &b, ctx(7, 0), |x| x.is_usable()),
-            None
-        );
+        assert_eq!(pick(Policy::FirstAvailable, &b, ctx(7, 0), usable), Some(0));
+        b[0].usable.set(false);
+        assert_eq!(pick(Policy::FirstAvailable, &b, ctx(7, 0), usable), Some(1));
+        b[1].usable.set(false);
+        b[2].usable.set(false);
+        assert_eq!(pick(Policy::FirstAvailable, &b, ctx(7, 0), usable), None);
     }
 
     #[test]
     fn least_outstanding_prefers_idle_and_rotates_ties() {
         let b = set(3);
-        b[0].state.in_flight_add(5);
-        b[1].state.in_flight_add(2);
-        b[2].state.in_flight_add(9);
+        b[0].load.set(5);
+        b[1].load.set(2);
+        b[2].load.set(9);
         assert_eq!(
-            pick(Policy::LeastOutstanding, &b, ctx(0, 0), |_| true),
+            pick(Policy::LeastOutstanding, &b, ctx(0, 0), usable),
             Some(1)
         );
         let idle = set(2);
-        let a = pick(Policy::LeastOutstanding, &idle, ctx(0, 0), |_| true);
-        let c = pick(Policy::LeastOutstanding, &idle, ctx(1, 0), |_| true);
+        let a = pick(Policy::LeastOutstanding, &idle, ctx(0, 0), usable);
+        let c = pick(Policy::LeastOutstanding, &idle, ctx(1, 0), usable);
         assert_ne!(a, c);
     }
 
@@ -182,16 +199,16 @@ mod tests {
         let mut before = Vec::new();
         for h in 0..4000u64 {
             let h = mix(h);
-            let i = pick(Policy::QnameHash, &b, ctx(h as usize, h), |_| true).unwrap();
-            assert_eq!(pick(Policy::QnameHash, &b, ctx(1, h), |_| true).unwrap(), i);
+            let i = pick(Policy::QnameHash, &b, ctx(h as usize, h), usable).unwrap();
+            assert_eq!(pick(Policy::QnameHash, &b, ctx(1, h), usable).unwrap(), i);
             counts[i] += 1;
             before.push(i);
         }
         assert!(counts.iter().all(|&c| c > 700), "{counts:?}");
         // Taking backend 3 out moves only the names it had.
-        b[3].state.set_up(false);
+        b[3].usable.set(false);
         for (k, h) in (0..4000u64).enumerate() {
-            let i = pick(Policy::QnameHash, &b, ctx(0, mix(h)), |x| x.is_usable()).unwrap();
+            let i = pick(Policy::QnameHash, &b, ctx(0, mix(h)), usable).unwrap();
             if before[k] != 3 {
                 assert_eq!(i, before[k]);
             }

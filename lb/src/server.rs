@@ -6,19 +6,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio::sync::watch;
 
 use crate::backend::{SetParams, Shared};
 use crate::config::{BackendAddr, LbConfig};
-use crate::control::{ControlContext, UpgradeHooks};
-use crate::health;
+use crate::controlplane::commands::{ControlContext, UpgradeHooks};
+use crate::controlplane::upgrade::{self, HandoffSockets};
+use crate::controlplane::{metrics, socket};
+use crate::dataplane::tcp::{self, TcpFrontend, TcpSettings};
+use crate::dataplane::tcp_pool::PoolSettings;
+use crate::dataplane::udp::{self, UdpSettings};
+use crate::lifecycle::Lifecycle;
 use crate::sockets::{build_tcp_listener, build_udp_listener, BufferSizes};
 use crate::state;
-use crate::tcp::{self, ConnLimits, TcpSettings};
-use crate::tcp_backend::PoolSettings;
-use crate::udp::{self, UdpControl, UdpSettings};
-use crate::upgrade::HandoffSockets;
-use std::sync::atomic::Ordering;
+use crate::systemd::{self, Heartbeats};
 
 /// The listening sockets, bound before [`run`] so that tests (and socket activation) can hand
 /// them in.
@@ -44,7 +44,7 @@ pub struct RunOptions {
 }
 
 /// Builds [`Listeners`] from sockets handed over by an upgrading `lb`.
-fn listeners_from_handoff(workers: usize, r: crate::upgrade::Received) -> Result<Listeners> {
+fn listeners_from_handoff(workers: usize, r: upgrade::Received) -> Result<Listeners> {
     let mut udp: Vec<Vec<std::net::UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
     let n = r.udp.len().max(if r.udp.is_empty() { 0 } else { workers });
     for i in 0..n {
@@ -94,24 +94,26 @@ fn buffers(cfg: &LbConfig) -> BufferSizes {
 /// `[listen]`; every UDP worker gets a duplicate of each passed UDP socket.
 pub fn bind_listeners(cfg: &LbConfig) -> Result<Listeners> {
     let workers = cfg.workers();
-    if let Some(r) = crate::upgrade::receive_from_env()? {
+    if let Some(r) = upgrade::receive_from_env()? {
         return listeners_from_handoff(workers, r);
     }
-    let control = match &cfg.control.socket {
-        Some(p) => Some(crate::control::bind_control_socket(p)?),
-        None => None,
+    // The control socket is bound last: once its file exists every DNS socket is bound, so a
+    // script that waits for it (the Ansible role in local mode) can query at once.
+    let bind_control = || match &cfg.control.socket {
+        Some(p) => socket::bind_control_socket(p).map(Some),
+        None => Ok(None),
     };
     let bufs = buffers(cfg);
     let mut udp: Vec<Vec<std::net::UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
     let metrics = match cfg.metrics.listen {
         Some(addr) => {
-            let l = crate::metrics::bind(addr)?;
+            let l = metrics::bind(addr)?;
             tracing::info!("listening for metrics on {}", l.local_addr()?);
             Some(l)
         }
         None => None,
     };
-    if let Some(inh) = crate::systemd::inherited_sockets()? {
+    if let Some(inh) = systemd::inherited_sockets()? {
         tracing::info!(
             "using {} udp and {} tcp sockets passed by systemd instead of [listen]",
             inh.udp.len(),
@@ -134,7 +136,7 @@ pub fn bind_listeners(cfg: &LbConfig) -> Result<Listeners> {
             udp,
             tcp: inh.tcp,
             metrics,
-            control,
+            control: bind_control()?,
             handoff: None,
         });
     }
@@ -160,7 +162,7 @@ pub fn bind_listeners(cfg: &LbConfig) -> Result<Listeners> {
         udp,
         tcp,
         metrics,
-        control,
+        control: bind_control()?,
         handoff: None,
     })
 }
@@ -176,6 +178,7 @@ fn tcp_settings(cfg: &LbConfig) -> TcpSettings {
         write_timeout: Duration::from_millis(t.write_timeout_ms),
         max_query_size: t.max_query_size,
         pool: PoolSettings {
+            size: t.pool_size,
             connect_timeout: Duration::from_millis(t.connect_timeout_ms),
             idle_timeout: Duration::from_millis(t.backend_idle_timeout_ms),
             write_timeout: Duration::from_millis(t.write_timeout_ms),
@@ -226,9 +229,9 @@ fn initial_backends(
     }
 }
 
-/// Runs the proxy on already-bound sockets until SIGTERM or SIGINT, then stops reading new
-/// queries, answers those in flight (bounded by the query timeout) and returns. SIGHUP reloads
-/// the config like `lb ctl reload`.
+/// Runs the proxy on already-bound sockets until SIGTERM or SIGINT (or an upgrade handed the
+/// sockets over), then stops reading new queries, answers those in flight (bounded by the
+/// query timeout) and returns. SIGHUP reloads the config like `lb ctl reload`.
 pub fn run(
     cfg: LbConfig,
     config_path: PathBuf,
@@ -242,43 +245,17 @@ pub fn run(
         SetParams::from_config(&cfg),
         &servers,
         generation,
-        cfg.tcp.pool_size,
     ));
     for b in &shared.current().backends {
         if drained.contains(&BackendAddr(b.addr)) {
-            b.state.draining.store(true, Ordering::Relaxed);
+            b.state.set_draining(true);
         }
     }
     let drain_timeout = cfg.backends.timeout() + Duration::from_millis(100);
     let control_listener = listeners.control.take();
-    // Duplicates of every listening socket, for a later upgrade's handoff.
-    let dup = |fd: std::io::Result<std::os::fd::OwnedFd>| {
-        fd.context("cannot duplicate a listening socket")
-    };
-    let sockets = HandoffSockets {
-        udp: listeners
-            .udp
-            .iter()
-            .flatten()
-            .map(|s| dup(s.try_clone().map(Into::into)))
-            .collect::<Result<_>>()?,
-        tcp: listeners
-            .tcp
-            .iter()
-            .map(|s| dup(s.try_clone().map(Into::into)))
-            .collect::<Result<_>>()?,
-        metrics: listeners
-            .metrics
-            .as_ref()
-            .map(|s| dup(s.try_clone().map(Into::into)))
-            .transpose()?,
-        control: control_listener
-            .as_ref()
-            .map(|s| dup(s.try_clone().map(Into::into)))
-            .transpose()?,
-    };
+    let sockets = handoff_duplicates(&listeners, control_listener.as_ref())?;
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("lb"));
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let lifecycle = Arc::new(Lifecycle::default());
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.workers().clamp(1, 4))
@@ -286,61 +263,63 @@ pub fn run(
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    let tcp_set = tcp_settings(&cfg);
-    let limits = Arc::new(ConnLimits::default());
-    let udp_control = Arc::new(UdpControl::new(listeners.udp.len()));
+    let beats = Arc::new(Heartbeats::new(listeners.udp.len()));
     let udp_settings = UdpSettings {
         max_datagram: cfg.udp.max_datagram,
         max_in_flight: cfg.backends.max_in_flight,
         buffers: buffers(&cfg),
         drain_timeout,
     };
+    let tcp_settings = tcp_settings(&cfg);
     let ctx = Arc::new(
-        ControlContext::new(Arc::clone(&shared), config_path.clone(), cfg).with_upgrade(
-            UpgradeHooks::new(sockets, exe, opts.log_json, stop_tx.clone()),
-        ),
-    );
-    let workers = rt.block_on(async {
-        // One probe round before serving, so health is known from the first query.
-        if let Some(s) = ctx.checker.load_full() {
-            health::probe_round(&shared, &s).await;
-        }
-        tokio::spawn(health::run_checker(
+        ControlContext::new(
             Arc::clone(&shared),
-            Arc::clone(&ctx.checker),
-            Arc::clone(&ctx.wake),
-        ));
+            config_path.clone(),
+            cfg,
+            Arc::clone(&lifecycle),
+        )
+        .with_upgrade(UpgradeHooks {
+            sockets: Arc::new(sockets),
+            exe,
+            log_json: opts.log_json,
+        }),
+    );
+    let (workers, frontend) = rt.block_on(async {
+        let _guard = rt.enter();
+        // One probe round before serving, so health is known from the first query.
+        ctx.checker.probe_round(&shared).await;
+        tokio::spawn(Arc::clone(&ctx.checker).run(Arc::clone(&shared)));
         let workers = udp::spawn_workers(
             listeners.udp,
             Arc::clone(&shared),
             udp_settings,
-            Arc::clone(&udp_control),
+            Arc::clone(&lifecycle),
+            Arc::clone(&beats),
         )
         .context("cannot start udp workers")?;
+        let frontend = Arc::new(TcpFrontend::new(
+            Arc::clone(&shared),
+            tcp_settings,
+            Arc::clone(&lifecycle),
+        ));
         let mut servers = Vec::new();
         for l in listeners.tcp {
             let l = tokio::net::TcpListener::from_std(l).context("cannot register tcp listener")?;
-            servers.push(tokio::spawn(tcp::serve(
-                l,
-                Arc::clone(&shared),
-                tcp_set,
-                Arc::clone(&limits),
-                stop_rx.clone(),
-            )));
+            servers.push(tokio::spawn(tcp::serve(l, Arc::clone(&frontend))));
         }
         if let Some(l) = listeners.metrics {
             let l =
                 tokio::net::TcpListener::from_std(l).context("cannot register metrics listener")?;
-            tokio::spawn(crate::metrics::serve(
+            tokio::spawn(metrics::serve(
                 l,
                 Arc::clone(&shared),
-                stop_rx.clone(),
+                Arc::clone(&lifecycle),
             ));
         }
         if let Some(l) = control_listener {
             let l =
                 tokio::net::UnixListener::from_std(l).context("cannot register control socket")?;
-            tokio::spawn(crate::control::serve(l, Arc::clone(&ctx), stop_rx.clone()));
+            tokio::spawn(socket::serve(l, Arc::clone(&ctx), Arc::clone(&lifecycle)));
         }
         let set = shared.current();
         tracing::info!(
@@ -357,40 +336,31 @@ pub fn run(
         );
         match handoff {
             // Under systemd the old process makes this one the main PID before it exits.
-            Some((mut stream, _)) => crate::upgrade::report_ready(&mut stream),
-            None => crate::systemd::notify_ready(),
+            Some((mut stream, _)) => upgrade::report_ready(&mut stream),
+            None => systemd::notify_ready(),
         }
-        tokio::spawn(crate::systemd::run_watchdog(Arc::clone(&udp_control.beats)));
+        tokio::spawn(systemd::run_watchdog(Arc::clone(&beats)));
         wait_for_stop_signal(&ctx).await;
-        let new_pid = ctx
-            .upgrade
-            .as_ref()
-            .map_or(0, |h| h.new_pid.load(Ordering::Acquire));
-        if new_pid != 0 {
-            crate::systemd::notify_main_pid(new_pid);
-        } else {
-            crate::systemd::notify_stopping();
+        match lifecycle.successor() {
+            Some(pid) => systemd::notify_main_pid(pid),
+            None => systemd::notify_stopping(),
         }
         tracing::info!("shutting down: answering queries in flight");
-        let _ = stop_tx.send(true);
-        udp_control.stop.store(true, Ordering::Relaxed);
+        lifecycle.stop();
         for s in servers {
             let _ = s.await;
         }
         let deadline = tokio::time::Instant::now() + drain_timeout;
-        while limits.open() > 0 && tokio::time::Instant::now() < deadline {
+        while frontend.limits.open() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        anyhow::Ok(workers)
+        anyhow::Ok((workers, frontend))
     })?;
+    drop(frontend);
     for w in workers {
         let _ = w.join();
     }
-    let upgraded = ctx
-        .upgrade
-        .as_ref()
-        .is_some_and(|h| h.new_pid.load(Ordering::Acquire) != 0);
-    if !upgraded {
+    if lifecycle.successor().is_none() {
         // After an upgrade the socket file belongs to the new process.
         if let Some(p) = &ctx.config().control.socket {
             let _ = std::fs::remove_file(p);
@@ -398,6 +368,37 @@ pub fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Duplicates of every listening socket, kept for a later upgrade's hand-over.
+fn handoff_duplicates(
+    listeners: &Listeners,
+    control: Option<&std::os::unix::net::UnixListener>,
+) -> Result<HandoffSockets> {
+    let dup = |fd: std::io::Result<std::os::fd::OwnedFd>| {
+        fd.context("cannot duplicate a listening socket")
+    };
+    Ok(HandoffSockets {
+        udp: listeners
+            .udp
+            .iter()
+            .flatten()
+            .map(|s| dup(s.try_clone().map(Into::into)))
+            .collect::<Result<_>>()?,
+        tcp: listeners
+            .tcp
+            .iter()
+            .map(|s| dup(s.try_clone().map(Into::into)))
+            .collect::<Result<_>>()?,
+        metrics: listeners
+            .metrics
+            .as_ref()
+            .map(|s| dup(s.try_clone().map(Into::into)))
+            .transpose()?,
+        control: control
+            .map(|s| dup(s.try_clone().map(Into::into)))
+            .transpose()?,
+    })
 }
 
 /// Waits for SIGTERM or SIGINT, or for an upgrade to have handed over; SIGHUP in the meantime
@@ -413,21 +414,14 @@ async fn wait_for_stop_signal(ctx: &Arc<ControlContext>) {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };
-    let upgraded = async {
-        match &ctx.upgrade {
-            Some(h) => h.done.notified().await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(upgraded);
     loop {
         tokio::select! {
             _ = term.recv() => return,
             _ = int.recv() => return,
-            _ = &mut upgraded => return,
+            _ = ctx.lifecycle.stopped() => return,
             _ = hup.recv() => {
                 match ctx.reload() {
-                    Ok(_) => crate::systemd::notify_reloaded(),
+                    Ok(_) => systemd::notify_reloaded(),
                     Err(e) => tracing::warn!("{e}"),
                 }
             }
@@ -441,9 +435,4 @@ async fn wait_for_stop_signal(ctx: &Arc<ControlContext>) {
             }
         }
     }
-}
-
-/// Resolves once the stop flag is true (or its sender is gone).
-pub async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
 }

@@ -1,11 +1,13 @@
-//! Process-wide counters: queries, answers by RCODE, and every reason the proxy drops for.
+//! Process-wide counters (queries, answers by RCODE, every reason the proxy drops for) and the
+//! latency histograms each backend keeps.
 //!
 //! Plain atomics indexed by enums, so counting costs one relaxed add and the metrics exporter
 //! reads them without touching the per-packet path.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use crate::health::AllDown;
+use crate::config::AllDown;
 
 /// Every reason a packet, frame or connection is dropped. Each one is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +154,7 @@ impl BatchOp {
 
 impl Stats {
     #[inline]
-    pub fn drop(&self, reason: DropReason) {
+    pub fn dropped(&self, reason: DropReason) {
         self.drops[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -222,6 +224,114 @@ impl Stats {
     }
 }
 
+/// Upper bounds (seconds) of the answer latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+/// The same bounds in nanoseconds, for the hot path.
+const LATENCY_BUCKETS_NS: [u64; 14] = [
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+];
+
+/// A fixed-bucket latency histogram made of atomics: observing is a short scan and two adds.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Non-cumulative counts; the last slot is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+/// The bucket of a duration in nanoseconds (the last one is +Inf).
+#[inline]
+fn bucket_of(ns: u64) -> usize {
+    LATENCY_BUCKETS_NS
+        .iter()
+        .position(|&b| ns <= b)
+        .unwrap_or(LATENCY_BUCKETS_NS.len())
+}
+
+#[inline]
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
+}
+
+impl LatencyHistogram {
+    #[inline]
+    pub fn observe(&self, d: Duration) {
+        let ns = nanos(d);
+        self.buckets[bucket_of(ns)].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// The counts as Prometheus wants them: cumulative per bucket bound, total, sum.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut cumulative = [0u64; LATENCY_BUCKETS.len()];
+        let mut total = 0;
+        for (i, c) in cumulative.iter_mut().enumerate() {
+            total += self.buckets[i].load(Ordering::Relaxed);
+            *c = total;
+        }
+        total += self.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
+        HistogramSnapshot {
+            cumulative,
+            count: total,
+            sum_seconds: self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        }
+    }
+
+    /// Adds what a worker tallied over one batch.
+    pub fn merge(&self, local: &LocalHistogram) {
+        for (b, &n) in self.buckets.iter().zip(&local.buckets) {
+            if n > 0 {
+                b.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        self.sum_ns.fetch_add(local.sum_ns, Ordering::Relaxed);
+    }
+}
+
+/// A [`LatencyHistogram`] read at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    /// Observations at or under each bound of [`LATENCY_BUCKETS`].
+    pub cumulative: [u64; LATENCY_BUCKETS.len()],
+    /// All observations (the +Inf bucket).
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+/// A worker's tally over one batch, merged into the shared [`LatencyHistogram`] once per batch
+/// instead of two shared atomic adds per answer (the workers would fight over the cache line).
+#[derive(Debug, Default, Clone)]
+pub struct LocalHistogram {
+    buckets: [u64; LATENCY_BUCKETS.len() + 1],
+    sum_ns: u64,
+    pub count: u64,
+}
+
+impl LocalHistogram {
+    #[inline]
+    pub fn observe(&mut self, d: Duration) {
+        let ns = nanos(d);
+        self.buckets[bucket_of(ns)] += 1;
+        self.sum_ns = self.sum_ns.saturating_add(ns);
+        self.count += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,5 +344,34 @@ mod tests {
                 assert_ne!(s.as_str(), r.as_str());
             }
         }
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = LatencyHistogram::default();
+        h.observe(Duration::from_micros(50));
+        h.observe(Duration::from_micros(300));
+        h.observe(Duration::from_secs(10));
+        let p = h.snapshot();
+        assert_eq!(p.count, 3);
+        assert_eq!(p.cumulative[0], 1);
+        assert_eq!(p.cumulative[2], 2);
+        assert_eq!(*p.cumulative.last().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_merged_batch_tally_equals_observing_one_by_one() {
+        let direct = LatencyHistogram::default();
+        let merged = LatencyHistogram::default();
+        let mut local = LocalHistogram::default();
+        for us in [1, 40, 99, 100, 101, 2_000, 70_000, 5_000_000, 1, 1] {
+            let d = Duration::from_micros(us);
+            direct.observe(d);
+            local.observe(d);
+        }
+        assert_eq!(local.count, 10);
+        merged.merge(&local);
+        merged.merge(&LocalHistogram::default());
+        assert_eq!(direct.snapshot(), merged.snapshot());
     }
 }

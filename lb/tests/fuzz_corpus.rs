@@ -19,7 +19,7 @@ fn corpus(name: &str) -> Vec<Vec<u8>> {
 #[test]
 fn message_corpus() {
     for data in corpus("message") {
-        let _ = lb::udp::check_query(&data);
+        let _ = lb::dataplane::query::check_query(&data);
         let _ = lb::wire::soa_serial(&data);
         if let Ok(q) = lb::wire::question(&data) {
             assert!(q.end <= data.len());
@@ -42,13 +42,13 @@ fn tcp_frames_corpus() {
         'stream: for piece in stream.chunks((chunk as usize).max(1)) {
             buf.extend_from_slice(piece);
             loop {
-                match lb::tcp::next_frame(&buf, 16 * 1024) {
-                    lb::tcp::Frame::Complete(len) => {
-                        let _ = lb::udp::check_query(&buf[2..2 + len]);
+                match lb::dataplane::tcp::next_frame(&buf, 16 * 1024) {
+                    lb::dataplane::tcp::Frame::Complete(len) => {
+                        let _ = lb::dataplane::query::check_query(&buf[2..2 + len]);
                         buf.drain(..2 + len);
                     }
-                    lb::tcp::Frame::Incomplete => break,
-                    lb::tcp::Frame::Bad(_) => break 'stream,
+                    lb::dataplane::tcp::Frame::Incomplete => break,
+                    lb::dataplane::tcp::Frame::Bad(_) => break 'stream,
                 }
             }
         }

@@ -1,11 +1,15 @@
-//! Pooled TCP connections from the proxy to one backend (the downstream side of RFC 7766).
+//! Pooled TCP connections from the proxy to each backend (the downstream side of RFC 7766).
 //!
-//! Every [`Backend`] owns a [`TcpPool`] of a few persistent connections shared by all client
-//! connections. Each pooled connection is a task that pipelines queries under fresh random IDs
-//! and matches answers (ID and question) as they arrive, in any order. A connection closes
-//! once idle, so a backend removed by a swap loses its connections when its last query is done.
-//! A query whose connection breaks before it is answered is retried once on a fresh one (BIND
-//! closes idle connections on its own schedule, and a query can cross that close).
+//! [`TcpPools`] keeps one [`TcpPool`] per backend of the current set, in a table that follows
+//! the snapshot's generation: a backend that stays across a swap keeps its pool, a removed one's
+//! pool is dropped from the table and its connections close once their last query is done. The
+//! snapshot itself holds no connection.
+//!
+//! Each pooled connection is a task that pipelines queries under fresh random IDs and matches
+//! answers (ID and question) as they arrive, in any order. A connection closes once idle. A
+//! query whose connection breaks (or never opens) before it is answered is handed back to its
+//! client connection, which routes it once more over the *current* set (BIND closes idle
+//! connections on its own schedule, and a query can cross that close); a pool never routes.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -13,15 +17,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
-use crate::backend::{Backend, Shared};
-use crate::stats::DropReason;
+use crate::backend::{Backend, BackendSet};
+use crate::stats::{DropReason, Stats};
 use crate::wire::{self, Question};
 
 /// How often a pooled connection checks timeouts.
@@ -30,6 +34,7 @@ const TICK: Duration = Duration::from_millis(50);
 /// Settings for pooled backend connections, fixed at start.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolSettings {
+    pub size: usize,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub write_timeout: Duration,
@@ -54,10 +59,12 @@ pub struct TcpQuery {
     /// The question, with offsets relative to `frame[2..]`.
     pub question: Question,
     pub reply: mpsc::Sender<Answer>,
+    /// Where the query goes back if its backend connection fails, to be routed once more.
+    pub retry: mpsc::Sender<TcpQuery>,
     pub permit: OwnedSemaphorePermit,
     /// Query timeout from the snapshot the query was routed with.
     pub timeout: Duration,
-    /// Already retried once after a broken connection.
+    /// Already handed back once after a failed connection.
     pub retried: bool,
 }
 
@@ -65,8 +72,9 @@ struct ConnHandle {
     tx: mpsc::Sender<TcpQuery>,
 }
 
-/// A backend's pooled connections.
+/// One backend's pooled connections.
 pub struct TcpPool {
+    backend: Arc<Backend>,
     slots: Box<[ArcSwapOption<ConnHandle>]>,
     next: AtomicUsize,
 }
@@ -79,6 +87,7 @@ impl fmt::Debug for TcpPool {
             .filter(|s| s.load().as_ref().is_some_and(|h| !h.tx.is_closed()))
             .count();
         f.debug_struct("TcpPool")
+            .field("backend", &self.backend.addr)
             .field("size", &self.slots.len())
             .field("open", &open)
             .finish()
@@ -86,26 +95,21 @@ impl fmt::Debug for TcpPool {
 }
 
 impl TcpPool {
-    pub fn new(size: usize) -> Self {
+    fn new(backend: Arc<Backend>, size: usize) -> Self {
         TcpPool {
+            backend,
             slots: (0..size.max(1)).map(|_| ArcSwapOption::empty()).collect(),
             next: AtomicUsize::new(0),
         }
     }
 
-    /// Hands a query to one of `backend`'s pooled connections, opening one if needed.
-    ///
-    /// Must run inside the tokio runtime. On failure the query is dropped and counted here.
-    pub fn dispatch(
-        &self,
-        backend: &Arc<Backend>,
-        q: TcpQuery,
-        settings: PoolSettings,
-        shared: &Arc<Shared>,
-    ) {
+    /// Hands a query to one of the pooled connections, opening one if needed. Must run inside
+    /// the tokio runtime. On failure the query is dropped and counted here.
+    fn dispatch(&self, q: TcpQuery, settings: &PoolSettings, stats: &Arc<Stats>) {
+        let backend = &self.backend;
         backend.state.in_flight_add(1);
         if !q.retried {
-            // A retry after a broken connection is the same query, counted once.
+            // A query handed back and routed again is still one query.
             backend.state.queries.fetch_add(1, Ordering::Relaxed);
         }
         let n = self.slots.len();
@@ -131,7 +135,7 @@ impl TcpPool {
         }
         let Some(i) = reopen else {
             backend.state.in_flight_done();
-            shared.stats.drop(DropReason::BackendFull);
+            stats.dropped(DropReason::BackendFull);
             return;
         };
         let (tx, rx) = mpsc::channel(settings.max_in_flight);
@@ -141,9 +145,82 @@ impl TcpPool {
         tokio::spawn(run_conn(
             Arc::clone(backend),
             rx,
-            settings,
-            Arc::clone(shared),
+            *settings,
+            Arc::clone(stats),
         ));
+    }
+}
+
+/// The pools of the current set's backends, parallel to its `backends`.
+struct PoolTable {
+    generation: u64,
+    pools: Vec<Arc<TcpPool>>,
+}
+
+/// Every backend's pool, owned by the TCP data plane and shared by its client connections.
+pub struct TcpPools {
+    table: ArcSwap<PoolTable>,
+    settings: PoolSettings,
+    stats: Arc<Stats>,
+}
+
+impl TcpPools {
+    pub fn new(settings: PoolSettings, stats: Arc<Stats>) -> TcpPools {
+        TcpPools {
+            table: ArcSwap::from_pointee(PoolTable {
+                generation: 0,
+                pools: Vec::new(),
+            }),
+            settings,
+            stats,
+        }
+    }
+
+    /// Hands `q` to the pool of backend `i` of `set`.
+    pub fn dispatch(&self, set: &BackendSet, i: usize, q: TcpQuery) {
+        self.pool(set, i).dispatch(q, &self.settings, &self.stats);
+    }
+
+    /// The pool of backend `i` of `set`. The table follows the newest snapshot seen: the first
+    /// query after a swap rebuilds it, keeping the pools of backends that stayed.
+    fn pool(&self, set: &BackendSet, i: usize) -> Arc<TcpPool> {
+        let t = self.table.load();
+        if t.generation == set.generation {
+            return Arc::clone(&t.pools[i]);
+        }
+        if set.generation > t.generation {
+            self.table.rcu(|old| {
+                if old.generation >= set.generation {
+                    return Arc::clone(old);
+                }
+                let pools = set
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        old.pools
+                            .iter()
+                            .find(|p| Arc::ptr_eq(&p.backend, b))
+                            .cloned()
+                            .unwrap_or_else(|| {
+                                Arc::new(TcpPool::new(Arc::clone(b), self.settings.size))
+                            })
+                    })
+                    .collect();
+                Arc::new(PoolTable {
+                    generation: set.generation,
+                    pools,
+                })
+            });
+        }
+        // Routed on an older snapshot than the table's (a swap raced this query): its backend
+        // may still be pooled; otherwise a one-off pool serves this query.
+        let t = self.table.load();
+        let b = &set.backends[i];
+        t.pools
+            .iter()
+            .find(|p| Arc::ptr_eq(&p.backend, b))
+            .cloned()
+            .unwrap_or_else(|| Arc::new(TcpPool::new(Arc::clone(b), 1)))
     }
 }
 
@@ -158,18 +235,22 @@ async fn run_conn(
     backend: Arc<Backend>,
     mut rx: mpsc::Receiver<TcpQuery>,
     settings: PoolSettings,
-    shared: Arc<Shared>,
+    stats: Arc<Stats>,
 ) {
     let connect = tokio::time::timeout(settings.connect_timeout, TcpStream::connect(backend.addr));
     let stream = match connect.await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!("tcp connect to {} failed: {e}", backend.addr);
-            return fail_queued(&backend, &mut rx, &shared);
+            rx.close();
+            let queued: Vec<TcpQuery> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+            return hand_back(&backend, queued, &stats);
         }
         Err(_) => {
             tracing::debug!("tcp connect to {} timed out", backend.addr);
-            return fail_queued(&backend, &mut rx, &shared);
+            rx.close();
+            let queued: Vec<TcpQuery> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+            return hand_back(&backend, queued, &stats);
         }
     };
     let _ = stream.set_nodelay(true);
@@ -214,7 +295,7 @@ async fn run_conn(
                     Ok(_) => {}
                 }
                 last_active = Instant::now();
-                let used = handle_answers(&mut rbuf, &mut pending, &backend, &shared);
+                let used = handle_answers(&mut rbuf, &mut pending, &backend, &stats);
                 rbuf.drain(..used);
             }
             _ = tick.tick() => {
@@ -223,9 +304,8 @@ async fn run_conn(
                     if now.saturating_duration_since(p.sent_at) < p.query.timeout {
                         return true;
                     }
-                    backend.state.timeouts.fetch_add(1, Ordering::Relaxed);
-                    backend.state.in_flight_done();
-                    shared.stats.drop(DropReason::BackendTimeout);
+                    backend.state.timed_out();
+                    stats.dropped(DropReason::BackendTimeout);
                     false
                 });
                 if pending.is_empty() && !rx_done && now.saturating_duration_since(last_active) >= settings.idle_timeout {
@@ -237,7 +317,6 @@ async fn run_conn(
         }
     };
     if broken {
-        // Retry each unanswered query once on a fresh connection; then those still queued.
         rx.close();
         let queued = std::iter::from_fn(|| rx.try_recv().ok());
         let unanswered: Vec<TcpQuery> = pending
@@ -245,25 +324,27 @@ async fn run_conn(
             .map(|p| p.query)
             .chain(queued)
             .collect();
-        for mut q in unanswered {
-            // Every query was counted in flight by dispatch; a retry counts it again.
-            backend.state.in_flight_done();
-            if q.retried {
-                shared.stats.drop(DropReason::TcpBackendError);
-                continue;
-            }
-            q.retried = true;
-            backend.tcp_pool.dispatch(&backend, q, settings, &shared);
-        }
+        hand_back(&backend, unanswered, &stats);
     }
 }
 
-/// Fails (or retries once) every query waiting in a connection that never opened.
-fn fail_queued(backend: &Arc<Backend>, rx: &mut mpsc::Receiver<TcpQuery>, shared: &Arc<Shared>) {
-    rx.close();
-    while let Ok(_q) = rx.try_recv() {
+/// Hands queries whose connection failed back to their client connections, to be routed once
+/// more; a query that was handed back before is dropped and counted.
+fn hand_back(backend: &Backend, queries: Vec<TcpQuery>, stats: &Stats) {
+    for mut q in queries {
+        // Every query was counted in flight by dispatch; routing it again counts it anew.
         backend.state.in_flight_done();
-        shared.stats.drop(DropReason::TcpBackendError);
+        if q.retried {
+            stats.dropped(DropReason::TcpBackendError);
+            continue;
+        }
+        q.retried = true;
+        let retry = q.retry.clone();
+        // The channel has a place per in-flight permit, so it is never full; it is closed
+        // only when the client connection has gone.
+        if retry.try_send(q).is_err() {
+            stats.dropped(DropReason::ClientGone);
+        }
     }
 }
 
@@ -272,7 +353,7 @@ fn handle_answers(
     rbuf: &mut [u8],
     pending: &mut HashMap<u16, Pending>,
     backend: &Backend,
-    shared: &Shared,
+    stats: &Stats,
 ) -> usize {
     let mut off = 0;
     while rbuf.len() - off >= 2 {
@@ -283,27 +364,25 @@ fn handle_answers(
         let msg = &mut rbuf[off + 2..off + 2 + len];
         off += 2 + len;
         let Ok(h) = wire::header(msg) else {
-            shared.stats.drop(DropReason::BadAnswer);
+            stats.dropped(DropReason::BadAnswer);
             continue;
         };
         if !h.qr {
-            shared.stats.drop(DropReason::BadAnswer);
+            stats.dropped(DropReason::BadAnswer);
             continue;
         }
         let Some(p) = pending.get(&h.id) else {
-            shared.stats.drop(DropReason::UnmatchedAnswer);
+            stats.dropped(DropReason::UnmatchedAnswer);
             continue;
         };
         if !wire::same_question(&p.query.frame[2..], &p.query.question, msg) {
-            shared.stats.drop(DropReason::MismatchedQuestion);
+            stats.dropped(DropReason::MismatchedQuestion);
             continue;
         }
         let Some(p) = pending.remove(&h.id) else {
             continue;
         };
-        backend.state.answers.fetch_add(1, Ordering::Relaxed);
-        backend.state.in_flight_done();
-        backend.state.latency.observe(p.sent_at.elapsed());
+        backend.state.answered_one(p.sent_at.elapsed());
         wire::set_id(msg, p.client_id);
         let mut frame = Vec::with_capacity(len + 2);
         frame.extend_from_slice(&(len as u16).to_be_bytes());
@@ -315,7 +394,7 @@ fn handle_answers(
         // The channel has one place per permit, so it is never full; it is closed only when
         // the client has gone.
         if p.query.reply.try_send(answer).is_err() {
-            shared.stats.drop(DropReason::ClientGone);
+            stats.dropped(DropReason::ClientGone);
         }
     }
     off
@@ -324,22 +403,7 @@ fn handle_answers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::SetParams;
-    use crate::health::AllDown;
-    use crate::policy::Policy;
     use proptest::prelude::*;
-
-    fn shared() -> Shared {
-        let p = SetParams {
-            policy: Policy::RoundRobin,
-            timeout: Duration::from_secs(1),
-            resend_after: Duration::from_millis(100),
-            all_down: AllDown::FailOpen,
-            passive_timeouts: 0,
-            checked: false,
-        };
-        Shared::new(p, &["127.0.0.1:53".parse().unwrap()], 1, 1)
-    }
 
     proptest! {
         /// Backend answer streams of arbitrary bytes, in arbitrary chunks: never a panic,
@@ -349,8 +413,8 @@ mod tests {
             bytes in proptest::collection::vec(any::<u8>(), 0..2000),
             cuts in proptest::collection::vec(1usize..300, 1..20),
         ) {
-            let sh = shared();
-            let b = sh.current().backends[0].clone();
+            let stats = Stats::default();
+            let b = Backend::new("127.0.0.1:53".parse().unwrap());
             let mut pending = HashMap::new();
             let mut rbuf = Vec::new();
             let mut pos = 0;
@@ -359,7 +423,7 @@ mod tests {
                 let n = (*cut.next().unwrap()).min(bytes.len() - pos);
                 rbuf.extend_from_slice(&bytes[pos..pos + n]);
                 pos += n;
-                let used = handle_answers(&mut rbuf, &mut pending, &b, &sh);
+                let used = handle_answers(&mut rbuf, &mut pending, &b, &stats);
                 prop_assert!(used <= rbuf.len());
                 rbuf.drain(..used);
             }

@@ -11,6 +11,15 @@
 //! calls and, more importantly on loopback, the wake-ups of the receiving processes, by the
 //! batch size; at low rates a batch is a single datagram and nothing waits for a batch to fill.
 //!
+//! A wake-up runs in phases, and calls only go down this list, never back up:
+//! 1. read each ready socket: [`Worker::read_listener`] validates, routes and queues queries,
+//!    [`Worker::read_upstream`] matches answers and queues replies;
+//! 2. [`Worker::flush`] sends what is queued; a backend found closed (ICMP port unreachable)
+//!    is only noted while sending, and then [`Worker::evacuate`]d: marked down, its queries
+//!    queued for the rest of the set, sent in the next bounded round;
+//! 3. every tick, [`Worker::scan_tables`] expires old queries and re-sends those stuck on
+//!    removed or down backends.
+//!
 //! After a swap a worker keeps the upstreams of removed backends ("retired") until their tables
 //! are empty: late answers from old backends are still delivered, and a query an old backend
 //! leaves unanswered for `resend_after` is re-sent once to the new set.
@@ -18,7 +27,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -27,12 +36,14 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use rand::Rng;
 
-use crate::backend::{Backend, BackendSet, Choice, Shared};
+use crate::backend::{Backend, BackendSet, Shared};
+use crate::dataplane::query::{check_query, route, Route};
 use crate::inflight::InflightTable;
-use crate::metrics::LocalHistogram;
+use crate::lifecycle::Lifecycle;
 use crate::mmsg::{RecvBatch, SendBatch, MAX_BATCH};
+use crate::probe::ProbeFailure;
 use crate::sockets::{build_upstream_udp, BufferSizes};
-use crate::stats::{BatchOp, DropReason, Proto};
+use crate::stats::{BatchOp, DropReason, LocalHistogram, Proto};
 use crate::systemd::Heartbeats;
 use crate::wire::{self, Question};
 
@@ -54,39 +65,24 @@ pub struct UdpSettings {
     pub drain_timeout: Duration,
 }
 
-/// Flags the control plane sets to stop the workers, and the workers' liveness.
-#[derive(Debug)]
-pub struct UdpControl {
-    /// Stop reading listeners; answer what is in flight, then exit.
-    pub stop: AtomicBool,
-    /// One heartbeat per worker, for the systemd watchdog.
-    pub beats: Arc<Heartbeats>,
-}
-
-impl UdpControl {
-    pub fn new(workers: usize) -> UdpControl {
-        UdpControl {
-            stop: AtomicBool::new(false),
-            beats: Arc::new(Heartbeats::new(workers)),
-        }
-    }
-}
-
 /// Starts one worker thread per entry of `listeners` (each entry: one socket per listen address).
+/// Workers stop reading when `lifecycle` stops, and beat `beats` once per wake-up.
 pub fn spawn_workers(
     listeners: Vec<Vec<std::net::UdpSocket>>,
     shared: Arc<Shared>,
     settings: UdpSettings,
-    control: Arc<UdpControl>,
+    lifecycle: Arc<Lifecycle>,
+    beats: Arc<Heartbeats>,
 ) -> io::Result<Vec<JoinHandle<()>>> {
     let mut handles = Vec::new();
     for (n, socks) in listeners.into_iter().enumerate() {
         let shared = Arc::clone(&shared);
-        let control = Arc::clone(&control);
+        let lifecycle = Arc::clone(&lifecycle);
+        let beats = Arc::clone(&beats);
         let h = std::thread::Builder::new()
             .name(format!("lb-udp-{n}"))
             .spawn(move || match Worker::new(socks, shared, settings) {
-                Ok(mut w) => w.run(&control, n),
+                Ok(mut w) => w.run(&lifecycle, &beats, n),
                 Err(e) => tracing::error!("udp worker {n} failed to start: {e}"),
             })?;
         handles.push(h);
@@ -105,6 +101,14 @@ struct Upstream {
     retired: bool,
 }
 
+/// Why a query was not forwarded.
+enum Refusal {
+    /// Drop it and count this reason.
+    Drop(DropReason),
+    /// Answer SERVFAIL (every backend down, `all_down = "servfail"`).
+    Servfail,
+}
+
 struct Worker {
     poll: Poll,
     listeners: Vec<UdpSocket>,
@@ -113,6 +117,9 @@ struct Worker {
     /// For the snapshot of `route_generation`: backend index -> upstream index.
     route: Vec<Option<usize>>,
     route_generation: u64,
+    /// From the snapshot of `route_generation`: passive checks run, so a query refused by a
+    /// closed port is kept and moved rather than dropped.
+    evacuate_refused: bool,
     shared: Arc<Shared>,
     settings: UdpSettings,
     /// Queries read from a listener.
@@ -121,7 +128,7 @@ struct Worker {
     answers: RecvBatch,
     /// Per listener: answers waiting for the next `sendmmsg`.
     replies: Vec<SendBatch>,
-    /// Upstreams whose last flush found the backend's port closed.
+    /// Upstreams whose backend's port was found closed since the last [`Worker::flush`].
     refused: Vec<usize>,
     /// Copy of a query being re-sent.
     resend_buf: Vec<u8>,
@@ -158,6 +165,7 @@ impl Worker {
             upstreams: Vec::new(),
             route: Vec::new(),
             route_generation: 0,
+            evacuate_refused: false,
             shared,
             settings,
             // One byte more than allowed, to tell an oversized query from a full-size one.
@@ -174,7 +182,7 @@ impl Worker {
         })
     }
 
-    fn run(&mut self, control: &UdpControl, n: usize) {
+    fn run(&mut self, lifecycle: &Lifecycle, beats: &Heartbeats, n: usize) {
         let mut events = Events::with_capacity(256);
         let mut last_scan = Instant::now();
         let mut stopping: Option<Instant> = None;
@@ -190,8 +198,8 @@ impl Worker {
                     return;
                 }
             }
-            control.beats.beat(n);
-            if stopping.is_none() && control.stop.load(Ordering::Relaxed) {
+            beats.beat(n);
+            if stopping.is_none() && lifecycle.is_stopping() {
                 stopping = Some(Instant::now());
                 for l in &mut self.listeners {
                     let _ = self.poll.registry().deregister(l);
@@ -211,8 +219,11 @@ impl Worker {
                 let more = if tok.0 < self.listeners.len() {
                     stopping.is_none() && self.read_listener(tok.0, &set)
                 } else {
-                    self.read_upstream(tok.0 - self.listeners.len(), &set)
+                    self.read_upstream(tok.0 - self.listeners.len())
                 };
+                // Send at once per socket batch, so backends and clients start working while
+                // the next socket is read.
+                self.flush(&set);
                 if more && !self.next_hot.contains(&tok) {
                     self.next_hot.push(tok);
                 }
@@ -225,7 +236,7 @@ impl Worker {
             if now.duration_since(last_scan) >= TICK {
                 last_scan = now;
                 self.scan_tables(&set, now);
-                self.flush_upstreams(&set);
+                self.flush(&set);
             }
             if let Some(since) = stopping {
                 let in_flight: usize = self.upstreams.iter().flatten().map(|u| u.table.len()).sum();
@@ -260,6 +271,7 @@ impl Worker {
             self.route.push(idx);
         }
         self.route_generation = set.generation;
+        self.evacuate_refused = set.passive_timeouts != 0;
     }
 
     fn add_upstream(&mut self, backend: &Arc<Backend>) -> Option<usize> {
@@ -298,8 +310,10 @@ impl Worker {
         Some(idx)
     }
 
-    /// Reads one batch of queries from listener `li` and sends them on; true if the
-    /// listener may have more.
+    // ----- phase 1: reading -----
+
+    /// Reads one batch of queries from listener `li` and queues them; true if the listener
+    /// may have more.
     fn read_listener(&mut self, li: usize, set: &BackendSet) -> bool {
         let mut batch = std::mem::take(&mut self.queries);
         let more = match batch.recv(self.listeners[li].as_raw_fd()) {
@@ -312,7 +326,7 @@ impl Worker {
                     match from {
                         Some(client) => self.handle_query(msg, truncated, client, li, set, now),
                         // Not possible on an IPv4/IPv6 socket; counted rather than ignored.
-                        None => self.shared.stats.drop(DropReason::SendFailed),
+                        None => self.shared.stats.dropped(DropReason::SendFailed),
                     }
                 }
                 // A short batch means the queue was empty; edge-triggered polling reports
@@ -324,8 +338,6 @@ impl Worker {
             Err(_) => true,
         };
         self.queries = batch;
-        self.flush_upstreams(set);
-        self.flush_replies();
         more
     }
 
@@ -340,205 +352,25 @@ impl Worker {
     ) {
         let stats = &self.shared.stats;
         if truncated || msg.len() > self.settings.max_datagram {
-            return stats.drop(DropReason::OversizedDatagram);
+            return stats.dropped(DropReason::OversizedDatagram);
         }
         let q = match check_query(msg) {
             Ok(q) => q,
-            Err(r) => return stats.drop(r),
+            Err(r) => return stats.dropped(r),
         };
         match self.forward(msg, q, client, li, set, now) {
-            Ok(_) | Err(Forward::Counted) => {}
-            Err(Forward::Drop(r)) => self.shared.stats.drop(r),
-            Err(Forward::Servfail) => {
+            Ok(_) => {}
+            Err(Refusal::Drop(r)) => self.shared.stats.dropped(r),
+            Err(Refusal::Servfail) => {
                 let n = wire::make_servfail(msg, &q);
                 self.queue_reply(li, &msg[..n], client);
             }
         }
     }
 
-    /// Queues a validated query for a backend of `set` under a fresh random ID; it leaves
-    /// with the backend's next flush.
-    fn forward(
-        &mut self,
-        msg: &mut [u8],
-        q: Question,
-        client: SocketAddr,
-        li: usize,
-        set: &BackendSet,
-        now: Instant,
-    ) -> Result<(usize, u16), Forward> {
-        self.counter = self.counter.wrapping_add(1);
-        let bi = match set.choose(msg, &q, self.counter, &self.shared.stats) {
-            Choice::Backend(i) => i,
-            Choice::Servfail => return Err(Forward::Servfail),
-            Choice::Drop => return Err(Forward::Counted),
-        };
-        let ui = self
-            .route
-            .get(bi)
-            .copied()
-            .flatten()
-            .ok_or(Forward::Drop(DropReason::SendFailed))?;
-        if self.upstreams[ui]
-            .as_ref()
-            .is_some_and(|u| u.out.is_full(msg.len()))
-        {
-            self.flush_upstream(ui, set);
-        }
-        let rng = &mut self.rng;
-        let Some(up) = self.upstreams[ui].as_mut() else {
-            return Err(Forward::Drop(DropReason::SendFailed));
-        };
-        let id = up
-            .table
-            .insert(|| rng.random(), client, li, msg, q, now)
-            .map_err(|_| Forward::Drop(DropReason::BackendFull))?;
-        let client_id = wire::id(msg);
-        wire::set_id(msg, id);
-        let queued = up.out.push(msg, None, u32::from(id));
-        wire::set_id(msg, client_id);
-        if !queued {
-            // Only a query longer than max_datagram could fail to fit, and those are dropped
-            // before this point.
-            up.table.release(id);
-            return Err(Forward::Drop(DropReason::SendFailed));
-        }
-        up.backend.state.in_flight_add(1);
-        Ok((ui, id))
-    }
-
-    /// Sends the queries queued for upstream `ui`. A query the kernel refuses is taken out of
-    /// the table and counted, except when the backend's port is closed and health checks run:
-    /// then it stays, and [`Self::backend_refused`] moves it to another backend.
-    fn flush_upstream(&mut self, ui: usize, set: &BackendSet) {
-        let Some(up) = self.upstreams[ui].as_mut() else {
-            return;
-        };
-        if up.out.is_empty() {
-            return;
-        }
-        let fd = up.socket.as_raw_fd();
-        let stats = &self.shared.stats;
-        let keep_refused = set.passive_timeouts != 0;
-        let (mut sent, mut refused) = (0u64, false);
-        let queued = up.out.len();
-        let calls = up.out.flush(fd, |(tag, _, result)| match result {
-            Ok(()) => sent += 1,
-            Err(e) if keep_refused && e.kind() == io::ErrorKind::ConnectionRefused => {
-                refused = true;
-            }
-            Err(_) => {
-                if up.table.release(tag as u16) {
-                    up.backend.state.in_flight_done();
-                }
-                stats.drop(DropReason::SendFailed);
-            }
-        });
-        up.backend.state.queries.fetch_add(sent, Ordering::Relaxed);
-        stats.batch(BatchOp::Send, calls, queued);
-        if refused && !self.refused.contains(&ui) {
-            self.refused.push(ui);
-        }
-    }
-
-    /// Sends every queued query, then moves the queries of backends found closed meanwhile
-    /// (which queues them again, for other backends).
-    fn flush_upstreams(&mut self, set: &BackendSet) {
-        for _ in 0..MAX_FLUSH_ROUNDS {
-            for ui in 0..self.upstreams.len() {
-                self.flush_upstream(ui, set);
-            }
-            if self.refused.is_empty() {
-                return;
-            }
-            let mut refused = std::mem::take(&mut self.refused);
-            for &ui in &refused {
-                self.backend_refused(ui, set);
-            }
-            refused.clear();
-            self.refused = refused;
-        }
-    }
-
-    /// Queues an answer to `client` on listener `li`.
-    fn queue_reply(&mut self, li: usize, msg: &[u8], client: SocketAddr) {
-        if self.replies[li].is_full(msg.len()) {
-            self.flush_replies_of(li);
-        }
-        if !self.replies[li].push(msg, Some(client), 0) {
-            self.shared.stats.drop(DropReason::SendFailed);
-        }
-    }
-
-    fn flush_replies_of(&mut self, li: usize) {
-        let fd = self.listeners[li].as_raw_fd();
-        let stats = &self.shared.stats;
-        let queued = self.replies[li].len();
-        let mut by_rcode = [0u32; 16];
-        let calls = self.replies[li].flush(fd, |(_, msg, result)| match result {
-            Ok(()) => by_rcode[usize::from(msg.get(3).map_or(0, |b| b & 0x0f))] += 1,
-            Err(_) => stats.drop(DropReason::SendFailed),
-        });
-        stats.responses_add(&by_rcode);
-        stats.batch(BatchOp::Send, calls, queued);
-    }
-
-    fn flush_replies(&mut self) {
-        for li in 0..self.replies.len() {
-            if !self.replies[li].is_empty() {
-                self.flush_replies_of(li);
-            }
-        }
-    }
-
-    /// Reads one batch of answers from upstream `ui` and relays them; true if the socket may
-    /// have more.
-    fn read_upstream(&mut self, ui: usize, set: &BackendSet) -> bool {
-        let mut refused = false;
-        let more = self.read_answers(ui, &mut refused);
-        self.flush_replies();
-        if refused {
-            self.backend_refused(ui, set);
-            self.flush_upstreams(set);
-        }
-        more
-    }
-
-    /// The backend's port answered ICMP "port unreachable" (nothing listens there any more).
-    /// With health checks on, that is proof enough: mark it down at once and re-send what it
-    /// had in flight to the rest of the set instead of letting those queries time out. The
-    /// active probe brings it back. Without health checks nothing would, so timeouts decide.
-    fn backend_refused(&mut self, ui: usize, set: &BackendSet) {
-        let Some(up) = self.upstreams[ui].as_mut() else {
-            return;
-        };
-        if set.passive_timeouts == 0 {
-            return;
-        }
-        let st = &up.backend.state;
-        if st.is_up() {
-            st.set_up(false);
-            st.set_reason(crate::health::ProbeFailure::Network);
-            st.health_ok.store(0, Ordering::Relaxed);
-            st.count_health_failure(crate::health::ProbeFailure::Network);
-            tracing::warn!(
-                "backend {} is down: port unreachable on live traffic",
-                up.backend.addr
-            );
-        }
-        let mut ids = std::mem::take(&mut self.expired);
-        ids.clear();
-        let now = Instant::now();
-        up.table.older_than(now, Duration::ZERO, &mut ids);
-        for &id in &ids {
-            self.resend_once(ui, id, set, now);
-        }
-        self.expired = ids;
-    }
-
-    /// Reads one batch of answers and queues those that match a query in flight; true if the
-    /// socket may have more.
-    fn read_answers(&mut self, ui: usize, refused: &mut bool) -> bool {
+    /// Reads one batch of answers from upstream `ui` and queues those that match a query in
+    /// flight; true if the socket may have more. A closed port is only noted here.
+    fn read_upstream(&mut self, ui: usize) -> bool {
         let Some(fd) = self
             .upstreams
             .get(ui)
@@ -563,7 +395,9 @@ impl Worker {
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
             Err(e) => {
-                *refused |= e.kind() == io::ErrorKind::ConnectionRefused;
+                if e.kind() == io::ErrorKind::ConnectionRefused {
+                    self.note_refused(ui);
+                }
                 true
             }
         };
@@ -579,17 +413,17 @@ impl Worker {
         };
         let stats = &self.shared.stats;
         let Ok(h) = wire::header(msg) else {
-            return stats.drop(DropReason::BadAnswer);
+            return stats.dropped(DropReason::BadAnswer);
         };
         if !h.qr {
-            return stats.drop(DropReason::BadAnswer);
+            return stats.dropped(DropReason::BadAnswer);
         }
         let Some(slot) = up.table.get(h.id) else {
-            return stats.drop(DropReason::UnmatchedAnswer);
+            return stats.dropped(DropReason::UnmatchedAnswer);
         };
         if !wire::same_question(&slot.query, &slot.question, msg) {
             // Keep the slot: a spoofed answer must not cancel the real one.
-            return stats.drop(DropReason::MismatchedQuestion);
+            return stats.dropped(DropReason::MismatchedQuestion);
         }
         wire::set_id(msg, slot.client_id);
         let (li, client) = (slot.listener, slot.client);
@@ -597,6 +431,177 @@ impl Worker {
         up.table.release(h.id);
         self.queue_reply(li, msg, client);
     }
+
+    // ----- queueing (never sends more than a full batch, never re-sends) -----
+
+    /// Routes a validated query over `set` and queues it for its backend under a fresh random
+    /// ID; returns where it went.
+    fn forward(
+        &mut self,
+        msg: &mut [u8],
+        q: Question,
+        client: SocketAddr,
+        li: usize,
+        set: &BackendSet,
+        now: Instant,
+    ) -> Result<(usize, u16), Refusal> {
+        self.counter = self.counter.wrapping_add(1);
+        let bi = match route(set, msg, &q, self.counter, &self.shared.stats) {
+            Route::Backend(i) => i,
+            Route::Servfail => return Err(Refusal::Servfail),
+            Route::Drop(r) => return Err(Refusal::Drop(r)),
+        };
+        let ui = self
+            .route
+            .get(bi)
+            .copied()
+            .flatten()
+            .ok_or(Refusal::Drop(DropReason::SendFailed))?;
+        if self.upstreams[ui]
+            .as_ref()
+            .is_some_and(|u| u.out.is_full(msg.len()))
+        {
+            self.send_queued(ui);
+        }
+        let rng = &mut self.rng;
+        let Some(up) = self.upstreams[ui].as_mut() else {
+            return Err(Refusal::Drop(DropReason::SendFailed));
+        };
+        let id = up
+            .table
+            .insert(|| rng.random(), client, li, msg, q, now)
+            .map_err(|_| Refusal::Drop(DropReason::BackendFull))?;
+        let client_id = wire::id(msg);
+        wire::set_id(msg, id);
+        let queued = up.out.push(msg, None, u32::from(id));
+        wire::set_id(msg, client_id);
+        if !queued {
+            // Only a query longer than max_datagram could fail to fit, and those are dropped
+            // before this point.
+            up.table.release(id);
+            return Err(Refusal::Drop(DropReason::SendFailed));
+        }
+        up.backend.state.in_flight_add(1);
+        Ok((ui, id))
+    }
+
+    /// Queues an answer to `client` on listener `li`.
+    fn queue_reply(&mut self, li: usize, msg: &[u8], client: SocketAddr) {
+        if self.replies[li].is_full(msg.len()) {
+            self.send_replies(li);
+        }
+        if !self.replies[li].push(msg, Some(client), 0) {
+            self.shared.stats.dropped(DropReason::SendFailed);
+        }
+    }
+
+    /// Records that upstream `ui`'s backend refused a datagram (port closed); handled by the
+    /// next [`Self::flush`].
+    fn note_refused(&mut self, ui: usize) {
+        if !self.refused.contains(&ui) {
+            self.refused.push(ui);
+        }
+    }
+
+    // ----- phase 2: sending -----
+
+    /// Sends the queries queued for upstream `ui`. A query the kernel refuses is taken out of
+    /// the table and counted, except when the backend's port is closed and health checks run:
+    /// then it stays, the refusal is noted, and [`Self::flush`] evacuates it.
+    fn send_queued(&mut self, ui: usize) {
+        let keep_refused = self.evacuate_refused;
+        let Some(up) = self.upstreams[ui].as_mut() else {
+            return;
+        };
+        if up.out.is_empty() {
+            return;
+        }
+        let fd = up.socket.as_raw_fd();
+        let stats = &self.shared.stats;
+        let (mut sent, mut refused) = (0u64, false);
+        let queued = up.out.len();
+        let calls = up.out.flush(fd, |(tag, _, result)| match result {
+            Ok(()) => sent += 1,
+            Err(e) if keep_refused && e.kind() == io::ErrorKind::ConnectionRefused => {
+                refused = true;
+            }
+            Err(_) => {
+                if up.table.release(tag as u16) {
+                    up.backend.state.in_flight_done();
+                }
+                stats.dropped(DropReason::SendFailed);
+            }
+        });
+        up.backend.state.queries.fetch_add(sent, Ordering::Relaxed);
+        stats.batch(BatchOp::Send, calls, queued);
+        if refused {
+            self.note_refused(ui);
+        }
+    }
+
+    fn send_replies(&mut self, li: usize) {
+        let fd = self.listeners[li].as_raw_fd();
+        let stats = &self.shared.stats;
+        let queued = self.replies[li].len();
+        let mut by_rcode = [0u32; 16];
+        let calls = self.replies[li].flush(fd, |(_, msg, result)| match result {
+            Ok(()) => by_rcode[usize::from(msg.get(3).map_or(0, |b| b & 0x0f))] += 1,
+            Err(_) => stats.dropped(DropReason::SendFailed),
+        });
+        stats.responses_add(&by_rcode);
+        stats.batch(BatchOp::Send, calls, queued);
+    }
+
+    /// Sends every queued query and reply. Backends found closed meanwhile are evacuated and
+    /// the queries they had are sent in the next round (bounded: a query moves once).
+    fn flush(&mut self, set: &BackendSet) {
+        for _ in 0..MAX_FLUSH_ROUNDS {
+            for ui in 0..self.upstreams.len() {
+                self.send_queued(ui);
+            }
+            if self.refused.is_empty() {
+                break;
+            }
+            let mut refused = std::mem::take(&mut self.refused);
+            for &ui in &refused {
+                self.evacuate(ui, set);
+            }
+            refused.clear();
+            self.refused = refused;
+        }
+        for li in 0..self.replies.len() {
+            if !self.replies[li].is_empty() {
+                self.send_replies(li);
+            }
+        }
+    }
+
+    /// The backend's port answered ICMP "port unreachable" (nothing listens there any more).
+    /// With health checks on, that is proof enough: mark it down at once and queue what it
+    /// had in flight for the rest of the set instead of letting those queries time out. The
+    /// active probe brings it back. Without health checks nothing would, so timeouts decide.
+    fn evacuate(&mut self, ui: usize, set: &BackendSet) {
+        let Some(up) = self.upstreams[ui].as_mut() else {
+            return;
+        };
+        if set.passive_timeouts == 0 {
+            return;
+        }
+        if up.backend.state.is_up() {
+            up.backend
+                .mark_down(ProbeFailure::Network, &"port unreachable on live traffic");
+        }
+        let mut ids = std::mem::take(&mut self.expired);
+        ids.clear();
+        let now = Instant::now();
+        up.table.older_than(now, Duration::ZERO, &mut ids);
+        for &id in &ids {
+            self.resend_once(ui, id, set, now);
+        }
+        self.expired = ids;
+    }
+
+    // ----- phase 3: timers -----
 
     /// Times out old queries, re-sends those stuck on removed or down backends, and closes
     /// retired upstreams whose tables are empty.
@@ -618,9 +623,7 @@ impl Worker {
                 up.table.older_than(now, set.timeout, &mut expired);
                 for &id in &expired {
                     if expire(up, id, &self.shared) {
-                        up.backend
-                            .state
-                            .passive_timeout(up.backend.addr, set.passive_timeouts);
+                        up.backend.passive_timeout(set.passive_timeouts);
                     }
                 }
             }
@@ -634,9 +637,9 @@ impl Worker {
         }
     }
 
-    /// A query on a retired upstream went unanswered for `resend_after`: send it once to the
-    /// current set; if it was already re-sent (or the new set cannot take it), count a timeout
-    /// once the normal timeout has passed.
+    /// A query on a retired or down upstream went unanswered for `resend_after`: send it once
+    /// to the current set; if it was already re-sent, count a timeout once the normal timeout
+    /// has passed.
     fn resend_or_expire(&mut self, ui: usize, id: u16, set: &BackendSet, now: Instant) {
         let Some(up) = self.upstreams[ui].as_mut() else {
             return;
@@ -681,10 +684,9 @@ impl Worker {
                     slot.resent = true;
                 }
             }
-            Err(Forward::Drop(r)) => self.shared.stats.drop(r),
-            Err(Forward::Counted) => {}
+            Err(Refusal::Drop(r)) => self.shared.stats.dropped(r),
             // The client's first query got no SERVFAIL either; let it retry.
-            Err(Forward::Servfail) => self.shared.stats.drop(DropReason::NoBackend),
+            Err(Refusal::Servfail) => self.shared.stats.dropped(DropReason::NoBackend),
         }
         self.resend_buf = msg;
     }
@@ -695,32 +697,7 @@ fn expire(up: &mut Upstream, id: u16, shared: &Shared) -> bool {
     if !up.table.release(id) {
         return false;
     }
-    up.backend.state.timeouts.fetch_add(1, Ordering::Relaxed);
-    up.backend.state.in_flight_done();
-    shared.stats.drop(DropReason::BackendTimeout);
+    up.backend.state.timed_out();
+    shared.stats.dropped(DropReason::BackendTimeout);
     true
-}
-
-/// Why a query was not forwarded.
-enum Forward {
-    /// Drop it and count this reason.
-    Drop(DropReason),
-    /// Dropped and already counted (by [`BackendSet::choose`]).
-    Counted,
-    /// Answer SERVFAIL (every backend down, `all_down = "servfail"`).
-    Servfail,
-}
-
-/// Validates a client query: a header, QR=0, and a well-formed question.
-#[inline]
-pub fn check_query(msg: &[u8]) -> Result<Question, DropReason> {
-    let h = wire::header(msg).map_err(|_| DropReason::ShortHeader)?;
-    if h.qr {
-        return Err(DropReason::QrSet);
-    }
-    wire::question(msg).map_err(|e| match e {
-        wire::WireError::ShortHeader => DropReason::ShortHeader,
-        wire::WireError::BadQuestion => DropReason::BadQuestion,
-        wire::WireError::TooManyQuestions => DropReason::TooManyQuestions,
-    })
 }

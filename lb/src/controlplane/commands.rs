@@ -1,139 +1,68 @@
-//! The control socket server: status, atomic backend swaps (optionally verified), drain,
-//! reload. Everything here runs off the per-packet path; a change is built as a new snapshot
-//! and stored whole (see [`crate::backend::Shared::replace`]).
-//!
-//! The socket is a local Unix socket with mode 0660 (root and the service's group); remote
-//! deployers reach it through SSH running `lb ctl`. Hostile or broken clients are bounded: a
-//! request line is at most [`MAX_REQUEST_BYTES`], must arrive within [`REQUEST_TIMEOUT`], and
-//! at most [`MAX_CLIENTS`] clients are served at once.
+//! What each control command does: status, atomic backend swaps (optionally verified), drain,
+//! reload, upgrade. Everything here runs off the per-packet path; a change is built as a new
+//! snapshot and stored whole (see [`crate::backend::Shared::replace`]). The socket that carries
+//! the commands is [`crate::controlplane::socket`]; `SIGHUP` and `SIGUSR2` call the same methods.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{watch, Notify, Semaphore};
-
 use crate::backend::{SetParams, Shared};
-use crate::config::{check_backend_list, BackendAddr, LbConfig};
+use crate::config::{check_backend_list, AllDown, BackendAddr, LbConfig};
 use crate::control_protocol::{
-    BackendStatus, ControlCommand, ControlRequest, ControlResponse, ControlResult, StatusReport,
-    MAX_REQUEST_BYTES, PROTOCOL_VERSION,
+    BackendStatus, ControlCommand, ControlResponse, ControlResult, StatusReport,
 };
-use crate::health::{self, AllDown, CheckerSettings};
+use crate::controlplane::health::Checker;
+use crate::controlplane::upgrade::{self, HandoffSockets};
+use crate::lifecycle::Lifecycle;
+use crate::probe::{self, ProbeFailure};
 use crate::state::{self, RuntimeState};
 use crate::stats::{DropReason, Proto};
-use crate::upgrade::HandoffSockets;
 
-/// Control clients served at once; more get an error and are closed.
-pub const MAX_CLIENTS: usize = 32;
-/// A request line must arrive within this time.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Binds the control socket with mode 0660, replacing a stale socket file left by a crash but
-/// refusing to steal one a live process still answers on.
-pub fn bind_control_socket(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
-    use anyhow::Context;
-    if path.exists() {
-        match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => anyhow::bail!(
-                "control socket {} is in use by another running process",
-                path.display()
-            ),
-            Err(_) => {
-                std::fs::remove_file(path).with_context(|| {
-                    format!("cannot remove stale control socket {}", path.display())
-                })?;
-            }
-        }
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| {
-            format!(
-                "cannot create directory for control socket {}",
-                path.display()
-            )
-        })?;
-    }
-    let l = std::os::unix::net::UnixListener::bind(path)
-        .with_context(|| format!("cannot bind control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("cannot set mode 0660 on control socket {}", path.display()))?;
-    l.set_nonblocking(true)?;
-    Ok(l)
-}
-
-/// What the control plane needs: the shared state and what it was built from.
+/// What the control plane needs: the shared state, the checker, the process lifecycle, and
+/// the config it was built from.
 pub struct ControlContext {
     pub shared: Arc<Shared>,
     pub config_path: PathBuf,
     /// The config in force (last successful load or reload).
     config: Mutex<LbConfig>,
-    /// Active checker settings, swapped on reload.
-    pub checker: Arc<ArcSwapOption<CheckerSettings>>,
-    /// Wakes the checker after a swap so new backends are probed at once.
-    pub wake: Arc<Notify>,
+    /// The active health checker (its settings follow reloads).
+    pub checker: Arc<Checker>,
+    pub lifecycle: Arc<Lifecycle>,
     /// What a binary upgrade needs; `None` where upgrades are not possible (tests).
-    pub upgrade: Option<Arc<UpgradeHooks>>,
+    upgrade: Option<UpgradeHooks>,
 }
 
 /// What `lb ctl upgrade` / SIGUSR2 needs from the running process.
 pub struct UpgradeHooks {
     /// Duplicates of every listening socket, handed to the new process.
-    pub sockets: HandoffSockets,
+    pub sockets: Arc<HandoffSockets>,
     /// This binary's path as started (a replaced file at that path is the new binary).
     pub exe: PathBuf,
     pub log_json: bool,
-    /// Stops accepting (control included) as soon as the new process serves.
-    pub stop_tx: watch::Sender<bool>,
-    /// Notified once the new process has taken over.
-    pub done: Notify,
-    /// PID of the process that took over (0 while none).
-    pub new_pid: AtomicU32,
-    in_progress: AtomicBool,
-}
-
-impl UpgradeHooks {
-    pub fn new(
-        sockets: HandoffSockets,
-        exe: PathBuf,
-        log_json: bool,
-        stop_tx: watch::Sender<bool>,
-    ) -> Self {
-        UpgradeHooks {
-            sockets,
-            exe,
-            log_json,
-            stop_tx,
-            done: Notify::new(),
-            new_pid: AtomicU32::new(0),
-            in_progress: AtomicBool::new(false),
-        }
-    }
 }
 
 impl ControlContext {
-    pub fn new(shared: Arc<Shared>, config_path: PathBuf, config: LbConfig) -> Self {
-        let checker = Arc::new(ArcSwapOption::from_pointee(CheckerSettings::from_config(
-            &config.health,
-        )));
+    pub fn new(
+        shared: Arc<Shared>,
+        config_path: PathBuf,
+        config: LbConfig,
+        lifecycle: Arc<Lifecycle>,
+    ) -> Self {
         ControlContext {
             shared,
             config_path,
+            checker: Arc::new(Checker::new(&config.health)),
             config: Mutex::new(config),
-            checker,
-            wake: Arc::new(Notify::new()),
+            lifecycle,
             upgrade: None,
         }
     }
 
     /// Enables `upgrade`.
     pub fn with_upgrade(mut self, hooks: UpgradeHooks) -> Self {
-        self.upgrade = Some(Arc::new(hooks));
+        self.upgrade = Some(hooks);
         self
     }
 
@@ -142,7 +71,7 @@ impl ControlContext {
         self.shared.with_write_lock(|set| {
             RuntimeState::new(
                 set.generation,
-                set.backends.iter().map(|b| BackendAddr(b.addr)).collect(),
+                set.addrs(),
                 set.backends
                     .iter()
                     .filter(|b| b.state.is_draining())
@@ -160,31 +89,19 @@ impl ControlContext {
             .upgrade
             .as_ref()
             .ok_or_else(|| "upgrades are not available in this process".to_string())?;
-        if h.in_progress.swap(true, Ordering::AcqRel) {
+        let Some(_slot) = self.lifecycle.begin_upgrade() else {
             return Err("an upgrade is already in progress".into());
-        }
+        };
         let cfg = self.config();
         let binary = binary.map(PathBuf::from).unwrap_or_else(|| h.exe.clone());
-        let handoff = match &cfg.control.socket {
-            Some(s) => s.with_extension("upgrade"),
-            None => std::env::temp_dir().join(format!("lb-upgrade-{}.sock", std::process::id())),
-        };
         let _ = self.persist(&cfg);
         let st = self.runtime_state(&cfg);
         let generation = st.generation;
-        let hooks = Arc::clone(h);
-        let config_path = self.config_path.clone();
-        let bin2 = binary.clone();
+        let sockets = Arc::clone(&h.sockets);
+        let (config_path, log_json, bin) = (self.config_path.clone(), h.log_json, binary.clone());
         tracing::info!("upgrade: starting {}", binary.display());
         let r = tokio::task::spawn_blocking(move || {
-            crate::upgrade::hand_over(
-                &bin2,
-                &config_path,
-                hooks.log_json,
-                &handoff,
-                &hooks.sockets,
-                st,
-            )
+            upgrade::hand_over(&bin, &config_path, log_json, &sockets, st)
         })
         .await
         .unwrap_or_else(|e| Err(format!("upgrade task failed: {e}")));
@@ -194,9 +111,7 @@ impl ControlContext {
                     "upgrade: pid {pid} serves now; this process (pid {}) drains and exits",
                     std::process::id()
                 );
-                h.new_pid.store(pid, Ordering::Release);
-                let _ = h.stop_tx.send(true);
-                h.done.notify_one();
+                self.lifecycle.handed_over(pid);
                 Ok(ControlResult::Done {
                     generation,
                     message: format!(
@@ -207,7 +122,6 @@ impl ControlContext {
                 })
             }
             Err(e) => {
-                h.in_progress.store(false, Ordering::Release);
                 tracing::warn!("upgrade failed, still serving: {e}");
                 Err(format!("upgrade failed, this process keeps serving: {e}"))
             }
@@ -265,8 +179,7 @@ impl ControlContext {
                     BackendStatus {
                         address: b.addr.to_string(),
                         state: s.state_name().into(),
-                        reason: (reason != health::ProbeFailure::None)
-                            .then(|| reason.as_str().to_string()),
+                        reason: (reason != ProbeFailure::None).then(|| reason.as_str().to_string()),
                         in_flight: s.outstanding() as u64,
                         queries: s.queries.load(Ordering::Relaxed),
                         answers: s.answers.load(Ordering::Relaxed),
@@ -303,7 +216,7 @@ impl ControlContext {
             self.verify(&cfg, &addrs).await?;
         }
         let generation = self.shared.replace(&addrs, None, verify);
-        self.wake.notify_one();
+        self.checker.wake();
         let persisted = self.persist(&cfg);
         tracing::info!(
             "backend set replaced: generation {generation}, backends {}{}",
@@ -329,7 +242,7 @@ impl ControlContext {
             let (min_serial, tcp) = (h.min_serial, h.tcp);
             let addr = a.0;
             tokio::spawn(async move {
-                let r = health::probe_backend(addr, &zones, min_serial, tcp, deadline).await;
+                let r = probe::probe_backend(addr, &zones, min_serial, tcp, deadline).await;
                 (addr, r)
             })
         });
@@ -357,7 +270,7 @@ impl ControlContext {
             let b = set
                 .find(addr.0)
                 .ok_or_else(|| format!("backend {addr} is not in the current set"))?;
-            b.state.draining.store(drain, Ordering::Relaxed);
+            b.state.set_draining(drain);
             Ok::<u64, String>(set.generation)
         })?;
         let persisted = self.persist(&cfg);
@@ -404,13 +317,7 @@ impl ControlContext {
             ));
         }
         let params = SetParams::from_config(&new);
-        let current: Vec<BackendAddr> = self
-            .shared
-            .current()
-            .backends
-            .iter()
-            .map(|b| BackendAddr(b.addr))
-            .collect();
+        let current = self.shared.current().addrs();
         let list_changed = new.backends.servers != old.backends.servers;
         let servers = if list_changed {
             new.backends.servers.clone()
@@ -418,10 +325,9 @@ impl ControlContext {
             current
         };
         let generation = self.shared.replace(&servers, Some(params), false);
-        self.checker
-            .store(CheckerSettings::from_config(&new.health).map(Arc::new));
+        self.checker.reconfigure(&new.health);
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = new.clone();
-        self.wake.notify_one();
+        self.checker.wake();
         let persisted = self.persist(&new);
         let msg = format!(
             "reloaded {}: generation {generation}, backends {}{}{persisted}",
@@ -469,93 +375,4 @@ async fn futures_join<T: Send + 'static>(handles: Vec<tokio::task::JoinHandle<T>
         }
     }
     out
-}
-
-/// Serves control clients until `stop` turns true.
-pub async fn serve(
-    listener: UnixListener,
-    ctx: Arc<ControlContext>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!("control accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = crate::server::stopped(&mut stop) => return,
-        };
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            tokio::spawn(async move {
-                let mut s = stream;
-                let _ = reply(
-                    &mut s,
-                    &ControlResponse::error("too many control clients at once, try again"),
-                )
-                .await;
-            });
-            continue;
-        };
-        let ctx = Arc::clone(&ctx);
-        tokio::spawn(async move {
-            handle_client(stream, &ctx).await;
-            drop(permit);
-        });
-    }
-}
-
-async fn reply(s: &mut (impl AsyncWriteExt + Unpin), r: &ControlResponse) -> std::io::Result<()> {
-    let mut line = serde_json::to_string(r).expect("responses always serialise");
-    line.push('\n');
-    tokio::time::timeout(REQUEST_TIMEOUT, s.write_all(line.as_bytes()))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write timed out"))?
-}
-
-/// Serves requests on one connection until EOF, a bad line, or a stall.
-async fn handle_client(stream: UnixStream, ctx: &ControlContext) {
-    let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::new(rd);
-    let mut line = Vec::with_capacity(256);
-    loop {
-        line.clear();
-        let mut limited = (&mut rd).take(MAX_REQUEST_BYTES as u64 + 1);
-        let read = limited.read_until(b'\n', &mut line);
-        match tokio::time::timeout(REQUEST_TIMEOUT, read).await {
-            Err(_) => {
-                let _ = reply(&mut wr, &ControlResponse::error("request timed out")).await;
-                return;
-            }
-            Ok(Err(_)) | Ok(Ok(0)) => return,
-            Ok(Ok(_)) => {}
-        }
-        if line.len() > MAX_REQUEST_BYTES {
-            let _ = reply(
-                &mut wr,
-                &ControlResponse::error(format!("request longer than {MAX_REQUEST_BYTES} bytes")),
-            )
-            .await;
-            return;
-        }
-        if line.last() != Some(&b'\n') {
-            // EOF in the middle of a line: the client went away.
-            return;
-        }
-        let resp = match serde_json::from_slice::<ControlRequest>(&line) {
-            Err(e) => ControlResponse::error(format!("invalid request: {e}")),
-            Ok(req) if req.version != PROTOCOL_VERSION => ControlResponse::error(format!(
-                "protocol version {} is not supported (this lb speaks {PROTOCOL_VERSION})",
-                req.version
-            )),
-            Ok(req) => ctx.handle(req.request).await,
-        };
-        if reply(&mut wr, &resp).await.is_err() {
-            return;
-        }
-    }
 }

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,110 +22,31 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::backend::{Backend, Shared};
-use crate::health::{AllDown, ProbeFailure};
-use crate::stats::{BatchOp, DropReason, Proto};
+use crate::config::AllDown;
+use crate::lifecycle::Lifecycle;
+use crate::probe::ProbeFailure;
+use crate::stats::{BatchOp, DropReason, HistogramSnapshot, Proto, LATENCY_BUCKETS};
 
-/// Upper bounds (seconds) of the answer latency histogram buckets.
-pub const LATENCY_BUCKETS: [f64; 14] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
-/// The same bounds in nanoseconds, for the hot path.
-const LATENCY_BUCKETS_NS: [u64; 14] = [
-    100_000,
-    250_000,
-    500_000,
-    1_000_000,
-    2_500_000,
-    5_000_000,
-    10_000_000,
-    25_000_000,
-    50_000_000,
-    100_000_000,
-    250_000_000,
-    500_000_000,
-    1_000_000_000,
-    2_500_000_000,
-];
-
-/// A fixed-bucket latency histogram made of atomics: observing is a short scan and two adds.
-#[derive(Debug, Default)]
-pub struct LatencyHistogram {
-    /// Non-cumulative counts; the last slot is +Inf.
-    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    sum_ns: AtomicU64,
-}
-
-/// The bucket of a duration in nanoseconds (the last one is +Inf).
-#[inline]
-fn bucket_of(ns: u64) -> usize {
-    LATENCY_BUCKETS_NS
+/// The Prometheus form of a latency histogram.
+fn histogram_proto(s: &HistogramSnapshot) -> proto::Histogram {
+    let mut h = proto::Histogram::default();
+    let buckets = LATENCY_BUCKETS
         .iter()
-        .position(|&b| ns <= b)
-        .unwrap_or(LATENCY_BUCKETS_NS.len())
-}
-
-#[inline]
-fn nanos(d: Duration) -> u64 {
-    d.as_nanos().min(u64::MAX as u128) as u64
-}
-
-impl LatencyHistogram {
-    #[inline]
-    pub fn observe(&self, d: Duration) {
-        let ns = nanos(d);
-        self.buckets[bucket_of(ns)].fetch_add(1, Ordering::Relaxed);
-        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
-    }
-
-    /// Adds what a worker tallied over one batch.
-    pub fn merge(&self, local: &LocalHistogram) {
-        for (b, &n) in self.buckets.iter().zip(&local.buckets) {
-            if n > 0 {
-                b.fetch_add(n, Ordering::Relaxed);
-            }
-        }
-        self.sum_ns.fetch_add(local.sum_ns, Ordering::Relaxed);
-    }
-
-    fn to_proto(&self) -> proto::Histogram {
-        let mut h = proto::Histogram::default();
-        let mut cumulative = 0;
-        let mut buckets = Vec::with_capacity(LATENCY_BUCKETS.len());
-        for (i, ub) in LATENCY_BUCKETS.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
+        .zip(s.cumulative)
+        .map(|(ub, n)| {
             let mut b = proto::Bucket::default();
             b.set_upper_bound(*ub);
-            b.set_cumulative_count(cumulative);
-            buckets.push(b);
-        }
-        cumulative += self.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
-        h.set_bucket(buckets);
-        h.set_sample_count(cumulative);
-        h.set_sample_sum(self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9);
-        h
-    }
-}
-
-/// A worker's tally over one batch, merged into the shared [`LatencyHistogram`] once per batch
-/// instead of two shared atomic adds per answer (the workers would fight over the cache line).
-#[derive(Debug, Default, Clone)]
-pub struct LocalHistogram {
-    buckets: [u64; LATENCY_BUCKETS.len() + 1],
-    sum_ns: u64,
-    pub count: u64,
-}
-
-impl LocalHistogram {
-    #[inline]
-    pub fn observe(&mut self, d: Duration) {
-        let ns = nanos(d);
-        self.buckets[bucket_of(ns)] += 1;
-        self.sum_ns = self.sum_ns.saturating_add(ns);
-        self.count += 1;
-    }
+            b.set_cumulative_count(n);
+            b
+        })
+        .collect();
+    h.set_bucket(buckets);
+    h.set_sample_count(s.count);
+    h.set_sample_sum(s.sum_seconds);
+    h
 }
 
 /// One metric family under construction.
@@ -381,7 +302,7 @@ impl Collector for LbCollector {
             f[4].counter(&l, s.queries.load(Ordering::Relaxed));
             f[5].counter(&l, s.answers.load(Ordering::Relaxed));
             f[6].counter(&l, s.timeouts.load(Ordering::Relaxed));
-            f[7].histogram(&l, s.latency.to_proto());
+            f[7].histogram(&l, histogram_proto(&s.latency.snapshot()));
             f[8].gauge(&l, s.outstanding() as f64);
             f[9].gauge(&l, if s.is_up() { 1.0 } else { 0.0 });
             f[10].gauge(&l, if s.is_draining() { 1.0 } else { 0.0 });
@@ -424,17 +345,35 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
 }
 
 /// Renders the text exposition format.
+///
+/// Every family of [`FAMILIES`] is announced even before its first series exists (its
+/// `# HELP` and `# TYPE` lines alone), so dashboards and alert rules can rely on every name
+/// from the first scrape.
 pub fn render(r: &Registry) -> String {
+    let families = r.gather();
     let mut out = Vec::new();
-    let _ = TextEncoder::new().encode(&r.gather(), &mut out);
-    String::from_utf8(out).unwrap_or_default()
+    let _ = TextEncoder::new().encode(&families, &mut out);
+    let mut text = String::from_utf8(out).unwrap_or_default();
+    for (name, help, t, _) in FAMILIES {
+        if !families.iter().any(|mf| mf.name() == name) {
+            let t = match t {
+                MetricType::COUNTER => "counter",
+                MetricType::GAUGE => "gauge",
+                MetricType::HISTOGRAM => "histogram",
+                MetricType::SUMMARY => "summary",
+                MetricType::UNTYPED => "untyped",
+            };
+            text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {t}\n"));
+        }
+    }
+    text
 }
 
 /// Scrape connections served at once.
 const MAX_SCRAPERS: usize = 16;
 
 /// Serves `/metrics` and `/healthz` until `stop` turns true.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, lifecycle: Arc<Lifecycle>) {
     let registry = Arc::new(registry(Arc::clone(&shared)));
     let slots = Arc::new(Semaphore::new(MAX_SCRAPERS));
     loop {
@@ -446,7 +385,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
                     continue;
                 }
             },
-            _ = crate::server::stopped(&mut stop) => return,
+            _ = lifecycle.stopped() => return,
         };
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             continue;
@@ -516,48 +455,4 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let l = crate::sockets::build_tcp_listener(addr)
         .with_context(|| format!("cannot bind metrics listener {addr}"))?;
     Ok(l)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_buckets_are_cumulative() {
-        let h = LatencyHistogram::default();
-        h.observe(Duration::from_micros(50));
-        h.observe(Duration::from_micros(300));
-        h.observe(Duration::from_secs(10));
-        let p = h.to_proto();
-        assert_eq!(p.get_sample_count(), 3);
-        let b = p.get_bucket();
-        assert_eq!(b[0].cumulative_count(), 1);
-        assert_eq!(b[2].cumulative_count(), 2);
-        assert_eq!(b.last().unwrap().cumulative_count(), 2);
-    }
-
-    #[test]
-    fn a_merged_batch_tally_equals_observing_one_by_one() {
-        let direct = LatencyHistogram::default();
-        let merged = LatencyHistogram::default();
-        let mut local = LocalHistogram::default();
-        for us in [1, 40, 99, 100, 101, 2_000, 70_000, 5_000_000, 1, 1] {
-            let d = Duration::from_micros(us);
-            direct.observe(d);
-            local.observe(d);
-        }
-        assert_eq!(local.count, 10);
-        merged.merge(&local);
-        merged.merge(&LocalHistogram::default());
-        let (a, b) = (direct.to_proto(), merged.to_proto());
-        assert_eq!(a.get_sample_count(), b.get_sample_count());
-        assert_eq!(a.get_sample_sum(), b.get_sample_sum());
-        let counts = |h: &proto::Histogram| -> Vec<u64> {
-            h.get_bucket()
-                .iter()
-                .map(|x| x.cumulative_count())
-                .collect()
-        };
-        assert_eq!(counts(&a), counts(&b));
-    }
 }

@@ -4,7 +4,8 @@
 //! Each client connection is a reader (this task) and a writer task joined by a channel of
 //! [`Answer`]s. A semaphore caps the queries one connection may have in flight: at the cap the
 //! reader stops reading, which pushes back on the client through TCP flow control instead of
-//! buffering. Queries go to the chosen backend's [`crate::tcp_backend::TcpPool`].
+//! buffering. Queries go to the chosen backend's pool ([`TcpPools`]); a query whose backend
+//! connection failed comes back to the reader and is routed once more over the current set.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -14,12 +15,13 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 
-use crate::backend::{Choice, Shared};
+use crate::backend::Shared;
+use crate::dataplane::query::{check_query, route, Route};
+use crate::dataplane::tcp_pool::{Answer, PoolSettings, TcpPools, TcpQuery};
+use crate::lifecycle::Lifecycle;
 use crate::stats::{DropReason, Proto};
-use crate::tcp_backend::{Answer, PoolSettings, TcpQuery};
-use crate::udp::check_query;
 
 /// Client-side TCP limits and timeouts, fixed at start.
 #[derive(Debug, Clone, Copy)]
@@ -88,18 +90,33 @@ impl Drop for ConnGuard {
     }
 }
 
-/// Accepts client connections until `stop` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    settings: TcpSettings,
-    limits: Arc<ConnLimits>,
-    mut stop: watch::Receiver<bool>,
-) {
+/// What every client connection shares: the snapshot, the backend pools, limits, settings.
+pub struct TcpFrontend {
+    pub shared: Arc<Shared>,
+    pub pools: TcpPools,
+    pub settings: TcpSettings,
+    pub limits: Arc<ConnLimits>,
+    pub lifecycle: Arc<Lifecycle>,
+}
+
+impl TcpFrontend {
+    pub fn new(shared: Arc<Shared>, settings: TcpSettings, lifecycle: Arc<Lifecycle>) -> Self {
+        TcpFrontend {
+            pools: TcpPools::new(settings.pool, Arc::clone(&shared.stats)),
+            shared,
+            settings,
+            limits: Arc::new(ConnLimits::default()),
+            lifecycle,
+        }
+    }
+}
+
+/// Accepts client connections until the process stops.
+pub async fn serve(listener: TcpListener, fe: Arc<TcpFrontend>) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = crate::server::stopped(&mut stop) => return,
+            _ = fe.lifecycle.stopped() => return,
         };
         let (stream, peer) = match accepted {
             Ok(x) => x,
@@ -110,18 +127,18 @@ pub async fn serve(
                 continue;
             }
         };
-        let Some(guard) = limits.admit(peer.ip(), &settings) else {
-            shared.stats.drop(DropReason::TcpConnectionLimit);
+        let stats = &fe.shared.stats;
+        let Some(guard) = fe.limits.admit(peer.ip(), &fe.settings) else {
+            stats.dropped(DropReason::TcpConnectionLimit);
             drop(stream);
             continue;
         };
-        shared.stats.tcp_total.fetch_add(1, Ordering::Relaxed);
-        let shared = Arc::clone(&shared);
-        let stop = stop.clone();
+        stats.tcp_total.fetch_add(1, Ordering::Relaxed);
+        let fe = Arc::clone(&fe);
         tokio::spawn(async move {
-            shared.stats.tcp_open.fetch_add(1, Ordering::Relaxed);
-            handle_client(stream, peer, &shared, settings, stop).await;
-            shared.stats.tcp_open.fetch_sub(1, Ordering::Relaxed);
+            fe.shared.stats.tcp_open.fetch_add(1, Ordering::Relaxed);
+            handle_client(stream, peer, &fe).await;
+            fe.shared.stats.tcp_open.fetch_sub(1, Ordering::Relaxed);
             drop(guard);
         });
     }
@@ -155,27 +172,25 @@ pub fn next_frame(buf: &[u8], max_query_size: usize) -> Frame {
     }
 }
 
-/// Serves one client connection until it closes, misbehaves, idles out or `stop` turns true;
+/// Serves one client connection until it closes, misbehaves, idles out or the process stops;
 /// answers to queries already read are still written before the connection closes.
-async fn handle_client(
-    stream: TcpStream,
-    peer: SocketAddr,
-    shared: &Arc<Shared>,
-    s: TcpSettings,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn handle_client(stream: TcpStream, peer: SocketAddr, fe: &TcpFrontend) {
+    let s = fe.settings;
+    let stats = &fe.shared.stats;
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Answer>(s.max_in_flight_per_connection);
+    // One place per permit: a query handed back always fits.
+    let (retry_tx, mut retry_rx) = mpsc::channel::<TcpQuery>(s.max_in_flight_per_connection);
     let permits = Arc::new(Semaphore::new(s.max_in_flight_per_connection));
-    let writer_shared = Arc::clone(shared);
+    let writer_stats = Arc::clone(stats);
     let writer = tokio::spawn(async move {
         while let Some(a) = rx.recv().await {
             match tokio::time::timeout(s.write_timeout, wr.write_all(&a.frame)).await {
-                Ok(Ok(())) => writer_shared.stats.response(&a.frame[2..]),
+                Ok(Ok(())) => writer_stats.response(&a.frame[2..]),
                 Ok(Err(_)) => break,
                 Err(_) => {
-                    writer_shared.stats.drop(DropReason::TcpWriteTimeout);
+                    writer_stats.dropped(DropReason::TcpWriteTimeout);
                     break;
                 }
             }
@@ -192,17 +207,17 @@ async fn handle_client(
                 Frame::Incomplete => break,
                 Frame::Complete(len) => len,
                 Frame::Bad(reason) => {
-                    shared.stats.drop(reason);
+                    stats.dropped(reason);
                     break 'conn;
                 }
             };
             let frame: Vec<u8> = buf[..2 + len].to_vec();
             buf.drain(..2 + len);
-            shared.stats.query(Proto::Tcp);
+            stats.query(Proto::Tcp);
             let q = match check_query(&frame[2..]) {
                 Ok(q) => q,
                 Err(r) => {
-                    shared.stats.drop(r);
+                    stats.dropped(r);
                     continue;
                 }
             };
@@ -211,32 +226,18 @@ async fn handle_client(
                     Ok(p) => p,
                     Err(_) => break 'conn,
                 },
-                _ = crate::server::stopped(&mut stop) => break 'conn,
+                _ = fe.lifecycle.stopped() => break 'conn,
             };
-            let set = shared.load();
-            counter = counter.wrapping_add(1);
-            let bi = match set.choose(&frame[2..], &q, counter, &shared.stats) {
-                Choice::Backend(i) => i,
-                Choice::Drop => continue,
-                Choice::Servfail => {
-                    let mut frame = frame;
-                    let n = crate::wire::make_servfail(&mut frame[2..], &q);
-                    frame.truncate(2 + n);
-                    frame[..2].copy_from_slice(&(n as u16).to_be_bytes());
-                    let _ = tx.try_send(Answer { frame, permit });
-                    continue;
-                }
-            };
-            let backend = Arc::clone(&set.backends[bi]);
             let query = TcpQuery {
                 frame,
                 question: q,
                 reply: tx.clone(),
+                retry: retry_tx.clone(),
                 permit,
-                timeout: set.timeout,
+                timeout: Duration::ZERO,
                 retried: false,
             };
-            backend.tcp_pool.dispatch(&backend, query, s.pool, shared);
+            dispatch(fe, query, &mut counter);
         }
         let partial = !buf.is_empty();
         let wait = if partial {
@@ -249,24 +250,55 @@ async fn handle_client(
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             },
+            Some(q) = retry_rx.recv() => dispatch(fe, q, &mut counter),
             _ = tokio::time::sleep(wait) => {
                 if partial {
-                    shared.stats.drop(DropReason::TcpReadTimeout);
+                    stats.dropped(DropReason::TcpReadTimeout);
                     break;
                 }
                 if permits.available_permits() == s.max_in_flight_per_connection {
-                    shared.stats.drop(DropReason::TcpIdleTimeout);
+                    stats.dropped(DropReason::TcpIdleTimeout);
                     break;
                 }
                 // Answers are still due: the client is waiting, not idle.
             }
-            _ = crate::server::stopped(&mut stop) => break,
+            _ = fe.lifecycle.stopped() => break,
         }
     }
     tracing::debug!("tcp client {peer} done");
-    // The writer ends once every query's reply sender is gone: answered or timed out.
+    // Queries still in flight may come back for another route; the channel closes once every
+    // query is answered or given up (each holds a sender), and then the writer ends too.
     drop(tx);
+    drop(retry_tx);
+    while let Some(q) = retry_rx.recv().await {
+        dispatch(fe, q, &mut counter);
+    }
     let _ = writer.await;
+}
+
+/// Routes a query over the current set and hands it to that backend's pool, or answers
+/// SERVFAIL, or drops it (counted).
+fn dispatch(fe: &TcpFrontend, mut q: TcpQuery, counter: &mut usize) {
+    let stats = &fe.shared.stats;
+    let set = fe.shared.load();
+    *counter = counter.wrapping_add(1);
+    match route(&set, &q.frame[2..], &q.question, *counter, stats) {
+        Route::Backend(i) => {
+            q.timeout = set.timeout;
+            fe.pools.dispatch(&set, i, q);
+        }
+        Route::Drop(r) => stats.dropped(r),
+        Route::Servfail => {
+            let mut frame = q.frame;
+            let n = crate::wire::make_servfail(&mut frame[2..], &q.question);
+            frame.truncate(2 + n);
+            frame[..2].copy_from_slice(&(n as u16).to_be_bytes());
+            let _ = q.reply.try_send(Answer {
+                frame,
+                permit: q.permit,
+            });
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,186 @@
+//! The active health checker: probes every backend of the current set on a period and turns
+//! the verdicts into up/down with `rise`/`fall` hysteresis.
+//!
+//! Health lives in each [`Backend`]'s atomics, which are part of the snapshot the hot path
+//! reads: a flip is one atomic store on the same object whichever snapshot is current, so it
+//! cannot race a swap. One probe at most is in flight per backend; only backends of the current
+//! set are probed, so a removed backend's probes stop. The probe itself is [`crate::probe`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::Notify;
+
+use crate::backend::{Backend, Shared};
+use crate::config::HealthConfig;
+pub use crate::probe::{check_answer, probe_backend, ProbeError, ProbeFailure};
+
+/// Applies one probe result to a backend: up after `rise` successes (or the first success of a
+/// never-checked backend), down after `fall` failures; every failure is counted by reason.
+pub fn record_result(backend: &Backend, result: &Result<u32, ProbeError>, rise: u32, fall: u32) {
+    let st = &backend.state;
+    let never_checked = st.reason() == ProbeFailure::NotChecked;
+    match result {
+        Ok(_) => {
+            st.health_fail
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+            st.passive_answer();
+            let ok = st
+                .health_ok
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            if st.is_up() || ok >= rise || never_checked {
+                backend.mark_up();
+            }
+        }
+        Err(e) => {
+            st.health_ok.store(0, std::sync::atomic::Ordering::Relaxed);
+            let failed = st
+                .health_fail
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            let flip = (st.is_up() && failed >= fall) || never_checked;
+            // mark_down counts the failure when it flips the backend; otherwise count it here.
+            if !(flip && backend.mark_down(e.reason, e)) {
+                st.record_failure(e.reason);
+            }
+        }
+    }
+}
+
+/// Settings the active checker reads each round (rebuilt on reload).
+#[derive(Debug, Clone)]
+pub struct CheckerSettings {
+    pub zones: Vec<Vec<u8>>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub tcp: bool,
+    pub min_serial: Option<u32>,
+}
+
+impl CheckerSettings {
+    pub fn from_config(c: &HealthConfig) -> Option<CheckerSettings> {
+        c.active().then(|| CheckerSettings {
+            zones: c.zone_names(),
+            interval: Duration::from_millis(c.interval_ms),
+            timeout: Duration::from_millis(c.timeout_ms),
+            rise: c.rise,
+            fall: c.fall,
+            tcp: c.tcp,
+            min_serial: c.min_serial,
+        })
+    }
+}
+
+/// The checker's handle: its settings (swapped on reload) and a way to make it probe now.
+#[derive(Debug, Default)]
+pub struct Checker {
+    settings: ArcSwapOption<CheckerSettings>,
+    wake: Notify,
+}
+
+impl Checker {
+    pub fn new(c: &HealthConfig) -> Checker {
+        let checker = Checker::default();
+        checker.reconfigure(c);
+        checker
+    }
+
+    /// Applies a (reloaded) `[health]` section from the next round on.
+    pub fn reconfigure(&self, c: &HealthConfig) {
+        self.settings
+            .store(CheckerSettings::from_config(c).map(Arc::new));
+    }
+
+    /// The settings in force; `None` when active checks are off.
+    pub fn settings(&self) -> Option<Arc<CheckerSettings>> {
+        self.settings.load_full()
+    }
+
+    /// Probes the current set at once (after a swap added backends).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Probes every backend of the current set once, concurrently, and waits for the results.
+    pub async fn probe_round(&self, shared: &Shared) {
+        let Some(s) = self.settings() else { return };
+        let set = shared.current();
+        let tasks: Vec<_> = set
+            .backends
+            .iter()
+            .filter_map(|b| spawn_probe(b, &s))
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Runs forever: probes the current set every interval, and at once when woken.
+    pub async fn run(self: Arc<Self>, shared: Arc<Shared>) {
+        loop {
+            let s = self.settings();
+            let interval = s.as_ref().map_or(Duration::from_secs(1), |s| s.interval);
+            if let Some(s) = s {
+                for b in &shared.current().backends {
+                    spawn_probe(b, &s);
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+}
+
+/// Starts a probe of `b` unless one is already in flight.
+fn spawn_probe(b: &Arc<Backend>, s: &Arc<CheckerSettings>) -> Option<tokio::task::JoinHandle<()>> {
+    if !b.state.try_start_probe() {
+        return None;
+    }
+    let b = Arc::clone(b);
+    let s = Arc::clone(s);
+    Some(tokio::spawn(async move {
+        let r = probe_backend(b.addr, &s.zones, s.min_serial, s.tcp, s.timeout).await;
+        record_result(&b, &r, s.rise, s.fall);
+        b.state.end_probe();
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rise_and_fall() {
+        let b = Backend::unchecked("127.0.0.1:53".parse().unwrap());
+        let ok: Result<u32, ProbeError> = Ok(1);
+        let bad: Result<u32, ProbeError> = Err(ProbeError {
+            reason: ProbeFailure::Refused,
+            detail: String::new(),
+        });
+        record_result(&b, &ok, 2, 3);
+        assert!(b.state.is_up(), "first success of a never-checked backend");
+        record_result(&b, &bad, 2, 3);
+        record_result(&b, &bad, 2, 3);
+        assert!(b.state.is_up());
+        record_result(&b, &bad, 2, 3);
+        assert!(!b.state.is_up());
+        assert_eq!(b.state.reason(), ProbeFailure::Refused);
+        record_result(&b, &ok, 2, 3);
+        assert!(!b.state.is_up(), "rise = 2");
+        record_result(&b, &ok, 2, 3);
+        assert!(b.state.is_up());
+        assert_eq!(b.state.reason(), ProbeFailure::None);
+        assert_eq!(b.state.health_failures(ProbeFailure::Refused), 3);
+        // A never-checked backend's first failure is counted once.
+        let c = Backend::unchecked("127.0.0.2:53".parse().unwrap());
+        record_result(&c, &bad, 2, 3);
+        assert!(!c.state.is_up());
+        assert_eq!(c.state.health_failures(ProbeFailure::Refused), 1);
+    }
+}
