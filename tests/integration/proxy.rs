@@ -125,7 +125,7 @@ fn a_burst_of_queries_is_batched_and_every_answer_matches_its_query() {
         moved > calls,
         "some recvmmsg calls carried several datagrams ({moved} in {calls} calls)"
     );
-    assert_eq!(lb.drops("backend_timeout"), 0);
+    assert_eq!(lb.drops("backend-timeout"), 0);
 }
 
 #[test]
