@@ -536,3 +536,292 @@ fn conformance_suite_through_lb() {
     eprintln!("lb after the suite: {:?}", lb.status());
     assert_rows("through lb", &rows);
 }
+
+/// Runs `dig @IP -p PORT +time=5 +tries=1 +norec ARGS`; returns (exit code, stdout + stderr).
+fn dig(server: SocketAddr, args: &[&str]) -> (i32, String) {
+    let out = Command::new("dig")
+        .arg(format!("@{}", server.ip()))
+        .args([
+            "-p",
+            &server.port().to_string(),
+            "+time=5",
+            "+tries=1",
+            "+norec",
+        ])
+        .args(args)
+        .output()
+        .expect("dig (apt-get install dnsutils)");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// What `dig` printed for a transfer: the records (TSIG lines apart: they differ by time and
+/// original ID), the TSIG lines counted, and the `XFR size` line.
+struct DigTransfer {
+    code: i32,
+    records: Vec<String>,
+    tsig_lines: usize,
+    size: Option<String>,
+    problems: Vec<String>,
+}
+
+fn dig_transfer(server: SocketAddr, args: &[&str]) -> DigTransfer {
+    let (code, text) = dig(server, args);
+    let mut t = DigTransfer {
+        code,
+        records: Vec::new(),
+        tsig_lines: 0,
+        size: None,
+        problems: Vec::new(),
+    };
+    for line in text.lines() {
+        if let Some(size) = line.strip_prefix(";; XFR size: ") {
+            t.size = Some(size.to_string());
+        } else if line.contains("Couldn't verify")
+            || line.contains("Transfer failed")
+            || line.contains("communications error")
+            || line.contains("timed out")
+            || line.contains("WARNING")
+            || line.contains("tsig")
+        {
+            t.problems.push(line.to_string());
+        } else if line.starts_with(';') || line.trim().is_empty() {
+            continue;
+        } else if line.split_whitespace().nth(3) == Some("TSIG") {
+            t.tsig_lines += 1;
+        } else {
+            t.records.push(line.to_string());
+        }
+    }
+    t
+}
+
+/// Checks a dig transfer through lb against the same one direct from BIND.
+fn assert_same_dig_transfer(what: &str, direct: &DigTransfer, via: &DigTransfer, signed: bool) {
+    assert!(
+        direct.code == 0 && direct.problems.is_empty() && direct.size.is_some(),
+        "{what}: dig directly from BIND failed (exit {}): {:?}",
+        direct.code,
+        direct.problems
+    );
+    if signed {
+        assert!(direct.tsig_lines > 0, "{what}: BIND signed nothing");
+    }
+    let first_diff = direct
+        .records
+        .iter()
+        .zip(&via.records)
+        .position(|(a, b)| a != b);
+    assert!(
+        via.code == 0 && via.problems.is_empty(),
+        "{what}: dig through lb failed (exit {}) after {} of {} records: {:?}",
+        via.code,
+        via.records.len(),
+        direct.records.len(),
+        via.problems
+    );
+    assert!(
+        via.records == direct.records,
+        "{what}: records differ: {} through lb vs {} from BIND; first difference at record {first_diff:?}",
+        via.records.len(),
+        direct.records.len()
+    );
+    assert_eq!(via.size, direct.size, "{what}: XFR size line");
+    assert_eq!(
+        via.tsig_lines, direct.tsig_lines,
+        "{what}: TSIG records (one per signed message)"
+    );
+}
+
+/// Compares two transfers message by message (ID and server cookie masked, TSIG removed).
+fn assert_same_stream(what: &str, query: &[u8], direct: &Transfer, via: &Transfer) {
+    assert!(
+        direct.complete,
+        "{what}: BIND's own answer: {}",
+        direct.describe()
+    );
+    let s = Shape {
+        name: what.into(),
+        query: query.to_vec(),
+        qtype: 0,
+        request_mac: None,
+    };
+    for (i, (d, g)) in direct.messages.iter().zip(&via.messages).enumerate() {
+        if let Err(e) = compare_message(&s, d, g) {
+            panic!(
+                "{what}: message {} of {} differs: {e}",
+                i + 1,
+                direct.messages.len()
+            );
+        }
+    }
+    assert!(
+        via.complete && via.messages.len() == direct.messages.len(),
+        "{what}: BIND sent {}; through lb: {}",
+        direct.describe(),
+        via.describe()
+    );
+}
+
+fn transfer_bind(big: usize, ixfr: usize) -> Named {
+    Named::start_with(
+        ZoneSpec::new(1, "a"),
+        NamedOptions {
+            conformance: true,
+            big_zone_records: big,
+            ixfr_zone_records: ixfr,
+            ..NamedOptions::default()
+        },
+    )
+}
+
+/// AXFR of a zone of 20,000 records (dozens of messages) through lb equals BIND's own, read
+/// by our reader (message by message, byte for byte but the ID) and by `dig`; signed with
+/// TSIG, every message's MAC verifies through lb (dig, and [`TsigKey::verify_stream`]).
+#[test]
+fn axfr_of_a_large_zone_through_lb_equals_binds() {
+    let ns = transfer_bind(BIG_ZONE, 0);
+    let lb = suite_lb(&[ns.addr], "");
+    let q = QueryBuilder::new(0x4a58, "big.test.", AXFR).build();
+    let limit = Duration::from_secs(20);
+    let direct = tcp_exchange(ns.addr, &q, AXFR, limit);
+    let records: usize = direct
+        .messages
+        .iter()
+        .map(|m| dnsmsg::layout(m).map_or(0, |l| l.answers.len()))
+        .sum();
+    assert!(
+        direct.complete && records > BIG_ZONE && direct.messages.len() > 10,
+        "BIND's AXFR: {} with {records} records",
+        direct.describe()
+    );
+    let via = tcp_exchange(lb.tcp(), &q, AXFR, limit);
+    assert_same_stream("AXFR big.test (our reader)", &q, &direct, &via);
+
+    let d = dig_transfer(ns.addr, &["+tcp", "big.test", "AXFR"]);
+    let g = dig_transfer(lb.tcp(), &["+tcp", "big.test", "AXFR"]);
+    assert_same_dig_transfer("dig AXFR big.test", &d, &g, false);
+
+    let key = TsigKey::test_key();
+    let (signed, mac) = key.sign_query(&q, now_secs());
+    let via = tcp_exchange(lb.tcp(), &signed, AXFR, limit);
+    assert!(via.complete, "TSIG AXFR through lb: {}", via.describe());
+    let n = key
+        .verify_stream(&via.messages, &mac)
+        .unwrap_or_else(|e| panic!("TSIG AXFR through lb does not verify: {e}"));
+    assert!(n >= 1);
+    let y = key.dig_arg();
+    let d = dig_transfer(ns.addr, &["-y", &y, "big.test", "AXFR"]);
+    let g = dig_transfer(lb.tcp(), &["-y", &y, "big.test", "AXFR"]);
+    assert_same_dig_transfer("dig -y AXFR big.test", &d, &g, true);
+}
+
+/// A real incremental IXFR (RFC 1995): BIND computes the differences itself
+/// (`ixfr-from-differences`, two reloads), answers in several messages with SOAs inside the
+/// difference sequences; through lb the stream is the same, over TCP, signed or not; the
+/// up-to-date answer (one SOA) and UDP IXFR (which stays UDP) are the same too.
+#[test]
+fn incremental_ixfr_through_lb_equals_binds() {
+    let mut ns = transfer_bind(0, 4000);
+    ns.ixfr_update(2);
+    ns.ixfr_update(3);
+    let lb = suite_lb(&[ns.addr], "");
+    let limit = Duration::from_secs(10);
+    let ixfr = |id: u16, serial: u32| {
+        QueryBuilder::new(id, "ixfr.test.", IXFR)
+            .authority_rr(&dnsmsg::soa_rr("ixfr.test.", serial))
+            .build()
+    };
+    let q = ixfr(0x1f01, 1);
+    let direct = tcp_exchange(ns.addr, &q, IXFR, limit);
+    let soas: usize = direct
+        .messages
+        .iter()
+        .map(|m| {
+            dnsmsg::layout(m).map_or(0, |l| l.answers.iter().filter(|r| r.rtype == SOA).count())
+        })
+        .sum();
+    assert!(
+        direct.complete && direct.incremental && direct.messages.len() > 1 && soas == 6,
+        "BIND must answer IXFR from serial 1 incrementally, in several messages, with two difference sequences (6 SOAs): {} incremental={} SOAs={soas}",
+        direct.describe(),
+        direct.incremental
+    );
+    let via = tcp_exchange(lb.tcp(), &q, IXFR, limit);
+    assert_same_stream("IXFR ixfr.test from 1 over TCP", &q, &direct, &via);
+
+    for (serial, what) in [
+        (2, "IXFR from 2 (one difference sequence)"),
+        (3, "IXFR from 3 (up to date: one SOA)"),
+    ] {
+        let q = ixfr(0x1f00 + serial as u16, serial);
+        let direct = tcp_exchange(ns.addr, &q, IXFR, limit);
+        let via = tcp_exchange(lb.tcp(), &q, IXFR, limit);
+        assert_same_stream(what, &q, &direct, &via);
+    }
+
+    // UDP IXFR stays UDP: the answer lb relays is BIND's UDP answer.
+    let q = ixfr(0x1f10, 1);
+    let direct = udp_exchange(ns.addr, &q, T).expect("BIND answers IXFR over UDP");
+    let via = udp_exchange(lb.udp(), &q, T);
+    let s = Shape {
+        name: "IXFR over UDP".into(),
+        query: q.clone(),
+        qtype: IXFR,
+        request_mac: None,
+    };
+    match via {
+        None => panic!(
+            "IXFR over UDP: no answer through lb; BIND answers {}",
+            dnsmsg::summary(&direct)
+        ),
+        Some(v) => {
+            if let Err(e) = compare_message(&s, &direct, &v) {
+                panic!("IXFR over UDP: {e}");
+            }
+        }
+    }
+
+    // Signed: dig -y through lb verifies every message.
+    let y = TsigKey::test_key().dig_arg();
+    let d = dig_transfer(ns.addr, &["-y", &y, "ixfr.test", "IXFR=1"]);
+    let g = dig_transfer(lb.tcp(), &["-y", &y, "ixfr.test", "IXFR=1"]);
+    assert_same_dig_transfer("dig -y IXFR=1 ixfr.test", &d, &g, true);
+}
+
+/// A TSIG-signed query through lb verifies at the client with the real key (`dig -y`, and
+/// our own verification of the MAC), over UDP and TCP: lb's ID rewrite is legal because the
+/// TSIG carries the original ID.
+#[test]
+fn tsig_signed_queries_verify_through_lb() {
+    let ns = conformance_bind();
+    let lb = suite_lb(&[ns.addr], "");
+    let key = TsigKey::test_key();
+    let y = key.dig_arg();
+    for (proto, target) in [("+notcp", lb.udp()), ("+tcp", lb.tcp())] {
+        for server in [ns.addr, target] {
+            let (code, out) = dig(server, &[proto, "-y", &y, "example.test", "SOA"]);
+            let tsig = out
+                .lines()
+                .find(|l| l.split_whitespace().nth(3) == Some("TSIG"))
+                .unwrap_or("");
+            assert!(
+                code == 0
+                    && out.contains("status: NOERROR")
+                    && tsig.contains("NOERROR")
+                    && !out.contains("Couldn't verify")
+                    && !out.contains("WARNING"),
+                "dig {proto} -y via {server} (BIND is {}): exit {code}\n{out}",
+                ns.addr
+            );
+        }
+    }
+    let q = QueryBuilder::new(0x7516, "www.example.test.", A).build();
+    let (signed, mac) = key.sign_query(&q, now_secs());
+    let a = udp_exchange(lb.udp(), &signed, T).expect("signed query answered through lb");
+    key.verify_response(&a, &mac)
+        .unwrap_or_else(|e| panic!("TSIG through lb: {e}: {}", dnsmsg::summary(&a)));
+    assert_eq!(&a[..2], &[0x75, 0x16], "the client's ID");
+}
