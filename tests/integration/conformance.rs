@@ -825,3 +825,263 @@ fn tsig_signed_queries_verify_through_lb() {
         .unwrap_or_else(|e| panic!("TSIG through lb: {e}: {}", dnsmsg::summary(&a)));
     assert_eq!(&a[..2], &[0x75, 0x16], "the client's ID");
 }
+
+/// The odd packets of the flood, by index: opcodes 1-15, QDCOUNT 0 (with and without OPT) and
+/// 2, a QDCOUNT with no question, an unknown class and EDNS version 1 (under several
+/// opcodes), and garbage.
+fn odd_packet(i: usize, rng: &mut impl rand::Rng) -> Vec<u8> {
+    let id: u16 = rng.random();
+    let www = QueryBuilder::new(id, "www.example.test.", A);
+    match i % 22 {
+        0 => www.no_question().build(),
+        k @ 1..=15 => www.opcode(k as u8).build(),
+        16 => www.no_question().cookie(rng.random(), &[]).build(),
+        17 => www.question("example.test.", SOA, CLASS_IN).build(),
+        18 => www.no_question().qdcount(1).build(),
+        19 => www.class(0xff00).opcode((i % 16) as u8).build(),
+        20 => www.edns(1232).edns_version(1).opcode((i % 3) as u8).build(),
+        _ => {
+            let len = rng.random_range(0..64);
+            (0..len).map(|_| rng.random()).collect()
+        }
+    }
+}
+
+/// Client-steered health (issue #15): 10,000 odd packets from one source and no other
+/// traffic, against lb with health checks and passive timeouts on and two healthy BINDs:
+/// every backend stays `up` and `/healthz` stays 200 throughout (polled during the flood and
+/// after the last query could have timed out).
+#[test]
+fn a_flood_of_odd_queries_cannot_take_backends_down() {
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let b = Named::start(ZoneSpec::new(1, "b"));
+    let lb = Lb::start(&format!(
+        "{}\n[health]\nzones = [\"example.test.\"]\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        lb_config(&[a.addr, b.addr], "round-robin", "timeout_ms = 500\n")
+    ));
+    for ns in [&a, &b] {
+        assert!(lb.wait_state(ns.addr, "up", T).is_some(), "{} up", ns.addr);
+    }
+    let metrics = lb.metrics.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    // Watcher: /healthz and `status` every 50 ms; records every moment something is not fine.
+    let watcher = {
+        let stop = stop.clone();
+        let socket = lb.socket();
+        std::thread::spawn(move || {
+            let mut bad: Vec<String> = Vec::new();
+            let mut polls = 0;
+            while !stop.load(Ordering::Relaxed) {
+                polls += 1;
+                let mut wrong = Vec::new();
+                let (code, body) = http_get(metrics, "/healthz");
+                if code != 200 {
+                    wrong.push(format!("/healthz {code} {}", body.trim()));
+                }
+                let st = lb::control_protocol::send_request(
+                    &socket,
+                    lb::control_protocol::ControlCommand::Status,
+                    T,
+                );
+                if let Ok(lb::control_protocol::ControlResponse {
+                    result: Some(lb::control_protocol::ControlResult::Status(s)),
+                    ..
+                }) = st
+                {
+                    for be in s.backends.iter().filter(|be| be.state != "up") {
+                        wrong.push(format!("backend {} {} ({:?})", be.address, be.state, be.reason));
+                    }
+                }
+                if !wrong.is_empty() {
+                    bad.push(format!("at {:?}: {}", t0.elapsed(), wrong.join(", ")));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (polls, bad)
+        })
+    };
+    // 10,000 packets at about 5,000 a second, answers read and counted.
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.set_nonblocking(true).unwrap();
+    let mut rng = rand::rng();
+    let mut answered = 0usize;
+    let mut buf = [0u8; 4096];
+    const FLOOD: usize = 10_000;
+    for i in 0..FLOOD {
+        let _ = c.send_to(&odd_packet(i, &mut rng), lb.udp());
+        if i % 50 == 49 {
+            std::thread::sleep(Duration::from_millis(10));
+            while c.recv(&mut buf).is_ok() {
+                answered += 1;
+            }
+        }
+    }
+    let flood_took = t0.elapsed();
+    // Past the query timeout (500 ms) and a few probe rounds (1 s).
+    std::thread::sleep(Duration::from_millis(2500));
+    while c.recv(&mut buf).is_ok() {
+        answered += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (polls, bad) = watcher.join().unwrap();
+    let st = lb.status();
+    eprintln!(
+        "flood: {FLOOD} odd packets in {flood_took:?}, {answered} answered; {polls} health polls; drops {:?}",
+        st.drops
+    );
+    assert!(polls > 20, "the watcher polled ({polls})");
+    assert!(
+        bad.is_empty(),
+        "odd queries changed health in {} of {polls} polls; first: {:?}; last: {:?}; backends now {:?}",
+        bad.len(),
+        bad.first(),
+        bad.last(),
+        st.backends
+            .iter()
+            .map(|b| (&b.address, &b.state, &b.reason, b.timeouts))
+            .collect::<Vec<_>>()
+    );
+    for be in &st.backends {
+        assert_eq!(be.state, "up", "{be:?}");
+    }
+}
+
+/// Queries of a burst: their answers fit a client's default receive buffer.
+const BURST: u16 = 100;
+
+/// An lb config with these listen addresses (instead of 127.0.0.1:0).
+fn listen_config(udp: &[&str], tcp: &[&str], backends: &[SocketAddr]) -> String {
+    let q = |v: &[&str]| {
+        v.iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    lb_config(backends, "round-robin", "")
+        .replace("udp = [\"127.0.0.1:0\"]", &format!("udp = [{}]", q(udp)))
+        .replace("tcp = [\"127.0.0.1:0\"]", &format!("tcp = [{}]", q(tcp)))
+}
+
+/// Sends queries to `dest` from a socket bound to `local`, all at once (`burst` of them, so
+/// they are read and answered in batches); returns a description of every answer that did not
+/// come back from `dest`, or did not come back.
+fn answers_from(local: SocketAddr, dest: SocketAddr, burst: u16) -> Vec<String> {
+    let c = UdpSocket::bind(local).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    for id in 0..burst {
+        c.send_to(&query_bytes(id, "www.example.test.", RecordType::A), dest)
+            .unwrap();
+    }
+    let mut problems = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut got = 0;
+    while got < burst {
+        match c.recv_from(&mut buf) {
+            Ok((_, from)) => {
+                got += 1;
+                if from != dest {
+                    problems.push(format!(
+                        "query to {dest} from {local} answered from {from}"
+                    ));
+                }
+            }
+            Err(_) => {
+                problems.push(format!(
+                    "{} of {burst} queries to {dest} from {local} unanswered",
+                    burst - got
+                ));
+                break;
+            }
+        }
+    }
+    problems.dedup();
+    problems
+}
+
+/// A wildcard listener (`0.0.0.0`) answers from the address each query was sent to: a
+/// client of 127.0.0.5 gets its answer from 127.0.0.5 (a connected socket accepts nothing
+/// else), one query or a burst, mixed with queries to 127.0.0.1 in the same batches; TCP too.
+#[test]
+fn wildcard_ipv4_listener_answers_from_the_address_queried() {
+    let ns = Named::start(ZoneSpec::new(1, "a"));
+    let lb = Lb::start(&listen_config(&["0.0.0.0:0"], &["0.0.0.0:0"], &[ns.addr]));
+    let port = lb.udp().port();
+    assert!(lb.udp().ip().is_unspecified(), "{}", lb.udp());
+    let five = SocketAddr::from(([127, 0, 0, 5], port));
+    let one = SocketAddr::from(([127, 0, 0, 1], port));
+    let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut problems = answers_from(local, five, 1);
+    // A connected client: the kernel drops datagrams from any other source.
+    let c = UdpSocket::bind(local).unwrap();
+    c.connect(five).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    c.send(&query_bytes(7, "www.example.test.", RecordType::A))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    if c.recv(&mut buf).is_err() {
+        problems.push("a client connected to 127.0.0.5 got no answer".into());
+    }
+    // Bursts to both addresses at once: the batched path keeps each answer's source.
+    let (p5, p1) = std::thread::scope(|s| {
+        let h5 = s.spawn(|| answers_from(local, five, BURST));
+        let h1 = s.spawn(|| answers_from(local, one, BURST));
+        (h5.join().unwrap(), h1.join().unwrap())
+    });
+    problems.extend(p5);
+    problems.extend(p1);
+    // TCP: an accepted connection always answers from its own address.
+    let tcp5 = SocketAddr::from(([127, 0, 0, 5], lb.tcp().port()));
+    if tcp_query(tcp5, "www.example.test.", RecordType::A).is_none() {
+        problems.push("TCP query to 127.0.0.5 unanswered".into());
+    }
+    assert!(problems.is_empty(), "wildcard 0.0.0.0: {problems:#?}");
+}
+
+/// The same for IPv6 with a second address, in a network namespace: `[::]` and `0.0.0.0`
+/// listeners; queries to fd00::5 and to ::1 (from the other address), and to 127.0.0.5,
+/// are answered from the address queried, singly and in bursts.
+#[test]
+fn wildcard_ipv6_listener_answers_from_the_address_queried() {
+    let ns_net = match NetNs::create("v6") {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("SKIPPED: cannot create a network namespace: {e}");
+            return;
+        }
+    };
+    ns_net
+        .add_loopback_address("fd00::5/128")
+        .expect("add fd00::5 inside the namespace");
+    let named = Named::start_with(
+        ZoneSpec::new(1, "a"),
+        NamedOptions {
+            netns: Some(ns_net.name.clone()),
+            ..NamedOptions::default()
+        },
+    );
+    let lb = Lb::start_in_netns(
+        &listen_config(&["[::]:0", "0.0.0.0:0"], &["[::]:0"], &[named.addr]),
+        &ns_net,
+    );
+    let v6 = lb.udp_all[0].port();
+    let v4 = lb.udp_all[1].port();
+    let tcp6 = lb.tcp();
+    let problems = ns_net.run(|| {
+        let mut p = Vec::new();
+        let ula: SocketAddr = format!("[fd00::5]:{v6}").parse().unwrap();
+        let lo6: SocketAddr = format!("[::1]:{v6}").parse().unwrap();
+        let five: SocketAddr = format!("127.0.0.5:{v4}").parse().unwrap();
+        p.extend(answers_from("[::1]:0".parse().unwrap(), ula, 1));
+        p.extend(answers_from("[fd00::5]:0".parse().unwrap(), lo6, 1));
+        p.extend(answers_from("127.0.0.1:0".parse().unwrap(), five, 1));
+        p.extend(answers_from("[::1]:0".parse().unwrap(), ula, BURST));
+        p.extend(answers_from("[fd00::5]:0".parse().unwrap(), lo6, BURST));
+        let t = SocketAddr::new("fd00::5".parse().unwrap(), tcp6.port());
+        if tcp_query(t, "www.example.test.", RecordType::A).is_none() {
+            p.push(format!("TCP query to {t} unanswered"));
+        }
+        p
+    });
+    assert!(problems.is_empty(), "wildcard [::]: {problems:#?}");
+}
