@@ -9,15 +9,14 @@
 //! and verified with the key instead). `conformance_suite_compares_bind_with_itself` runs the
 //! same comparison with BIND on both sides, so a difference reported through lb is lb's.
 
-use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use integration_tests::dnsmsg::{self, types::*, QueryBuilder, TsigKey};
 use integration_tests::netns::NetNs;
@@ -890,7 +889,10 @@ fn a_flood_of_odd_queries_cannot_take_backends_down() {
                 }) = st
                 {
                     for be in s.backends.iter().filter(|be| be.state != "up") {
-                        wrong.push(format!("backend {} {} ({:?})", be.address, be.state, be.reason));
+                        wrong.push(format!(
+                            "backend {} {} ({:?})",
+                            be.address, be.state, be.reason
+                        ));
                     }
                 }
                 if !wrong.is_empty() {
@@ -968,7 +970,8 @@ fn listen_config(udp: &[&str], tcp: &[&str], backends: &[SocketAddr]) -> String 
 /// come back from `dest`, or did not come back.
 fn answers_from(local: SocketAddr, dest: SocketAddr, burst: u16) -> Vec<String> {
     let c = UdpSocket::bind(local).unwrap();
-    c.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
     for id in 0..burst {
         c.send_to(&query_bytes(id, "www.example.test.", RecordType::A), dest)
             .unwrap();
@@ -981,9 +984,7 @@ fn answers_from(local: SocketAddr, dest: SocketAddr, burst: u16) -> Vec<String> 
             Ok((_, from)) => {
                 got += 1;
                 if from != dest {
-                    problems.push(format!(
-                        "query to {dest} from {local} answered from {from}"
-                    ));
+                    problems.push(format!("query to {dest} from {local} answered from {from}"));
                 }
             }
             Err(_) => {
@@ -1015,7 +1016,8 @@ fn wildcard_ipv4_listener_answers_from_the_address_queried() {
     // A connected client: the kernel drops datagrams from any other source.
     let c = UdpSocket::bind(local).unwrap();
     c.connect(five).unwrap();
-    c.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
     c.send(&query_bytes(7, "www.example.test.", RecordType::A))
         .unwrap();
     let mut buf = [0u8; 512];
@@ -1084,4 +1086,349 @@ fn wildcard_ipv6_listener_answers_from_the_address_queried() {
         p
     });
     assert!(problems.is_empty(), "wildcard [::]: {problems:#?}");
+}
+
+/// A TCP backend whose connection breaks mid-query: it accepts one connection, reads one
+/// query and reports it, then (when told) closes the connection and stops listening, so the
+/// query can only be answered if lb re-sends it elsewhere.
+fn breaking_tcp_backend() -> (SocketAddr, mpsc::Receiver<Vec<u8>>, mpsc::Sender<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (got_tx, got_rx) = mpsc::channel();
+    let (close_tx, close_rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        listener.set_nonblocking(true).unwrap();
+        let end = Instant::now() + Duration::from_secs(15);
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((c, _)) => break c,
+                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => return,
+            }
+        };
+        conn.set_nonblocking(false).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        if let Some(q) = tcp_read(&mut conn) {
+            let _ = got_tx.send(q);
+        }
+        let _ = close_rx.recv_timeout(Duration::from_secs(15));
+        drop(conn);
+        drop(listener);
+    });
+    (addr, got_rx, close_tx)
+}
+
+/// A query in flight on a backend connection that breaks is re-sent once, to the current
+/// set: here the set was swapped meanwhile, so the new backend answers it.
+#[test]
+fn a_query_on_a_broken_backend_connection_is_re_sent_to_the_current_set() {
+    let real = Named::start(ZoneSpec::new(1, "new"));
+    let (fake, got, close) = breaking_tcp_backend();
+    let lb = Lb::start(&lb_config(&[fake], "round-robin", "timeout_ms = 4000\n"));
+    let q = query_bytes(0x3131, "who.example.test.", RecordType::TXT);
+    let mut c = TcpStream::connect(lb.tcp()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+    tcp_write(&mut c, &q);
+    got.recv_timeout(T)
+        .expect("lb forwarded the query to the first backend");
+    let (code, out, err) = lb.ctl(&["set-backends", &real.addr.to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    close.send(()).unwrap();
+    let answer = tcp_read(&mut c).unwrap_or_else(|| {
+        panic!(
+            "no answer: the query on the broken connection was not re-sent to the new set {}; drops {:?}",
+            real.addr,
+            lb.status().drops
+        )
+    });
+    let direct = tcp_exchange(real.addr, &q, TXT, T);
+    let s = Shape {
+        name: "re-sent".into(),
+        query: q,
+        qtype: TXT,
+        request_mac: None,
+    };
+    if let Err(e) = compare_message(&s, &direct.messages[0], &answer) {
+        panic!("the re-sent query's answer is not the new backend's: {e}");
+    }
+}
+
+/// A backend that refuses TCP connections (nothing listens on its port) does not cost the
+/// client its query: the failed connect is retried on another backend of the set
+/// (`first-available` puts the refusing backend first, and without health checks nothing
+/// marks it down).
+#[test]
+fn a_failed_backend_connect_is_retried_on_another_backend() {
+    let real = Named::start(ZoneSpec::new(1, "a"));
+    let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let lb = Lb::start(&lb_config(
+        &[closed, real.addr],
+        "first-available",
+        "timeout_ms = 2000\n",
+    ));
+    let q = query_bytes(100, "www.example.test.", RecordType::A);
+    let t = tcp_exchange(lb.tcp(), &q, A, T);
+    assert!(
+        t.complete,
+        "TCP query unanswered when the first backend refuses connections: {}; drops {:?}",
+        t.describe(),
+        lb.status().drops
+    );
+    let direct = tcp_exchange(real.addr, &q, A, T);
+    assert_same_stream("after a failed connect", &q, &direct, &t);
+}
+
+/// A TCP client with a tiny receive buffer that stops reading.
+fn stalled_client(target: SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.connect(&target.into()).unwrap();
+    s.into()
+}
+
+/// Checks `n` queries on a new connection are each answered within 2 s; returns the slowest.
+fn prompt_answers(target: SocketAddr, n: u16) -> Result<Duration, String> {
+    let mut c = TcpStream::connect(target).map_err(|e| e.to_string())?;
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut slowest = Duration::ZERO;
+    for i in 0..n {
+        let t = Instant::now();
+        tcp_write(
+            &mut c,
+            &query_bytes(9000 + i, &format!("host{i}.example.test."), RecordType::A),
+        );
+        let m = tcp_read(&mut c).ok_or(format!("query {i} of {n} not answered within 2 s"))?;
+        if m[..2] != (9000 + i).to_be_bytes() {
+            return Err(format!("query {i}: wrong answer {}", dnsmsg::summary(&m)));
+        }
+        slowest = slowest.max(t.elapsed());
+    }
+    Ok(slowest)
+}
+
+/// A client that pipelines big answers and stops reading cannot stall the backend connection
+/// it shares with others (one pooled connection): another client's queries are answered.
+#[test]
+fn a_slow_pipelining_client_does_not_stall_other_clients() {
+    let ns = conformance_bind();
+    let lb = Lb::start(&lb_config(
+        &[ns.addr],
+        "round-robin",
+        "\n[tcp]\npool_size = 1\nwrite_timeout_ms = 10000\n",
+    ));
+    let mut slow = stalled_client(lb.tcp());
+    let mut burst = Vec::new();
+    for i in 0..100u16 {
+        let q = query_bytes(i, "big.example.test.", RecordType::TXT);
+        burst.extend_from_slice(&(q.len() as u16).to_be_bytes());
+        burst.extend_from_slice(&q);
+    }
+    slow.write_all(&burst).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let slowest = prompt_answers(lb.tcp(), 20)
+        .unwrap_or_else(|e| panic!("while a client stopped reading 100 big answers: {e}"));
+    eprintln!("slowest answer next to a stalled client: {slowest:?}");
+    drop(slow);
+}
+
+/// A zone transfer to a client that stops reading stalls only that transfer: other clients'
+/// queries are answered, and another client's AXFR of the same zone from the same backend
+/// completes and equals BIND's.
+#[test]
+fn a_stalled_transfer_does_not_stall_other_clients_or_transfers() {
+    let ns = transfer_bind(BIG_ZONE, 0);
+    let lb = suite_lb(&[ns.addr], "write_timeout_ms = 10000\n");
+    let q = QueryBuilder::new(0x5151, "big.test.", AXFR).build();
+    let mut slow = stalled_client(lb.tcp());
+    tcp_write(&mut slow, &q);
+    std::thread::sleep(Duration::from_millis(500));
+    let slowest = prompt_answers(lb.tcp(), 20)
+        .unwrap_or_else(|e| panic!("while a client stalls an AXFR: {e}"));
+    eprintln!("slowest answer next to a stalled transfer: {slowest:?}");
+    let limit = Duration::from_secs(20);
+    let direct = tcp_exchange(ns.addr, &q, AXFR, limit);
+    let via = tcp_exchange(lb.tcp(), &q, AXFR, limit);
+    assert_same_stream("AXFR next to a stalled AXFR", &q, &direct, &via);
+    drop(slow);
+}
+
+/// `[control]` with a state file whose directory can be replaced by a regular file (tests run
+/// as root, so permissions cannot make it unwritable).
+fn control_in(dir: &TempDir) -> String {
+    let d = dir.path().display();
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    format!("\n[control]\nsocket = \"{d}/control.sock\"\nstate_file = \"{d}/state/state.json\"\n")
+}
+
+/// Swaps are durable or refused: when the state file cannot be written, `set-backends` fails
+/// (exit 1, naming the file) and the running set stays the old one.
+#[test]
+fn set_backends_fails_and_keeps_the_set_when_the_state_file_cannot_be_written() {
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let b = Named::start(ZoneSpec::new(1, "b"));
+    let dir = TempDir::new("ctl");
+    let lb = Lb::start(&format!(
+        "{}{}",
+        lb_config(&[a.addr], "round-robin", ""),
+        control_in(&dir)
+    ));
+    let state_dir = dir.path().join("state");
+    std::fs::remove_dir_all(&state_dir).unwrap();
+    std::fs::write(&state_dir, "not a directory").unwrap();
+    let (code, out, err) = lb.ctl(&["set-backends", &b.addr.to_string()]);
+    let st = lb.status();
+    let addrs: Vec<&str> = st.backends.iter().map(|b| b.address.as_str()).collect();
+    assert_eq!(
+        code, 1,
+        "set-backends must fail when {}/state.json cannot be written; it said: {out}{err}; backends now {addrs:?}",
+        state_dir.display()
+    );
+    assert!(
+        err.contains("state"),
+        "the error names the state file: {err}"
+    );
+    assert_eq!(addrs, vec![a.addr.to_string()], "the old set stays");
+    assert_eq!(st.generation, 1);
+    let m = udp_query(lb.udp(), "who.example.test.", RecordType::TXT, T).unwrap();
+    assert_eq!(
+        txt(&m).as_deref(),
+        Some("a"),
+        "queries still go to the old set"
+    );
+}
+
+/// A relay in front of a real server (UDP and TCP) that delays the health probe's query
+/// (SOA) by `delay` and passes everything else at once, so the time between a swap and the
+/// first probe result is long enough to observe.
+fn slow_probe_relay(real: SocketAddr, delay: Duration) -> SocketAddr {
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = udp.local_addr().unwrap();
+    let tcp = TcpListener::bind(addr).unwrap();
+    let is_soa = |q: &[u8]| {
+        dnsmsg::layout(q).is_ok_and(|l| {
+            l.qdcount == 1 && q[l.question_end - 4..l.question_end - 2] == SOA.to_be_bytes()
+        })
+    };
+    udp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let udp = Arc::new(udp);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok((n, from)) = udp.recv_from(&mut buf) {
+            let q = buf[..n].to_vec();
+            let wait = if is_soa(&q) { delay } else { Duration::ZERO };
+            let udp = udp.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(wait);
+                if let Some(r) = udp_exchange(real, &q, Duration::from_secs(1)) {
+                    let _ = udp.send_to(&r, from);
+                }
+            });
+        }
+    });
+    std::thread::spawn(move || {
+        for mut c in tcp.incoming().flatten() {
+            std::thread::spawn(move || {
+                c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let Ok(mut up) = TcpStream::connect(real) else {
+                    return;
+                };
+                up.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                while let Some(q) = tcp_read(&mut c) {
+                    if is_soa(&q) {
+                        std::thread::sleep(delay);
+                    }
+                    tcp_write(&mut up, &q);
+                    let Some(r) = tcp_read(&mut up) else { return };
+                    tcp_write(&mut c, &r);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A backend added by a plain `set-backends` (no `--verify`) serves at once, even with health
+/// checks on and `all_down = "servfail"`, until a probe says otherwise (here the first probe
+/// of the new backend takes 500 ms to answer).
+#[test]
+fn an_unverified_new_backend_serves_at_once() {
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let b = Named::start(ZoneSpec::new(1, "b"));
+    let slow_b = slow_probe_relay(b.addr, Duration::from_millis(500));
+    // The relay passes ordinary queries at once, over UDP and TCP.
+    let t0 = Instant::now();
+    let via_relay = udp_query(slow_b, "who.example.test.", RecordType::TXT, T).map(|m| txt(&m));
+    let tcp_relay = tcp_query(slow_b, "who.example.test.", RecordType::TXT).map(|m| txt(&m));
+    assert_eq!(
+        (via_relay, tcp_relay),
+        (Some(Some("b".into())), Some(Some("b".into())))
+    );
+    assert!(
+        t0.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        t0.elapsed()
+    );
+    let lb = Lb::start(&format!(
+        "{}\n[health]\nzones = [\"example.test.\"]\ninterval_ms = 5000\ntimeout_ms = 1000\nall_down = \"servfail\"\n",
+        lb_config(&[a.addr], "round-robin", "")
+    ));
+    assert!(lb.wait_state(a.addr, "up", T).is_some());
+    let (code, out, err) = lb.ctl(&["set-backends", &slow_b.to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let state = lb.backend_state(slow_b);
+    let m = udp_query(lb.udp(), "who.example.test.", RecordType::TXT, T).expect("UDP answer");
+    assert_eq!(
+        (m.metadata.response_code, txt(&m)),
+        (ResponseCode::NoError, Some("b".to_string())),
+        "UDP query right after an unverified swap (new backend {state:?})"
+    );
+    let m = tcp_query(lb.tcp(), "who.example.test.", RecordType::TXT).expect("TCP answer");
+    assert_eq!(
+        (m.metadata.response_code, txt(&m)),
+        (ResponseCode::NoError, Some("b".to_string())),
+        "TCP query right after an unverified swap"
+    );
+    // The probe, once answered, agrees: still up.
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(lb.backend_state(slow_b).map(|s| s.0).as_deref(), Some("up"));
+}
+
+/// A reload that turns health checks off brings backends that checks had marked down back
+/// into use.
+#[test]
+fn a_reload_turning_health_checks_off_brings_down_backends_back() {
+    let r = Named::start(ZoneSpec {
+        serial: None,
+        tag: "r".into(),
+    });
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let lb = Lb::start(&format!(
+        "{}\n[health]\nzones = [\"example.test.\"]\ninterval_ms = 200\n",
+        lb_config(&[r.addr, a.addr], "first-available", "")
+    ));
+    assert!(lb.wait_state(a.addr, "up", T).is_some());
+    assert_eq!(
+        lb.backend_state(r.addr).unwrap().0,
+        "down",
+        "REFUSED is down"
+    );
+    let text = std::fs::read_to_string(&lb.config).unwrap();
+    std::fs::write(
+        &lb.config,
+        text.replace("[health]\n", "[health]\nenabled = false\n"),
+    )
+    .unwrap();
+    let (code, out, err) = lb.ctl(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let back = lb.wait_state(r.addr, "up", Duration::from_secs(2));
+    assert!(
+        back.is_some(),
+        "with health checks off, {} must be up again; it is {:?}",
+        r.addr,
+        lb.backend_state(r.addr)
+    );
+    // first-available: the first backend takes the queries again (and answers REFUSED).
+    let m = udp_query(lb.udp(), "www.example.test.", RecordType::A, T).unwrap();
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
 }
