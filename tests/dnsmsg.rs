@@ -312,7 +312,7 @@ pub fn skip_name(msg: &[u8], mut pos: usize) -> Result<usize, String> {
     Err("name too long".into())
 }
 
-/// Reads a name (following pointers) as lowercase presentation text, for diagnostics and
+/// Reads a name (following pointers) as presentation text, case kept, for diagnostics and
 /// TSIG key names.
 pub fn read_name(msg: &[u8], mut pos: usize) -> Result<String, String> {
     let mut out = String::new();
@@ -329,7 +329,7 @@ pub fn read_name(msg: &[u8], mut pos: usize) -> Result<String, String> {
                 let label = msg
                     .get(pos + 1..pos + 1 + len)
                     .ok_or("label runs past the end")?;
-                out.push_str(&String::from_utf8_lossy(label).to_ascii_lowercase());
+                out.push_str(&String::from_utf8_lossy(label));
                 out.push('.');
                 pos += 1 + len;
             }
@@ -916,7 +916,7 @@ mod tests {
         assert_eq!(l.additional.len(), 1);
         assert_eq!(l.additional[0].rtype, OPT);
         assert_eq!((q[2] >> 3) & 0x0f, 4);
-        assert_eq!(read_name(&q, 12).unwrap(), "www.example.test.");
+        assert_eq!(read_name(&q, 12).unwrap(), "WwW.example.test.");
         let m = mask(&q);
         assert_eq!(m.bytes[..2], [0, 0]);
     }

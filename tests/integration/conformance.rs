@@ -1432,3 +1432,113 @@ fn a_reload_turning_health_checks_off_brings_down_backends_back() {
     let m = udp_query(lb.udp(), "www.example.test.", RecordType::A, T).unwrap();
     assert_eq!(m.metadata.response_code, ResponseCode::Refused);
 }
+
+/// How the fake backend of [`answer_matching_rules`] answers, chosen by the query's first
+/// label: `echo*` echoes the question as sent, `lower*` echoes it lowercased, `qd0noerror*`
+/// answers NOERROR without a question, `qd0notimp*` NOTIMP without a question.
+fn fake_answer(q: &[u8]) -> Option<Vec<u8>> {
+    let l = dnsmsg::layout(q).ok()?;
+    let mut r = q[..l.question_end].to_vec();
+    r[2] |= 0x80;
+    r[3] = 0;
+    r[6..12].fill(0);
+    let label = dnsmsg::read_name(q, 12).ok()?.to_ascii_lowercase();
+    if label.starts_with("lower") {
+        for b in &mut r[12..l.question_end - 4] {
+            b.make_ascii_lowercase();
+        }
+    } else if label.starts_with("qd0") {
+        r.truncate(12);
+        r[4..6].fill(0);
+        if label.starts_with("qd0notimp") {
+            r[3] = 4;
+        }
+    }
+    Some(r)
+}
+
+/// A fake backend over UDP and TCP answering with [`fake_answer`].
+fn fake_backend() -> SocketAddr {
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = udp.local_addr().unwrap();
+    let tcp = TcpListener::bind(addr).unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok((n, from)) = udp.recv_from(&mut buf) {
+            if let Some(r) = fake_answer(&buf[..n]) {
+                let _ = udp.send_to(&r, from);
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        for mut c in tcp.incoming().flatten() {
+            std::thread::spawn(move || {
+                c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                while let Some(q) = tcp_read(&mut c) {
+                    if let Some(r) = fake_answer(&q) {
+                        tcp_write(&mut c, &r);
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// How lb matches answers (issue #15): the question must match byte for byte, case
+/// included, when the answer has one (so a resolver's 0x20 randomisation protects it at lb
+/// too); an answer without a question is relayed when its RCODE is not NOERROR (NOTIMP,
+/// FORMERR...), never as a NOERROR answer to a query that had one.
+#[test]
+fn answer_matching_rules() {
+    let fake = fake_backend();
+    let lb = Lb::start(&lb_config(&[fake], "round-robin", "timeout_ms = 800\n"));
+    let cases = [
+        ("eChO.example.test.", true, "the exact question echoed"),
+        ("qd0notimp.example.test.", true, "NOTIMP without a question"),
+        ("LoWeR.example.test.", false, "the question in another case"),
+        (
+            "qd0noerror.example.test.",
+            false,
+            "NOERROR without a question",
+        ),
+    ];
+    let rows: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (name, relay, what))| {
+                let (udp, tcp) = (lb.udp(), lb.tcp());
+                s.spawn(move || {
+                    let q = query_bytes(0x600 + i as u16, name, RecordType::A);
+                    let want = fake_answer(&q).unwrap();
+                    let mut wrong = Vec::new();
+                    let via_udp = udp_exchange(udp, &q, Duration::from_millis(1500));
+                    let via_tcp = tcp_exchange(tcp, &q, A, Duration::from_millis(1500));
+                    let via_tcp = via_tcp.messages.first().cloned();
+                    for (proto, got) in [("udp", via_udp), ("tcp", via_tcp)] {
+                        match (relay, got) {
+                            (true, Some(g)) if g == want => {}
+                            (true, g) => wrong.push(format!(
+                                "{what} over {proto}: must be relayed as the backend sent it; got {:?}",
+                                g.as_deref().map(dnsmsg::summary)
+                            )),
+                            (false, None) => {}
+                            (false, Some(g)) => wrong.push(format!(
+                                "{what} over {proto}: must not reach the client; it got {}",
+                                dnsmsg::summary(&g)
+                            )),
+                        }
+                    }
+                    wrong
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert!(rows.is_empty(), "answer matching: {rows:#?}");
+}
