@@ -174,6 +174,10 @@ fn shapes() -> Vec<Shape> {
         q("example.test.", IXFR).authority_rr(&dnsmsg::soa_rr("example.test.", 0)),
     );
     add("AXFR of a zone not served", q("other.test.", AXFR));
+    add(
+        "IXFR of a zone not served",
+        q("other.test.", IXFR).authority_rr(&dnsmsg::soa_rr("other.test.", 1)),
+    );
 
     let mut out: Vec<Shape> = v
         .into_iter()
@@ -696,8 +700,20 @@ fn axfr_of_a_large_zone_through_lb_equals_binds() {
         "BIND's AXFR: {} with {records} records",
         direct.describe()
     );
-    let via = tcp_exchange(lb.tcp(), &q, AXFR, limit);
+    // BIND keeps the connection open after a transfer: the end is the closing SOA, and the
+    // client's connection carries on with the next query.
+    let mut c = TcpStream::connect(lb.tcp()).unwrap();
+    let via = tcp_transfer(&mut c, &q, AXFR, limit);
     assert_same_stream("AXFR big.test (our reader)", &q, &direct, &via);
+    let next = query_bytes(0x4a59, "www.example.test.", RecordType::A);
+    let after = tcp_transfer(&mut c, &next, A, T);
+    let want = tcp_exchange(ns.addr, &next, A, T);
+    assert_same_stream(
+        "a query after the transfer, same connection",
+        &next,
+        &want,
+        &after,
+    );
 
     let d = dig_transfer(ns.addr, &["+tcp", "big.test", "AXFR"]);
     let g = dig_transfer(lb.tcp(), &["+tcp", "big.test", "AXFR"]);
