@@ -360,8 +360,9 @@ fn compare_tcp(s: &Shape, direct: &Transfer, via: &Transfer) -> Outcome {
     }
     if via.messages.len() != direct.messages.len() || !via.complete {
         return Err(format!(
-            "BIND: {}; through lb: {}",
+            "BIND: {} ({}); through lb: {}",
             direct.describe(),
+            brief(&direct.messages[0]),
             via.describe()
         ));
     }
