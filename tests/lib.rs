@@ -12,9 +12,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod dnsmsg;
 pub mod fake_linode;
+pub mod netns;
 
-use hickory_proto::op::{Message, MessageType, OpCode, Query};
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -192,24 +194,128 @@ pub fn zone_text(serial: u32, tag: &str) -> String {
     z
 }
 
+/// Records [`NamedOptions::conformance`] adds to `example.test`: a delegation with glue, a
+/// CNAME, and a TXT of about 800 bytes (fits a 1232-byte buffer, not 512).
+pub fn conformance_records() -> String {
+    let medium: Vec<String> = (0..4)
+        .map(|i| format!("\"{i}{}\"", "m".repeat(190)))
+        .collect();
+    format!(
+        "sub IN NS ns.sub.example.test.\n\
+         sub IN NS ns2.sub.example.test.\n\
+         ns.sub IN A 192.0.2.53\n\
+         ns2.sub IN A 192.0.2.54\n\
+         ns.sub IN AAAA 2001:db8::53\n\
+         alias IN CNAME www.example.test.\n\
+         medium IN TXT {}\n",
+        medium.join(" ")
+    )
+}
+
+/// `big.test` with `n` A records (for AXFR of a large zone), plus a few other types.
+pub fn big_zone_text(n: usize) -> String {
+    let mut z = String::with_capacity(n * 32 + 256);
+    z.push_str(
+        "$TTL 300\n\
+         @ IN SOA ns1.big.test. hostmaster.big.test. 1 3600 600 86400 300\n\
+         @ IN NS ns1.big.test.\n\
+         ns1 IN A 127.0.0.1\n\
+         @ IN TXT \"a large zone for transfer tests\"\n\
+         @ IN MX 10 mail.big.test.\n",
+    );
+    for i in 0..n {
+        z.push_str(&format!(
+            "h{i} IN A 10.{}.{}.{}\n",
+            (i >> 16) & 0xff,
+            (i >> 8) & 0xff,
+            i & 0xff
+        ));
+    }
+    z
+}
+
+/// `ixfr.test` at `version` (= its serial): `n` TXT records; each version changes the quarter
+/// of them whose index is `version % 4`, adds `added{version}` and drops `added{version-1}`,
+/// so a difference has deletions and additions and spans several messages.
+pub fn ixfr_zone_text(version: u32, n: usize) -> String {
+    let mut z = format!(
+        "$TTL 300\n\
+         @ IN SOA ns1.ixfr.test. hostmaster.ixfr.test. {version} 3600 600 86400 300\n\
+         @ IN NS ns1.ixfr.test.\n\
+         ns1 IN A 127.0.0.1\n\
+         added{version} IN A 192.0.2.{}\n",
+        version % 250
+    );
+    for i in 0..n {
+        // How many versions up to this one changed record i.
+        let changes = (2..=version).filter(|v| (*v as usize) % 4 == i % 4).count();
+        z.push_str(&format!("r{i} IN TXT \"record {i} change {changes}\"\n"));
+    }
+    z
+}
+
+/// What a test BIND serves beyond `example.test` ([`Named::start_with`]). The default is what
+/// [`Named::start`] has always served, so existing tests keep their behaviour.
+#[derive(Clone, Debug, Default)]
+pub struct NamedOptions {
+    /// The conformance additions: in `example.test` a delegation (`sub`, two NS with glue), a
+    /// CNAME (`alias`), a TXT that fits 1232 but not 512 bytes (`medium`); the TSIG key
+    /// [`dnsmsg::TsigKey::test_key`]; transfers allowed to that key and to loopback; a version
+    /// string for `version.bind CH TXT`; RRsets in a fixed order (so two answers compare).
+    pub conformance: bool,
+    /// Also serve `big.test` with this many A records (0: no such zone), for AXFR.
+    pub big_zone_records: usize,
+    /// Also serve `ixfr.test` (this many TXT records; 0: no such zone) with
+    /// `ixfr-from-differences yes` and an `rndc` control channel, so
+    /// [`Named::ixfr_update`] makes BIND compute and journal a real difference.
+    pub ixfr_zone_records: usize,
+    /// Run inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
+}
+
 /// A real `named` serving the test zone on 127.0.0.1 at its own port.
 pub struct Named {
     pub addr: SocketAddr,
     pub proc: Option<Proc>,
     pub dir: TempDir,
     spec: ZoneSpec,
+    opts: NamedOptions,
+    /// Port of the `rndc` control channel (with `ixfr_zone_records`).
+    control_port: u16,
 }
 
 impl Named {
     pub fn start(spec: ZoneSpec) -> Named {
+        Self::start_with(spec, NamedOptions::default())
+    }
+
+    /// Starts a BIND serving `spec` plus what `opts` asks for.
+    pub fn start_with(spec: ZoneSpec, opts: NamedOptions) -> Named {
         let dir = TempDir::new("named");
         let port = free_port();
+        let control_port = if opts.ixfr_zone_records > 0 {
+            free_port()
+        } else {
+            0
+        };
         let mut n = Named {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             proc: None,
             dir,
             spec,
+            opts,
+            control_port,
         };
+        if n.opts.big_zone_records > 0 {
+            std::fs::write(
+                n.dir.path().join("big.test.zone"),
+                big_zone_text(n.opts.big_zone_records),
+            )
+            .unwrap();
+        }
+        if n.opts.ixfr_zone_records > 0 {
+            n.write_ixfr_zone(1);
+        }
         n.write_config();
         n.restart();
         n
@@ -217,11 +323,16 @@ impl Named {
 
     fn write_config(&self) {
         let d = self.dir.path().display();
+        let extra = if self.opts.conformance {
+            conformance_records()
+        } else {
+            String::new()
+        };
         let zone = match self.spec.serial {
             Some(serial) => {
                 std::fs::write(
                     self.dir.path().join("example.test.zone"),
-                    zone_text(serial, &self.spec.tag),
+                    zone_text(serial, &self.spec.tag) + &extra,
                 )
                 .unwrap();
                 format!(
@@ -230,20 +341,129 @@ impl Named {
             }
             None => String::new(),
         };
+        let mut head = String::new();
+        let mut options = String::from("  allow-transfer { none; };\n  version none;\n");
+        let mut zones = zone;
+        let mut controls = String::from("controls { };\n");
+        if self.opts.conformance {
+            let key = dnsmsg::TsigKey::test_key();
+            head.push_str(&key.named_conf());
+            options = format!(
+                "  allow-transfer {{ key \"{}\"; 127.0.0.0/8; ::1; }};\n  version \"bind-under-test\";\n  rrset-order {{ order none; }};\n  max-ixfr-ratio unlimited;\n",
+                key.name.trim_end_matches('.')
+            );
+        }
+        if self.opts.big_zone_records > 0 {
+            zones.push_str(&format!(
+                "zone \"big.test\" {{ type primary; file \"{d}/big.test.zone\"; }};\n"
+            ));
+        }
+        if self.opts.ixfr_zone_records > 0 {
+            zones.push_str(&format!(
+                "zone \"ixfr.test\" {{ type primary; file \"{d}/ixfr.test.zone\"; ixfr-from-differences yes; }};\n"
+            ));
+            let secret = dnsmsg::base64(&[7u8; 32]);
+            head.push_str(&format!(
+                "key \"rndc-key\" {{ algorithm hmac-sha256; secret \"{secret}\"; }};\n"
+            ));
+            controls = format!(
+                "controls {{ inet 127.0.0.1 port {} allow {{ 127.0.0.1; }} keys {{ \"rndc-key\"; }}; }};\n",
+                self.control_port
+            );
+            std::fs::write(
+                self.dir.path().join("rndc.conf"),
+                format!(
+                    "key \"rndc-key\" {{ algorithm hmac-sha256; secret \"{secret}\"; }};\noptions {{ default-key \"rndc-key\"; default-server 127.0.0.1; default-port {}; }};\n",
+                    self.control_port
+                ),
+            )
+            .unwrap();
+        }
         let conf = format!(
-            "options {{\n  directory \"{d}\";\n  pid-file \"{d}/named.pid\";\n  session-keyfile \"{d}/session.key\";\n  managed-keys-directory \"{d}\";\n  listen-on port {} {{ 127.0.0.1; }};\n  listen-on-v6 {{ none; }};\n  recursion no;\n  allow-transfer {{ none; }};\n  dnssec-validation no;\n  notify no;\n  version none;\n}};\ncontrols {{ }};\n{zone}",
+            "{head}options {{\n  directory \"{d}\";\n  pid-file \"{d}/named.pid\";\n  session-keyfile \"{d}/session.key\";\n  managed-keys-directory \"{d}\";\n  listen-on port {} {{ 127.0.0.1; }};\n  listen-on-v6 {{ none; }};\n  recursion no;\n  dnssec-validation no;\n  notify no;\n{options}}};\n{controls}{zones}",
             self.addr.port()
         );
         std::fs::write(self.dir.path().join("named.conf"), conf).unwrap();
     }
 
-    /// (Re)starts the process on the same port and waits until it answers.
+    /// Writes `ixfr.test` at `version` (its SOA serial).
+    fn write_ixfr_zone(&self, version: u32) {
+        let path = self.dir.path().join("ixfr.test.zone");
+        std::fs::write(&path, ixfr_zone_text(version, self.opts.ixfr_zone_records)).unwrap();
+        // BIND reloads a zone only if its file is newer than what it loaded; two versions
+        // written within a second would otherwise look the same.
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(std::time::SystemTime::now() + Duration::from_secs(u64::from(version)))
+            .unwrap();
+    }
+
+    /// Moves `ixfr.test` to `version` (a quarter of its records change, one name is added and
+    /// one removed) and has BIND reload it with `rndc`, which journals the difference; waits
+    /// until BIND serves the new serial.
+    pub fn ixfr_update(&mut self, version: u32) {
+        assert!(self.opts.ixfr_zone_records > 0, "started without ixfr.test");
+        self.write_ixfr_zone(version);
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut last = String::new();
+        while Instant::now() < end {
+            let out = Command::new("rndc")
+                .arg("-c")
+                .arg(self.dir.path().join("rndc.conf"))
+                .args(["reload", "ixfr.test"])
+                .output()
+                .expect("rndc (apt-get install bind9-utils)");
+            last = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            for _ in 0..20 {
+                if self.soa_serial("ixfr.test.") == Some(version) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        }
+        panic!(
+            "ixfr.test did not reach serial {version}; rndc said: {last}\n{}",
+            self.proc
+                .as_ref()
+                .map(|p| p.output.text())
+                .unwrap_or_default()
+        );
+    }
+
+    /// The serial BIND serves for `zone`, asked directly over UDP.
+    pub fn soa_serial(&self, zone: &str) -> Option<u32> {
+        let addr = self.addr;
+        let zone = zone.to_string();
+        self.in_netns(move || {
+            udp_query(addr, &zone, RecordType::SOA, Duration::from_millis(300))
+                .as_ref()
+                .and_then(soa_serial)
+        })
+    }
+
+    /// Runs `f` where this server's network is (its namespace, if any).
+    fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        match &self.opts.netns {
+            Some(ns) => netns::run_in(ns, f),
+            None => f(),
+        }
+    }
+
+    /// (Re)starts the process on the same port and waits until it answers for every zone.
     pub fn restart(&mut self) {
         if let Some(mut p) = self.proc.take() {
             p.kill();
         }
         let conf = self.dir.path().join("named.conf");
-        let mut child = Command::new(named_path())
+        let mut cmd = match &self.opts.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, named_path()]);
+                c
+            }
+            None => Command::new(named_path()),
+        };
+        let mut child = cmd
             .args(["-g", "-4", "-n", "1", "-c"])
             .arg(&conf)
             .stdin(Stdio::null())
@@ -258,16 +478,36 @@ impl Named {
             output,
             name: format!("named {}", self.addr),
         });
-        let end = Instant::now() + Duration::from_secs(15);
+        let mut zones = vec!["example.test."];
+        if self.spec.serial.is_none() {
+            // No zone: any answer (REFUSED) says it runs.
+            zones.clear();
+        }
+        if self.opts.big_zone_records > 0 {
+            zones.push("big.test.");
+        }
+        if self.opts.ixfr_zone_records > 0 {
+            zones.push("ixfr.test.");
+        }
+        let end = Instant::now() + Duration::from_secs(20);
         while Instant::now() < end {
-            if udp_query(
-                self.addr,
-                "example.test.",
-                RecordType::SOA,
-                Duration::from_millis(200),
-            )
-            .is_some()
-            {
+            let addr = self.addr;
+            let ready = self.in_netns(|| {
+                if zones.is_empty() {
+                    return udp_query(
+                        addr,
+                        "example.test.",
+                        RecordType::SOA,
+                        Duration::from_millis(200),
+                    )
+                    .is_some();
+                }
+                zones.iter().all(|z| {
+                    udp_query(addr, z, RecordType::SOA, Duration::from_millis(200))
+                        .is_some_and(|m| m.metadata.response_code == ResponseCode::NoError)
+                })
+            });
+            if ready {
                 return;
             }
             if let Some(p) = self.proc.as_mut() {
@@ -312,6 +552,9 @@ pub struct Lb {
     pub tcp: Option<SocketAddr>,
     pub config: PathBuf,
     pub dir: TempDir,
+    /// Every UDP and TCP listening address lb reported, in config order.
+    pub udp_all: Vec<SocketAddr>,
+    pub tcp_all: Vec<SocketAddr>,
     socket: Option<PathBuf>,
     /// The `/metrics` address, if the config has `[metrics]`.
     pub metrics: Option<SocketAddr>,
@@ -322,6 +565,19 @@ impl Lb {
     /// Unless the config has a `[control]` section, one is added with a control socket and a
     /// state file in the instance's directory.
     pub fn start(config: &str) -> Lb {
+        let (dir, path) = Self::write_config(config);
+        Self::start_with(dir, path, &[])
+    }
+
+    /// Like [`Lb::start`], inside a network namespace (`ip netns exec`).
+    pub fn start_in_netns(config: &str, ns: &netns::NetNs) -> Lb {
+        let (dir, path) = Self::write_config(config);
+        let cmd = ns.command(bin("lb"));
+        Self::start_command(cmd, dir, path)
+    }
+
+    /// Writes the config (adding a `[control]` section if it has none) to a new directory.
+    fn write_config(config: &str) -> (TempDir, PathBuf) {
         let dir = TempDir::new("lb");
         let path = dir.path().join("lb.toml");
         let mut text = config.to_string();
@@ -332,7 +588,7 @@ impl Lb {
             ));
         }
         std::fs::write(&path, text).unwrap();
-        Self::start_with(dir, path, &[])
+        (dir, path)
     }
 
     /// Starts another `lb` on the same config file and directory (after this one stopped).
@@ -398,8 +654,15 @@ impl Lb {
         http_get(self.metrics.expect("config has [metrics]"), "/metrics").1
     }
 
-    /// A drop counter from `status` (0 if it never happened).
+    /// A drop counter from `status` (0 if it never happened: `status` lists only reasons that
+    /// occurred). Panics on a reason lb does not have, so a misspelt label cannot read as 0.
     pub fn drops(&self, reason: &str) -> u64 {
+        assert!(
+            lb::stats::DropReason::ALL
+                .iter()
+                .any(|r| r.as_str() == reason),
+            "`{reason}` is not a drop reason of lb"
+        );
         self.status()
             .drops
             .iter()
@@ -435,19 +698,25 @@ impl Lb {
 
     /// Starts `BINARY run --config PATH` with extra environment.
     pub fn start_binary(binary: &Path, dir: TempDir, path: PathBuf, env: &[(&str, &str)]) -> Lb {
+        let mut cmd = Command::new(binary);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self::start_command(cmd, dir, path)
+    }
+
+    /// Runs `CMD run --config PATH` (CMD being lb, possibly behind a wrapper) and waits for
+    /// its `listening for ...` and `lb started` lines.
+    fn start_command(mut cmd: Command, dir: TempDir, path: PathBuf) -> Lb {
         let cfg = lb::config::LbConfig::read(&path).expect("test config must be valid");
         let want_udp = cfg.listen.udp.len();
         let want_tcp = cfg.listen.tcp.len();
-        let mut cmd = Command::new(binary);
         cmd.args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
         let mut child = cmd.spawn().unwrap();
         let output = Output::default();
         let (tx, rx) = mpsc::channel();
@@ -488,6 +757,8 @@ impl Lb {
             proc,
             udp: udp.first().copied(),
             tcp: tcp.first().copied(),
+            udp_all: udp,
+            tcp_all: tcp,
             socket: cfg.control.socket,
             metrics,
             config: path,
@@ -653,8 +924,22 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// The value of one sample (`name{labels}` exactly as exposed) in a scrape, or 0.
+/// The value of one sample (`name{labels}` exactly as exposed) in a scrape. Panics, naming
+/// the series and listing those of the same metric, if the scrape does not have it: a
+/// misspelt name or label must fail the test, not read as 0.
 pub fn sample(scrape: &str, series: &str) -> f64 {
+    try_sample(scrape, series).unwrap_or_else(|| {
+        let metric = series.split('{').next().unwrap_or(series);
+        let same: Vec<&str> = scrape
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.starts_with(metric))
+            .collect();
+        panic!("metrics series `{series}` is not in the scrape; series of `{metric}`: {same:?}")
+    })
+}
+
+/// The value of one sample, or `None` if the scrape does not have that series.
+pub fn try_sample(scrape: &str, series: &str) -> Option<f64> {
     scrape
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -662,7 +947,6 @@ pub fn sample(scrape: &str, series: &str) -> f64 {
             let (k, v) = l.rsplit_once(' ')?;
             (k == series).then(|| v.parse().ok()).flatten()
         })
-        .unwrap_or(0.0)
 }
 
 /// Encodes a query (RD=0, no EDNS).
@@ -748,4 +1032,130 @@ pub fn lb_config(backends: &[SocketAddr], policy: &str, extra: &str) -> String {
         "[listen]\nudp = [\"127.0.0.1:0\"]\ntcp = [\"127.0.0.1:0\"]\nworkers = 2\n\n[backends]\nservers = [{}]\npolicy = \"{policy}\"\n{extra}\n",
         list.join(", ")
     )
+}
+
+/// A TCP answer stream read by [`tcp_transfer`].
+#[derive(Debug, Default)]
+pub struct Transfer {
+    /// Every message read, in order.
+    pub messages: Vec<Vec<u8>>,
+    /// The stream ended by the rules of [`dnsmsg::TransferState`].
+    pub complete: bool,
+    /// The answers form an IXFR difference sequence (not AXFR-style, not a lone SOA).
+    pub incremental: bool,
+    /// Why reading stopped before the end, if it did.
+    pub error: Option<String>,
+}
+
+impl Transfer {
+    /// One line for failure messages: messages read, complete or why not.
+    pub fn describe(&self) -> String {
+        let bytes: usize = self.messages.iter().map(Vec::len).sum();
+        match (&self.error, self.complete) {
+            (_, true) => format!("complete: {} messages, {bytes} bytes", self.messages.len()),
+            (Some(e), false) => format!(
+                "incomplete after {} messages ({bytes} bytes): {e}",
+                self.messages.len()
+            ),
+            (None, false) => format!("incomplete after {} messages", self.messages.len()),
+        }
+    }
+}
+
+/// Sends `query` (of type `qtype`) on `s` and reads its answer stream until it ends (one
+/// message, or the end of an AXFR/IXFR), an error, or `limit`.
+pub fn tcp_transfer(s: &mut TcpStream, query: &[u8], qtype: u16, limit: Duration) -> Transfer {
+    let mut t = Transfer::default();
+    let end = Instant::now() + limit;
+    tcp_write(s, query);
+    let mut state = dnsmsg::TransferState::new(qtype);
+    while !state.done {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            t.error = Some(format!("no end of stream within {limit:?}"));
+            break;
+        }
+        let _ = s.set_read_timeout(Some(left));
+        let mut len = [0u8; 2];
+        if let Err(e) = s.read_exact(&mut len) {
+            t.error = Some(match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => "connection closed".to_string(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    format!("no further message within {limit:?}")
+                }
+                _ => format!("read error: {e}"),
+            });
+            break;
+        }
+        let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+        if let Err(e) = s.read_exact(&mut buf) {
+            t.error = Some(format!("message cut short: {e}"));
+            break;
+        }
+        if let Err(e) = state.feed(&buf) {
+            t.error = Some(format!("message {}: {e}", t.messages.len()));
+            t.messages.push(buf);
+            break;
+        }
+        t.messages.push(buf);
+    }
+    t.complete = state.done;
+    t.incremental = state.is_incremental();
+    t
+}
+
+/// [`tcp_transfer`] on a new connection to `server`.
+pub fn tcp_exchange(server: SocketAddr, query: &[u8], qtype: u16, limit: Duration) -> Transfer {
+    match TcpStream::connect_timeout(&server, Duration::from_secs(2)) {
+        Ok(mut s) => {
+            let _ = s.set_nodelay(true);
+            tcp_transfer(&mut s, query, qtype, limit)
+        }
+        Err(e) => Transfer {
+            error: Some(format!("cannot connect to {server}: {e}")),
+            ..Transfer::default()
+        },
+    }
+}
+
+/// Sends every query from its own socket at once and collects the first answer to each
+/// (with the address it came from) until all are answered or `wait` has passed.
+pub fn udp_exchange_many(
+    server: SocketAddr,
+    queries: &[Vec<u8>],
+    wait: Duration,
+) -> Vec<Option<(Vec<u8>, SocketAddr)>> {
+    let local: SocketAddr = if server.is_ipv4() {
+        "127.0.0.1:0".parse().unwrap()
+    } else {
+        "[::1]:0".parse().unwrap()
+    };
+    let socks: Vec<UdpSocket> = queries
+        .iter()
+        .map(|q| {
+            let s = UdpSocket::bind(local).unwrap();
+            s.set_nonblocking(true).unwrap();
+            let _ = s.send_to(q, server);
+            s
+        })
+        .collect();
+    let mut got: Vec<Option<(Vec<u8>, SocketAddr)>> = vec![None; queries.len()];
+    let end = Instant::now() + wait;
+    let mut buf = vec![0u8; 65535];
+    while Instant::now() < end && got.iter().any(Option::is_none) {
+        let mut any = false;
+        for (i, s) in socks.iter().enumerate() {
+            if got[i].is_some() {
+                continue;
+            }
+            if let Ok((n, from)) = s.recv_from(&mut buf) {
+                got[i] = Some((buf[..n].to_vec(), from));
+                any = true;
+            }
+        }
+        if !any {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    got
 }

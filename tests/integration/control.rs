@@ -337,12 +337,11 @@ fn bad_input_is_counted_by_reason() {
     let good = query_bytes(1, "www.example.test.", RecordType::A);
     let mut qr = good.clone();
     qr[2] |= 0x80;
-    let mut bad_q = good.clone();
-    bad_q.truncate(good.len() - 2);
+    // (A malformed question is not counted here: it is a query, forwarded to BIND, which
+    // answers FORMERR; see the conformance suite.)
     for _ in 0..3 {
         c.send_to(&[1, 2, 3], lb.udp()).unwrap();
         c.send_to(&qr, lb.udp()).unwrap();
-        c.send_to(&bad_q, lb.udp()).unwrap();
         c.send_to(&[0u8; 5000], lb.udp()).unwrap();
     }
     let mut s = TcpStream::connect(lb.tcp()).unwrap();
@@ -354,7 +353,6 @@ fn bad_input_is_counted_by_reason() {
     }
     assert_eq!(lb.drops("short-header"), 3);
     assert_eq!(lb.drops("qr-set"), 3);
-    assert_eq!(lb.drops("bad-question"), 3);
     assert_eq!(lb.drops("oversized-datagram"), 3);
     assert_eq!(lb.drops("tcp-zero-length"), 1);
     assert_eq!(lb.drops("tcp-idle-timeout"), 1);

@@ -186,12 +186,9 @@ fn floods_and_hostile_clients() {
         assert!(*r >= 0.9, "good client success ratios {ratios:?}");
     }
     let scrape = lb.scrape();
-    for reason in [
-        "short-header",
-        "too-many-questions",
-        "qr-set",
-        "tcp-connection-limit",
-    ] {
+    // (Random bytes that parse as a header with QR=0 are queries: lb forwards them and BIND
+    // answers or not, so no "bad question" reason is expected here.)
+    for reason in ["short-header", "qr-set", "tcp-connection-limit"] {
         let v = sample(&scrape, &format!("lb_dropped_total{{reason=\"{reason}\"}}"));
         assert!(v > 0.0, "drops for {reason} are counted");
     }
