@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use lb::backend::Backend;
-use lb::inflight::InflightTable;
+use lb::inflight::{InflightTable, Origin};
 use lb::policy::{pick, PickContext, Policy};
 use lb::wire;
 
@@ -76,6 +76,11 @@ fn bench(c: &mut Criterion) {
     }
 
     let client: SocketAddr = "127.0.0.1:5353".parse().unwrap();
+    let origin = Origin {
+        client,
+        listener: 0,
+        local: None,
+    };
     let mut table = InflightTable::new(4096);
     let mut rng_state = 0x9e37_79b9u32;
     let now = Instant::now();
@@ -90,10 +95,9 @@ fn bench(c: &mut Criterion) {
                         rng_state ^= rng_state << 5;
                         rng_state as u16
                     },
-                    client,
-                    0,
+                    origin,
                     &q,
-                    question,
+                    Some(question),
                     now,
                 )
                 .unwrap();
@@ -103,13 +107,15 @@ fn bench(c: &mut Criterion) {
     });
 
     let mut a = answer(&q);
-    let id = table.insert(|| 777, client, 0, &q, question, now).unwrap();
+    let id = table
+        .insert(|| 777, origin, &q, Some(question), now)
+        .unwrap();
     wire::set_id(&mut a, id);
     c.bench_function("match_answer_and_restore_id", |b| {
         b.iter(|| {
             let h = wire::header(black_box(&a)).unwrap();
             let slot = table.get(h.id).unwrap();
-            let ok = wire::same_question(&slot.query, &slot.question, &a);
+            let ok = wire::answer_matches(&slot.query, slot.question.as_ref(), &a);
             let client_id = slot.client_id;
             wire::set_id(&mut a, client_id);
             wire::set_id(&mut a, h.id);

@@ -56,6 +56,8 @@ pub struct BackendState {
     pub health_fail: AtomicU32,
     /// Consecutive UDP timeouts on live traffic (reset by any answer).
     passive_timeouts: AtomicU32,
+    /// Passive detection suspects the backend and asked for a probe to confirm.
+    suspect: AtomicBool,
     /// A probe of this backend is in flight (one at most).
     probe_running: AtomicBool,
     health_failures: [AtomicU64; ProbeFailure::ALL.len()],
@@ -76,6 +78,7 @@ impl BackendState {
             health_ok: AtomicU32::new(0),
             health_fail: AtomicU32::new(0),
             passive_timeouts: AtomicU32::new(0),
+            suspect: AtomicBool::new(false),
             probe_running: AtomicBool::new(false),
             health_failures: Default::default(),
             latency: LatencyHistogram::default(),
@@ -118,12 +121,19 @@ impl BackendState {
         self.probe_running.store(false, Ordering::Release);
     }
 
-    /// Resets the passive timeout run (a probe or an answer proved the backend alive).
+    /// Notes that the backend proved alive: an answer matched one of its queries by ID (the
+    /// question need not match: the backend answered), or a probe passed. Resets the passive
+    /// timeout run. Called once per batch; writes only when there is a run to reset.
     #[inline]
-    pub fn passive_answer(&self) {
+    pub fn alive(&self) {
         if self.passive_timeouts.load(Ordering::Relaxed) != 0 {
             self.passive_timeouts.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// Clears and returns the passive suspicion (the checker, when a probe result is in).
+    pub fn take_suspicion(&self) -> bool {
+        self.suspect.swap(false, Ordering::AcqRel)
     }
 
     /// `up`, `down` or `draining`, as `lb ctl status` shows it.
@@ -163,7 +173,7 @@ impl BackendState {
         self.answers.fetch_add(tally.count, Ordering::Relaxed);
         self.outstanding
             .fetch_sub(tally.count as usize, Ordering::Relaxed);
-        self.passive_answer();
+        self.alive();
         self.latency.merge(tally);
     }
 
@@ -171,7 +181,7 @@ impl BackendState {
     pub fn answered_one(&self, took: Duration) {
         self.answers.fetch_add(1, Ordering::Relaxed);
         self.in_flight_done();
-        self.passive_answer();
+        self.alive();
         self.latency.observe(took);
     }
 
@@ -204,6 +214,13 @@ impl Backend {
     /// A backend that starts down ("not checked yet") until its first successful probe.
     pub fn unchecked(addr: SocketAddr) -> Self {
         Self::with_state(addr, false, ProbeFailure::NotChecked)
+    }
+
+    /// A backend that is used at once but not checked yet: its first failed probe takes it
+    /// down (not `fall` of them). What a plain swap adds, so that a swap back to a set that
+    /// just served (a rollback) never leaves clients without a backend.
+    pub fn provisional(addr: SocketAddr) -> Self {
+        Self::with_state(addr, true, ProbeFailure::NotChecked)
     }
 
     fn with_state(addr: SocketAddr, up: bool, reason: ProbeFailure) -> Self {
@@ -256,14 +273,19 @@ impl Backend {
         was_down
     }
 
-    /// Records a UDP timeout on live traffic; marks the backend down after `limit` in a row
-    /// (0 = passive checks off).
-    pub fn passive_timeout(&self, limit: u32) {
+    /// Records a UDP timeout on live traffic. After `limit` in a row with no answer at all
+    /// in between (0 = passive checks off) the backend is suspect, and the caller must ask
+    /// for a probe at once ([`Shared::request_probe`]): returns true then, once per suspicion.
+    ///
+    /// Timeouts alone never take a backend down: queries it chooses not to answer are
+    /// something any client can send, so the probe's verdict decides
+    /// ([`crate::controlplane::health`] takes a suspect backend down at its first failure).
+    pub fn passive_timeout(&self, limit: u32) -> bool {
         let n = self.state.passive_timeouts.fetch_add(1, Ordering::Relaxed) + 1;
-        if limit > 0 && n >= limit && self.state.is_up() {
-            let detail = format!("{n} queries in a row timed out");
-            self.mark_down(ProbeFailure::PassiveTimeouts, &detail);
-        }
+        limit > 0
+            && n >= limit
+            && self.state.is_up()
+            && !self.state.suspect.swap(true, Ordering::AcqRel)
     }
 }
 
@@ -341,13 +363,20 @@ pub enum Choice {
 impl BackendSet {
     /// Chooses where a query goes: the policy over usable (healthy, undrained) backends, or,
     /// when none is usable, what `all_down` says (fail-open: the policy over every undrained
-    /// backend, a last resort that beats certain failure). Pure: the caller counts.
+    /// backend, a last resort that beats certain failure). A backend to `avoid` (one that just
+    /// failed this very query) is passed over while another is usable. Pure: the caller counts.
     #[inline]
-    pub fn choose(&self, qname_hash: u64, counter: usize) -> Choice {
+    pub fn choose(&self, qname_hash: u64, counter: usize, avoid: Option<SocketAddr>) -> Choice {
         let ctx = PickContext {
             qname_hash,
             counter,
         };
+        if let Some(a) = avoid {
+            let other = |b: &Arc<Backend>| b.is_usable() && b.addr != a;
+            if let Some(i) = pick(self.policy, &self.backends, ctx, other) {
+                return Choice::Backend(i);
+            }
+        }
         if let Some(i) = pick(self.policy, &self.backends, ctx, |b| b.is_usable()) {
             return Choice::Backend(i);
         }
@@ -386,14 +415,16 @@ pub struct Shared {
     /// Backends removed by a swap, kept (weakly) so their metrics stay visible while they still
     /// have queries in flight.
     retired: Mutex<Vec<Weak<Backend>>>,
+    /// Passive detection asks the checker for a probe now.
+    probe_wanted: tokio::sync::Notify,
 }
 
-fn new_backend(addr: SocketAddr, unchecked: bool) -> Backend {
-    if unchecked {
-        Backend::unchecked(addr)
-    } else {
-        Backend::new(addr)
-    }
+/// The backends of a swap about to be stored, for the caller to persist first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingSet {
+    pub generation: u64,
+    pub backends: Vec<BackendAddr>,
+    pub drained: Vec<BackendAddr>,
 }
 
 impl Shared {
@@ -402,7 +433,12 @@ impl Shared {
     pub fn new(params: SetParams, servers: &[BackendAddr], generation: u64) -> Shared {
         let backends = servers
             .iter()
-            .map(|a| Arc::new(new_backend(a.0, params.checked)))
+            .map(|a| {
+                Arc::new(match params.checked {
+                    true => Backend::unchecked(a.0),
+                    false => Backend::new(a.0),
+                })
+            })
             .collect();
         Shared {
             set: ArcSwap::from_pointee(BackendSet {
@@ -418,7 +454,19 @@ impl Shared {
             write_lock: Mutex::new(()),
             checked: AtomicBool::new(params.checked),
             retired: Mutex::new(Vec::new()),
+            probe_wanted: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Asks the checker to probe now (a backend became suspect on live traffic). Rare: once
+    /// per suspicion.
+    pub fn request_probe(&self) {
+        self.probe_wanted.notify_one();
+    }
+
+    /// Resolves when a probe was requested.
+    pub async fn probe_requested(&self) {
+        self.probe_wanted.notified().await;
     }
 
     /// The current snapshot, for code off the per-packet path.
@@ -433,30 +481,55 @@ impl Shared {
     }
 
     /// Replaces the backend list (and, with `params`, the run-time parameters) atomically and
-    /// returns the new generation. Backends present before keep their `Arc` and so their state;
-    /// new ones start up when `verified` (they just passed a probe) or when no active checks
-    /// run, else down until their first probe. `servers` must already have passed
-    /// [`crate::config::check_backend_list`].
+    /// returns the new generation.
+    ///
+    /// `servers` is the new list, or `None` to keep the list in force at that moment (read
+    /// under the writers' lock, so a reload cannot undo a swap that landed while it ran); it
+    /// must already have passed [`crate::config::check_backend_list`]. Backends present before
+    /// keep their `Arc` and so their state. New ones start up when `verified` (they just passed
+    /// a probe) or when no active checks run, and otherwise [`Backend::provisional`]: used
+    /// until their first probe says otherwise. With active checks turned off, every backend
+    /// health had taken down is back in use (nothing would probe it again).
+    ///
+    /// `persist` is called with the new set before it is stored; if it fails, nothing changes
+    /// and its error is returned, so a swap that cannot be made durable never happens.
     pub fn replace(
         &self,
-        servers: &[BackendAddr],
+        servers: Option<&[BackendAddr]>,
         params: Option<SetParams>,
         verified: bool,
-    ) -> u64 {
+        persist: impl FnOnce(&PendingSet) -> Result<(), String>,
+    ) -> Result<u64, String> {
         let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.set.load_full();
         let checked = params.map_or(self.checked.load(Ordering::Relaxed), |p| p.checked);
-        let backends = servers
+        let servers = servers.map_or_else(|| old.addrs(), <[BackendAddr]>::to_vec);
+        let backends: Vec<Arc<Backend>> = servers
             .iter()
             .map(|a| match old.find(a.0) {
                 Some(b) => Arc::clone(b),
-                None => Arc::new(new_backend(a.0, checked && !verified)),
+                None if checked && !verified => Arc::new(Backend::provisional(a.0)),
+                None => Arc::new(Backend::new(a.0)),
             })
             .collect();
+        let generation = old.generation + 1;
+        persist(&PendingSet {
+            generation,
+            backends: servers.clone(),
+            drained: backends
+                .iter()
+                .filter(|b| b.state.is_draining())
+                .map(|b| BackendAddr(b.addr))
+                .collect(),
+        })?;
         if let Some(p) = params {
             self.checked.store(p.checked, Ordering::Relaxed);
         }
-        let generation = old.generation + 1;
+        if !checked {
+            for b in backends.iter().filter(|b| !b.state.is_up()) {
+                b.mark_up();
+            }
+        }
         self.set.store(Arc::new(BackendSet {
             generation,
             policy: params.map_or(old.policy, |p| p.policy),
@@ -475,7 +548,7 @@ impl Shared {
             }
         }
         retired.retain(|w| w.upgrade().is_some_and(|b| current.find(b.addr).is_none()));
-        generation
+        Ok(generation)
     }
 
     /// Removed backends that still have queries in flight (for metrics).
@@ -521,8 +594,13 @@ mod tests {
         );
         before.backends[0].mark_up();
         before.backends[1].state.set_draining(true);
-        let g = shared.replace(&addrs(&["127.0.0.2:1", "127.0.0.3:1"]), None, true);
-        assert_eq!(g, 2);
+        let g = shared.replace(
+            Some(&addrs(&["127.0.0.2:1", "127.0.0.3:1"])),
+            None,
+            true,
+            |_| Ok(()),
+        );
+        assert_eq!(g, Ok(2));
         let after = shared.current();
         assert!(Arc::ptr_eq(&before.backends[1], &after.backends[0]));
         assert!(after.backends[0].state.is_draining());
@@ -550,7 +628,7 @@ mod tests {
             let shared = Shared::new(p, &addrs(&["127.0.0.1:1", "127.0.0.2:1"]), 1);
             let set = shared.current();
             assert_eq!(
-                set.choose(0, 0),
+                set.choose(0, 0, None),
                 Choice::AllDown {
                     mode,
                     fallback: want
@@ -558,8 +636,44 @@ mod tests {
                 "{mode:?}"
             );
             set.backends[1].mark_up();
-            assert_eq!(set.choose(0, 0), Choice::Backend(1));
+            assert_eq!(set.choose(0, 0, None), Choice::Backend(1));
+            set.backends[0].mark_up();
+            let b1 = Some(set.backends[1].addr);
+            assert_eq!(
+                set.choose(0, 1, b1),
+                Choice::Backend(0),
+                "avoids the failed one"
+            );
         }
+    }
+
+    #[test]
+    fn a_swap_that_cannot_persist_changes_nothing_and_plain_swaps_add_provisional_backends() {
+        let shared = Shared::new(params(), &addrs(&["127.0.0.1:1"]), 1);
+        let r = shared.replace(Some(&addrs(&["127.0.0.9:1"])), None, false, |p| {
+            assert_eq!(p.generation, 2);
+            Err("disk full".into())
+        });
+        assert_eq!(r, Err("disk full".to_string()));
+        assert_eq!(shared.current().generation, 1);
+        assert_eq!(shared.current().addrs(), addrs(&["127.0.0.1:1"]));
+        let g = shared.replace(Some(&addrs(&["127.0.0.9:1"])), None, false, |_| Ok(()));
+        assert_eq!(g, Ok(2));
+        let b = &shared.current().backends[0];
+        assert!(b.state.is_up(), "a plain swap's new backend serves at once");
+        assert_eq!(b.state.reason(), ProbeFailure::NotChecked);
+        // Keeping the list in force (None) and turning checks off brings downed backends back.
+        b.mark_down(ProbeFailure::Refused, &"test");
+        let off = SetParams {
+            checked: false,
+            ..params()
+        };
+        let g = shared.replace(None, Some(off), false, |p| {
+            assert_eq!(p.backends, addrs(&["127.0.0.9:1"]));
+            Ok(())
+        });
+        assert_eq!(g, Ok(3));
+        assert!(shared.current().backends[0].state.is_up());
     }
 
     #[test]
@@ -569,19 +683,16 @@ mod tests {
         assert_eq!(b.state.reason(), ProbeFailure::Refused);
         assert!(b.mark_up());
         assert!(!b.mark_up());
-        for _ in 0..2 {
-            b.passive_timeout(3);
-        }
-        assert!(b.state.is_up());
-        b.passive_timeout(3);
-        assert!(!b.state.is_up());
-        assert_eq!(b.state.reason(), ProbeFailure::PassiveTimeouts);
-        assert_eq!(b.state.health_failures(ProbeFailure::PassiveTimeouts), 1);
-        b.passive_timeout(3);
-        assert_eq!(
-            b.state.health_failures(ProbeFailure::PassiveTimeouts),
-            1,
-            "counted once, when it flipped"
+        assert!(!b.passive_timeout(3) && !b.passive_timeout(3));
+        b.state.alive();
+        assert!(
+            !b.passive_timeout(3) && !b.passive_timeout(3),
+            "an answer resets the run"
         );
+        assert!(b.passive_timeout(3), "suspect: ask for a probe");
+        assert!(!b.passive_timeout(3), "once per suspicion");
+        assert!(b.state.is_up(), "timeouts alone never take it down");
+        assert!(b.state.take_suspicion());
+        assert!(!b.state.take_suspicion());
     }
 }

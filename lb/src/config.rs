@@ -182,6 +182,12 @@ pub struct TcpConfig {
     /// Queries in flight on one pooled backend connection.
     #[serde(default = "default_backend_max_in_flight")]
     pub backend_max_in_flight: usize,
+    /// A zone transfer (AXFR/IXFR) must end within this time.
+    #[serde(default = "default_transfer_timeout_ms")]
+    pub transfer_timeout_ms: u64,
+    /// Most bytes one zone transfer may relay.
+    #[serde(default = "default_max_transfer_size")]
+    pub max_transfer_size: u64,
 }
 
 /// `[control]`: the local control socket and the runtime state file.
@@ -244,6 +250,12 @@ fn default_backend_idle_timeout_ms() -> u64 {
 fn default_backend_max_in_flight() -> usize {
     256
 }
+fn default_transfer_timeout_ms() -> u64 {
+    600_000
+}
+fn default_max_transfer_size() -> u64 {
+    1 << 30
+}
 
 impl Default for UdpConfig {
     fn default() -> Self {
@@ -269,6 +281,8 @@ impl Default for TcpConfig {
             connect_timeout_ms: default_connect_timeout_ms(),
             backend_idle_timeout_ms: default_backend_idle_timeout_ms(),
             backend_max_in_flight: default_backend_max_in_flight(),
+            transfer_timeout_ms: default_transfer_timeout_ms(),
+            max_transfer_size: default_max_transfer_size(),
         }
     }
 }
@@ -531,6 +545,8 @@ impl LbConfig {
                 "tcp.backend_idle_timeout_ms",
                 self.tcp.backend_idle_timeout_ms,
             ),
+            ("tcp.transfer_timeout_ms", self.tcp.transfer_timeout_ms),
+            ("tcp.max_transfer_size", self.tcp.max_transfer_size),
         ];
         for (key, v) in positive {
             if v == 0 {

@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::mmsg::LocalAddr;
 use crate::wire::Question;
 
 /// Slot capacity reserved for a query copy up front; larger queries grow the slot once.
@@ -23,10 +24,13 @@ pub struct Slot {
     pub client: SocketAddr,
     /// Index of the listener socket the query arrived on (the answer leaves from it).
     pub listener: usize,
+    /// The address the query was sent to, on a wildcard listener (the answer's source).
+    pub local: Option<LocalAddr>,
     pub sent_at: Instant,
     /// The client's query as received (with the client's ID).
     pub query: Vec<u8>,
-    pub question: Question,
+    /// Its first question, if it parses (the answer must echo it).
+    pub question: Option<Question>,
     /// Already re-sent once after a swap; never re-sent twice.
     pub resent: bool,
     in_use: bool,
@@ -35,6 +39,14 @@ pub struct Slot {
 /// Why a query could not be entered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TableFull;
+
+/// Where a query came from: the client, and the listener and local address it reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub client: SocketAddr,
+    pub listener: usize,
+    pub local: Option<LocalAddr>,
+}
 
 /// A fixed-capacity map from upstream ID to [`Slot`].
 #[derive(Debug)]
@@ -76,10 +88,9 @@ impl InflightTable {
     pub fn insert(
         &mut self,
         mut random_id: impl FnMut() -> u16,
-        client: SocketAddr,
-        listener: usize,
+        origin: Origin,
         query: &[u8],
-        question: Question,
+        question: Option<Question>,
         now: Instant,
     ) -> Result<u16, TableFull> {
         if self.in_use >= self.capacity {
@@ -101,8 +112,9 @@ impl InflightTable {
                 self.slots.push(Slot {
                     upstream_id: 0,
                     client_id: 0,
-                    client,
+                    client: origin.client,
                     listener: 0,
+                    local: None,
                     sent_at: now,
                     query: Vec::with_capacity(QUERY_COPY_CAPACITY),
                     question,
@@ -115,8 +127,9 @@ impl InflightTable {
         let slot = &mut self.slots[slot_no];
         slot.upstream_id = id;
         slot.client_id = crate::wire::id(query);
-        slot.client = client;
-        slot.listener = listener;
+        slot.client = origin.client;
+        slot.listener = origin.listener;
+        slot.local = origin.local;
         slot.sent_at = now;
         slot.query.clear();
         slot.query.extend_from_slice(query);
@@ -174,12 +187,20 @@ mod tests {
     use super::*;
     use crate::wire;
 
-    fn q() -> (Vec<u8>, Question) {
+    fn q() -> (Vec<u8>, Option<Question>) {
         let m = vec![
             0xab, 0xcd, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'a', 0, 0, 1, 0, 1,
         ];
-        let question = wire::question(&m).unwrap();
+        let question = wire::question(&m).ok();
         (m, question)
+    }
+
+    fn from(client: SocketAddr, listener: usize) -> Origin {
+        Origin {
+            client,
+            listener,
+            local: None,
+        }
     }
 
     #[test]
@@ -190,23 +211,27 @@ mod tests {
         let mut t = InflightTable::new(3);
         let mut seq = [7u16, 7, 7, 9, 9, 9, 9, 9, 9, 9, 9, 9].into_iter();
         let a = t
-            .insert(|| seq.next().unwrap(), client, 0, &m, question, now)
+            .insert(|| seq.next().unwrap(), from(client, 0), &m, question, now)
             .unwrap();
         let b = t
-            .insert(|| seq.next().unwrap(), client, 1, &m, question, now)
+            .insert(|| seq.next().unwrap(), from(client, 1), &m, question, now)
             .unwrap();
         assert_eq!(a, 7);
         assert_eq!(b, 9, "a taken ID is never reused while in flight");
-        let c = t.insert(|| 9, client, 1, &m, question, now).unwrap();
+        let c = t.insert(|| 9, from(client, 1), &m, question, now).unwrap();
         assert_eq!(c, 10, "falls back to probing");
-        assert_eq!(t.insert(|| 1, client, 0, &m, question, now), Err(TableFull));
+        assert_eq!(
+            t.insert(|| 1, from(client, 0), &m, question, now),
+            Err(TableFull)
+        );
         let s = t.get(b).unwrap();
         assert_eq!((s.client_id, s.listener), (0xabcd, 1));
         assert!(t.release(b));
         assert!(!t.release(b));
         assert!(t.get(b).is_none());
         assert_eq!(t.len(), 2);
-        t.insert(|| 100, client, 0, &m, question, now).unwrap();
+        t.insert(|| 100, from(client, 0), &m, question, now)
+            .unwrap();
         assert_eq!(t.slots.len(), 3, "freed slots are reused");
     }
 
@@ -223,7 +248,7 @@ mod tests {
             for (insert, x) in ops {
                 if insert {
                     let mut seed = x;
-                    let r = t.insert(|| { seed = seed.wrapping_mul(31).wrapping_add(7); seed }, client, 0, &m, question, now);
+                    let r = t.insert(|| { seed = seed.wrapping_mul(31).wrapping_add(7); seed }, from(client, 0), &m, question, now);
                     match r {
                         Ok(id) => proptest::prop_assert!(model.insert(id), "id {} handed out twice", id),
                         Err(TableFull) => proptest::prop_assert_eq!(model.len(), 32),
@@ -246,9 +271,15 @@ mod tests {
         let client: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let t0 = Instant::now();
         let mut t = InflightTable::new(10);
-        t.insert(|| 1, client, 0, &m, question, t0).unwrap();
-        t.insert(|| 2, client, 0, &m, question, t0 + Duration::from_secs(1))
-            .unwrap();
+        t.insert(|| 1, from(client, 0), &m, question, t0).unwrap();
+        t.insert(
+            || 2,
+            from(client, 0),
+            &m,
+            question,
+            t0 + Duration::from_secs(1),
+        )
+        .unwrap();
         let mut out = Vec::new();
         t.older_than(
             t0 + Duration::from_millis(1500),

@@ -12,19 +12,20 @@
 //! | layer | modules |
 //! | --- | --- |
 //! | 0 | wire, mmsg, sockets, systemd, control_protocol, lifecycle, fdpass |
-//! | 1 | policy, probe, inflight |
+//! | 1 | policy, probe, inflight, xfr |
 //! | 2 | config |
 //! | 3 | stats, state |
 //! | 4 | backend |
-//! | 5 | dataplane::query, controlplane::health, controlplane::metrics, controlplane::upgrade |
-//! | 6 | dataplane::udp, dataplane::tcp_pool, controlplane::commands |
+//! | 5 | dataplane::query, dataplane::tcp_msg, controlplane::health, controlplane::metrics, controlplane::upgrade |
+//! | 6 | dataplane::udp, dataplane::tcp_pool, dataplane::transfer, controlplane::commands |
 //! | 7 | dataplane::tcp, controlplane::socket |
 //! | 8 | server, ctl |
 //!
 //! - Leaves (0): DNS wire format, batched datagram I/O, socket construction, systemd
 //!   notifications, the control protocol, the process lifecycle, descriptor passing.
 //! - Pure policy and data (1-3): selection policies, the health probe, the UDP in-flight table,
-//!   every config type, counters and histograms, the persisted state.
+//!   where a zone transfer's stream ends, every config type, counters and histograms, the
+//!   persisted state.
 //! - The snapshot (4): backends, their atomic state (one writer of up/down), the set, `Shared`.
 //! - The planes (5-7): [`dataplane`] (UDP workers, TCP clients and pools) beside
 //!   [`controlplane`] (health checker, metrics, upgrade, control commands and socket).
@@ -48,6 +49,7 @@ pub mod state;
 pub mod stats;
 pub mod systemd;
 pub mod wire;
+pub mod xfr;
 
 /// The health checker and probe, under the path the deployer and tests use.
 pub use controlplane::health;

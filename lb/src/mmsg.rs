@@ -8,14 +8,38 @@
 //! The header arrays the kernel reads (`mmsghdr`, `iovec`) hold raw pointers into the buffers;
 //! they are rebuilt on the stack for every call, so the batches themselves own plain data only
 //! and can never hold a dangling pointer.
+//!
+//! On a socket bound to a wildcard address, the address each datagram was sent to comes with
+//! it (`IP_PKTINFO` / `IPV6_PKTINFO`, [`LocalAddr`]), and an answer is sent back from that very
+//! address: otherwise the kernel would pick the source by routing and a client that asked a
+//! second address of the host would get an answer from another one, and reject it. The control
+//! messages live in [`CmsgSpace`] buffers aligned for `cmsghdr`.
 
 use std::io;
 use std::mem::{size_of, zeroed};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::RawFd;
 
 /// Most datagrams moved by one system call.
 pub const MAX_BATCH: usize = 32;
+
+/// The local address a datagram arrived on (and the interface), for the reply's source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalAddr {
+    pub ip: IpAddr,
+    pub ifindex: u32,
+}
+
+/// Room for one `IP_PKTINFO` or `IPV6_PKTINFO` control message, aligned for `cmsghdr`.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct CmsgSpace([u8; 64]);
+
+impl Default for CmsgSpace {
+    fn default() -> Self {
+        CmsgSpace([0; 64])
+    }
+}
 
 /// Datagrams received by one `recvmmsg` call.
 #[derive(Default)]
@@ -25,6 +49,9 @@ pub struct RecvBatch {
     addrs: Box<[libc::sockaddr_storage]>,
     lens: [usize; MAX_BATCH],
     truncated: [bool; MAX_BATCH],
+    /// Control buffers, when the socket reports each datagram's local address.
+    control: Box<[CmsgSpace]>,
+    locals: [Option<LocalAddr>; MAX_BATCH],
     count: usize,
 }
 
@@ -39,7 +66,18 @@ impl RecvBatch {
                 .into_boxed_slice(),
             lens: [0; MAX_BATCH],
             truncated: [false; MAX_BATCH],
+            control: Box::default(),
+            locals: [None; MAX_BATCH],
             count: 0,
+        }
+    }
+
+    /// Like [`new`](Self::new), and also reads each datagram's local address (the socket must
+    /// have [`crate::sockets::enable_pktinfo`]).
+    pub fn with_local_addrs(slot_len: usize) -> RecvBatch {
+        RecvBatch {
+            control: vec![CmsgSpace::default(); MAX_BATCH].into_boxed_slice(),
+            ..RecvBatch::new(slot_len)
         }
     }
 
@@ -64,10 +102,14 @@ impl RecvBatch {
             h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_iov = &mut iovs[i];
             h.msg_iovlen = 1;
+            if let Some(c) = self.control.get_mut(i) {
+                h.msg_control = c.0.as_mut_ptr().cast();
+                h.msg_controllen = c.0.len() as _;
+            }
         }
         // SAFETY: every header points at a live iovec of this frame and at this batch's own
-        // slot and address buffers, each as long as the length given; the kernel writes at
-        // most those lengths and the arrays outlive the call.
+        // slot, address and control buffers, each as long as the length given; the kernel
+        // writes at most those lengths and the arrays outlive the call.
         let n = unsafe {
             libc::recvmmsg(
                 fd,
@@ -84,18 +126,118 @@ impl RecvBatch {
         for (i, h) in hdrs.iter().enumerate().take(n) {
             self.lens[i] = (h.msg_len as usize).min(self.slot_len);
             self.truncated[i] = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            self.locals[i] = if self.control.is_empty() {
+                None
+            } else {
+                local_addr_of(&h.msg_hdr)
+            };
         }
         self.count = n;
         Ok(n)
     }
 
-    /// Datagram `i` (below what the last [`recv`](Self::recv) returned): its bytes (writable, for the ID rewrite), whether it was longer than the
-    /// slot, and its source address (None for a family other than IPv4/IPv6).
+    /// Datagram `i` (below what the last [`recv`](Self::recv) returned): its bytes (writable,
+    /// for the ID rewrite), whether it was longer than the slot, and its source address (None
+    /// for a family other than IPv4/IPv6).
     pub fn get_mut(&mut self, i: usize) -> (&mut [u8], bool, Option<SocketAddr>) {
         debug_assert!(i < self.count);
         let start = i * self.slot_len;
         let msg = &mut self.data[start..start + self.lens[i]];
         (msg, self.truncated[i], from_storage(&self.addrs[i]))
+    }
+
+    /// The local address datagram `i` was sent to (only with
+    /// [`with_local_addrs`](Self::with_local_addrs)).
+    pub fn local(&self, i: usize) -> Option<LocalAddr> {
+        self.locals[i]
+    }
+}
+
+/// The `IP_PKTINFO` / `IPV6_PKTINFO` control message of a received message, if any.
+fn local_addr_of(h: &libc::msghdr) -> Option<LocalAddr> {
+    if h.msg_control.is_null() || h.msg_controllen < size_of::<libc::cmsghdr>() {
+        return None;
+    }
+    // SAFETY: the header's control pointer and length describe one of this batch's aligned
+    // control buffers as the kernel filled it; CMSG_FIRSTHDR/CMSG_NXTHDR stay within that
+    // length and CMSG_DATA points inside a message whose length the kernel set; the payload is
+    // read unaligned into a plain-data struct after its type and length are checked.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            let len = (*c).cmsg_len as usize;
+            let data = libc::CMSG_DATA(c);
+            match ((*c).cmsg_level, (*c).cmsg_type) {
+                (libc::IPPROTO_IP, libc::IP_PKTINFO)
+                    if len >= libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as usize =>
+                {
+                    let pi: libc::in_pktinfo = std::ptr::read_unaligned(data.cast());
+                    return Some(LocalAddr {
+                        ip: IpAddr::V4(Ipv4Addr::from(pi.ipi_addr.s_addr.to_ne_bytes())),
+                        ifindex: pi.ipi_ifindex as u32,
+                    });
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO)
+                    if len >= libc::CMSG_LEN(size_of::<libc::in6_pktinfo>() as u32) as usize =>
+                {
+                    let pi: libc::in6_pktinfo = std::ptr::read_unaligned(data.cast());
+                    return Some(LocalAddr {
+                        ip: IpAddr::V6(Ipv6Addr::from(pi.ipi6_addr.s6_addr)),
+                        ifindex: pi.ipi6_ifindex,
+                    });
+                }
+                _ => {}
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    None
+}
+
+/// Writes the control message that makes a datagram leave from `local` into `space`; returns
+/// its length.
+fn write_pktinfo(local: &LocalAddr, space: &mut CmsgSpace) -> usize {
+    // SAFETY: a msghdr describing `space` (aligned for cmsghdr, 64 bytes, more than
+    // CMSG_SPACE of either payload) is built only so CMSG_FIRSTHDR can locate the first header
+    // inside it; the header and payload are written within CMSG_SPACE(payload) bytes.
+    unsafe {
+        let mut h: libc::msghdr = zeroed();
+        h.msg_control = space.0.as_mut_ptr().cast();
+        h.msg_controllen = space.0.len() as _;
+        let c = libc::CMSG_FIRSTHDR(&h);
+        match local.ip {
+            IpAddr::V4(ip) => {
+                let payload = size_of::<libc::in_pktinfo>() as u32;
+                (*c).cmsg_level = libc::IPPROTO_IP;
+                (*c).cmsg_type = libc::IP_PKTINFO;
+                (*c).cmsg_len = libc::CMSG_LEN(payload) as _;
+                let pi = libc::in_pktinfo {
+                    // Routing picks the interface; the source is the address the query reached.
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(ip.octets()),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), pi);
+                libc::CMSG_SPACE(payload) as usize
+            }
+            IpAddr::V6(ip) => {
+                let payload = size_of::<libc::in6_pktinfo>() as u32;
+                (*c).cmsg_level = libc::IPPROTO_IPV6;
+                (*c).cmsg_type = libc::IPV6_PKTINFO;
+                (*c).cmsg_len = libc::CMSG_LEN(payload) as _;
+                let pi = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: ip.octets(),
+                    },
+                    // The arrival interface: required for link-local addresses.
+                    ipi6_ifindex: local.ifindex,
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), pi);
+                libc::CMSG_SPACE(payload) as usize
+            }
+        }
     }
 }
 
@@ -106,6 +248,8 @@ struct Queued {
     len: usize,
     /// The datagram's address is in `addrs` (false: the socket's connected peer).
     has_addr: bool,
+    /// Leave from this local address (wildcard listeners).
+    local: Option<LocalAddr>,
     tag: u32,
 }
 
@@ -115,6 +259,8 @@ pub struct SendBatch {
     queued: Vec<Queued>,
     addrs: Box<[libc::sockaddr_storage]>,
     addr_lens: [libc::socklen_t; MAX_BATCH],
+    /// Per message of a flush: the control message naming its source address, if it has one.
+    control: Box<[CmsgSpace]>,
 }
 
 /// What happened to one queued datagram.
@@ -131,6 +277,7 @@ impl SendBatch {
             addrs: vec![unsafe { zeroed::<libc::sockaddr_storage>() }; MAX_BATCH]
                 .into_boxed_slice(),
             addr_lens: [0; MAX_BATCH],
+            control: vec![CmsgSpace::default(); MAX_BATCH].into_boxed_slice(),
         }
     }
 
@@ -151,6 +298,17 @@ impl SendBatch {
     /// `tag` that [`flush`](Self::flush) reports back. The caller checks
     /// [`is_full`](Self::is_full) first; a datagram that does not fit is refused (false).
     pub fn push(&mut self, msg: &[u8], dest: Option<SocketAddr>, tag: u32) -> bool {
+        self.push_from(msg, dest, None, tag)
+    }
+
+    /// Like [`push`](Self::push), with the local address the datagram must leave from.
+    pub fn push_from(
+        &mut self,
+        msg: &[u8],
+        dest: Option<SocketAddr>,
+        local: Option<LocalAddr>,
+        tag: u32,
+    ) -> bool {
         if self.is_full(msg.len()) {
             return false;
         }
@@ -162,6 +320,7 @@ impl SendBatch {
             start: self.data.len(),
             len: msg.len(),
             has_addr: dest.is_some(),
+            local,
             tag,
         });
         self.data.extend_from_slice(msg);
@@ -192,10 +351,16 @@ impl SendBatch {
                 }
                 h.msg_iov = &mut iovs[k];
                 h.msg_iovlen = 1;
+                if let Some(local) = &q.local {
+                    let c = &mut self.control[k];
+                    let len = write_pktinfo(local, c);
+                    h.msg_control = c.0.as_mut_ptr().cast();
+                    h.msg_controllen = len as _;
+                }
             }
             // SAFETY: the headers point at this frame's iovecs, which point into `data`
-            // within its length, and at this batch's addresses; the kernel only reads them
-            // during the call.
+            // within its length, at this batch's addresses and at this frame's control
+            // buffers; the kernel only reads them during the call.
             let r = unsafe {
                 libc::sendmmsg(fd, hdrs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT)
             };

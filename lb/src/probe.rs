@@ -99,7 +99,7 @@ pub fn check_answer(
 ) -> Result<u32, ProbeFailure> {
     let q = wire::question(query).map_err(|_| ProbeFailure::Garbage)?;
     let h = wire::header(answer).map_err(|_| ProbeFailure::Garbage)?;
-    if !h.qr || h.id != wire::id(query) || !wire::same_question(query, &q, answer) {
+    if !h.qr || h.id != wire::id(query) || !wire::answer_matches(query, Some(&q), answer) {
         return Err(ProbeFailure::Garbage);
     }
     match h.rcode {

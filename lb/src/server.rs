@@ -14,6 +14,7 @@ use crate::controlplane::upgrade::{self, HandoffSockets};
 use crate::controlplane::{metrics, socket};
 use crate::dataplane::tcp::{self, TcpFrontend, TcpSettings};
 use crate::dataplane::tcp_pool::PoolSettings;
+use crate::dataplane::transfer::TransferSettings;
 use crate::dataplane::udp::{self, UdpSettings};
 use crate::lifecycle::Lifecycle;
 use crate::sockets::{build_tcp_listener, build_udp_listener, BufferSizes};
@@ -183,6 +184,13 @@ fn tcp_settings(cfg: &LbConfig) -> TcpSettings {
             idle_timeout: Duration::from_millis(t.backend_idle_timeout_ms),
             write_timeout: Duration::from_millis(t.write_timeout_ms),
             max_in_flight: t.backend_max_in_flight,
+        },
+        transfer: TransferSettings {
+            connect_timeout: Duration::from_millis(t.connect_timeout_ms),
+            write_timeout: Duration::from_millis(t.write_timeout_ms),
+            idle_timeout: Duration::from_millis(t.backend_idle_timeout_ms),
+            timeout: Duration::from_millis(t.transfer_timeout_ms),
+            max_size: t.max_transfer_size,
         },
     }
 }

@@ -1,7 +1,9 @@
 //! Building the listening and upstream sockets with the options the proxy needs.
 
 use std::io;
+use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -49,6 +51,34 @@ pub fn build_udp_listener(
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     Ok(s.into())
+}
+
+/// Makes a UDP socket report the local address each datagram was sent to (`IP_PKTINFO`, or
+/// `IPV6_RECVPKTINFO` for IPv6), so that answers can leave from it. Needed on sockets bound to
+/// a wildcard address only.
+pub fn enable_pktinfo(sock: &impl AsFd, ipv6: bool) -> io::Result<()> {
+    let (level, name) = if ipv6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_PKTINFO)
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: the option value is a live c_int and its exact size is passed; the descriptor
+    // is borrowed for the call.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_fd().as_raw_fd(),
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// A non-blocking TCP listener.

@@ -17,10 +17,6 @@ pub enum DropReason {
     ShortHeader,
     /// A response (QR=1) arriving at a listener.
     QrSet,
-    /// A truncated or malformed question.
-    BadQuestion,
-    /// More than one question.
-    TooManyQuestions,
     /// A client datagram longer than `udp.max_datagram`.
     OversizedDatagram,
     /// No usable backend and the all-down behaviour says drop.
@@ -53,14 +49,16 @@ pub enum DropReason {
     TcpBackendError,
     /// An answer for a TCP client that had already gone.
     ClientGone,
+    /// A zone transfer that did not end within `tcp.transfer_timeout_ms`.
+    TransferTimeout,
+    /// A zone transfer longer than `tcp.max_transfer_size`.
+    TransferTooLarge,
 }
 
 impl DropReason {
     pub const ALL: [DropReason; 20] = [
         DropReason::ShortHeader,
         DropReason::QrSet,
-        DropReason::BadQuestion,
-        DropReason::TooManyQuestions,
         DropReason::OversizedDatagram,
         DropReason::NoBackend,
         DropReason::BackendFull,
@@ -77,6 +75,8 @@ impl DropReason {
         DropReason::TcpConnectionLimit,
         DropReason::TcpBackendError,
         DropReason::ClientGone,
+        DropReason::TransferTimeout,
+        DropReason::TransferTooLarge,
     ];
 
     /// The `reason` label value.
@@ -84,8 +84,6 @@ impl DropReason {
         match self {
             DropReason::ShortHeader => "short-header",
             DropReason::QrSet => "qr-set",
-            DropReason::BadQuestion => "bad-question",
-            DropReason::TooManyQuestions => "too-many-questions",
             DropReason::OversizedDatagram => "oversized-datagram",
             DropReason::NoBackend => "no-backend",
             DropReason::BackendFull => "backend-full",
@@ -102,6 +100,8 @@ impl DropReason {
             DropReason::TcpConnectionLimit => "tcp-connection-limit",
             DropReason::TcpBackendError => "tcp-backend-error",
             DropReason::ClientGone => "client-gone",
+            DropReason::TransferTimeout => "transfer-timeout",
+            DropReason::TransferTooLarge => "transfer-too-large",
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::backend::{SetParams, Shared};
+use crate::backend::{PendingSet, SetParams, Shared};
 use crate::config::{check_backend_list, AllDown, BackendAddr, LbConfig};
 use crate::control_protocol::{
     BackendStatus, ControlCommand, ControlResponse, ControlResult, StatusReport,
@@ -215,9 +215,11 @@ impl ControlContext {
         if verify {
             self.verify(&cfg, &addrs).await?;
         }
-        let generation = self.shared.replace(&addrs, None, verify);
+        let generation = self
+            .shared
+            .replace(Some(&addrs), None, verify, |p| self.save(&cfg, p))
+            .map_err(|e| format!("refused, the current set stays: {e}"))?;
         self.checker.wake();
-        let persisted = self.persist(&cfg);
         tracing::info!(
             "backend set replaced: generation {generation}, backends {}{}",
             join(&addrs),
@@ -225,7 +227,7 @@ impl ControlContext {
         );
         Ok(ControlResult::Done {
             generation,
-            message: format!("now serving from {}{persisted}", join(&addrs)),
+            message: format!("now serving from {}", join(&addrs)),
         })
     }
 
@@ -270,15 +272,31 @@ impl ControlContext {
             let b = set
                 .find(addr.0)
                 .ok_or_else(|| format!("backend {addr} is not in the current set"))?;
+            let mut drained: Vec<BackendAddr> = set
+                .backends
+                .iter()
+                .filter(|b| b.state.is_draining() && b.addr != addr.0)
+                .map(|b| BackendAddr(b.addr))
+                .collect();
+            if drain {
+                drained.push(addr);
+            }
+            let pending = PendingSet {
+                generation: set.generation,
+                backends: set.addrs(),
+                drained,
+            };
+            // Durable first, as for a swap: a restart must not undo what was acknowledged.
+            self.save(&cfg, &pending)
+                .map_err(|e| format!("refused, nothing changed: {e}"))?;
             b.state.set_draining(drain);
             Ok::<u64, String>(set.generation)
         })?;
-        let persisted = self.persist(&cfg);
         let verb = if drain { "draining" } else { "undrained" };
         tracing::info!("backend {addr} {verb}");
         Ok(ControlResult::Done {
             generation,
-            message: format!("backend {addr} {verb}{persisted}"),
+            message: format!("backend {addr} {verb}"),
         })
     }
 
@@ -317,22 +335,25 @@ impl ControlContext {
             ));
         }
         let params = SetParams::from_config(&new);
-        let current = self.shared.current().addrs();
         let list_changed = new.backends.servers != old.backends.servers;
-        let servers = if list_changed {
-            new.backends.servers.clone()
-        } else {
-            current
-        };
-        let generation = self.shared.replace(&servers, Some(params), false);
+        // Unchanged list: keep the one in force when the swap happens (under the writers'
+        // lock), so a set-backends that lands meanwhile is not undone.
+        let servers = list_changed.then_some(new.backends.servers.as_slice());
+        let mut kept = Vec::new();
+        let generation = self
+            .shared
+            .replace(servers, Some(params), false, |p| {
+                kept.clone_from(&p.backends);
+                self.save(&new, p)
+            })
+            .map_err(|e| format!("reload refused, the running config stays: {e}"))?;
         self.checker.reconfigure(&new.health);
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = new.clone();
         self.checker.wake();
-        let persisted = self.persist(&new);
         let msg = format!(
-            "reloaded {}: generation {generation}, backends {}{}{persisted}",
+            "reloaded {}: generation {generation}, backends {}{}",
             self.config_path.display(),
-            join(&servers),
+            join(&kept),
             if list_changed {
                 " (from the file)"
             } else {
@@ -343,7 +364,8 @@ impl ControlContext {
         Ok((generation, msg))
     }
 
-    /// Writes the state file if one is configured; returns a note for the reply on failure.
+    /// Writes the state file if one is configured (the upgrade's last save before it hands
+    /// over); returns a note for the reply on failure.
     fn persist(&self, cfg: &LbConfig) -> String {
         let Some(path) = &cfg.control.state_file else {
             return String::new();
@@ -356,6 +378,23 @@ impl ControlContext {
                 format!(" (warning: state file {} not written: {e})", path.display())
             }
         }
+    }
+
+    /// Writes the set about to be stored to the state file, if one is configured.
+    fn save(&self, cfg: &LbConfig, p: &PendingSet) -> Result<(), String> {
+        let Some(path) = &cfg.control.state_file else {
+            return Ok(());
+        };
+        let st = RuntimeState::new(
+            p.generation,
+            p.backends.clone(),
+            p.drained.clone(),
+            cfg.backends.servers.clone(),
+        );
+        state::save(path, &st).map_err(|e| {
+            tracing::warn!("cannot write state file {}: {e}", path.display());
+            format!("cannot write state file {}: {e}", path.display())
+        })
     }
 }
 

@@ -17,15 +17,25 @@ use crate::config::HealthConfig;
 pub use crate::probe::{check_answer, probe_backend, ProbeError, ProbeFailure};
 
 /// Applies one probe result to a backend: up after `rise` successes (or the first success of a
-/// never-checked backend), down after `fall` failures; every failure is counted by reason.
+/// never-checked backend), down after `fall` failures, or at once when passive detection
+/// suspected it (timeouts on live traffic, now confirmed); every failure is counted by reason.
 pub fn record_result(backend: &Backend, result: &Result<u32, ProbeError>, rise: u32, fall: u32) {
     let st = &backend.state;
     let never_checked = st.reason() == ProbeFailure::NotChecked;
+    if st.take_suspicion() {
+        if let Err(e) = result {
+            let detail = format!("queries on live traffic timed out and a probe failed: {e}");
+            if backend.mark_down(ProbeFailure::PassiveTimeouts, &detail) {
+                st.health_ok.store(0, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+        }
+    }
     match result {
         Ok(_) => {
             st.health_fail
                 .store(0, std::sync::atomic::Ordering::Relaxed);
-            st.passive_answer();
+            st.alive();
             let ok = st
                 .health_ok
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -119,7 +129,8 @@ impl Checker {
         }
     }
 
-    /// Runs forever: probes the current set every interval, and at once when woken.
+    /// Runs forever: probes the current set every interval, and at once when woken (a swap) or
+    /// asked (passive detection suspects a backend).
     pub async fn run(self: Arc<Self>, shared: Arc<Shared>) {
         loop {
             let s = self.settings();
@@ -132,6 +143,7 @@ impl Checker {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = self.wake.notified() => {}
+                _ = shared.probe_requested() => {}
             }
         }
     }
@@ -182,5 +194,16 @@ mod tests {
         record_result(&c, &bad, 2, 3);
         assert!(!c.state.is_up());
         assert_eq!(c.state.health_failures(ProbeFailure::Refused), 1);
+        // A suspect backend goes down at the first failed probe, as a passive detection.
+        let d = Backend::new("127.0.0.3:53".parse().unwrap());
+        assert!(d.passive_timeout(1));
+        record_result(&d, &bad, 2, 3);
+        assert!(!d.state.is_up());
+        assert_eq!(d.state.reason(), ProbeFailure::PassiveTimeouts);
+        // ... and a passed probe clears the suspicion.
+        let e = Backend::new("127.0.0.4:53".parse().unwrap());
+        assert!(e.passive_timeout(1));
+        record_result(&e, &ok, 2, 3);
+        assert!(e.state.is_up() && !e.state.take_suspicion());
     }
 }

@@ -1,23 +1,27 @@
 //! What the UDP and TCP paths share: validating a client query and routing it.
 
+use std::net::SocketAddr;
+
 use crate::backend::{BackendSet, Choice};
 use crate::config::AllDown;
 use crate::policy::Policy;
 use crate::stats::{DropReason, Stats};
 use crate::wire::{self, Question};
 
-/// Validates a client query: a header, QR=0, and a well-formed question.
+/// Checks that a client datagram or frame is a DNS query at all (a whole header, QR=0) and
+/// returns its first question, if one parses.
+///
+/// Nothing else is judged here: any opcode, class, type, EDNS version, flag or section count,
+/// and questions servers will call malformed, go to the backend, which answers them as it
+/// would answer a client directly (FORMERR, NOTIMP, BADVERS...). Only what cannot be a query
+/// is dropped.
 #[inline]
-pub fn check_query(msg: &[u8]) -> Result<Question, DropReason> {
+pub fn check_query(msg: &[u8]) -> Result<Option<Question>, DropReason> {
     let h = wire::header(msg).map_err(|_| DropReason::ShortHeader)?;
     if h.qr {
         return Err(DropReason::QrSet);
     }
-    wire::question(msg).map_err(|e| match e {
-        wire::WireError::ShortHeader => DropReason::ShortHeader,
-        wire::WireError::BadQuestion => DropReason::BadQuestion,
-        wire::WireError::TooManyQuestions => DropReason::TooManyQuestions,
-    })
+    Ok(wire::question(msg).ok())
 }
 
 /// Where a query goes.
@@ -32,15 +36,22 @@ pub enum Route {
 }
 
 /// Routes a query over `set` with its policy; counts the all-down outcomes (drops are counted
-/// by the caller, with every other drop).
+/// by the caller, with every other drop). `avoid` is a backend that just failed this query
+/// (taken only if nothing else is usable).
 #[inline]
-pub fn route(set: &BackendSet, msg: &[u8], q: &Question, counter: usize, stats: &Stats) -> Route {
-    let qname_hash = if set.policy == Policy::QnameHash {
-        wire::qname_hash(msg, q)
-    } else {
-        0
+pub fn route(
+    set: &BackendSet,
+    msg: &[u8],
+    q: Option<&Question>,
+    counter: usize,
+    stats: &Stats,
+    avoid: Option<SocketAddr>,
+) -> Route {
+    let qname_hash = match q {
+        Some(q) if set.policy == Policy::QnameHash => wire::qname_hash(msg, q),
+        _ => 0,
     };
-    match set.choose(qname_hash, counter) {
+    match set.choose(qname_hash, counter, avoid) {
         Choice::Backend(i) => Route::Backend(i),
         Choice::AllDown { mode, fallback } => {
             stats.all_down(mode);

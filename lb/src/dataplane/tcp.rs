@@ -1,11 +1,13 @@
 //! The TCP path for clients (RFC 7766): length-prefixed queries, pipelined, answered out of
 //! order as backends reply.
 //!
-//! Each client connection is a reader (this task) and a writer task joined by a channel of
+//! Each client connection is a reader (this task) and a writer task joined by channels of
 //! [`Answer`]s. A semaphore caps the queries one connection may have in flight: at the cap the
 //! reader stops reading, which pushes back on the client through TCP flow control instead of
-//! buffering. Queries go to the chosen backend's pool ([`TcpPools`]); a query whose backend
-//! connection failed comes back to the reader and is routed once more over the current set.
+//! buffering. Queries go to the chosen backend's pool ([`TcpPools`]); zone transfers get a
+//! backend connection of their own ([`transfer`]); a query whose backend connection failed
+//! comes back to the reader and is routed once more over the current set, avoiding that
+//! backend.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -19,7 +21,9 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::backend::Shared;
 use crate::dataplane::query::{check_query, route, Route};
-use crate::dataplane::tcp_pool::{Answer, PoolSettings, TcpPools, TcpQuery};
+use crate::dataplane::tcp_msg::{Answer, ClientHandle, TcpQuery};
+use crate::dataplane::tcp_pool::{PoolSettings, TcpPools};
+use crate::dataplane::transfer::{self, TransferSettings};
 use crate::lifecycle::Lifecycle;
 use crate::stats::{DropReason, Proto};
 
@@ -34,7 +38,11 @@ pub struct TcpSettings {
     pub write_timeout: Duration,
     pub max_query_size: usize,
     pub pool: PoolSettings,
+    pub transfer: TransferSettings,
 }
+
+/// Transfer messages queued per client connection before the transfer waits for the client.
+const STREAM_QUEUE: usize = 4;
 
 /// Open client connections, in total and per source address.
 #[derive(Debug, Default)]
@@ -178,25 +186,24 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, fe: &TcpFrontend) {
     let s = fe.settings;
     let stats = &fe.shared.stats;
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Answer>(s.max_in_flight_per_connection);
-    // One place per permit: a query handed back always fits.
+    let (mut rd, wr) = stream.into_split();
+    // One place per permit in each: a single answer or a handed-back query always fits.
+    let (answers, answers_rx) = mpsc::channel::<Answer>(s.max_in_flight_per_connection);
+    let (stream_tx, stream_rx) = mpsc::channel::<Answer>(STREAM_QUEUE);
     let (retry_tx, mut retry_rx) = mpsc::channel::<TcpQuery>(s.max_in_flight_per_connection);
+    let client = ClientHandle {
+        answers,
+        stream: stream_tx,
+        retry: retry_tx,
+    };
     let permits = Arc::new(Semaphore::new(s.max_in_flight_per_connection));
-    let writer_stats = Arc::clone(stats);
-    let writer = tokio::spawn(async move {
-        while let Some(a) = rx.recv().await {
-            match tokio::time::timeout(s.write_timeout, wr.write_all(&a.frame)).await {
-                Ok(Ok(())) => writer_stats.response(&a.frame[2..]),
-                Ok(Err(_)) => break,
-                Err(_) => {
-                    writer_stats.dropped(DropReason::TcpWriteTimeout);
-                    break;
-                }
-            }
-        }
-        let _ = tokio::time::timeout(s.write_timeout, wr.shutdown()).await;
-    });
+    let writer = tokio::spawn(write_answers(
+        wr,
+        answers_rx,
+        stream_rx,
+        Arc::clone(stats),
+        s.write_timeout,
+    ));
 
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut counter = 0usize;
@@ -231,11 +238,11 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, fe: &TcpFrontend) {
             let query = TcpQuery {
                 frame,
                 question: q,
-                reply: tx.clone(),
-                retry: retry_tx.clone(),
+                client: client.clone(),
                 permit,
                 timeout: Duration::ZERO,
                 retried: false,
+                avoid: None,
             };
             dispatch(fe, query, &mut counter);
         }
@@ -268,34 +275,84 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, fe: &TcpFrontend) {
     tracing::debug!("tcp client {peer} done");
     // Queries still in flight may come back for another route; the channel closes once every
     // query is answered or given up (each holds a sender), and then the writer ends too.
-    drop(tx);
-    drop(retry_tx);
+    drop(client);
     while let Some(q) = retry_rx.recv().await {
         dispatch(fe, q, &mut counter);
     }
     let _ = writer.await;
 }
 
-/// Routes a query over the current set and hands it to that backend's pool, or answers
-/// SERVFAIL, or drops it (counted).
+/// Writes answers and transfer streams to the client until both channels close, a write
+/// stalls past `timeout`, or a broken transfer asks to close the connection.
+async fn write_answers(
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut answers: mpsc::Receiver<Answer>,
+    mut stream: mpsc::Receiver<Answer>,
+    stats: Arc<crate::stats::Stats>,
+    timeout: Duration,
+) {
+    let (mut answers_open, mut stream_open) = (true, true);
+    while answers_open || stream_open {
+        let a = tokio::select! {
+            a = answers.recv(), if answers_open => match a {
+                Some(a) => a,
+                None => { answers_open = false; continue; }
+            },
+            a = stream.recv(), if stream_open => match a {
+                Some(a) => a,
+                None => { stream_open = false; continue; }
+            },
+        };
+        if !a.frame.is_empty() {
+            match tokio::time::timeout(timeout, wr.write_all(&a.frame)).await {
+                Ok(Ok(())) => stats.response(&a.frame[2..]),
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    stats.dropped(DropReason::TcpWriteTimeout);
+                    break;
+                }
+            }
+        }
+        if a.close {
+            break;
+        }
+    }
+    let _ = tokio::time::timeout(timeout, wr.shutdown()).await;
+}
+
+/// Routes a query over the current set and hands it to that backend's pool (or, for a zone
+/// transfer, to a connection of its own), or answers SERVFAIL, or drops it (counted).
 fn dispatch(fe: &TcpFrontend, mut q: TcpQuery, counter: &mut usize) {
     let stats = &fe.shared.stats;
     let set = fe.shared.load();
     *counter = counter.wrapping_add(1);
-    match route(&set, &q.frame[2..], &q.question, *counter, stats) {
+    let msg = &q.frame[2..];
+    match route(&set, msg, q.question.as_ref(), *counter, stats, q.avoid) {
         Route::Backend(i) => {
             q.timeout = set.timeout;
-            fe.pools.dispatch(&set, i, q);
+            match transfer::transfer_kind(&q) {
+                Some(kind) => {
+                    tokio::spawn(transfer::run(
+                        Arc::clone(&set.backends[i]),
+                        q,
+                        kind,
+                        fe.settings.transfer,
+                        Arc::clone(stats),
+                    ));
+                }
+                None => fe.pools.dispatch(&set, i, q),
+            }
         }
         Route::Drop(r) => stats.dropped(r),
         Route::Servfail => {
             let mut frame = q.frame;
-            let n = crate::wire::make_servfail(&mut frame[2..], &q.question);
+            let n = crate::wire::make_servfail(&mut frame[2..], q.question.as_ref());
             frame.truncate(2 + n);
             frame[..2].copy_from_slice(&(n as u16).to_be_bytes());
-            let _ = q.reply.try_send(Answer {
+            let _ = q.client.answers.try_send(Answer {
                 frame,
-                permit: q.permit,
+                permit: Some(q.permit),
+                close: false,
             });
         }
     }

@@ -8,8 +8,10 @@
 //! Each pooled connection is a task that pipelines queries under fresh random IDs and matches
 //! answers (ID and question) as they arrive, in any order. A connection closes once idle. A
 //! query whose connection breaks (or never opens) before it is answered is handed back to its
-//! client connection, which routes it once more over the *current* set (BIND closes idle
-//! connections on its own schedule, and a query can cross that close); a pool never routes.
+//! client connection ([`hand_back`]), which routes it once more over the *current* set,
+//! avoiding that backend (BIND closes idle connections on its own schedule, and a query can
+//! cross that close); a pool never routes. Zone transfers do not use the pools
+//! ([`crate::dataplane::transfer`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -21,12 +23,13 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::backend::{Backend, BackendSet};
+use crate::dataplane::tcp_msg::{hand_back, Answer, TcpQuery};
 use crate::stats::{DropReason, Stats};
-use crate::wire::{self, Question};
+use crate::wire;
 
 /// How often a pooled connection checks timeouts.
 const TICK: Duration = Duration::from_millis(50);
@@ -39,33 +42,6 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     pub write_timeout: Duration,
     pub max_in_flight: usize,
-}
-
-/// An answer on its way to a client connection's writer, framed (2-byte length first).
-///
-/// It carries the client connection's in-flight permit, so the permit returns only once the
-/// answer is written: a slow reader cannot make the proxy buffer more than the cap.
-#[derive(Debug)]
-pub struct Answer {
-    pub frame: Vec<u8>,
-    pub permit: OwnedSemaphorePermit,
-}
-
-/// A client query bound for a backend over TCP.
-#[derive(Debug)]
-pub struct TcpQuery {
-    /// The query framed as on the wire: 2-byte length, then the message with the client's ID.
-    pub frame: Vec<u8>,
-    /// The question, with offsets relative to `frame[2..]`.
-    pub question: Question,
-    pub reply: mpsc::Sender<Answer>,
-    /// Where the query goes back if its backend connection fails, to be routed once more.
-    pub retry: mpsc::Sender<TcpQuery>,
-    pub permit: OwnedSemaphorePermit,
-    /// Query timeout from the snapshot the query was routed with.
-    pub timeout: Duration,
-    /// Already handed back once after a failed connection.
-    pub retried: bool,
 }
 
 struct ConnHandle {
@@ -328,26 +304,6 @@ async fn run_conn(
     }
 }
 
-/// Hands queries whose connection failed back to their client connections, to be routed once
-/// more; a query that was handed back before is dropped and counted.
-fn hand_back(backend: &Backend, queries: Vec<TcpQuery>, stats: &Stats) {
-    for mut q in queries {
-        // Every query was counted in flight by dispatch; routing it again counts it anew.
-        backend.state.in_flight_done();
-        if q.retried {
-            stats.dropped(DropReason::TcpBackendError);
-            continue;
-        }
-        q.retried = true;
-        let retry = q.retry.clone();
-        // The channel has a place per in-flight permit, so it is never full; it is closed
-        // only when the client connection has gone.
-        if retry.try_send(q).is_err() {
-            stats.dropped(DropReason::ClientGone);
-        }
-    }
-}
-
 /// Matches every complete answer frame in `rbuf` and forwards it; returns the bytes consumed.
 fn handle_answers(
     rbuf: &mut [u8],
@@ -375,7 +331,9 @@ fn handle_answers(
             stats.dropped(DropReason::UnmatchedAnswer);
             continue;
         };
-        if !wire::same_question(&p.query.frame[2..], &p.query.question, msg) {
+        if !wire::answer_matches(&p.query.frame[2..], p.query.question.as_ref(), msg) {
+            // The backend answered (its ID matched): alive, though this answer is refused.
+            backend.state.alive();
             stats.dropped(DropReason::MismatchedQuestion);
             continue;
         }
@@ -389,11 +347,12 @@ fn handle_answers(
         frame.extend_from_slice(msg);
         let answer = Answer {
             frame,
-            permit: p.query.permit,
+            permit: Some(p.query.permit),
+            close: false,
         };
         // The channel has one place per permit, so it is never full; it is closed only when
         // the client has gone.
-        if p.query.reply.try_send(answer).is_err() {
+        if p.query.client.answers.try_send(answer).is_err() {
             stats.dropped(DropReason::ClientGone);
         }
     }

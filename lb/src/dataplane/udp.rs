@@ -25,7 +25,6 @@
 //! leaves unanswered for `resend_after` is re-sent once to the new set.
 
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -38,11 +37,11 @@ use rand::Rng;
 
 use crate::backend::{Backend, BackendSet, Shared};
 use crate::dataplane::query::{check_query, route, Route};
-use crate::inflight::InflightTable;
+use crate::inflight::{InflightTable, Origin};
 use crate::lifecycle::Lifecycle;
 use crate::mmsg::{RecvBatch, SendBatch, MAX_BATCH};
 use crate::probe::ProbeFailure;
-use crate::sockets::{build_upstream_udp, BufferSizes};
+use crate::sockets::{build_upstream_udp, enable_pktinfo, BufferSizes};
 use crate::stats::{BatchOp, DropReason, LocalHistogram, Proto};
 use crate::systemd::Heartbeats;
 use crate::wire::{self, Question};
@@ -149,8 +148,15 @@ impl Worker {
     ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let mut listeners = Vec::with_capacity(socks.len());
+        let mut wildcard = false;
         for (i, s) in socks.into_iter().enumerate() {
             s.set_nonblocking(true)?;
+            // On a wildcard address, learn where each query was sent, to answer from there.
+            let local = s.local_addr()?;
+            if local.ip().is_unspecified() {
+                enable_pktinfo(&s, local.is_ipv6())?;
+                wildcard = true;
+            }
             let mut s = UdpSocket::from_std(s);
             poll.registry()
                 .register(&mut s, Token(i), Interest::READABLE)?;
@@ -169,7 +175,11 @@ impl Worker {
             shared,
             settings,
             // One byte more than allowed, to tell an oversized query from a full-size one.
-            queries: RecvBatch::new(settings.max_datagram + 1),
+            queries: if wildcard {
+                RecvBatch::with_local_addrs(settings.max_datagram + 1)
+            } else {
+                RecvBatch::new(settings.max_datagram + 1)
+            },
             answers: RecvBatch::new(MAX_UDP),
             replies,
             refused: Vec::new(),
@@ -322,9 +332,17 @@ impl Worker {
                 self.shared.stats.queries_add(Proto::Udp, n);
                 let now = Instant::now();
                 for i in 0..n {
+                    let local = batch.local(i);
                     let (msg, truncated, from) = batch.get_mut(i);
                     match from {
-                        Some(client) => self.handle_query(msg, truncated, client, li, set, now),
+                        Some(client) => {
+                            let origin = Origin {
+                                client,
+                                listener: li,
+                                local,
+                            };
+                            self.handle_query(msg, truncated, origin, set, now);
+                        }
                         // Not possible on an IPv4/IPv6 socket; counted rather than ignored.
                         None => self.shared.stats.dropped(DropReason::SendFailed),
                     }
@@ -345,8 +363,7 @@ impl Worker {
         &mut self,
         msg: &mut [u8],
         truncated: bool,
-        client: SocketAddr,
-        li: usize,
+        origin: Origin,
         set: &BackendSet,
         now: Instant,
     ) {
@@ -358,12 +375,12 @@ impl Worker {
             Ok(q) => q,
             Err(r) => return stats.dropped(r),
         };
-        match self.forward(msg, q, client, li, set, now) {
+        match self.forward(msg, q, origin, set, now) {
             Ok(_) => {}
             Err(Refusal::Drop(r)) => self.shared.stats.dropped(r),
             Err(Refusal::Servfail) => {
-                let n = wire::make_servfail(msg, &q);
-                self.queue_reply(li, &msg[..n], client);
+                let n = wire::make_servfail(msg, q.as_ref());
+                self.queue_reply(origin, &msg[..n]);
             }
         }
     }
@@ -384,12 +401,16 @@ impl Worker {
             Ok(n) => {
                 self.shared.stats.batch(BatchOp::Recv, 1, n);
                 let mut tally = LocalHistogram::default();
+                let mut id_matched = false;
                 for i in 0..n {
                     let (msg, _, _) = batch.get_mut(i);
-                    self.relay_answer(ui, msg, &mut tally);
+                    id_matched |= self.relay_answer(ui, msg, &mut tally);
                 }
                 if let Some(up) = self.upstreams[ui].as_ref() {
                     up.backend.state.answered(&tally);
+                    if id_matched {
+                        up.backend.state.alive();
+                    }
                 }
                 n == MAX_BATCH
             }
@@ -406,30 +427,40 @@ impl Worker {
     }
 
     /// Matches one answer from upstream `ui` to its query, queues it for the client and
-    /// tallies it (the backend's counters are updated once per batch).
-    fn relay_answer(&mut self, ui: usize, msg: &mut [u8], tally: &mut LocalHistogram) {
+    /// tallies it (the backend's counters are updated once per batch). Returns whether its ID
+    /// matched a query in flight: proof the backend is alive, even if the answer is refused.
+    fn relay_answer(&mut self, ui: usize, msg: &mut [u8], tally: &mut LocalHistogram) -> bool {
         let Some(up) = self.upstreams[ui].as_mut() else {
-            return;
+            return false;
         };
         let stats = &self.shared.stats;
         let Ok(h) = wire::header(msg) else {
-            return stats.dropped(DropReason::BadAnswer);
+            stats.dropped(DropReason::BadAnswer);
+            return false;
         };
         if !h.qr {
-            return stats.dropped(DropReason::BadAnswer);
+            stats.dropped(DropReason::BadAnswer);
+            return false;
         }
         let Some(slot) = up.table.get(h.id) else {
-            return stats.dropped(DropReason::UnmatchedAnswer);
+            stats.dropped(DropReason::UnmatchedAnswer);
+            return false;
         };
-        if !wire::same_question(&slot.query, &slot.question, msg) {
+        if !wire::answer_matches(&slot.query, slot.question.as_ref(), msg) {
             // Keep the slot: a spoofed answer must not cancel the real one.
-            return stats.dropped(DropReason::MismatchedQuestion);
+            stats.dropped(DropReason::MismatchedQuestion);
+            return true;
         }
         wire::set_id(msg, slot.client_id);
-        let (li, client) = (slot.listener, slot.client);
+        let origin = Origin {
+            client: slot.client,
+            listener: slot.listener,
+            local: slot.local,
+        };
         tally.observe(slot.sent_at.elapsed());
         up.table.release(h.id);
-        self.queue_reply(li, msg, client);
+        self.queue_reply(origin, msg);
+        true
     }
 
     // ----- queueing (never sends more than a full batch, never re-sends) -----
@@ -439,14 +470,14 @@ impl Worker {
     fn forward(
         &mut self,
         msg: &mut [u8],
-        q: Question,
-        client: SocketAddr,
-        li: usize,
+        q: Option<Question>,
+        origin: Origin,
         set: &BackendSet,
         now: Instant,
     ) -> Result<(usize, u16), Refusal> {
         self.counter = self.counter.wrapping_add(1);
-        let bi = match route(set, msg, &q, self.counter, &self.shared.stats) {
+        let stats = &self.shared.stats;
+        let bi = match route(set, msg, q.as_ref(), self.counter, stats, None) {
             Route::Backend(i) => i,
             Route::Servfail => return Err(Refusal::Servfail),
             Route::Drop(r) => return Err(Refusal::Drop(r)),
@@ -469,7 +500,7 @@ impl Worker {
         };
         let id = up
             .table
-            .insert(|| rng.random(), client, li, msg, q, now)
+            .insert(|| rng.random(), origin, msg, q, now)
             .map_err(|_| Refusal::Drop(DropReason::BackendFull))?;
         let client_id = wire::id(msg);
         wire::set_id(msg, id);
@@ -485,12 +516,14 @@ impl Worker {
         Ok((ui, id))
     }
 
-    /// Queues an answer to `client` on listener `li`.
-    fn queue_reply(&mut self, li: usize, msg: &[u8], client: SocketAddr) {
+    /// Queues an answer to the client of `origin`, from the listener (and, on a wildcard
+    /// listener, the very address) its query arrived on.
+    fn queue_reply(&mut self, origin: Origin, msg: &[u8]) {
+        let li = origin.listener;
         if self.replies[li].is_full(msg.len()) {
             self.send_replies(li);
         }
-        if !self.replies[li].push(msg, Some(client), 0) {
+        if !self.replies[li].push_from(msg, Some(origin.client), origin.local, 0) {
             self.shared.stats.dropped(DropReason::SendFailed);
         }
     }
@@ -622,8 +655,10 @@ impl Worker {
             } else {
                 up.table.older_than(now, set.timeout, &mut expired);
                 for &id in &expired {
-                    if expire(up, id, &self.shared) {
-                        up.backend.passive_timeout(set.passive_timeouts);
+                    if expire(up, id, &self.shared)
+                        && up.backend.passive_timeout(set.passive_timeouts)
+                    {
+                        self.shared.request_probe();
                     }
                 }
             }
@@ -667,13 +702,18 @@ impl Worker {
         if slot.resent {
             return;
         }
-        let (client, li, question) = (slot.client, slot.listener, slot.question);
+        let origin = Origin {
+            client: slot.client,
+            listener: slot.listener,
+            local: slot.local,
+        };
+        let question = slot.question;
         let mut msg = std::mem::take(&mut self.resend_buf);
         msg.clear();
         msg.extend_from_slice(&slot.query);
         up.table.release(id);
         up.backend.state.in_flight_done();
-        match self.forward(&mut msg, question, client, li, set, now) {
+        match self.forward(&mut msg, question, origin, set, now) {
             Ok((new_ui, new_id)) => {
                 if let Some(slot) = self
                     .upstreams
