@@ -693,10 +693,7 @@ fn assert_complete(d: &Deployment, before: &[(String, u64)]) -> bool {
 fn window_crash_between_recording_and_sending_a_flip_converges_on_resume() {
     let d = up("dep-win-flip");
     let before = d.instances();
-    let (code, _, err) = d.run(
-        &["roll"],
-        &[("DEPLOYER_CRASH_AT", "flip:lb2:before-swap")],
-    );
+    let (code, _, err) = d.run(&["roll"], &[("DEPLOYER_CRASH_AT", "flip:lb2:before-swap")]);
     assert_eq!(code, -1, "killed at the crash point:\n{err}");
     assert!(
         err.contains("fault injected: flip:lb2:before-swap"),
@@ -746,7 +743,14 @@ fn window_verify_compares_each_lbs_live_set_with_the_plan() {
         .dir
         .path()
         .join("state/local")
-        .join(before.iter().find(|(l, _)| l == "lb1").unwrap().1.to_string())
+        .join(
+            before
+                .iter()
+                .find(|(l, _)| l == "lb1")
+                .unwrap()
+                .1
+                .to_string(),
+        )
         .join("control.sock");
     let mut child = d
         .command(&["roll"])
@@ -854,11 +858,14 @@ fn a_refused_flip_back_stops_before_anything_is_deleted() {
     let (code, _, err) = d.run(&["roll"], &[("DEPLOYER_CRASH_AT", "verify:before")]);
     assert_eq!(code, -1, "{err}");
     assert_ne!(d.lb_backends(), old, "the lbs were flipped");
-    let lb1_dir = d
-        .dir
-        .path()
-        .join("state/local")
-        .join(before.iter().find(|(l, _)| l == "lb1").unwrap().1.to_string());
+    let lb1_dir = d.dir.path().join("state/local").join(
+        before
+            .iter()
+            .find(|(l, _)| l == "lb1")
+            .unwrap()
+            .1
+            .to_string(),
+    );
     // Root ignores permissions: a directory where the state file should be stops any write.
     let state = lb1_dir.join("state.json");
     std::fs::remove_file(&state).unwrap();
