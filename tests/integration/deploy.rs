@@ -12,6 +12,8 @@ use hickory_proto::rr::RecordType;
 use integration_tests::*;
 use serde_json::Value;
 
+mod crash_matrix;
+
 const T: Duration = Duration::from_secs(3);
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -294,12 +296,17 @@ fn provisioning_failure_rolls_back() {
     let d = up("dep-prov");
     let (before, backends, serial) = (d.instances(), d.lb_backends(), d.serial());
     d.bump_serial();
+    // Well-formed for a parser, refused by named-checkzone (the role checks every zone).
     let text = std::fs::read_to_string(d.zone()).unwrap();
-    std::fs::write(d.zone(), format!("{text}broken IN A 999.1.1.1\n")).unwrap();
+    std::fs::write(
+        d.zone(),
+        format!("{text}alias IN CNAME www\nalias IN A 192.0.2.7\n"),
+    )
+    .unwrap();
     let (code, out, err) = d.run(&["roll"], &[]);
     assert_eq!(code, 1);
     assert!(
-        err.contains("bad dotted quad"),
+        err.contains("CNAME and other data"),
         "named-checkzone's message is shown:\n{err}"
     );
     assert!(err.contains("step provision failed; rolled back"), "{err}");
@@ -660,6 +667,18 @@ fn assert_complete(d: &Deployment, before: &[(String, u64)]) -> bool {
             .map(|i| format!("{}:{}", i["address"].as_str().unwrap(), i["dns_port"]))
             .unwrap()
     };
+    // `deployer --json status` is an interface: these fields, with these types.
+    for i in st["instances"].as_array().unwrap() {
+        assert!(i["label"].is_string() && i["id"].is_u64() && i["role"].is_string());
+        assert!(i["address"].is_string() && i["dns_port"].is_u64(), "{i}");
+    }
+    for l in st["lbs"].as_array().unwrap() {
+        assert!(l["name"].is_string() && l["address"].is_string(), "{l}");
+        assert!(l["generation"].is_u64(), "{l}");
+        for b in l["backends"].as_array().unwrap() {
+            assert!(b["address"].is_string() && b["state"].is_string(), "{b}");
+        }
+    }
     let backends = d.lb_backends();
     assert_eq!(
         backends,
@@ -854,6 +873,7 @@ fn a_refused_flip_back_stops_before_anything_is_deleted() {
     let d = up("dep-refuse-back");
     let before = d.instances();
     let old = d.lb_backends();
+    let zone_text = std::fs::read_to_string(d.zone()).unwrap();
     d.bump_serial();
     let (code, _, err) = d.run(&["roll"], &[("DEPLOYER_CRASH_AT", "verify:before")]);
     assert_eq!(code, -1, "{err}");
@@ -875,13 +895,56 @@ fn a_refused_flip_back_stops_before_anything_is_deleted() {
     assert_eq!(code, 1);
     assert!(err.contains("lb lb1"), "names the lb: {err}");
     assert!(
-        err.contains("nothing was deleted") && err.contains("deployer rollback"),
+        err.contains("Nothing was deleted") && err.contains("deployer rollback"),
         "says what to do: {err}"
     );
     assert_eq!(d.instances().len(), 6, "nothing deleted");
     assert_eq!(d.status()["unfinished"]["operation"], "roll");
     std::fs::remove_dir(&state).unwrap();
     d.ok(&["rollback"]);
+    std::fs::write(d.zone(), zone_text).unwrap();
     assert!(assert_complete(&d, &before));
     assert_eq!(d.lb_backends(), old);
+}
+
+/// Inputs the deployer cannot use are refused before anything is created, with the file named:
+/// a journal from an older deployer, and a zone using `$GENERATE`.
+#[test]
+fn an_old_journal_and_a_generate_zone_are_refused_clearly() {
+    let d = Deployment::new("dep-refuse-input");
+    let journal = d.dir.path().join("state/journal.json");
+    std::fs::create_dir_all(journal.parent().unwrap()).unwrap();
+    std::fs::write(
+        &journal,
+        r#"{"operation":"roll","state":"in-progress","started_unix":1,"steps":[{"step":"flip","ok":true,"detail":"","elapsed_ms":1}],"creating":[],"created":[],"old":[],"flips":[],"serials":[],"deleting_old":false}"#,
+    )
+    .unwrap();
+    for args in [
+        &["roll", "--resume"][..],
+        &["status"],
+        &["rollback"],
+        &["up"],
+    ] {
+        let (code, _, err) = d.run(args, &[]);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(
+            err.contains("older deployer") && err.contains("journal.json"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    std::fs::remove_file(&journal).unwrap();
+    let text = std::fs::read_to_string(d.zone()).unwrap();
+    std::fs::write(
+        d.zone(),
+        format!("{text}$GENERATE 1-3 gen$ IN A 192.0.2.$\n"),
+    )
+    .unwrap();
+    let (code, _, err) = d.run(&["up"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("$GENERATE") && err.contains("example.test.zone"),
+        "{err}"
+    );
+    assert!(d.instances().is_empty(), "nothing was created");
 }
