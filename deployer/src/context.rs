@@ -37,6 +37,20 @@ impl Deployer {
                     .linode
                     .clone()
                     .ok_or_else(|| anyhow!("[linode] section missing"))?;
+                // Every label this deployment may use, NAME and NAME-next, checked before any
+                // call: a roll must not fail at its rename step on a label Linode refuses.
+                for (key, name) in cfg
+                    .nameservers
+                    .iter()
+                    .map(|n| ("nameservers.name", &n.name))
+                    .chain(cfg.lbs.iter().map(|l| ("lbs.name", &l.name)))
+                {
+                    for label in [name.clone(), format!("{name}-next")] {
+                        if let Some(e) = crate::provider::linode::label_error(&label) {
+                            bail!("{key} `{name}`: not usable as a Linode label: {e}");
+                        }
+                    }
+                }
                 let client = LinodeClient::from_env(&l.api_url, cfg.timeouts.api())?;
                 Box::new(LinodeProvider::new(client, l, cfg.tag(), &cfg.state_dir))
             }
