@@ -127,8 +127,11 @@ pub fn handoff(d: &Deployer, j: &mut Journal) -> Result<String> {
             "delegation_hook {hook} failed ({status}); if it changed part of the delegation, restore it"
         );
     }
+    // Recorded at once: from here the delegation may point at the new lbs, so nothing may
+    // undo them, even if the deployer dies before this step is recorded as done.
     j.handoff = Handoff::Done;
     j.phase = Phase::Forward;
+    d.save(j)?;
     Ok(plan
         .iter()
         .map(|(n, o, w)| format!("{n}: {o} -> {w}"))

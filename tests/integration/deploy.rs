@@ -948,3 +948,31 @@ fn an_old_journal_and_a_generate_zone_are_refused_clearly() {
     );
     assert!(d.instances().is_empty(), "nothing was created");
 }
+
+/// roll-lb: once the delegation hook has run, the new lbs may be what clients use: a crash right
+/// after it must leave the operation forward-only (never undone), and `--resume` finishes it.
+#[test]
+fn roll_lb_crash_after_the_handoff_only_goes_forward() {
+    let mut d = Deployment::new("dep-rolllb-crash");
+    let hook = write_hook(&d);
+    d.extra = format!(
+        "\n[roll_lb]\ndelegation_hook = \"{}\"\nquiet_secs = 1\npoll_secs = 0.2\nmax_drain_secs = 60\n",
+        hook.display()
+    );
+    d.write_config();
+    d.ok(&["up"]);
+    let old_addrs = d.lb_addrs();
+    let (code, _, err) = d.run(&["roll-lb"], &[("DEPLOYER_CRASH_AT", "handoff:after")]);
+    assert_eq!(code, -1, "{err}");
+    assert!(err.contains("fault injected: handoff:after"), "{err}");
+    assert_eq!(d.status()["unfinished"]["phase"], "forward");
+    let (code, _, err) = d.run(&["rollback"], &[]);
+    assert_eq!(code, 1, "no rollback past the hand-off");
+    assert!(err.contains("roll-lb --resume"), "{err}");
+    assert_eq!(d.instances().len(), 6, "nothing deleted");
+    d.ok(&["roll-lb", "--resume"]);
+    let labels: Vec<_> = d.instances().into_iter().map(|(l, _)| l).collect();
+    assert_eq!(labels, vec!["lb1", "lb2", "ns1", "ns2"]);
+    assert!(d.lb_addrs().iter().all(|a| !old_addrs.contains(a)));
+    d.assert_serving(d.serial());
+}
