@@ -5,14 +5,20 @@
 //! bearer-token auth, `page`/`page_size` pagination (`data`, `page`, `pages`, `results`),
 //! `X-Filter` on `label`, `tags`, `region` and `status`, the `{"errors":[{"reason","field"}]}`
 //! error shape, instances that go `provisioning` -> `booting` -> `running` over a few polls, and
-//! injected failures (5xx, 429 with `Retry-After`).
+//! injected failures (5xx, 429 with `Retry-After`), and Linode Create's documented rate limit
+//! (10 requests per 30 s; 429 with `Retry-After` in seconds past it).
+//!
+//! Every request body and every response is validated against Linode's published OpenAPI
+//! schemas ([`crate::openapi`]): a request the spec rejects is answered 400 like the API would,
+//! and every violation (by the client or by the fake itself) is recorded; dropping the fake
+//! fails the test if any was, so the fake cannot drift from the documented API.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -39,6 +45,15 @@ pub struct FakeState {
     pub inject: VecDeque<Injection>,
     /// Every request: (method, path with query, X-Filter).
     pub log: Vec<(String, String, Option<String>)>,
+    /// Linode Create: at most this many per window (documented: 10 per 30 s).
+    pub create_limit: (usize, Duration),
+    creates: VecDeque<Instant>,
+    /// Creates answered 429 because of the create limit.
+    pub creates_rate_limited: usize,
+    /// Schema violations of requests (by the client) and responses (by the fake).
+    pub violations: Vec<String>,
+    /// Responses checked against the schemas.
+    pub responses_checked: usize,
 }
 
 /// A running fake on 127.0.0.1.
@@ -62,6 +77,11 @@ impl FakeLinode {
             max_page_size: 500,
             inject: VecDeque::new(),
             log: Vec::new(),
+            create_limit: (10, Duration::from_secs(30)),
+            creates: VecDeque::new(),
+            creates_rate_limited: 0,
+            violations: Vec::new(),
+            responses_checked: 0,
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let (st, sp) = (state.clone(), stop.clone());
@@ -106,6 +126,14 @@ impl FakeLinode {
 impl Drop for FakeLinode {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if !std::thread::panicking() {
+            let v = self.state.lock().unwrap().violations.clone();
+            assert!(
+                v.is_empty(),
+                "requests or responses that Linode's OpenAPI schemas reject:\n{}",
+                v.join("\n")
+            );
+        }
     }
 }
 
@@ -216,7 +244,58 @@ fn serve(s: TcpStream, state: &Mutex<FakeState>) {
         return;
     };
     let (status, body, retry_after) = handle(&req, state);
+    if let Some(path) = spec_path(&req.path) {
+        let pointer = crate::openapi::response_pointer(&req.method, path, status);
+        let v = crate::openapi::violations(&pointer, &body);
+        let mut st = state.lock().unwrap();
+        st.responses_checked += 1;
+        st.violations
+            .extend(v.into_iter().map(|e| format!("response of the fake: {e}")));
+    }
     respond(s, status, &body, retry_after);
+}
+
+/// The spec's path for a request path of the fake.
+fn spec_path(path: &str) -> Option<&'static str> {
+    match path.strip_prefix("/v4/linode/instances") {
+        Some("") => Some("/linode/instances"),
+        Some(id)
+            if id
+                .strip_prefix('/')
+                .is_some_and(|x| x.parse::<u64>().is_ok()) =>
+        {
+            Some("/linode/instances/{linodeId}")
+        }
+        _ => None,
+    }
+}
+
+/// Validates a request body against the spec; the API answers 400 naming the field.
+fn check_request(
+    st: &mut FakeState,
+    method: &str,
+    path: &str,
+    body: &Value,
+) -> Option<(u16, Value, Option<u64>)> {
+    let pointer = crate::openapi::request_pointer(method, path);
+    let errs = crate::openapi::validator(&pointer);
+    let mut first = None;
+    for e in errs.iter_errors(body) {
+        let field = e
+            .instance_path()
+            .to_string()
+            .trim_start_matches('/')
+            .replace('/', ".");
+        st.violations.push(format!(
+            "request {method} {path} by the client: at {}: {e}",
+            e.instance_path()
+        ));
+        first.get_or_insert((e.to_string(), field));
+    }
+    first.map(|(reason, field)| {
+        let field = if field.is_empty() { None } else { Some(field) };
+        (400, errors(&reason, field.as_deref()), None)
+    })
 }
 
 fn matches_filter(inst: &Value, filter: &Value) -> Result<bool, String> {
@@ -280,6 +359,24 @@ fn handle(req: &Request, state: &Mutex<FakeState>) -> (u16, Value, Option<u64>) 
             let Ok(body) = serde_json::from_slice::<Value>(&req.body) else {
                 return (400, errors("Invalid JSON", None), None);
             };
+            if let Some(refused) = check_request(&mut st, "POST", "/linode/instances", &body) {
+                return refused;
+            }
+            // Linode Create: 10 requests per 30 s (documented); past it, 429 with Retry-After.
+            let (limit, window) = st.create_limit;
+            while st.creates.front().is_some_and(|t| t.elapsed() >= window) {
+                st.creates.pop_front();
+            }
+            if st.creates.len() >= limit {
+                let wait = window.saturating_sub(st.creates[0].elapsed());
+                st.creates_rate_limited += 1;
+                return (
+                    429,
+                    errors("Too many requests", None),
+                    Some(wait.as_secs_f64().ceil() as u64),
+                );
+            }
+            st.creates.push_back(Instant::now());
             for f in ["region", "type"] {
                 if !body[f].is_string() {
                     return (400, errors(&format!("{f} is required"), Some(f)), None);
@@ -404,6 +501,11 @@ fn handle(req: &Request, state: &Mutex<FakeState>) -> (u16, Value, Option<u64>) 
                     let Ok(body) = serde_json::from_slice::<Value>(&req.body) else {
                         return (400, errors("Invalid JSON", None), None);
                     };
+                    if let Some(refused) =
+                        check_request(&mut st, "PUT", "/linode/instances/{linodeId}", &body)
+                    {
+                        return refused;
+                    }
                     if let Some(l) = body["label"].as_str() {
                         if st
                             .instances

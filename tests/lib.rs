@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 pub mod dnsmsg;
 pub mod fake_linode;
 pub mod netns;
+pub mod openapi;
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};

@@ -203,6 +203,19 @@ pub fn run_playbook(
             command: command.clone(),
             source,
         })?;
+    // A crash point kills this group with the deployer, as a killed process group would.
+    crate::faults::register_child_group(child.id());
+    let r = wait_playbook(&mut child, playbook, &command, timeout);
+    crate::faults::unregister_child_group(child.id());
+    r
+}
+
+fn wait_playbook(
+    child: &mut std::process::Child,
+    playbook: &str,
+    command: &str,
+    timeout: Duration,
+) -> Result<(), AnsibleError> {
     let start = Instant::now();
     loop {
         match child.try_wait() {
@@ -236,7 +249,7 @@ pub fn run_playbook(
             Ok(None) => std::thread::sleep(Duration::from_millis(100)),
             Err(e) => {
                 return Err(AnsibleError::Spawn {
-                    command: command.clone(),
+                    command: command.to_string(),
                     source: e,
                 })
             }

@@ -1,24 +1,22 @@
-//! The journal: what the running (or last) operation did, written atomically after every step.
+//! The journal: what the running (or last) operation did, written atomically after every change.
 //!
-//! It records each step's outcome and every instance created, so that a failed step rolls back
-//! precisely, and a deployer killed mid-roll can be resumed (`roll --resume`) or undone
-//! (`rollback`) without orphaning anything.
+//! It records each step's outcome, every instance created (its label *before* the create call),
+//! the phase, and per lb the flip's plan and state, so that a deployer killed anywhere can be
+//! resumed (`roll --resume`) or undone (`rollback`) without orphaning anything. Each field has
+//! one meaning. The file carries a format number: a journal written by an older deployer is
+//! refused with a clear message rather than misread.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::provider::Instance;
+pub use crate::steps::{Operation, Step};
 
 pub use lb::state::write_atomic;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Operation {
-    Up,
-    Roll,
-    RollLb,
-}
+/// The journal format this deployer writes and reads.
+pub const JOURNAL_FORMAT: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -26,32 +24,96 @@ pub enum JournalState {
     InProgress,
     Done,
     RolledBack,
-    /// Failed and could not be rolled back completely; the journal says what is left.
+    /// Failed and could not be undone; the journal says what is left.
     Failed,
+}
+
+/// Which way an operation may still go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Before the point of no return: the old set is complete, everything can be undone.
+    Undoable,
+    /// Past it (old instances being deleted, or the delegation handed to the new lbs): only
+    /// going forward restores a complete set.
+    Forward,
+}
+
+/// Which set an lb is being converged to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    /// To the new backends (the roll's target).
+    Forward,
+    /// Back to the exact previous backends (rollback).
+    Back,
+}
+
+/// Where one lb's flip (in its current [`Direction`]) stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum FlipState {
+    /// Recorded, nothing sent yet.
+    Planned,
+    /// `set-backends` sent (or about to be): the lb may or may not have applied it. Only a
+    /// read of its live set resolves this.
+    Sent,
+    /// The lb applied the set but said it could not save it (it would come back on the old
+    /// set after a restart): sent again until it is saved.
+    Unsaved,
+    /// The lb's live set is the wanted one, at this generation.
+    Confirmed { generation: u64 },
+}
+
+/// One lb's flip: the exact set it had, the set it goes to, and where that stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbFlip {
+    pub lb: String,
+    pub previous: Vec<String>,
+    pub target: Vec<String>,
+    pub direction: Direction,
+    #[serde(flatten)]
+    pub state: FlipState,
+}
+
+impl LbFlip {
+    /// The set wanted in the current direction.
+    pub fn wanted(&self) -> &[String] {
+        match self.direction {
+            Direction::Forward => &self.target,
+            Direction::Back => &self.previous,
+        }
+    }
+}
+
+/// roll-lb's hand-off of the delegation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Handoff {
+    #[default]
+    NotStarted,
+    /// The instructions were printed; `roll-lb --resume` confirms the operator made the change.
+    WaitingForOperator,
+    Done,
 }
 
 /// One step's outcome.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
-    pub step: String,
+    pub step: Step,
     pub ok: bool,
     pub detail: String,
     pub elapsed_ms: u64,
 }
 
-/// An lb flipped to a new backend set, with the set it had before.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Flip {
-    pub lb: String,
-    pub previous: Vec<String>,
-    pub new: Vec<String>,
-}
-
 /// The journal file's content.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Journal {
+    pub format: u32,
     pub operation: Operation,
     pub state: JournalState,
+    pub phase: Phase,
     pub started_unix: u64,
     pub steps: Vec<StepRecord>,
     /// Labels being created right now (recorded before the API call, so a crash between the
@@ -59,26 +121,23 @@ pub struct Journal {
     pub creating: Vec<String>,
     /// Instances this operation created.
     pub created: Vec<Instance>,
-    /// Instances this operation replaces (roll).
+    /// Instances this operation replaces.
     pub old: Vec<Instance>,
-    pub flips: Vec<Flip>,
+    /// Per lb, the flip (roll only); planned for every lb before any is sent.
+    pub flips: Vec<LbFlip>,
     /// Expected SOA serial per zone, read from the zone files when the operation started.
     pub serials: Vec<(String, u32)>,
-    /// Past the point of no return (old instances being deleted, or the delegation handed to
-    /// the new lbs): the operation can only go forward.
-    pub deleting_old: bool,
-    /// roll-lb: the hand-off instructions were printed; `--resume` confirms the change.
-    #[serde(default)]
-    pub waiting_for_handoff: bool,
-    #[serde(default)]
+    pub handoff: Handoff,
     pub error: Option<String>,
 }
 
 impl Journal {
     pub fn new(operation: Operation, serials: Vec<(String, u32)>) -> Journal {
         Journal {
+            format: JOURNAL_FORMAT,
             operation,
             state: JournalState::InProgress,
+            phase: Phase::Undoable,
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -88,16 +147,43 @@ impl Journal {
             old: Vec::new(),
             flips: Vec::new(),
             serials,
-            deleting_old: false,
-            waiting_for_handoff: false,
+            handoff: Handoff::NotStarted,
             error: None,
         }
     }
 
     /// True once `step` has completed.
-    pub fn done(&self, step: &str) -> bool {
+    pub fn done(&self, step: Step) -> bool {
         self.steps.iter().any(|s| s.step == step && s.ok)
     }
+
+    /// Names of the completed steps.
+    pub fn steps_done(&self) -> Vec<&'static str> {
+        self.steps
+            .iter()
+            .filter(|s| s.ok)
+            .map(|s| s.step.name())
+            .collect()
+    }
+}
+
+/// A journal that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("cannot read journal {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("journal {path} is corrupt: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("journal {path} was written by an older deployer (format {found}, this one reads {JOURNAL_FORMAT}): finish or undo its operation with the deployer that started it; if `state` in it is not \"in-progress\", nothing is unfinished and the file can be removed")]
+    OldFormat { path: PathBuf, found: String },
+    #[error("cannot write journal {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Where the journal lives.
@@ -112,22 +198,86 @@ impl JournalFile {
         }
     }
 
-    pub fn load(&self) -> anyhow::Result<Option<Journal>> {
-        match std::fs::read_to_string(&self.path) {
-            Ok(t) => Ok(Some(serde_json::from_str(&t).map_err(|e| {
-                anyhow::anyhow!("journal {} is corrupt: {e}", self.path.display())
-            })?)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(anyhow::anyhow!(
-                "cannot read journal {}: {e}",
-                self.path.display()
-            )),
+    pub fn load(&self) -> Result<Option<Journal>, JournalError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(JournalError::Read {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        };
+        let corrupt = |message: String| JournalError::Corrupt {
+            path: self.path.clone(),
+            message,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        match v.get("format").and_then(|f| f.as_u64()) {
+            Some(f) if f == JOURNAL_FORMAT as u64 => {}
+            other => {
+                return Err(JournalError::OldFormat {
+                    path: self.path.clone(),
+                    found: other.map_or("1".into(), |f| f.to_string()),
+                })
+            }
         }
+        serde_json::from_value(v)
+            .map(Some)
+            .map_err(|e| corrupt(e.to_string()))
     }
 
-    pub fn save(&self, j: &Journal) -> anyhow::Result<()> {
-        let bytes = serde_json::to_vec_pretty(j)?;
-        write_atomic(&self.path, &bytes)
-            .map_err(|e| anyhow::anyhow!("cannot write journal {}: {e}", self.path.display()))
+    pub fn save(&self, j: &Journal) -> Result<(), JournalError> {
+        let bytes = serde_json::to_vec_pretty(j).expect("the journal always serialises");
+        write_atomic(&self.path, &bytes).map_err(|source| JournalError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_refuses_an_old_journal() {
+        let dir = std::env::temp_dir().join(format!("djournal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = JournalFile::new(&dir);
+        assert!(f.load().unwrap().is_none());
+        let mut j = Journal::new(Operation::Roll, vec![("example.test".into(), 7)]);
+        j.flips.push(LbFlip {
+            lb: "lb1".into(),
+            previous: vec!["127.0.0.1:1".into()],
+            target: vec!["127.0.0.1:2".into()],
+            direction: Direction::Forward,
+            state: FlipState::Confirmed { generation: 3 },
+        });
+        j.steps.push(StepRecord {
+            step: Step::Flip,
+            ok: true,
+            detail: String::new(),
+            elapsed_ms: 1,
+        });
+        f.save(&j).unwrap();
+        assert_eq!(f.load().unwrap().unwrap(), j);
+        assert!(j.done(Step::Flip) && !j.done(Step::Verify));
+        // A format-1 journal (no `format`, steps by name) is refused clearly.
+        std::fs::write(
+            &f.path,
+            r#"{"operation":"roll","state":"in-progress","steps":[{"step":"flip","ok":true}],"deleting_old":false}"#,
+        )
+        .unwrap();
+        let e = f.load().unwrap_err().to_string();
+        assert!(
+            e.contains("older deployer") && e.contains("format 1"),
+            "{e}"
+        );
+        std::fs::write(&f.path, "{").unwrap();
+        assert!(f.load().unwrap_err().to_string().contains("corrupt"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

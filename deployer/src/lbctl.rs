@@ -9,6 +9,40 @@ use lb::control_protocol::{
     send_request, ControlCommand, ControlResponse, ControlResult, StatusReport,
 };
 
+/// A failed control request: either lb answered no (it kept its state), or the answer never
+/// came (lb may or may not have acted: only reading its status again tells).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CtlError {
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("no answer: {0}")]
+    Transport(String),
+}
+
+impl CtlError {
+    pub fn reason(&self) -> &str {
+        match self {
+            CtlError::Refused(r) | CtlError::Transport(r) => r,
+        }
+    }
+}
+
+/// What lb answered to `set-backends`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwapDone {
+    pub generation: u64,
+    pub message: String,
+}
+
+impl SwapDone {
+    /// False when lb applied the set but said it could not write its state file (an lb
+    /// restarted then would come back on its previous set). lb is to refuse such a swap
+    /// instead (issue #15); until every lb does, the deployer reads this note.
+    pub fn saved(&self) -> bool {
+        !(self.message.contains("state file") && self.message.contains("not written"))
+    }
+}
+
 /// How to reach one lb's control socket.
 #[derive(Debug, Clone)]
 pub enum LbControl {
@@ -25,41 +59,48 @@ pub enum LbControl {
 
 impl LbControl {
     /// Sends one command; an `Err` is a failure to reach lb or a refusal, with the reason.
-    pub fn request(&self, cmd: ControlCommand, timeout: Duration) -> Result<ControlResult, String> {
+    pub fn request(
+        &self,
+        cmd: ControlCommand,
+        timeout: Duration,
+    ) -> Result<ControlResult, CtlError> {
         let resp = match self {
-            LbControl::Local { socket } => {
-                send_request(socket, cmd, timeout).map_err(|e| e.to_string())?
-            }
+            LbControl::Local { socket } => send_request(socket, cmd, timeout)
+                .map_err(|e| CtlError::Transport(e.to_string()))?,
             LbControl::Ssh {
                 target,
                 socket,
                 known_hosts,
-            } => ssh_request(target, socket, known_hosts, cmd, timeout)?,
+            } => ssh_request(target, socket, known_hosts, cmd, timeout)
+                .map_err(CtlError::Transport)?,
         };
         if resp.ok {
             resp.result
-                .ok_or_else(|| "lb sent an empty response".to_string())
+                .ok_or_else(|| CtlError::Transport("lb sent an empty response".into()))
         } else {
-            Err(resp
-                .error
-                .unwrap_or_else(|| "lb refused without a reason".into()))
+            Err(CtlError::Refused(
+                resp.error
+                    .unwrap_or_else(|| "lb refused without a reason".into()),
+            ))
         }
     }
 
-    pub fn status(&self, timeout: Duration) -> Result<StatusReport, String> {
+    pub fn status(&self, timeout: Duration) -> Result<StatusReport, CtlError> {
         match self.request(ControlCommand::Status, timeout)? {
             ControlResult::Status(s) => Ok(s),
-            other => Err(format!("unexpected status response {other:?}")),
+            other => Err(CtlError::Transport(format!(
+                "unexpected status response {other:?}"
+            ))),
         }
     }
 
-    /// `set-backends [--verify]`; returns the new generation.
+    /// `set-backends [--verify]`.
     pub fn set_backends(
         &self,
         backends: &[String],
         verify: bool,
         timeout: Duration,
-    ) -> Result<u64, String> {
+    ) -> Result<SwapDone, CtlError> {
         match self.request(
             ControlCommand::SetBackends {
                 backends: backends.to_vec(),
@@ -67,8 +108,16 @@ impl LbControl {
             },
             timeout,
         )? {
-            ControlResult::Done { generation, .. } => Ok(generation),
-            other => Err(format!("unexpected set-backends response {other:?}")),
+            ControlResult::Done {
+                generation,
+                message,
+            } => Ok(SwapDone {
+                generation,
+                message,
+            }),
+            other => Err(CtlError::Transport(format!(
+                "unexpected set-backends response {other:?}"
+            ))),
         }
     }
 }

@@ -1,19 +1,38 @@
 //! `deployer`: blue-green rollouts of authoritative nameservers behind `lb`.
 //!
-//! - [`config`] — the `deployer.toml` file.
+//! From the bottom up (imports only point down):
+//! - [`steps`] — the typed steps of every operation and the crash points inside them.
+//! - [`config`] — the `deployer.toml` file. [`zones`] — facts read from zone files.
 //! - [`provider`] — where instances come from (local processes or Linode), behind one trait.
-//! - [`ansible`] — generated inventories and `ansible-playbook` runs.
-//! - [`checks`] — "answers authoritatively with the expected serial", using lb's own probe.
 //! - [`lbctl`] — driving `lb` through its control socket, locally or over SSH.
-//! - [`journal`] — the resumable record of the running operation.
-//! - [`deploy`] — the orchestration of `up`, `roll`, `rollback`, `status`, `down`.
-//! - [`zones`] — facts read from zone files.
+//! - [`journal`] — the resumable record of the running operation; [`lock`] — one deployer at
+//!   a time; [`faults`] — crash points and injected faults for tests; [`report`] — terminal
+//!   output.
+//! - [`context`] — [`context::Deployer`], one deployment with all of the above.
+//! - [`ansible`], [`checks`] — playbook runs and DNS checks.
+//! - [`lifecycle`] (instances), [`flip`] (converging lbs), [`drain`] (roll-lb's hand-off and
+//!   drain) — the steps' work.
+//! - [`engine`] — runs the steps, phases, undo and resume.
+//! - [`operations`] — `up`, `roll`, `roll-lb`, `rollback`, `status`, `down`; [`status`] — the
+//!   pinned `status` report.
 
 pub mod ansible;
 pub mod checks;
 pub mod config;
-pub mod deploy;
+pub mod context;
+pub mod drain;
+pub mod engine;
+pub mod faults;
+pub mod flip;
 pub mod journal;
 pub mod lbctl;
+pub mod lifecycle;
+pub mod lock;
+pub mod operations;
 pub mod provider;
+pub mod report;
+pub mod status;
+pub mod steps;
 pub mod zones;
+
+pub use context::Deployer;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use deployer::config::DeployerConfig;
-use deployer::deploy::Deployer;
+use deployer::Deployer;
 
 #[derive(Parser)]
 #[command(
@@ -74,7 +74,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::RollLb { resume, dry_run } => d.roll_lb(resume, dry_run)?,
         Cmd::Rollback => d.rollback()?,
         Cmd::Status => {
-            let s = d.status()?;
+            let s = serde_json::to_value(d.status()?)?;
             if cli.json {
                 println!("{s}");
             } else {
@@ -98,6 +98,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
+            // Before asking: a second deployer refuses at once, not after the question.
+            d.lock()?;
             if !yes {
                 eprintln!(
                     "delete {} instances of deployment {} ({})? type yes:",
@@ -172,11 +174,28 @@ fn print_status(s: &serde_json::Value) {
         }
     }
     match s.get("unfinished").filter(|u| !u.is_null()) {
-        Some(u) => println!(
-            "UNFINISHED {}: steps done {}; run `deployer roll --resume` or `deployer rollback`",
-            u["operation"].as_str().unwrap_or(""),
-            u["steps_done"]
-        ),
+        Some(u) => {
+            println!(
+                "UNFINISHED {} (phase {}): steps done {}; {}",
+                u["operation"].as_str().unwrap_or(""),
+                u["phase"].as_str().unwrap_or(""),
+                u["steps_done"],
+                u["next"].as_str().unwrap_or("")
+            );
+            for f in u["flips"].as_array().into_iter().flatten() {
+                println!(
+                    "  lb {}: {} (toward {}), previous {}, target {}",
+                    f["lb"].as_str().unwrap_or(""),
+                    f["state"].as_str().unwrap_or(""),
+                    f["direction"].as_str().unwrap_or(""),
+                    f["previous"],
+                    f["target"]
+                );
+            }
+            if let Some(e) = u["error"].as_str() {
+                println!("  last error: {e}");
+            }
+        }
         None => println!("no unfinished operation"),
     }
 }

@@ -1,217 +1,126 @@
-//! Reading facts the deployer needs from zone files: the SOA serial and the longest TTL of
-//! the delegation records.
+//! Facts the deployer needs from zone files (the SOA serial, the longest TTL of the delegation
+//! records), read with hickory-proto's zone-file parser so that `$ORIGIN`, `$INCLUDE`, `$TTL`,
+//! multi-line records and relative names mean what they mean to BIND.
+//!
+//! Limits of that parser, refused with a clear message rather than misread: `$GENERATE` (a BIND
+//! extension: expand it first with `named-compilezone -D -o - ZONE FILE`), and `$INCLUDE` with
+//! an origin argument. A relative `$INCLUDE` is read relative to the including file's directory.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
-/// Strips comments and joins parenthesised multi-line records into one line each.
-fn records(text: &str) -> Vec<String> {
-    records_keep_owner(text)
-        .into_iter()
-        .map(|(_, r)| r)
-        .collect()
-}
+use hickory_proto::rr::{Name, RData, RecordSet, RecordType, RrKey};
+use hickory_proto::serialize::txt::Parser;
 
-/// The SOA serial of a zone file.
-pub fn soa_serial(path: &Path) -> Result<u32, String> {
+/// Most nested `$INCLUDE`s followed when looking for `$GENERATE`.
+const MAX_INCLUDE_DEPTH: usize = 16;
+
+/// Parses the zone file of `zone`; the error names the file.
+fn parse(path: &Path, zone: &str) -> Result<BTreeMap<RrKey, RecordSet>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read zone file {}: {e}", path.display()))?;
-    for rec in records(&text) {
-        let fields: Vec<&str> = rec.split_whitespace().collect();
-        if let Some(i) = fields.iter().position(|f| f.eq_ignore_ascii_case("SOA")) {
-            // SOA MNAME RNAME SERIAL ...
-            let serial = fields
-                .get(i + 3)
-                .ok_or_else(|| format!("zone file {}: SOA record has no serial", path.display()))?;
-            return serial.parse().map_err(|_| {
-                format!(
-                    "zone file {}: SOA serial `{serial}` is not a number",
-                    path.display()
-                )
-            });
-        }
-    }
-    Err(format!("zone file {} has no SOA record", path.display()))
+    refuse_generate(path, &text, 0)?;
+    let origin = Name::from_ascii(zone)
+        .map_err(|e| format!("zone file {}: zone name `{zone}`: {e}", path.display()))?;
+    let (_, records) = Parser::new(text, Some(path.to_path_buf()), Some(origin))
+        .parse()
+        .map_err(|e| format!("zone file {}: {e}", path.display()))?;
+    Ok(records)
 }
 
-/// Parses a TTL: seconds, or BIND units (`1h30m`, `2d`, `1w`).
-fn parse_ttl(s: &str) -> Option<u64> {
-    if let Ok(n) = s.parse() {
-        return Some(n);
-    }
-    let mut total = 0u64;
-    let mut num = String::new();
-    for c in s.chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
+/// Refuses a file (or a file it includes) that uses `$GENERATE`, which the parser lacks.
+fn refuse_generate(path: &Path, text: &str, depth: usize) -> Result<(), String> {
+    for (n, line) in text.lines().enumerate() {
+        let mut words = line.split(';').next().unwrap_or("").split_whitespace();
+        match words.next().map(str::to_ascii_uppercase).as_deref() {
+            Some("$GENERATE") => {
+                return Err(format!(
+                    "zone file {} line {}: $GENERATE is not supported here; expand it first (e.g. `named-compilezone -D -o - ZONE {}`) and deploy the expanded file",
+                    path.display(),
+                    n + 1,
+                    path.display()
+                ))
+            }
+            Some("$INCLUDE") if depth < MAX_INCLUDE_DEPTH => {
+                let Some(file) = words.next() else { continue };
+                let file = file.trim_matches('"');
+                let inc: PathBuf = if Path::new(file).is_absolute() {
+                    file.into()
+                } else {
+                    path.parent().unwrap_or(Path::new(".")).join(file)
+                };
+                // An unreadable include is reported by the parser, with its own message.
+                if let Ok(t) = std::fs::read_to_string(&inc) {
+                    refuse_generate(&inc, &t, depth + 1)?;
+                }
+            }
+            _ => {}
         }
-        let n: u64 = num.parse().ok()?;
-        num.clear();
-        total += n * match c.to_ascii_lowercase() {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            'w' => 604_800,
-            _ => return None,
-        };
     }
-    if !num.is_empty() {
-        return None;
-    }
-    Some(total)
+    Ok(())
+}
+
+/// The SOA serial of zone `zone` in its file.
+pub fn soa_serial(path: &Path, zone: &str) -> Result<u32, String> {
+    let records = parse(path, zone)?;
+    records
+        .values()
+        .filter(|rs| rs.record_type() == RecordType::SOA)
+        .flat_map(|rs| rs.records_without_rrsigs())
+        .find_map(|r| match &r.data {
+            RData::SOA(soa) => Some(soa.serial),
+            _ => None,
+        })
+        .ok_or_else(|| format!("zone file {} has no SOA record", path.display()))
 }
 
 /// The longest TTL of the delegation records of a zone: its NS records and the A/AAAA (glue)
 /// records of their targets inside the zone. Resolvers may cache these that long, so an old
 /// load balancer can receive queries for that long after the delegation changed.
-pub fn delegation_max_ttl(path: &Path, origin: &str) -> Result<u64, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read zone file {}: {e}", path.display()))?;
-    let origin = format!("{}.", origin.trim_end_matches('.'));
-    let mut default_ttl = 86_400u64;
-    let mut owner = origin.clone();
-    let mut recs: Vec<(String, u64, String, String)> = Vec::new();
-    for (starts_blank, rec) in records_keep_owner(&text) {
-        let f: Vec<&str> = rec.split_whitespace().collect();
-        if f.is_empty() {
-            continue;
-        }
-        if f[0].eq_ignore_ascii_case("$TTL") {
-            default_ttl = f.get(1).and_then(|t| parse_ttl(t)).unwrap_or(default_ttl);
-            continue;
-        }
-        if f[0].starts_with('$') {
-            continue;
-        }
-        let mut i = 0;
-        if !starts_blank {
-            owner = absolute(f[0], &origin);
-            i = 1;
-        }
-        let mut ttl = default_ttl;
-        let mut rtype = None;
-        while i < f.len() {
-            let t = f[i];
-            if let Some(n) = parse_ttl(t).filter(|_| t.as_bytes()[0].is_ascii_digit()) {
-                ttl = n;
-            } else if t.eq_ignore_ascii_case("IN") || t.eq_ignore_ascii_case("CH") {
-            } else {
-                rtype = Some(t.to_ascii_uppercase());
-                i += 1;
-                break;
-            }
-            i += 1;
-        }
-        if let Some(rt) = rtype {
-            recs.push((
-                owner.clone(),
-                ttl,
-                rt,
-                f.get(i).map(|x| absolute(x, &origin)).unwrap_or_default(),
-            ));
-        }
-    }
-    let targets: Vec<String> = recs
-        .iter()
-        .filter(|r| r.2 == "NS")
-        .map(|r| r.3.to_ascii_lowercase())
-        .collect();
-    let max = recs
-        .iter()
-        .filter(|r| {
-            r.2 == "NS"
-                || ((r.2 == "A" || r.2 == "AAAA") && targets.contains(&r.0.to_ascii_lowercase()))
+pub fn delegation_max_ttl(path: &Path, zone: &str) -> Result<u64, String> {
+    let records = parse(path, zone)?;
+    let all = || records.values().flat_map(|rs| rs.records_without_rrsigs());
+    let targets: Vec<Name> = all()
+        .filter_map(|r| match &r.data {
+            RData::NS(ns) => Some(ns.0.to_lowercase()),
+            _ => None,
         })
-        .map(|r| r.1)
-        .max();
-    max.ok_or_else(|| format!("zone file {} has no NS record", path.display()))
-}
-
-fn absolute(name: &str, origin: &str) -> String {
-    if name == "@" {
-        origin.to_string()
-    } else if name.ends_with('.') {
-        name.to_string()
-    } else {
-        format!("{name}.{origin}")
-    }
-}
-
-/// Like [`records`], with whether each record's first line started blank (owner omitted).
-fn records_keep_owner(text: &str) -> Vec<(bool, String)> {
-    let mut out = Vec::new();
-    let mut blank = false;
-    let mut first = true;
-    let mut depth = 0i32;
-    let mut cur = String::new();
-    for raw in text.lines() {
-        if first {
-            blank = raw.starts_with([' ', '\t']);
-        }
-        let (line, d) = strip_line(raw);
-        depth += d;
-        cur.push(' ');
-        cur.push_str(&line);
-        if depth <= 0 {
-            if !cur.trim().is_empty() {
-                out.push((blank, cur.clone()));
-            }
-            cur.clear();
-            depth = 0;
-            first = true;
-        } else {
-            first = false;
-        }
-    }
-    out
-}
-
-/// Strips a comment and parentheses from one line; returns it and the parenthesis balance.
-fn strip_line(raw: &str) -> (String, i32) {
-    let mut line = String::new();
-    let mut in_quote = false;
-    let mut depth = 0;
-    for c in raw.chars() {
-        match c {
-            '"' => {
-                in_quote = !in_quote;
-                line.push(c);
-            }
-            ';' if !in_quote => break,
-            '(' if !in_quote => {
-                depth += 1;
-                line.push(' ');
-            }
-            ')' if !in_quote => {
-                depth -= 1;
-                line.push(' ');
-            }
-            _ => line.push(c),
-        }
-    }
-    (line, depth)
+        .collect();
+    all()
+        .filter(|r| match r.record_type() {
+            RecordType::NS => true,
+            RecordType::A | RecordType::AAAA => targets.contains(&r.name.to_lowercase()),
+            _ => false,
+        })
+        .map(|r| u64::from(r.ttl))
+        .max()
+        .ok_or_else(|| format!("zone file {} has no NS record", path.display()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("dz-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
     #[test]
-    fn reads_multiline_soa() {
-        let dir = std::env::temp_dir().join(format!("dz-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("z");
+    fn reads_multiline_soa_and_relative_names() {
+        let d = dir("soa");
+        let p = d.join("z");
         std::fs::write(
             &p,
-            "$TTL 300\n; comment (\n@ IN SOA ns1 host. (\n 2026010203 ; serial\n 1 2 3 4 )\n@ IN TXT \"a ; (b\"\n",
+            "$TTL 300\n; comment (\n@ IN SOA ns1 host. (\n 2026010203 ; serial\n 1 2 3 4 )\n@ IN NS ns1\n@ IN TXT \"a ; (b\"\nns1 IN A 192.0.2.1\n",
         )
         .unwrap();
-        assert_eq!(soa_serial(&p), Ok(2026010203));
-        std::fs::write(&p, "@ IN SOA ns1 host 12 1 2 3 4\n").unwrap();
-        assert_eq!(soa_serial(&p), Ok(12));
-        std::fs::write(&p, "@ IN A 1.2.3.4\n").unwrap();
-        assert!(soa_serial(&p).unwrap_err().contains("no SOA"));
+        assert_eq!(soa_serial(&p, "example.test"), Ok(2026010203));
+        std::fs::write(&p, "@ 300 IN A 1.2.3.4\n").unwrap();
+        assert!(soa_serial(&p, "example.test")
+            .unwrap_err()
+            .contains("no SOA"));
         std::fs::write(
             &p,
             "$TTL 300\n@ IN SOA ns1 host 1 2 3 4 5\n  IN NS ns1\n@ 7200 IN NS ns2.example.test.\nns1 IN A 192.0.2.1\nns2 1d IN A 192.0.2.2\nwww 9w IN A 192.0.2.3\n",
@@ -222,8 +131,45 @@ mod tests {
             Ok(86_400),
             "glue of ns2 (1d) counts, www does not"
         );
-        assert_eq!(parse_ttl("1h30m"), Some(5400));
-        assert_eq!(parse_ttl("x"), None);
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn origin_include_and_ttl_directives_work_as_in_bind() {
+        let d = dir("inc");
+        std::fs::write(
+            d.join("ns.inc"),
+            "$ORIGIN ns.example.test.\nglue 3600 IN A 192.0.2.9\n",
+        )
+        .unwrap();
+        let p = d.join("z");
+        std::fs::write(
+            &p,
+            "$TTL 1h\n@ IN SOA ns1 host. 42 1 2 3 4\n@ IN NS glue.ns\n$INCLUDE ns.inc\n",
+        )
+        .unwrap();
+        assert_eq!(soa_serial(&p, "example.test."), Ok(42));
+        assert_eq!(delegation_max_ttl(&p, "example.test"), Ok(3600));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn generate_and_garbage_are_refused_naming_the_file() {
+        let d = dir("gen");
+        let p = d.join("z");
+        std::fs::write(
+            &p,
+            "@ IN SOA ns1 host. 1 1 2 3 4\n$GENERATE 1-10 host$ A 192.0.2.$\n",
+        )
+        .unwrap();
+        let e = soa_serial(&p, "example.test").unwrap_err();
+        assert!(
+            e.contains("$GENERATE") && e.contains("named-compilezone"),
+            "{e}"
+        );
+        std::fs::write(&p, "@ IN SOA ns1 host. notanumber 1 2 3 4\n").unwrap();
+        let e = soa_serial(&p, "example.test").unwrap_err();
+        assert!(e.contains(&p.display().to_string()), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

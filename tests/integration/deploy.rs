@@ -12,6 +12,8 @@ use hickory_proto::rr::RecordType;
 use integration_tests::*;
 use serde_json::Value;
 
+mod crash_matrix;
+
 const T: Duration = Duration::from_secs(3);
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -294,12 +296,17 @@ fn provisioning_failure_rolls_back() {
     let d = up("dep-prov");
     let (before, backends, serial) = (d.instances(), d.lb_backends(), d.serial());
     d.bump_serial();
+    // Well-formed for a parser, refused by named-checkzone (the role checks every zone).
     let text = std::fs::read_to_string(d.zone()).unwrap();
-    std::fs::write(d.zone(), format!("{text}broken IN A 999.1.1.1\n")).unwrap();
+    std::fs::write(
+        d.zone(),
+        format!("{text}alias IN CNAME www\nalias IN A 192.0.2.7\n"),
+    )
+    .unwrap();
     let (code, out, err) = d.run(&["roll"], &[]);
     assert_eq!(code, 1);
     assert!(
-        err.contains("bad dotted quad"),
+        err.contains("CNAME and other data"),
         "named-checkzone's message is shown:\n{err}"
     );
     assert!(err.contains("step provision failed; rolled back"), "{err}");
@@ -628,4 +635,344 @@ fn roll_lb_failure_before_the_handoff_rolls_back() {
         "{err}"
     );
     d.assert_rolled_back(&before, &backends, serial);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The unsafe windows of issue #17, the lock, and a refused flip back. Each of these failed on
+// the deployer before the typed engine (see the commit that added them).
+
+/// Address of every lb's live backends and of every instance, checked against the complete-set
+/// invariant: each lb serves exactly from the instance named like the nameserver it fronts
+/// (`lb1` -> `ns1`, `lb2` -> `ns2`), the deployment has exactly its four instances, nothing is
+/// unfinished, and the zones answer through every lb. Returns whether the nameservers are the
+/// ones of `before` (`false`: all of them are new).
+fn assert_complete(d: &Deployment, before: &[(String, u64)]) -> bool {
+    let st = d.status();
+    assert!(
+        st["unfinished"].is_null(),
+        "an operation is unfinished: {st}"
+    );
+    let labels: Vec<_> = d.instances().into_iter().map(|(l, _)| l).collect();
+    assert_eq!(
+        labels,
+        vec!["lb1", "lb2", "ns1", "ns2"],
+        "no instance the deployment does not list, none missing"
+    );
+    let ns_addr = |label: &str| -> String {
+        st["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["label"] == label)
+            .map(|i| format!("{}:{}", i["address"].as_str().unwrap(), i["dns_port"]))
+            .unwrap()
+    };
+    // `deployer --json status` is an interface: these fields, with these types.
+    for i in st["instances"].as_array().unwrap() {
+        assert!(i["label"].is_string() && i["id"].is_u64() && i["role"].is_string());
+        assert!(i["address"].is_string() && i["dns_port"].is_u64(), "{i}");
+    }
+    for l in st["lbs"].as_array().unwrap() {
+        assert!(l["name"].is_string() && l["address"].is_string(), "{l}");
+        assert!(l["generation"].is_u64(), "{l}");
+        for b in l["backends"].as_array().unwrap() {
+            assert!(b["address"].is_string() && b["state"].is_string(), "{b}");
+        }
+    }
+    let backends = d.lb_backends();
+    assert_eq!(
+        backends,
+        vec![vec![ns_addr("ns1")], vec![ns_addr("ns2")]],
+        "every lb serves from the nameserver it fronts (a complete set, no deleted backend)"
+    );
+    d.assert_serving(d.serial());
+    let old_ids: Vec<u64> = before
+        .iter()
+        .filter(|(l, _)| l.starts_with("ns"))
+        .map(|(_, id)| *id)
+        .collect();
+    let now_ids: Vec<u64> = d
+        .instances()
+        .into_iter()
+        .filter(|(l, _)| l.starts_with("ns"))
+        .map(|(_, id)| id)
+        .collect();
+    let kept = now_ids.iter().filter(|i| old_ids.contains(i)).count();
+    assert!(
+        kept == 0 || kept == old_ids.len(),
+        "all old or all new, never a mix: before {old_ids:?}, now {now_ids:?}"
+    );
+    kept == old_ids.len()
+}
+
+/// Window 1: `flip` recorded its intent for lb2, saved the journal and died before sending.
+/// A roll that changes no serial (a role or OS change) used to resume past lb2 and delete the
+/// nameserver lb2 still used.
+#[test]
+fn window_crash_between_recording_and_sending_a_flip_converges_on_resume() {
+    let d = up("dep-win-flip");
+    let before = d.instances();
+    let (code, _, err) = d.run(&["roll"], &[("DEPLOYER_CRASH_AT", "flip:lb2:before-swap")]);
+    assert_eq!(code, -1, "killed at the crash point:\n{err}");
+    assert!(
+        err.contains("fault injected: flip:lb2:before-swap"),
+        "{err}"
+    );
+    let out = d.ok(&["roll", "--resume"]);
+    eprintln!("{out}");
+    assert!(!assert_complete(&d, &before), "the roll finished: all new");
+}
+
+/// Window 2: the reply to lb2's `set-backends` is lost after lb2 applied it, then the roll
+/// fails (at verify) and rolls back: lb2 must be flipped back too, never left on a deleted set.
+#[test]
+fn window_lost_reply_is_resolved_by_reading_the_live_set() {
+    let d = up("dep-win-lost");
+    let before = d.instances();
+    let backends = d.lb_backends();
+    d.bump_serial();
+    let (code, out, err) = d.run(
+        &["roll"],
+        &[
+            ("DEPLOYER_FAULT", "flip:lb2:lost-reply"),
+            ("DEPLOYER_FAIL_AT", "verify"),
+        ],
+    );
+    eprintln!("{out}\n{err}");
+    assert_eq!(code, 1);
+    assert!(err.contains("fault injected: flip:lb2:lost-reply"), "{err}");
+    assert_eq!(d.lb_backends(), backends, "both lbs back on the old set");
+    assert_eq!(d.instances(), before);
+    // The zone file now has a serial no instance serves: check the old one through the lbs.
+    for a in d.lb_addrs() {
+        let m = udp_query(a, "example.test.", RecordType::SOA, T).expect("answers");
+        assert_eq!(soa_serial(&m), Some(d.serial() - 1));
+    }
+}
+
+/// Window 3: an lb is not on the new set when `verify` runs (here: flipped back behind the
+/// deployer's back during a pause). With an unchanged serial the old verify passed and
+/// `delete-old` removed the nameserver that lb still used.
+#[test]
+fn window_verify_compares_each_lbs_live_set_with_the_plan() {
+    let d = up("dep-win-verify");
+    let before = d.instances();
+    let old = d.lb_backends();
+    let lb1_socket = d
+        .dir
+        .path()
+        .join("state/local")
+        .join(
+            before
+                .iter()
+                .find(|(l, _)| l == "lb1")
+                .unwrap()
+                .1
+                .to_string(),
+        )
+        .join("control.sock");
+    let mut child = d
+        .command(&["roll"])
+        .env("DEPLOYER_PAUSE_AFTER", "flip")
+        .env("DEPLOYER_PAUSE_SECS", "3")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let Ok(line) = line else { break };
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("pausing after flip") {
+            break;
+        }
+    }
+    assert!(seen.contains("pausing after flip"), "{seen}");
+    let out = Command::new(bin("lb"))
+        .arg("ctl")
+        .arg("--socket")
+        .arg(&lb1_socket)
+        .arg("set-backends")
+        .args(&old[0])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for line in lines {
+        let Ok(line) = line else { break };
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{seen}\n{err}");
+    assert_eq!(out.status.code(), Some(1), "verify must fail");
+    assert!(err.contains("lb1"), "the error names lb1: {err}");
+    assert!(assert_complete(&d, &before), "rolled back: all old");
+}
+
+/// The lock: while one deployer changes the deployment, a second one that would change
+/// anything refuses at once and names the first one's PID; `status` and dry runs still work.
+#[test]
+fn lock_refuses_a_second_deployer_naming_the_first() {
+    let d = up("dep-lock");
+    let before = d.instances();
+    let mut child = d
+        .command(&["roll"])
+        .env("DEPLOYER_PAUSE_AFTER", "create")
+        .env("DEPLOYER_PAUSE_SECS", "60")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let stdout = child.stdout.take().unwrap();
+    let mut seen = false;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        if line.contains("pausing after create") {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "the first deployer reached its pause");
+    for args in [
+        &["roll", "--resume"][..],
+        &["rollback"],
+        &["roll"],
+        &["up"],
+        &["roll-lb"],
+        &["down", "--yes"],
+    ] {
+        let t = Instant::now();
+        let (code, _, err) = d.run(args, &[]);
+        assert_eq!(code, 1, "{args:?} must refuse: {err}");
+        assert!(
+            err.contains(&format!("PID {pid}")),
+            "{args:?} names the running deployer: {err}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(5), "refuses at once");
+    }
+    assert_eq!(d.status()["unfinished"]["operation"], "roll");
+    let out = d.ok(&["roll", "--dry-run"]);
+    assert!(out.contains("dry run"), "{out}");
+    let _ = child.kill();
+    let _ = child.wait();
+    // The lock dies with its holder: the unfinished roll can be undone at once.
+    d.ok(&["rollback"]);
+    assert!(assert_complete(&d, &before));
+}
+
+/// A flip back that lb refuses (its state file cannot be written, so it would come back on
+/// the new set after a restart) stops the rollback before anything is deleted; once the
+/// state file is writable again, `rollback` finishes.
+#[test]
+fn a_refused_flip_back_stops_before_anything_is_deleted() {
+    let d = up("dep-refuse-back");
+    let before = d.instances();
+    let old = d.lb_backends();
+    let zone_text = std::fs::read_to_string(d.zone()).unwrap();
+    d.bump_serial();
+    let (code, _, err) = d.run(&["roll"], &[("DEPLOYER_CRASH_AT", "verify:before")]);
+    assert_eq!(code, -1, "{err}");
+    assert_ne!(d.lb_backends(), old, "the lbs were flipped");
+    let lb1_dir = d.dir.path().join("state/local").join(
+        before
+            .iter()
+            .find(|(l, _)| l == "lb1")
+            .unwrap()
+            .1
+            .to_string(),
+    );
+    // Root ignores permissions: a directory where the state file should be stops any write.
+    let state = lb1_dir.join("state.json");
+    std::fs::remove_file(&state).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    let (code, out, err) = d.run(&["rollback"], &[]);
+    eprintln!("{out}\n{err}");
+    assert_eq!(code, 1);
+    assert!(err.contains("lb lb1"), "names the lb: {err}");
+    assert!(
+        err.contains("Nothing was deleted") && err.contains("deployer rollback"),
+        "says what to do: {err}"
+    );
+    assert_eq!(d.instances().len(), 6, "nothing deleted");
+    assert_eq!(d.status()["unfinished"]["operation"], "roll");
+    std::fs::remove_dir(&state).unwrap();
+    d.ok(&["rollback"]);
+    std::fs::write(d.zone(), zone_text).unwrap();
+    assert!(assert_complete(&d, &before));
+    assert_eq!(d.lb_backends(), old);
+}
+
+/// Inputs the deployer cannot use are refused before anything is created, with the file named:
+/// a journal from an older deployer, and a zone using `$GENERATE`.
+#[test]
+fn an_old_journal_and_a_generate_zone_are_refused_clearly() {
+    let d = Deployment::new("dep-refuse-input");
+    let journal = d.dir.path().join("state/journal.json");
+    std::fs::create_dir_all(journal.parent().unwrap()).unwrap();
+    std::fs::write(
+        &journal,
+        r#"{"operation":"roll","state":"in-progress","started_unix":1,"steps":[{"step":"flip","ok":true,"detail":"","elapsed_ms":1}],"creating":[],"created":[],"old":[],"flips":[],"serials":[],"deleting_old":false}"#,
+    )
+    .unwrap();
+    for args in [
+        &["roll", "--resume"][..],
+        &["status"],
+        &["rollback"],
+        &["up"],
+    ] {
+        let (code, _, err) = d.run(args, &[]);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(
+            err.contains("older deployer") && err.contains("journal.json"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    std::fs::remove_file(&journal).unwrap();
+    let text = std::fs::read_to_string(d.zone()).unwrap();
+    std::fs::write(
+        d.zone(),
+        format!("{text}$GENERATE 1-3 gen$ IN A 192.0.2.$\n"),
+    )
+    .unwrap();
+    let (code, _, err) = d.run(&["up"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("$GENERATE") && err.contains("example.test.zone"),
+        "{err}"
+    );
+    assert!(d.instances().is_empty(), "nothing was created");
+}
+
+/// roll-lb: once the delegation hook has run, the new lbs may be what clients use: a crash right
+/// after it must leave the operation forward-only (never undone), and `--resume` finishes it.
+#[test]
+fn roll_lb_crash_after_the_handoff_only_goes_forward() {
+    let mut d = Deployment::new("dep-rolllb-crash");
+    let hook = write_hook(&d);
+    d.extra = format!(
+        "\n[roll_lb]\ndelegation_hook = \"{}\"\nquiet_secs = 1\npoll_secs = 0.2\nmax_drain_secs = 60\n",
+        hook.display()
+    );
+    d.write_config();
+    d.ok(&["up"]);
+    let old_addrs = d.lb_addrs();
+    let (code, _, err) = d.run(&["roll-lb"], &[("DEPLOYER_CRASH_AT", "handoff:after")]);
+    assert_eq!(code, -1, "{err}");
+    assert!(err.contains("fault injected: handoff:after"), "{err}");
+    assert_eq!(d.status()["unfinished"]["phase"], "forward");
+    let (code, _, err) = d.run(&["rollback"], &[]);
+    assert_eq!(code, 1, "no rollback past the hand-off");
+    assert!(err.contains("roll-lb --resume"), "{err}");
+    assert_eq!(d.instances().len(), 6, "nothing deleted");
+    d.ok(&["roll-lb", "--resume"]);
+    let labels: Vec<_> = d.instances().into_iter().map(|(l, _)| l).collect();
+    assert_eq!(labels, vec!["lb1", "lb2", "ns1", "ns2"]);
+    assert!(d.lb_addrs().iter().all(|a| !old_addrs.contains(a)));
+    d.assert_serving(d.serial());
 }

@@ -196,3 +196,163 @@ fn api_errors_are_shown_and_the_token_never_is() {
         assert!(e.to_string().contains("LINODE_TOKEN"));
     }
 }
+
+#[test]
+fn documented_rules_are_checked_before_any_call() {
+    let fake = FakeLinode::start(TOKEN);
+    let dir = TempDir::new("linode");
+    let p = provider(&fake, &dir);
+    for bad in [
+        "ab",
+        "a--b",
+        "a__b",
+        "a..b",
+        "-abc",
+        "abc-",
+        "ab c",
+        "ns1/x",
+        &"x".repeat(65),
+    ] {
+        let e = p.create(&spec(bad)).unwrap_err().to_string();
+        assert!(e.contains("not sent") && e.contains("label"), "{bad}: {e}");
+    }
+    // The roll's `-next` labels, mixed punctuation and 64 characters are fine.
+    for good in ["ns1-next", "a-_b.c", "a.b-next", &"y".repeat(64)] {
+        p.create(&spec(good)).unwrap();
+    }
+    assert_eq!(
+        fake.count("POST", "/v4/linode/instances"),
+        4,
+        "no invalid create was sent"
+    );
+    let c = client(&fake);
+    let e = c
+        .list_instances_paged(&serde_json::json!({}), 10)
+        .unwrap_err();
+    assert!(matches!(e, LinodeError::Invalid { .. }), "{e}");
+    let e = c.update_label(1, "a..b").unwrap_err().to_string();
+    assert!(e.contains("label"), "{e}");
+    let mut s = spec("ns9");
+    s.region = Some(" ".into());
+    let e = p.create(&s).unwrap_err().to_string();
+    assert!(e.contains("region"), "{e}");
+    assert_eq!(fake.count("POST", "/v4/linode/instances"), 4);
+    assert_eq!(fake.count("PUT", "/v4/linode/instances"), 0);
+}
+
+#[test]
+fn creates_are_paced_under_the_documented_rate_limit() {
+    let fake = FakeLinode::start(TOKEN);
+    fake.state.lock().unwrap().create_limit = (2, Duration::from_secs(1));
+    let dir = TempDir::new("linode");
+    let mut c = client(&fake);
+    c.create_limit = (2, Duration::from_secs(1));
+    let cfg = LinodeConfig {
+        api_url: fake.base(),
+        region: "us-east".into(),
+        instance_type: "g6-nanode-1".into(),
+        image: "linode/debian12".into(),
+        authorized_keys_files: vec![],
+        ssh_user: "root".into(),
+    };
+    let p = LinodeProvider::new(c, cfg, "deployer-t".into(), dir.path());
+    let t = Instant::now();
+    for k in 0..5 {
+        p.create(&spec(&format!("ns{k}"))).unwrap();
+    }
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "5 creates at 2 per second take 2 s: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        fake.state.lock().unwrap().creates_rate_limited,
+        0,
+        "the client never hit the create limit"
+    );
+    // The fake enforces it: an unpaced client gets a 429 with Retry-After, and waits.
+    let mut fast = client(&fake);
+    fast.create_limit = (100, Duration::from_secs(1));
+    fast.create_instance(&create_req("fast1")).unwrap();
+    fast.create_instance(&create_req("fast2")).unwrap();
+    fast.create_instance(&create_req("fast3")).unwrap();
+    assert!(fake.state.lock().unwrap().creates_rate_limited >= 1);
+}
+
+fn create_req(label: &str) -> deployer::provider::linode::CreateInstance {
+    deployer::provider::linode::CreateInstance {
+        label: label.into(),
+        region: "us-east".into(),
+        instance_type: "g6-nanode-1".into(),
+        image: "linode/debian12".into(),
+        root_pass: "aComplexP@ssword9".into(),
+        authorized_keys: vec![],
+        tags: vec!["deployer-t".into()],
+        booted: true,
+    }
+}
+
+#[test]
+fn a_boot_timeout_names_the_instance() {
+    let fake = FakeLinode::start(TOKEN);
+    fake.state.lock().unwrap().boot_polls = 1000;
+    let dir = TempDir::new("linode");
+    let p = provider(&fake, &dir);
+    let i = p.create(&spec("ns-slow")).unwrap();
+    let e = p
+        .wait_running(i.id, Duration::from_millis(100))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("ns-slow") && e.contains(&i.id.to_string()),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_schemas_catch_drift_and_the_fake_conforms() {
+    use integration_tests::openapi::{request_pointer, response_pointer, violations};
+    let create = request_pointer("POST", "/linode/instances");
+    let ok = serde_json::to_value(create_req("ns1-next")).unwrap();
+    assert!(violations(&create, &ok).is_empty());
+    for (field, bad) in [
+        ("type", serde_json::json!(5)),
+        ("label", serde_json::json!("ab")),
+        ("label", serde_json::json!("a--b")),
+        ("tags", serde_json::json!("not-a-list")),
+    ] {
+        let mut body = ok.clone();
+        body[field] = bad;
+        assert!(!violations(&create, &body).is_empty(), "{field}: {body}");
+    }
+    let mut no_region = ok.clone();
+    no_region.as_object_mut().unwrap().remove("region");
+    assert!(
+        !violations(&create, &no_region).is_empty(),
+        "region is required"
+    );
+    // Responses: a drifted instance (ipv4 as a string) is caught; an error without `field` is
+    // valid (it is omitted when not relevant).
+    let get = response_pointer("GET", "/linode/instances/{linodeId}", 200);
+    assert!(!violations(&get, &serde_json::json!({"id": 1, "ipv4": "192.0.2.1"})).is_empty());
+    let err = response_pointer("GET", "/linode/instances/{linodeId}", 404);
+    assert!(violations(
+        &err,
+        &serde_json::json!({"errors": [{"reason": "Not found"}]})
+    )
+    .is_empty());
+    assert!(!violations(&err, &serde_json::json!({"errors": [{"field": 3}]})).is_empty());
+    // A whole lifecycle through the fake: every response was checked (and dropping the fake
+    // asserts there was no violation).
+    let fake = FakeLinode::start(TOKEN);
+    let dir = TempDir::new("linode");
+    let p = provider(&fake, &dir);
+    let i = p.create(&spec("ns1")).unwrap();
+    p.list().unwrap();
+    p.rename(i.id, "ns1-next").unwrap();
+    p.delete(i.id).unwrap();
+    assert!(p.get(i.id).unwrap().is_none());
+    let s = fake.state.lock().unwrap();
+    assert!(s.responses_checked >= 5, "{}", s.responses_checked);
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+}

@@ -6,7 +6,13 @@
 //! - 429 is retried after `Retry-After`; 5xx and network errors are retried with backoff for
 //!   reads, renames and deletes. A create is never retried blindly after a 5xx or a lost
 //!   response (the API has no idempotency key): the caller looks the label up first.
-//! - Errors `{"errors":[{"reason","field"}]}` are shown with the status code.
+//! - Errors `{"errors":[{"reason","field"?}]}` are shown with the status code (`field` is
+//!   omitted when the error concerns no single field).
+//! - The documented rules are checked before any call, so a request the API would refuse is
+//!   never sent: labels (3-64 characters, letters, digits, `-`, `_`, `.`, starting and ending
+//!   with a letter or digit, no `--`, `__` or `..`; the spec's own `pattern` is broken, so this
+//!   follows its prose), `page_size` 25-500, `type` and `region` on create.
+//! - Linode Create is limited to 10 requests per 30 s: creates are paced to stay under it.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -27,6 +33,41 @@ const MAX_ATTEMPTS: u32 = 6;
 /// Longest wait honoured from a `Retry-After` header.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 const PAGE_SIZE: u32 = 100;
+/// `page_size` bounds of the API.
+const PAGE_SIZE_RANGE: std::ops::RangeInclusive<u32> = 25..=500;
+/// Linode Create: at most this many requests per [`CREATE_WINDOW`].
+pub const CREATE_LIMIT: usize = 10;
+pub const CREATE_WINDOW: Duration = Duration::from_secs(30);
+
+/// Why `label` is not a valid Linode label, if it is not (the rules of the API's prose).
+pub fn label_error(label: &str) -> Option<String> {
+    let n = label.chars().count();
+    if !(3..=64).contains(&n) {
+        return Some(format!(
+            "label `{label}` must be 3-64 characters (it has {n})"
+        ));
+    }
+    if !label
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Some(format!(
+            "label `{label}` may only contain letters, digits, '-', '_' and '.'"
+        ));
+    }
+    let b = label.as_bytes();
+    if !b[0].is_ascii_alphanumeric() || !b[b.len() - 1].is_ascii_alphanumeric() {
+        return Some(format!(
+            "label `{label}` must begin and end with a letter or digit"
+        ));
+    }
+    for twice in ["--", "__", ".."] {
+        if label.contains(twice) {
+            return Some(format!("label `{label}` must not contain `{twice}`"));
+        }
+    }
+    None
+}
 
 /// A Linode API failure.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +85,13 @@ pub enum LinodeError {
     Transport {
         method: String,
         path: String,
+        message: String,
+    },
+    #[error("Linode API {method} {path}: not sent: {field}: {message}")]
+    Invalid {
+        method: String,
+        path: String,
+        field: String,
         message: String,
     },
     #[error("Linode API {method} {path}: gave up after {attempts} attempts: {last}")]
@@ -115,6 +163,10 @@ pub struct LinodeClient {
     http: Client,
     /// Base delay of the exponential backoff (tests shorten it).
     pub backoff: Duration,
+    /// Creates allowed per window (Linode's documented 10 per 30 s; tests shorten it).
+    pub create_limit: (usize, Duration),
+    /// When the recent creates were sent, to pace the next one.
+    recent_creates: std::sync::Mutex<std::collections::VecDeque<Instant>>,
 }
 
 impl std::fmt::Debug for LinodeClient {
@@ -156,7 +208,28 @@ impl LinodeClient {
             token: token.to_string(),
             http,
             backoff: Duration::from_millis(500),
+            create_limit: (CREATE_LIMIT, CREATE_WINDOW),
+            recent_creates: Default::default(),
         }
+    }
+
+    /// Waits until one more create fits in the rate window, and counts it.
+    fn pace_create(&self) {
+        let (limit, window) = self.create_limit;
+        let Ok(mut recent) = self.recent_creates.lock() else {
+            return;
+        };
+        loop {
+            while recent.front().is_some_and(|t| t.elapsed() >= window) {
+                recent.pop_front();
+            }
+            if recent.len() < limit.max(1) {
+                break;
+            }
+            let oldest = *recent.front().expect("non-empty: len >= limit >= 1");
+            std::thread::sleep(window.saturating_sub(oldest.elapsed()) + Duration::from_millis(5));
+        }
+        recent.push_back(Instant::now());
     }
 
     fn request(
@@ -247,7 +320,23 @@ impl LinodeClient {
     }
 
     pub fn create_instance(&self, req: &CreateInstance) -> Result<LinodeInstance, LinodeError> {
+        let invalid = |field: &str, message: String| LinodeError::Invalid {
+            method: "POST".into(),
+            path: "/linode/instances".into(),
+            field: field.into(),
+            message,
+        };
+        if let Some(e) = label_error(&req.label) {
+            return Err(invalid("label", e));
+        }
+        if req.region.trim().is_empty() {
+            return Err(invalid("region", "region is required".into()));
+        }
+        if req.instance_type.trim().is_empty() {
+            return Err(invalid("type", "type is required".into()));
+        }
         let body = serde_json::to_value(req).expect("create request serialises");
+        self.pace_create();
         let v = self.request(
             Method::POST,
             "/linode/instances",
@@ -271,6 +360,23 @@ impl LinodeClient {
 
     /// Every page of `GET /linode/instances` matching `filter`.
     pub fn list_instances(&self, filter: &Value) -> Result<Vec<LinodeInstance>, LinodeError> {
+        self.list_instances_paged(filter, PAGE_SIZE)
+    }
+
+    /// [`Self::list_instances`] with an explicit page size (25-500).
+    pub fn list_instances_paged(
+        &self,
+        filter: &Value,
+        page_size: u32,
+    ) -> Result<Vec<LinodeInstance>, LinodeError> {
+        if !PAGE_SIZE_RANGE.contains(&page_size) {
+            return Err(LinodeError::Invalid {
+                method: "GET".into(),
+                path: "/linode/instances".into(),
+                field: "page_size".into(),
+                message: format!("{page_size} is not within 25-500"),
+            });
+        }
         let mut out = Vec::new();
         let mut page = 1;
         loop {
@@ -279,7 +385,7 @@ impl LinodeClient {
                 "/linode/instances",
                 &[
                     ("page", page.to_string()),
-                    ("page_size", PAGE_SIZE.to_string()),
+                    ("page_size", page_size.to_string()),
                 ],
                 Some(filter),
                 None,
@@ -296,6 +402,14 @@ impl LinodeClient {
 
     pub fn update_label(&self, id: u64, label: &str) -> Result<(), LinodeError> {
         let path = format!("/linode/instances/{id}");
+        if let Some(message) = label_error(label) {
+            return Err(LinodeError::Invalid {
+                method: "PUT".into(),
+                path,
+                field: "label".into(),
+                message,
+            });
+        }
         self.request(
             Method::PUT,
             &path,
@@ -509,15 +623,15 @@ impl Provider for LinodeProvider {
     fn wait_running(&self, id: u64, timeout: Duration) -> Result<Instance, ProviderError> {
         let start = Instant::now();
         loop {
-            let last = match self.get(id)? {
+            let (label, last) = match self.get(id)? {
                 Some(i) if i.status == "running" => return Ok(i),
-                Some(i) => i.status,
+                Some(i) => (i.label, i.status),
                 None => return Err(ProviderError::NotFound(id)),
             };
             if start.elapsed() >= timeout {
                 return Err(ProviderError::BootTimeout {
                     id,
-                    label: String::new(),
+                    label,
                     waited: timeout,
                     status: last,
                 });

@@ -1,0 +1,186 @@
+//! [`Deployer`]: one deployment as configured, with its provider, journal, output and test
+//! hooks. The steps ([`crate::lifecycle`], [`crate::flip`], [`crate::drain`]), the
+//! [`crate::engine`] and the [`crate::operations`] all work through it.
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::config::{DeployerConfig, LbConfig, ProviderKind};
+use crate::faults::Faults;
+use crate::journal::{Journal, JournalFile, JournalState, Phase};
+use crate::lbctl::LbControl;
+use crate::lock::DeploymentLock;
+use crate::provider::linode::{LinodeClient, LinodeProvider};
+use crate::provider::local::LocalProvider;
+use crate::provider::{Instance, Provider, ProviderError, Role};
+use crate::report::Reporter;
+use crate::zones;
+
+/// One deployment, as configured.
+pub struct Deployer {
+    pub cfg: DeployerConfig,
+    pub provider: Box<dyn Provider>,
+    pub journal: JournalFile,
+    pub out: Reporter,
+    pub faults: Faults,
+    /// Held while this process may change the deployment.
+    lock: Option<DeploymentLock>,
+    /// Set when the last operation stopped to wait for the operator (not finished, not failed).
+    pub waiting: bool,
+}
+
+impl Deployer {
+    pub fn new(cfg: DeployerConfig, json: bool) -> Result<Deployer> {
+        let provider: Box<dyn Provider> = match cfg.provider.kind {
+            ProviderKind::Local => Box::new(LocalProvider::new(&cfg.state_dir, &cfg.lb_binary)),
+            ProviderKind::Linode => {
+                let l = cfg
+                    .linode
+                    .clone()
+                    .ok_or_else(|| anyhow!("[linode] section missing"))?;
+                // Every label this deployment may use, NAME and NAME-next, checked before any
+                // call: a roll must not fail at its rename step on a label Linode refuses.
+                for (key, name) in cfg
+                    .nameservers
+                    .iter()
+                    .map(|n| ("nameservers.name", &n.name))
+                    .chain(cfg.lbs.iter().map(|l| ("lbs.name", &l.name)))
+                {
+                    for label in [name.clone(), format!("{name}-next")] {
+                        if let Some(e) = crate::provider::linode::label_error(&label) {
+                            bail!("{key} `{name}`: not usable as a Linode label: {e}");
+                        }
+                    }
+                }
+                let client = LinodeClient::from_env(&l.api_url, cfg.timeouts.api())?;
+                Box::new(LinodeProvider::new(client, l, cfg.tag(), &cfg.state_dir))
+            }
+        };
+        std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
+            format!("cannot create state directory {}", cfg.state_dir.display())
+        })?;
+        Ok(Deployer {
+            journal: JournalFile::new(&cfg.state_dir),
+            cfg,
+            provider,
+            out: Reporter::new(json),
+            faults: Faults::from_env(),
+            lock: None,
+            waiting: false,
+        })
+    }
+
+    /// Takes the deployment's lock (once per process); refuses at once if another deployer
+    /// holds it.
+    pub fn lock(&mut self) -> Result<()> {
+        if self.lock.is_none() {
+            self.lock = Some(DeploymentLock::acquire(&self.cfg.state_dir)?);
+        }
+        Ok(())
+    }
+
+    /// Expected serial of every zone, from the zone files.
+    pub fn serials(&self) -> Result<Vec<(String, u32)>> {
+        self.cfg
+            .zones
+            .names
+            .iter()
+            .map(|z| {
+                let s = zones::soa_serial(&self.cfg.zone_file(z), z).map_err(|e| anyhow!(e))?;
+                Ok((z.clone(), s))
+            })
+            .collect()
+    }
+
+    /// The recorded operation, if it is unfinished.
+    pub fn unfinished(&self) -> Result<Option<Journal>> {
+        Ok(self
+            .journal
+            .load()?
+            .filter(|j| j.state == JournalState::InProgress))
+    }
+
+    pub fn refuse_if_unfinished(&self) -> Result<()> {
+        if let Some(j) = self.unfinished()? {
+            bail!(
+                "an unfinished {} is recorded in {} (steps done: {}): {}",
+                j.operation.command(),
+                self.journal.path.display(),
+                j.steps_done().join(", "),
+                next_command(&j)
+            );
+        }
+        Ok(())
+    }
+
+    pub fn save(&self, j: &Journal) -> Result<()> {
+        Ok(self.journal.save(j)?)
+    }
+
+    pub fn lb_instances(&self) -> Result<Vec<Instance>> {
+        let all = self.provider.list()?;
+        Ok(all.into_iter().filter(|i| i.role == Role::Lb).collect())
+    }
+
+    pub fn find(&self, label: &str) -> Result<Option<Instance>> {
+        Ok(self.provider.find_by_label(label)?)
+    }
+
+    pub fn lb_config(&self, name: &str) -> Result<&LbConfig> {
+        self.cfg
+            .lbs
+            .iter()
+            .find(|l| l.name == name)
+            .ok_or_else(|| anyhow!("lb {name} is not in the config"))
+    }
+
+    /// The running lb `name` and how to reach its control socket.
+    pub fn lb_control(&self, name: &str) -> Result<(Instance, LbControl)> {
+        let l = self.lb_config(name)?;
+        let inst = self
+            .find(name)?
+            .ok_or_else(|| anyhow!("lb {name} does not exist: run `deployer up` first"))?;
+        let ctl = self.provider.lb_control(&inst, &l.control_socket);
+        Ok((inst, ctl))
+    }
+
+    /// Address of the instance serving nameserver `name` for this operation: the one this
+    /// operation created (`NAME-next`, or `NAME` once renamed), else the existing one.
+    pub fn nameserver_addr(&self, j: &Journal, name: &str) -> Result<String> {
+        let next = format!("{name}-next");
+        if let Some(i) = j
+            .created
+            .iter()
+            .find(|i| i.label == next || i.label == name)
+        {
+            return Ok(i.dns_addr().to_string());
+        }
+        let i = self
+            .find(name)?
+            .ok_or_else(|| anyhow!("nameserver {name} does not exist: run `deployer up` first"))?;
+        Ok(i.dns_addr().to_string())
+    }
+
+    /// Deletes an instance; already gone is success.
+    pub fn delete_instance(&self, i: &Instance) -> Result<()> {
+        match self.provider.delete(i.id) {
+            Ok(()) | Err(ProviderError::NotFound(_)) => Ok(()),
+            Err(e) => {
+                Err(anyhow!(e)).with_context(|| format!("deleting {} (id {})", i.label, i.id))
+            }
+        }
+    }
+}
+
+/// What the operator can run to settle an unfinished operation.
+pub fn next_command(j: &Journal) -> String {
+    match j.phase {
+        Phase::Undoable => format!(
+            "run `deployer {} --resume` to finish it or `deployer rollback` to undo it",
+            j.operation.command()
+        ),
+        Phase::Forward => format!(
+            "it is past the point of no return: only `deployer {} --resume` can finish it",
+            j.operation.command()
+        ),
+    }
+}

@@ -1,0 +1,268 @@
+//! roll-lb's hand-off and drain: point the delegation at the new lbs (hook or operator), then
+//! wait until every old lb's query rate stays below a threshold for the quiet period before
+//! anything is deleted.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::json;
+
+use crate::context::Deployer;
+use crate::journal::{Handoff, Journal, Phase};
+use crate::zones;
+
+/// A step that stops the run without failing it: the operator has to act, then resume.
+#[derive(Debug)]
+pub struct WaitForOperator(pub String);
+
+impl std::fmt::Display for WaitForOperator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for WaitForOperator {}
+
+/// Sum of `lb_queries_total` (all protocols) from an lb's `/metrics`.
+pub fn scrape_queries(addr: std::net::SocketAddr, timeout: Duration) -> Result<f64> {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .build()
+        .context("cannot build an HTTP client")?;
+    let text = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .and_then(|r| r.error_for_status())
+        .and_then(|r| r.text())
+        .with_context(|| format!("GET http://{addr}/metrics"))?;
+    queries_total(&text).ok_or_else(|| anyhow!("no lb_queries_total in the metrics at {addr}"))
+}
+
+/// Sums the `lb_queries_total{...}` samples of a Prometheus text exposition.
+fn queries_total(text: &str) -> Option<f64> {
+    let mut total = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("lb_queries_total") else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            *total.get_or_insert(0.0) += v;
+        }
+    }
+    total
+}
+
+/// What has to change at the registrar: per lb, old and new address.
+fn handoff_plan(d: &Deployer, j: &Journal) -> Vec<(String, String, String)> {
+    d.cfg
+        .lbs
+        .iter()
+        .filter_map(|l| {
+            let old = j.old.iter().find(|i| i.label == l.name)?;
+            let new = j
+                .created
+                .iter()
+                .find(|i| i.label == format!("{}-next", l.name))?;
+            Some((
+                l.name.clone(),
+                old.dns_addr().to_string(),
+                new.dns_addr().to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// Points the delegation at the new lbs: through the hook, or by the operator. Success moves
+/// the operation past the point of no return.
+pub fn handoff(d: &Deployer, j: &mut Journal) -> Result<String> {
+    let plan = handoff_plan(d, j);
+    let zones: Vec<&String> = d.cfg.zones.names.iter().collect();
+    let Some(hook) = d.cfg.roll_lb.delegation_hook.clone() else {
+        j.handoff = Handoff::WaitingForOperator;
+        d.save(j)?;
+        let mut msg = String::from(
+            "hand-off: change the delegation at your registrar (NS glue addresses) for the zones ",
+        );
+        msg.push_str(
+            &zones
+                .iter()
+                .map(|z| z.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        msg.push_str(":\n");
+        for (name, old, new) in &plan {
+            msg.push_str(&format!("  {name}: replace {old} by {new}\n"));
+        }
+        msg.push_str("then run `deployer roll-lb --resume` (the old load balancers keep serving until they drain)");
+        return Err(WaitForOperator(msg).into());
+    };
+    let input = json!({
+        "deployment": d.cfg.deployment,
+        "zones": zones,
+        "lbs": plan.iter().map(|(n, o, w)| json!({"name": n, "old_address": o, "new_address": w})).collect::<Vec<_>>(),
+    });
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(&hook)
+        .args(plan.iter().map(|p| p.2.clone()))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot run delegation_hook {hook}"))?;
+    crate::faults::register_child_group(child.id());
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        let _ = stdin.write_all(input.to_string().as_bytes());
+    }
+    let status = wait_child(&mut child, d.cfg.timeouts.provision());
+    crate::faults::unregister_child_group(child.id());
+    let status = status.with_context(|| format!("delegation_hook {hook}"))?;
+    if !status.success() {
+        bail!(
+            "delegation_hook {hook} failed ({status}); if it changed part of the delegation, restore it"
+        );
+    }
+    // Recorded at once: from here the delegation may point at the new lbs, so nothing may
+    // undo them, even if the deployer dies before this step is recorded as done.
+    j.handoff = Handoff::Done;
+    j.phase = Phase::Forward;
+    d.save(j)?;
+    Ok(plan
+        .iter()
+        .map(|(n, o, w)| format!("{n}: {o} -> {w}"))
+        .collect::<Vec<_>>()
+        .join(", "))
+}
+
+/// Waits until every old lb's query rate stays below the threshold for the quiet period.
+pub fn drain(d: &Deployer, j: &Journal) -> Result<String> {
+    let rl = d.cfg.roll_lb.clone();
+    let quiet = match rl.quiet_secs {
+        Some(q) => Duration::from_secs(q),
+        None => {
+            let mut ttl = 0;
+            for z in &d.cfg.zones.names {
+                ttl = ttl.max(
+                    zones::delegation_max_ttl(&d.cfg.zone_file(z), z).map_err(|e| anyhow!(e))?,
+                );
+            }
+            Duration::from_secs(ttl)
+        }
+    };
+    let poll = Duration::from_secs_f64(rl.poll_secs.max(0.05));
+    let max_wait = Duration::from_secs(rl.max_drain_secs);
+    let start = Instant::now();
+    struct Watch {
+        label: String,
+        addr: std::net::SocketAddr,
+        last: Option<(f64, Instant)>,
+        rate: Option<f64>,
+        below_since: Option<Instant>,
+    }
+    let mut w: Vec<Watch> = j
+        .old
+        .iter()
+        .map(|i| Watch {
+            label: i.label.clone(),
+            addr: i.metrics_addr(),
+            last: None,
+            rate: None,
+            below_since: None,
+        })
+        .collect();
+    loop {
+        let now = Instant::now();
+        for x in &mut w {
+            match scrape_queries(x.addr, d.cfg.timeouts.ctl()) {
+                Ok(total) => {
+                    if let Some((prev, t)) = x.last {
+                        let dt = now.duration_since(t).as_secs_f64().max(1e-3);
+                        x.rate = Some(((total - prev) / dt).max(0.0));
+                    }
+                    x.last = Some((total, now));
+                }
+                // Unknown is not quiet: never delete an lb we cannot see.
+                Err(_) => x.rate = None,
+            }
+            match x.rate {
+                Some(r) if r <= rl.drain_threshold_qps => {
+                    x.below_since.get_or_insert(now);
+                }
+                _ => x.below_since = None,
+            }
+        }
+        let drained = w.iter().all(|x| {
+            x.below_since
+                .is_some_and(|b| now.duration_since(b) >= quiet)
+        });
+        let line = w
+            .iter()
+            .map(|x| match x.rate {
+                Some(r) => format!(
+                    "{} {r:.1} qps (quiet {}s/{}s)",
+                    x.label,
+                    x.below_since.map_or(0, |b| now.duration_since(b).as_secs()),
+                    quiet.as_secs()
+                ),
+                None => format!("{} rate unknown", x.label),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        d.out.progress(&format!("drain: {line}"));
+        if drained {
+            d.out.progress_end();
+            return Ok(format!(
+                "old lbs quiet for {}s below {} qps",
+                quiet.as_secs(),
+                rl.drain_threshold_qps
+            ));
+        }
+        if start.elapsed() >= max_wait {
+            d.out.progress_end();
+            bail!(
+                "the old lbs did not drain within {}s ({line}); they were NOT deleted: an lb that still receives traffic is never deleted. Run `deployer roll-lb --resume` to keep waiting",
+                max_wait.as_secs()
+            );
+        }
+        std::thread::sleep(poll);
+    }
+}
+
+/// Waits for a child with a deadline, killing its process group when it passes.
+fn wait_child(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Result<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(st);
+        }
+        if start.elapsed() >= timeout {
+            // SAFETY: kill(2) on the child's own process group; no memory is involved.
+            unsafe {
+                libc::kill(-(child.id() as i32), libc::SIGKILL);
+            }
+            let _ = child.wait();
+            bail!("timed out after {timeout:?} and was stopped");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_every_protocol_and_ignores_other_series() {
+        let text = "# HELP lb_queries_total q\n# TYPE lb_queries_total counter\nlb_queries_total{proto=\"udp\"} 10\nlb_queries_total{proto=\"tcp\"} 2.5\nlb_queries_total_other 99\n";
+        assert_eq!(queries_total(text), Some(12.5));
+        assert_eq!(queries_total("lb_answers_total 3\n"), None);
+    }
+}

@@ -1,0 +1,230 @@
+//! The rollout engine: runs an operation's typed [`Step`]s, records each in the journal, and
+//! on a failure goes the only safe way.
+//!
+//! Two phases. Before the point of no return ([`Phase::Undoable`]) the old set is complete and
+//! serving, so a failure undoes everything ([`undo`]): every lb is converged back to its exact
+//! previous set and confirmed, and only then is anything this operation created deleted. The
+//! point of no return is entered, and recorded, just before the first old instance is deleted
+//! (or when the delegation is handed to the new lbs); from then on ([`Phase::Forward`]) only
+//! going forward restores a complete set, so a failure stops and `--resume` finishes.
+//!
+//! Resume converges before it continues: every lb with a recorded flip is read and brought to
+//! the target, whatever the journal says was sent.
+
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Result};
+
+use crate::context::{next_command, Deployer};
+use crate::drain::{self, WaitForOperator};
+use crate::flip::{self, FlipError};
+use crate::journal::{Direction, Journal, JournalState, Phase, Step, StepRecord};
+use crate::lifecycle;
+use crate::provider::Role;
+
+/// Runs one step's work.
+fn run_step(d: &Deployer, step: Step, j: &mut Journal) -> Result<String> {
+    match step {
+        Step::Create => lifecycle::create(d, j, Role::Nameserver, true),
+        Step::CreateNameservers => lifecycle::create(d, j, Role::Nameserver, false),
+        Step::CreateLbs => lifecycle::create(d, j, Role::Lb, false),
+        Step::CreateLbsNext => lifecycle::create(d, j, Role::Lb, true),
+        Step::Provision | Step::ProvisionNameservers => {
+            lifecycle::provision(d, j, Role::Nameserver)
+        }
+        Step::ProvisionLbs | Step::ProvisionLbsNext => lifecycle::provision(d, j, Role::Lb),
+        Step::Check | Step::CheckNameservers => lifecycle::check_new(d, j, Role::Nameserver),
+        Step::CheckLbsNext => lifecycle::check_new_lbs(d, j),
+        Step::Flip => {
+            flip::plan(d, j)?;
+            flip::converge_all(d, j, Direction::Forward)
+                .map(|done| done.join(", "))
+                .map_err(flip_errors)
+        }
+        Step::Verify | Step::CheckLbs => verify(d, j),
+        Step::DeleteOld | Step::DeleteOldLbs => {
+            enter_forward_phase(d, j)?;
+            lifecycle::delete_old(d, j, step)
+        }
+        Step::Rename | Step::RenameLbs => lifecycle::rename(d, j, step),
+        Step::Handoff => drain::handoff(d, j),
+        Step::Drain => drain::drain(d, j),
+    }
+}
+
+/// Every lb serves exactly its planned set (compared with its live set, not the journal) and
+/// every zone answers through it with the expected serial. Runs before anything is deleted.
+fn verify(d: &Deployer, j: &Journal) -> Result<String> {
+    let mut out = flip::check_live_sets(d, j)?;
+    for l in &d.cfg.lbs {
+        let inst = d
+            .find(&l.name)?
+            .ok_or_else(|| anyhow!("lb {} does not exist", l.name))?;
+        crate::checks::check_serving(inst.dns_addr(), &j.serials, d.cfg.timeouts.check())
+            .map_err(|e| anyhow!("through lb {}: {e}", l.name))?;
+        out.push(format!("{} ({}) serves the zones", l.name, inst.dns_addr()));
+    }
+    Ok(out.join(", "))
+}
+
+/// Records the point of no return, after checking once more that every lb is on the new set.
+fn enter_forward_phase(d: &Deployer, j: &mut Journal) -> Result<()> {
+    if j.phase == Phase::Forward {
+        return Ok(());
+    }
+    if !j.flips.is_empty() {
+        flip::check_live_sets(d, j)?;
+    }
+    j.phase = Phase::Forward;
+    d.save(j)
+}
+
+fn flip_errors(errors: Vec<FlipError>) -> anyhow::Error {
+    anyhow!(
+        "{}",
+        errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    )
+}
+
+/// On resume: converges every lb with a recorded flip to the target before anything else.
+pub fn reconcile_forward(d: &Deployer, j: &mut Journal) -> Result<()> {
+    if j.flips.is_empty() {
+        return Ok(());
+    }
+    let done = flip::converge_all(d, j, Direction::Forward).map_err(flip_errors)?;
+    d.out.info(&format!(
+        "resume: lbs converged to the new set: {}",
+        done.join(", ")
+    ));
+    Ok(())
+}
+
+/// Runs the steps of `j` not yet done. A failure before the point of no return undoes the
+/// operation; after it, stops and says to resume.
+pub fn run_steps(d: &mut Deployer, j: &mut Journal, steps: &[Step]) -> Result<()> {
+    let total = steps.len();
+    for (k, &step) in steps.iter().enumerate() {
+        if j.done(step) {
+            continue;
+        }
+        d.faults.point(&format!("{step}:before"));
+        let t = Instant::now();
+        // delete-old injects its failure mid-deletion (see `lifecycle::delete_old`).
+        let mid_step = matches!(step, Step::DeleteOld | Step::DeleteOldLbs);
+        let r = if d.faults.fail_at(step) && !mid_step {
+            Err(anyhow!(
+                "failure injected at step {step} (DEPLOYER_FAIL_AT)"
+            ))
+        } else {
+            run_step(d, step, j)
+        };
+        if let Err(e) = &r {
+            if let Some(w) = e.downcast_ref::<WaitForOperator>() {
+                d.out.info(&w.0);
+                d.save(j)?;
+                d.waiting = true;
+                return Ok(());
+            }
+        }
+        if r.is_ok() {
+            // The work is done and not yet recorded: a crash here re-runs the step on resume.
+            d.faults.point(&format!("{step}:after"));
+        }
+        let rec = StepRecord {
+            step,
+            ok: r.is_ok(),
+            detail: match &r {
+                Ok(s) => s.clone(),
+                Err(e) => format!("{e:#}"),
+            },
+            elapsed_ms: t.elapsed().as_millis() as u64,
+        };
+        d.out.step(k + 1, total, &rec);
+        j.steps.push(rec);
+        d.save(j)?;
+        if let Err(e) = r {
+            if j.phase == Phase::Undoable {
+                return Err(match undo(d, j) {
+                    Ok(()) => e.context(format!(
+                        "step {step} failed; rolled back: the old set kept serving and nothing created is left"
+                    )),
+                    Err(u) => e.context(format!("step {step} failed and the rollback stopped: {u:#}")),
+                });
+            }
+            j.error = Some(format!("{e:#}"));
+            d.save(j)?;
+            return Err(e.context(format!(
+                "step {step} failed after the point of no return; fix the cause and run `deployer {} --resume`",
+                j.operation.command()
+            )));
+        }
+        if let Some(p) = d.faults.pause_after(step) {
+            d.out
+                .info(&format!("pausing after {step} (DEPLOYER_PAUSE_AFTER)"));
+            std::thread::sleep(p);
+        }
+    }
+    j.state = JournalState::Done;
+    j.error = None;
+    d.save(j)?;
+    Ok(())
+}
+
+/// Undoes an operation that is before its point of no return: every lb back on its exact
+/// previous set, confirmed by reading it; then, and only then, everything created is deleted.
+///
+/// An lb that cannot be confirmed on its previous set (refused, unsaved, unreachable) stops the
+/// undo before anything is deleted: deleting the new instances would leave that lb pointing at
+/// nothing. The journal stays unfinished so that `deployer rollback` can be run again.
+pub fn undo(d: &Deployer, j: &mut Journal) -> Result<()> {
+    if j.phase == Phase::Forward {
+        bail!("{}", next_command(j));
+    }
+    if !j.flips.is_empty() {
+        match flip::converge_all(d, j, Direction::Back) {
+            Ok(_) => {
+                for f in &j.flips {
+                    let generation = match f.state {
+                        crate::journal::FlipState::Confirmed { generation } => generation,
+                        _ => 0,
+                    };
+                    d.out.info(&format!(
+                        "rollback: lb {} back on {} (generation {generation}, confirmed)",
+                        f.lb,
+                        f.previous.join(" ")
+                    ));
+                }
+            }
+            Err(errors) => {
+                let lbs: Vec<&str> = errors.iter().map(|e| e.lb()).collect();
+                let msg = format!(
+                    "{}. Nothing was deleted: the new instances stay, so no lb is left pointing at a deleted nameserver. Fix lb {} (its control socket, its state file, or the previous nameservers it probes: see `lb ctl status` on it), then run `deployer rollback` again; or run `deployer {} --resume` to go forward instead",
+                    errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "),
+                    lbs.join(", "),
+                    j.operation.command()
+                );
+                j.error = Some(msg.clone());
+                d.save(j)?;
+                bail!("{msg}");
+            }
+        }
+    }
+    let errors = lifecycle::delete_created(d, j)?;
+    if !errors.is_empty() {
+        let msg = format!(
+            "every lb is back on its previous set, but these could not be deleted: {}; run `deployer rollback` again",
+            errors.join("; ")
+        );
+        j.error = Some(msg.clone());
+        d.save(j)?;
+        bail!("{msg}");
+    }
+    j.state = JournalState::RolledBack;
+    j.error = None;
+    d.save(j)?;
+    Ok(())
+}

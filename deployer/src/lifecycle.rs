@@ -1,0 +1,267 @@
+//! Instance lifecycle within an operation: create (adopting what a killed run created),
+//! provision with Ansible, check, delete the old, rename `NAME-next` to `NAME`, and delete what
+//! an undone operation created.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::ansible;
+use crate::checks::check_serving;
+use crate::context::Deployer;
+use crate::drain::scrape_queries;
+use crate::journal::{Journal, Step};
+use crate::provider::{Instance, InstanceSpec, Role};
+
+/// Creates the instances of `role` (labels `NAME-next` when `next`) and waits until they run.
+///
+/// Each label is recorded in the journal *before* its create call, so an instance created by a
+/// run killed before it recorded the id is adopted by label instead of created twice.
+pub fn create(d: &Deployer, j: &mut Journal, role: Role, next: bool) -> Result<String> {
+    let label = |name: &str| {
+        if next {
+            format!("{name}-next")
+        } else {
+            name.to_string()
+        }
+    };
+    let specs: Vec<InstanceSpec> = match role {
+        Role::Nameserver => d
+            .cfg
+            .nameservers
+            .iter()
+            .map(|n| InstanceSpec {
+                label: label(&n.name),
+                role,
+                region: n.region.clone(),
+                instance_type: n.instance_type.clone(),
+                image: n.image.clone(),
+            })
+            .collect(),
+        Role::Lb => d
+            .cfg
+            .lbs
+            .iter()
+            .map(|l| InstanceSpec {
+                label: label(&l.name),
+                role,
+                region: l.region.clone(),
+                instance_type: l.instance_type.clone(),
+                image: l.image.clone(),
+            })
+            .collect(),
+    };
+    for spec in &specs {
+        if j.created.iter().any(|i| i.label == spec.label) {
+            continue;
+        }
+        if let Some(existing) = d.find(&spec.label)? {
+            if j.creating.contains(&spec.label) {
+                j.created.push(existing);
+                j.creating.retain(|l| l != &spec.label);
+                d.save(j)?;
+                continue;
+            }
+            bail!(
+                "instance {} (id {}) already exists and this run did not create it: run `deployer rollback`, or delete it",
+                spec.label,
+                existing.id
+            );
+        }
+        j.creating.push(spec.label.clone());
+        d.save(j)?;
+        let inst = d.provider.create(spec)?;
+        j.created.push(inst);
+        j.creating.retain(|l| l != &spec.label);
+        d.save(j)?;
+    }
+    let mut made = Vec::new();
+    for i in 0..j.created.len() {
+        if j.created[i].role != role {
+            continue;
+        }
+        let running = d
+            .provider
+            .wait_running(j.created[i].id, d.cfg.timeouts.boot())
+            .with_context(|| format!("waiting for {} to boot", j.created[i].label))?;
+        j.created[i] = running;
+        made.push(format!(
+            "{} (id {}, {})",
+            j.created[i].label,
+            j.created[i].id,
+            j.created[i].dns_addr()
+        ));
+    }
+    d.save(j)?;
+    Ok(made.join(", "))
+}
+
+/// The instances of `role` this operation created.
+pub fn created(j: &Journal, role: Role) -> Vec<Instance> {
+    j.created
+        .iter()
+        .filter(|i| i.role == role)
+        .cloned()
+        .collect()
+}
+
+/// Runs the role's playbook on the instances of `role` this operation created.
+pub fn provision(d: &Deployer, j: &Journal, role: Role) -> Result<String> {
+    let targets = created(j, role);
+    // Existing lbs are listed only for the nameservers (rate-limit exemptions); a play on
+    // `lbs` must touch nothing but the new instances.
+    let lbs = match role {
+        Role::Nameserver => d.lb_instances()?,
+        Role::Lb => Vec::new(),
+    };
+    let known_hosts = d.cfg.state_dir.join("known_hosts");
+    let mut inv = ansible::inventory(d.provider.as_ref(), &targets, &lbs, &d.cfg, &known_hosts);
+    if role == Role::Lb {
+        // Each lb starts pointed at the nameservers it fronts.
+        let hosts = inv["all"]["children"]["lbs"]["hosts"]
+            .as_object_mut()
+            .ok_or_else(|| anyhow!("inventory has no lbs"))?;
+        for t in &targets {
+            let base = t.label.trim_end_matches("-next");
+            let backends = planned_backends(d, j, base)?;
+            if let Some(Value::Object(h)) = hosts.get_mut(&t.label) {
+                h.insert("lb_backends".into(), json!(backends));
+            }
+        }
+    }
+    let (playbook, what) = match role {
+        Role::Nameserver => ("nameserver.yml", "nameservers"),
+        Role::Lb => ("lb.yml", "lbs"),
+    };
+    let vars = ansible::run_vars(&d.cfg);
+    let run = format!("{}-{what}", j.started_unix);
+    ansible::run_playbook(
+        &d.cfg,
+        playbook,
+        &run,
+        &inv,
+        &vars,
+        d.cfg.timeouts.provision(),
+    )?;
+    Ok(targets
+        .iter()
+        .map(|i| i.label.clone())
+        .collect::<Vec<_>>()
+        .join(", "))
+}
+
+/// The backends lb `name` should serve from for this operation: the nameservers it fronts.
+pub fn planned_backends(d: &Deployer, j: &Journal, name: &str) -> Result<Vec<String>> {
+    d.lb_config(name)?
+        .fronts
+        .iter()
+        .map(|f| d.nameserver_addr(j, f))
+        .collect()
+}
+
+/// Every created instance of `role` answers authoritatively with the expected serials.
+pub fn check_new(d: &Deployer, j: &Journal, role: Role) -> Result<String> {
+    let mut done = Vec::new();
+    for i in created(j, role) {
+        check_serving(i.dns_addr(), &j.serials, d.cfg.timeouts.check())
+            .map_err(|e| anyhow!("{} does not serve the zones: {e}", i.label))?;
+        done.push(format!("{} authoritative", i.label));
+    }
+    Ok(format!(
+        "{}; serials {}",
+        done.join(", "),
+        fmt_serials(&j.serials)
+    ))
+}
+
+/// The new lbs serve every zone over UDP and TCP, and their metrics endpoint is up.
+pub fn check_new_lbs(d: &Deployer, j: &Journal) -> Result<String> {
+    let mut out = Vec::new();
+    for i in created(j, Role::Lb) {
+        check_serving(i.dns_addr(), &j.serials, d.cfg.timeouts.check())
+            .map_err(|e| anyhow!("new lb {} does not serve the zones: {e}", i.label))?;
+        scrape_queries(i.metrics_addr(), d.cfg.timeouts.ctl()).map_err(|e| {
+            anyhow!(
+                "new lb {}: /metrics at {} is not up: {e:#}",
+                i.label,
+                i.metrics_addr()
+            )
+        })?;
+        out.push(format!("{} ({}) ok, metrics up", i.label, i.dns_addr()));
+    }
+    Ok(out.join(", "))
+}
+
+/// Deletes the instances this operation replaces (the caller has entered the forward phase).
+pub fn delete_old(d: &Deployer, j: &Journal, step: Step) -> Result<String> {
+    let mut out = Vec::new();
+    for i in &j.old {
+        d.faults.point(&format!("{step}:{}:before", i.label));
+        d.delete_instance(i)?;
+        out.push(format!("{} (id {})", i.label, i.id));
+        if d.faults.fail_at(step) {
+            bail!(
+                "failure injected at step {step} after deleting {} (DEPLOYER_FAIL_AT)",
+                i.label
+            );
+        }
+    }
+    Ok(out.join(", "))
+}
+
+/// Renames every created `NAME-next` to `NAME`, recording each rename.
+pub fn rename(d: &Deployer, j: &mut Journal, step: Step) -> Result<String> {
+    let mut out = Vec::new();
+    for k in 0..j.created.len() {
+        let i = j.created[k].clone();
+        let Some(base) = i.label.strip_suffix("-next") else {
+            continue;
+        };
+        d.faults.point(&format!("{step}:{}:before", i.label));
+        d.provider
+            .rename(i.id, base)
+            .with_context(|| format!("renaming {} to {base}", i.label))?;
+        j.created[k].label = base.to_string();
+        d.save(j)?;
+        out.push(format!("{} -> {base}", i.label));
+    }
+    Ok(out.join(", "))
+}
+
+/// Deletes everything the operation created (and adopts, then deletes, an instance whose
+/// create was in flight when a run died). Returns the errors; what was deleted leaves the
+/// journal.
+pub fn delete_created(d: &Deployer, j: &mut Journal) -> Result<Vec<String>> {
+    let mut errors = Vec::new();
+    for label in j.creating.clone() {
+        match d.find(&label) {
+            Ok(Some(i)) => {
+                if !j.created.iter().any(|c| c.id == i.id) {
+                    j.created.push(i);
+                }
+                j.creating.retain(|l| l != &label);
+            }
+            Ok(None) => j.creating.retain(|l| l != &label),
+            Err(e) => errors.push(format!("looking up {label}: {e:#}")),
+        }
+    }
+    d.save(j)?;
+    for i in j.created.clone() {
+        match d.delete_instance(&i) {
+            Ok(()) => {
+                d.out
+                    .info(&format!("rollback: deleted {} (id {})", i.label, i.id));
+                j.created.retain(|c| c.id != i.id);
+            }
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+        d.save(j)?;
+    }
+    Ok(errors)
+}
+
+pub fn fmt_serials(s: &[(String, u32)]) -> String {
+    s.iter()
+        .map(|(z, n)| format!("{z} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,370 @@
+//! The operations: `up`, `roll`, `roll-lb`, `rollback`, `status`, `down`.
+//!
+//! Each one that changes anything takes the deployment's lock first (a second deployer refuses
+//! at once), then builds or loads the journal and hands the steps to the [`engine`]. `status`
+//! and `--dry-run` take no lock and change nothing.
+
+use anyhow::{anyhow, bail, Result};
+
+use crate::context::{next_command, Deployer};
+use crate::engine;
+use crate::journal::{Handoff, Journal, JournalState, Operation, Phase, Step, StepRecord};
+use crate::lifecycle::fmt_serials;
+use crate::provider::{Instance, ProviderError};
+use crate::status::{BackendView, InstanceView, LastView, LbView, StatusView, UnfinishedView};
+use crate::steps::{ROLL_LB_STEPS, ROLL_STEPS, UP_STEPS};
+
+impl Deployer {
+    /// `deployer up`.
+    pub fn up(&mut self, dry_run: bool) -> Result<()> {
+        if !dry_run {
+            self.lock()?;
+            self.refuse_if_unfinished()?;
+        }
+        let serials = self.serials()?;
+        if !self.cfg.lb_binary.exists() {
+            bail!(
+                "lb binary {} not found (key lb_binary): build it with `cargo build --release -p lb`",
+                self.cfg.lb_binary.display()
+            );
+        }
+        if dry_run {
+            self.plan_up();
+            return Ok(());
+        }
+        for name in self
+            .cfg
+            .nameservers
+            .iter()
+            .map(|n| n.name.clone())
+            .chain(self.cfg.lbs.iter().map(|l| l.name.clone()))
+        {
+            if let Some(i) = self.find(&name)? {
+                bail!(
+                    "{name} (id {}) already exists: this deployment is up; use `deployer roll`, or `deployer down` first",
+                    i.id
+                );
+            }
+        }
+        let mut j = Journal::new(Operation::Up, serials);
+        self.save(&j)?;
+        engine::run_steps(self, &mut j, &UP_STEPS)
+    }
+
+    fn plan_up(&self) {
+        self.out
+            .info("plan for `deployer up` (dry run, nothing changes):");
+        for n in &self.cfg.nameservers {
+            self.out.info(&format!("  create nameserver {}", n.name));
+        }
+        self.out
+            .info("  provision them with ansible/nameserver.yml, check every zone");
+        for l in &self.cfg.lbs {
+            self.out.info(&format!(
+                "  create lb {} fronting {}",
+                l.name,
+                l.fronts.join(", ")
+            ));
+        }
+        self.out
+            .info("  provision them with ansible/lb.yml, check every zone through every lb");
+    }
+
+    /// Loads the unfinished operation for `--resume`, checking it is `op`.
+    fn resumable(&self, op: Operation) -> Result<Journal> {
+        let j = self
+            .unfinished()?
+            .ok_or_else(|| anyhow!("there is no unfinished {} to resume", op.command()))?;
+        if j.operation != op {
+            bail!(
+                "the unfinished operation is {}, not {}: {}",
+                j.operation.command(),
+                op.command(),
+                next_command(&j)
+            );
+        }
+        Ok(j)
+    }
+
+    /// Prints what `--resume` would do.
+    fn plan_resume(&self, j: &Journal) {
+        self.out.info(&format!(
+            "plan for `deployer {} --resume` (dry run, nothing changes): phase {:?}",
+            j.operation.command(),
+            j.phase
+        ));
+        if !j.flips.is_empty() {
+            self.out
+                .info("  read every lb's live backends and converge each to the new set");
+        }
+        for s in j.operation.steps().iter().filter(|s| !j.done(**s)) {
+            self.out.info(&format!("  {s}"));
+        }
+    }
+
+    /// `deployer roll` (or `--resume`).
+    pub fn roll(&mut self, resume: bool, dry_run: bool) -> Result<()> {
+        if resume {
+            if dry_run {
+                let j = self.resumable(Operation::Roll)?;
+                self.plan_resume(&j);
+                return Ok(());
+            }
+            self.lock()?;
+            let mut j = self.resumable(Operation::Roll)?;
+            self.out.info(&format!(
+                "resuming the roll: {} of {} steps done, phase {:?}",
+                j.steps_done().len(),
+                ROLL_STEPS.len(),
+                j.phase
+            ));
+            if let Err(e) = engine::reconcile_forward(self, &mut j) {
+                return Err(self.fail_on_resume(&mut j, e));
+            }
+            return engine::run_steps(self, &mut j, &ROLL_STEPS);
+        }
+        if !dry_run {
+            self.lock()?;
+            self.refuse_if_unfinished()?;
+        }
+        let serials = self.serials()?;
+        let mut old = Vec::new();
+        for n in &self.cfg.nameservers {
+            let i = self.find(&n.name)?.ok_or_else(|| {
+                anyhow!(
+                    "nameserver {} does not exist: run `deployer up` first",
+                    n.name
+                )
+            })?;
+            old.push(i);
+        }
+        if dry_run {
+            self.out
+                .info("plan for `deployer roll` (dry run, nothing changes):");
+            if let Some(j) = self.unfinished()? {
+                self.out.info(&format!(
+                    "  (an unfinished {} is recorded: {})",
+                    j.operation.command(),
+                    next_command(&j)
+                ));
+            }
+            for (k, s) in ROLL_STEPS.iter().enumerate() {
+                self.out.info(&format!("  {}. {s}", k + 1));
+            }
+            for i in &old {
+                self.out.info(&format!(
+                    "  replace {} (id {}, {}) by {}-next",
+                    i.label,
+                    i.id,
+                    i.dns_addr(),
+                    i.label
+                ));
+            }
+            self.out
+                .info(&format!("  expected serials: {}", fmt_serials(&serials)));
+            return Ok(());
+        }
+        let mut j = Journal::new(Operation::Roll, serials);
+        j.old = old;
+        self.save(&j)?;
+        engine::run_steps(self, &mut j, &ROLL_STEPS)
+    }
+
+    /// A resume that could not converge the lbs: undo if still possible, else stop.
+    fn fail_on_resume(&mut self, j: &mut Journal, e: anyhow::Error) -> anyhow::Error {
+        if j.phase == Phase::Undoable {
+            match engine::undo(self, j) {
+                Ok(()) => e.context(
+                    "resume could not bring every lb to the new set; rolled back: the old set serves and nothing created is left",
+                ),
+                Err(u) => e.context(format!(
+                    "resume could not bring every lb to the new set and the rollback stopped: {u:#}"
+                )),
+            }
+        } else {
+            e.context(format!(
+                "resume could not bring every lb to the new set; fix the cause and run `deployer {} --resume` again",
+                j.operation.command()
+            ))
+        }
+    }
+
+    /// `deployer rollback`: undo an unfinished operation (before its point of no return).
+    pub fn rollback(&mut self) -> Result<()> {
+        self.lock()?;
+        let mut j = self
+            .unfinished()?
+            .ok_or_else(|| anyhow!("there is no unfinished operation to roll back"))?;
+        if j.phase == Phase::Forward {
+            bail!(
+                "past the point of no return (old instances being deleted, or the delegation handed over); only `deployer {} --resume` can finish",
+                j.operation.command()
+            );
+        }
+        engine::undo(self, &mut j)?;
+        self.out
+            .info("rolled back: the old set serves and nothing created is left");
+        Ok(())
+    }
+
+    /// `deployer roll-lb` (or `--resume`): blue-green the load balancers themselves.
+    pub fn roll_lb(&mut self, resume: bool, dry_run: bool) -> Result<()> {
+        if resume {
+            if dry_run {
+                let j = self.resumable(Operation::RollLb)?;
+                self.plan_resume(&j);
+                return Ok(());
+            }
+            self.lock()?;
+            let mut j = self.resumable(Operation::RollLb)?;
+            if j.handoff == Handoff::WaitingForOperator {
+                // The operator says the delegation now points at the new lbs.
+                j.handoff = Handoff::Done;
+                j.phase = Phase::Forward;
+                j.steps.push(StepRecord {
+                    step: Step::Handoff,
+                    ok: true,
+                    detail: "confirmed by the operator (--resume)".into(),
+                    elapsed_ms: 0,
+                });
+                self.save(&j)?;
+            }
+            return engine::run_steps(self, &mut j, &ROLL_LB_STEPS);
+        }
+        if !dry_run {
+            self.lock()?;
+            self.refuse_if_unfinished()?;
+        }
+        let serials = self.serials()?;
+        let mut old = Vec::new();
+        for l in &self.cfg.lbs {
+            old.push(
+                self.find(&l.name)?.ok_or_else(|| {
+                    anyhow!("lb {} does not exist: run `deployer up` first", l.name)
+                })?,
+            );
+        }
+        if dry_run {
+            self.out
+                .info("plan for `deployer roll-lb` (dry run, nothing changes):");
+            for (k, s) in ROLL_LB_STEPS.iter().enumerate() {
+                self.out.info(&format!("  {}. {s}", k + 1));
+            }
+            for i in &old {
+                self.out.info(&format!(
+                    "  replace lb {} ({}) by {}-next",
+                    i.label,
+                    i.dns_addr(),
+                    i.label
+                ));
+            }
+            return Ok(());
+        }
+        if !self.cfg.lb_binary.exists() {
+            bail!(
+                "lb binary {} not found (key lb_binary)",
+                self.cfg.lb_binary.display()
+            );
+        }
+        let mut j = Journal::new(Operation::RollLb, serials);
+        j.old = old;
+        self.save(&j)?;
+        engine::run_steps(self, &mut j, &ROLL_LB_STEPS)
+    }
+
+    /// `deployer status`.
+    pub fn status(&self) -> Result<StatusView> {
+        let instances = self.provider.list()?;
+        let mut lbs = Vec::new();
+        for l in &self.cfg.lbs {
+            let entry = match instances.iter().find(|i| i.label == l.name) {
+                None => LbView {
+                    name: l.name.clone(),
+                    address: None,
+                    generation: None,
+                    backends: Vec::new(),
+                    error: Some("not created".into()),
+                },
+                Some(inst) => {
+                    let address = Some(inst.dns_addr().to_string());
+                    match self
+                        .provider
+                        .lb_control(inst, &l.control_socket)
+                        .status(self.cfg.timeouts.ctl())
+                    {
+                        Ok(s) => LbView {
+                            name: l.name.clone(),
+                            address,
+                            generation: Some(s.generation),
+                            backends: s
+                                .backends
+                                .into_iter()
+                                .map(|b| BackendView {
+                                    address: b.address,
+                                    state: b.state,
+                                    reason: b.reason,
+                                })
+                                .collect(),
+                            error: None,
+                        },
+                        Err(e) => LbView {
+                            name: l.name.clone(),
+                            address,
+                            generation: None,
+                            backends: Vec::new(),
+                            error: Some(e.to_string()),
+                        },
+                    }
+                }
+            };
+            lbs.push(entry);
+        }
+        let journal = self.journal.load()?;
+        Ok(StatusView {
+            deployment: self.cfg.deployment.clone(),
+            instances: instances.iter().map(InstanceView::from).collect(),
+            lbs,
+            unfinished: journal
+                .as_ref()
+                .filter(|j| j.state == JournalState::InProgress)
+                .map(UnfinishedView::from_journal),
+            last: journal.as_ref().map(|j| LastView {
+                operation: j.operation,
+                state: j.state,
+            }),
+        })
+    }
+
+    /// `deployer down`: delete every instance of this deployment.
+    pub fn down(&mut self, dry_run: bool) -> Result<Vec<Instance>> {
+        let all = self.provider.list()?;
+        if dry_run {
+            return Ok(all);
+        }
+        self.lock()?;
+        let mut errors = Vec::new();
+        for i in &all {
+            match self.provider.delete(i.id) {
+                Ok(()) | Err(ProviderError::NotFound(_)) => {
+                    self.out.info(&format!("deleted {} (id {})", i.label, i.id))
+                }
+                Err(e) => errors.push(format!("{} (id {}): {e}", i.label, i.id)),
+            }
+        }
+        // An old-format journal must not stop a teardown: it is replaced below.
+        if let Ok(Some(mut j)) = self.unfinished() {
+            j.state = JournalState::RolledBack;
+            j.error = Some("deployment taken down".into());
+            self.save(&j)?;
+        }
+        if errors.is_empty() {
+            Ok(all)
+        } else {
+            Err(anyhow!("could not delete: {}", errors.join("; ")))
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<Instance>> {
+        Ok(self.provider.list()?)
+    }
+}
