@@ -15,7 +15,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::policy::Policy;
+use crate::prefix::Prefix;
 use crate::wire;
+
+/// Most prefixes in one access or exemption list.
+pub const MAX_PREFIXES: usize = 256;
 
 /// A configuration problem, with the file (and where known the key) at fault.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +86,92 @@ pub struct LbConfig {
     pub health: HealthConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub rrl: RrlConfig,
+    #[serde(default)]
+    pub access: AccessConfig,
+}
+
+/// `[rrl]`: response rate limiting with BIND's semantics (per client prefix and response
+/// class); may change at run time, except `entries`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RrlConfig {
+    /// Positive answers per second per (prefix, name, type); also the default of the other
+    /// rates. 0 turns rate limiting off.
+    #[serde(default)]
+    pub responses_per_second: u32,
+    /// NODATA answers per second per (prefix, zone); default `responses_per_second`.
+    #[serde(default)]
+    pub nodata_per_second: Option<u32>,
+    /// NXDOMAIN answers per second per (prefix, zone); default `responses_per_second`.
+    #[serde(default)]
+    pub nxdomains_per_second: Option<u32>,
+    /// Referrals per second per (prefix, delegation point); default `responses_per_second`.
+    #[serde(default)]
+    pub referrals_per_second: Option<u32>,
+    /// Error answers (SERVFAIL, REFUSED, FORMERR...) per second per prefix; default
+    /// `responses_per_second`.
+    #[serde(default)]
+    pub errors_per_second: Option<u32>,
+    /// Every answer per second per prefix, whatever its class (0 = no such cap).
+    #[serde(default)]
+    pub all_per_second: u32,
+    /// Seconds of debt a flooding prefix accumulates (the balance floor is −window×rate).
+    #[serde(default = "default_rrl_window")]
+    pub window: u32,
+    /// Every `slip`th limited answer is sent truncated (TC=1, empty) instead of dropped, so
+    /// real clients retry over TCP; 0 never.
+    #[serde(default = "default_rrl_slip")]
+    pub slip: u32,
+    #[serde(default = "default_ipv4_prefix_length")]
+    pub ipv4_prefix_length: u8,
+    #[serde(default = "default_ipv6_prefix_length")]
+    pub ipv6_prefix_length: u8,
+    /// Clients never limited.
+    #[serde(default)]
+    pub exempt: Vec<Prefix>,
+    /// Count what would be limited, limit nothing.
+    #[serde(default)]
+    pub log_only: bool,
+    /// Size of the rate table (fixed at start): the (prefix, class) pairs tracked at once.
+    #[serde(default = "default_rrl_entries")]
+    pub entries: usize,
+}
+
+/// `[access]`: who may use the proxy at all, and for what; may change at run time.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    /// If not empty, only these clients are served.
+    #[serde(default)]
+    pub allow: Vec<Prefix>,
+    /// These clients are never served (checked before `allow`).
+    #[serde(default)]
+    pub deny: Vec<Prefix>,
+    /// What a refused client gets: `refuse` (REFUSED) or `drop` (nothing).
+    #[serde(default)]
+    pub action: AccessAction,
+    /// Clients that may pull zone transfers (AXFR, IXFR) through the proxy; default none.
+    #[serde(default)]
+    pub transfer_allow: Vec<Prefix>,
+    /// Clients that may send UPDATE through the proxy; default none.
+    #[serde(default)]
+    pub update_allow: Vec<Prefix>,
+    /// Clients that may send NOTIFY through the proxy; default none.
+    #[serde(default)]
+    pub notify_allow: Vec<Prefix>,
+}
+
+/// What `[access]` does to a client it refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AccessAction {
+    /// Answer REFUSED.
+    #[default]
+    Refuse,
+    /// Answer nothing.
+    Drop,
 }
 
 /// `[metrics]`: the Prometheus endpoint; fixed after start.
@@ -250,6 +340,21 @@ fn default_backend_idle_timeout_ms() -> u64 {
 fn default_backend_max_in_flight() -> usize {
     256
 }
+fn default_rrl_window() -> u32 {
+    15
+}
+fn default_rrl_slip() -> u32 {
+    2
+}
+fn default_ipv4_prefix_length() -> u8 {
+    24
+}
+fn default_ipv6_prefix_length() -> u8 {
+    56
+}
+fn default_rrl_entries() -> usize {
+    65_536
+}
 fn default_transfer_timeout_ms() -> u64 {
     600_000
 }
@@ -264,6 +369,69 @@ impl Default for UdpConfig {
             recv_buffer: default_socket_buffer(),
             send_buffer: default_socket_buffer(),
         }
+    }
+}
+
+impl Default for RrlConfig {
+    /// No `[rrl]` section: no rate limiting.
+    fn default() -> Self {
+        RrlConfig {
+            responses_per_second: 0,
+            nodata_per_second: None,
+            nxdomains_per_second: None,
+            referrals_per_second: None,
+            errors_per_second: None,
+            all_per_second: 0,
+            window: default_rrl_window(),
+            slip: default_rrl_slip(),
+            ipv4_prefix_length: default_ipv4_prefix_length(),
+            ipv6_prefix_length: default_ipv6_prefix_length(),
+            exempt: Vec::new(),
+            log_only: false,
+            entries: default_rrl_entries(),
+        }
+    }
+}
+
+impl RrlConfig {
+    /// True when any rate is set.
+    pub fn active(&self) -> bool {
+        self.responses_per_second > 0
+            || self.all_per_second > 0
+            || [
+                self.nodata_per_second,
+                self.nxdomains_per_second,
+                self.referrals_per_second,
+                self.errors_per_second,
+            ]
+            .iter()
+            .any(|r| r.is_some_and(|r| r > 0))
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let range = |key: &str, v: u64, lo: u64, hi: u64| {
+            if v < lo || v > hi {
+                Err((format!("rrl.{key}"), format!("{v} is outside {lo}..={hi}")))
+            } else {
+                Ok(())
+            }
+        };
+        range("window", self.window.into(), 1, 3600)?;
+        range("slip", self.slip.into(), 0, 10)?;
+        range("ipv4_prefix_length", self.ipv4_prefix_length.into(), 1, 32)?;
+        range("ipv6_prefix_length", self.ipv6_prefix_length.into(), 1, 128)?;
+        range("entries", self.entries as u64, 1024, 1 << 24)?;
+        for (key, v) in [
+            ("responses_per_second", Some(self.responses_per_second)),
+            ("nodata_per_second", self.nodata_per_second),
+            ("nxdomains_per_second", self.nxdomains_per_second),
+            ("referrals_per_second", self.referrals_per_second),
+            ("errors_per_second", self.errors_per_second),
+            ("all_per_second", Some(self.all_per_second)),
+        ] {
+            range(key, v.unwrap_or(0).into(), 0, 1_000_000)?;
+        }
+        Ok(())
     }
 }
 
@@ -589,6 +757,23 @@ impl LbConfig {
             }
         }
         self.health.validate().map_err(|(k, m)| invalid(&k, m))?;
+        self.rrl.validate().map_err(|(k, m)| invalid(&k, m))?;
+        for (key, list) in [
+            ("access.allow", &self.access.allow),
+            ("access.deny", &self.access.deny),
+            ("access.transfer_allow", &self.access.transfer_allow),
+            ("access.update_allow", &self.access.update_allow),
+            ("access.notify_allow", &self.access.notify_allow),
+            ("rrl.exempt", &self.rrl.exempt),
+        ] {
+            // Checked per packet, so the lists are kept short.
+            if list.len() > MAX_PREFIXES {
+                return Err(invalid(
+                    key,
+                    format!("{} prefixes, at most {MAX_PREFIXES}", list.len()),
+                ));
+            }
+        }
         Ok(())
     }
 

@@ -11,7 +11,7 @@
 //!
 //! | layer | modules |
 //! | --- | --- |
-//! | 0 | wire, mmsg, sockets, systemd, control_protocol, lifecycle, fdpass |
+//! | 0 | wire, mmsg, sockets, systemd, control_protocol, lifecycle, fdpass, prefix |
 //! | 1 | policy, probe, inflight, xfr |
 //! | 2 | config |
 //! | 3 | stats, state |
@@ -42,6 +42,7 @@ pub mod inflight;
 pub mod lifecycle;
 pub mod mmsg;
 pub mod policy;
+pub mod prefix;
 pub mod probe;
 pub mod server;
 pub mod sockets;

@@ -327,6 +327,9 @@ impl ControlContext {
         if new.backends.max_in_flight != old.backends.max_in_flight {
             fixed.push("backends.max_in_flight");
         }
+        if new.rrl.entries != old.rrl.entries {
+            fixed.push("rrl.entries");
+        }
         if !fixed.is_empty() {
             return Err(format!(
                 "reload refused, the running config stays: {} changed in {}, which only a restart applies",
