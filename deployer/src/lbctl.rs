@@ -156,6 +156,20 @@ fn ssh_request(
                 args.extend(["--binary".into(), b]);
             }
         }
+        ControlCommand::Probe {
+            backend,
+            zones,
+            tcp,
+        } => {
+            args.push("probe".into());
+            if tcp {
+                args.push("--tcp".into());
+            }
+            for z in zones {
+                args.extend(["--zone".into(), z]);
+            }
+            args.push(backend);
+        }
     }
     let out = Command::new("ssh")
         .args([

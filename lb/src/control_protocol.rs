@@ -50,6 +50,16 @@ pub enum ControlCommand {
         #[serde(default)]
         binary: Option<String>,
     },
+    /// Run the health probe from this lb against `backend` (any address, in the set or not):
+    /// the SOA of each zone (the config's `[health] zones` when `zones` is empty), over UDP,
+    /// and TCP too with `tcp`. How a deployer checks nameservers that answer lbs only.
+    Probe {
+        backend: String,
+        #[serde(default)]
+        zones: Vec<String>,
+        #[serde(default)]
+        tcp: bool,
+    },
 }
 
 /// One response: `ok` with a result, or an error message.
@@ -76,6 +86,22 @@ pub enum ControlResult {
         generation: u64,
         message: String,
     },
+    /// What `probe` found: every zone answered authoritatively, with these serials.
+    Probe(ProbeReport),
+}
+
+/// The result of `probe`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeReport {
+    pub backend: String,
+    pub zones: Vec<ZoneSerial>,
+}
+
+/// One zone's SOA serial as a probe saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZoneSerial {
+    pub zone: String,
+    pub serial: u32,
 }
 
 /// `lb ctl status`.

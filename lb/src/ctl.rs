@@ -40,6 +40,11 @@ pub fn run(socket: &Path, cmd: ControlCommand, json: bool, timeout: Duration) ->
                 generation,
                 message,
             }) => println!("generation {generation}: {message}"),
+            Some(ControlResult::Probe(p)) => {
+                for z in &p.zones {
+                    println!("{}: {} serial {}", p.backend, z.zone, z.serial);
+                }
+            }
             None => {}
         }
     }

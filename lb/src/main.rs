@@ -80,6 +80,18 @@ enum CtlCommand {
         #[arg(long)]
         binary: Option<String>,
     },
+    /// Run the health probe from this lb against a nameserver (in the set or not): prints the
+    /// SOA serial of each zone; fails naming the zone and reason.
+    Probe {
+        /// IP:PORT (or a bare IP for port 53).
+        backend: String,
+        /// A zone to ask for (repeatable; default: the config's [health] zones).
+        #[arg(long = "zone")]
+        zones: Vec<String>,
+        /// Ask over TCP too.
+        #[arg(long)]
+        tcp: bool,
+    },
 }
 
 fn ctl(args: CtlArgs) -> ExitCode {
@@ -109,6 +121,15 @@ fn ctl(args: CtlArgs) -> ExitCode {
         CtlCommand::Undrain { backend } => ControlCommand::Undrain { backend },
         CtlCommand::Reload => ControlCommand::Reload,
         CtlCommand::Upgrade { binary } => ControlCommand::Upgrade { binary },
+        CtlCommand::Probe {
+            backend,
+            zones,
+            tcp,
+        } => ControlCommand::Probe {
+            backend,
+            zones,
+            tcp,
+        },
     };
     // An upgrade waits for the new process to become ready.
     let timeout_ms = match command {

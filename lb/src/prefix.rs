@@ -75,7 +75,11 @@ fn canonical(ip: IpAddr) -> IpAddr {
 fn mask(ip: IpAddr, len: u8) -> IpAddr {
     match canonical(ip) {
         IpAddr::V4(a) => {
-            let m = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+            let m = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
             IpAddr::V4((u32::from(a) & m).into())
         }
         IpAddr::V6(a) => {

@@ -178,53 +178,68 @@ pub async fn probe_backend(
 ) -> Result<u32, ProbeError> {
     let mut lowest = u32::MAX;
     for zone in zones {
-        let zone_text = zone_to_text(zone);
-        for use_tcp in [false, true] {
-            if use_tcp && !tcp {
-                continue;
+        lowest = lowest.min(probe_zone(addr, zone, min_serial, tcp, timeout).await?);
+    }
+    Ok(lowest)
+}
+
+/// Probes one backend for one zone (wire-format name) over UDP, and TCP too if `tcp`, each
+/// within `timeout`; returns the zone's serial (the lower one if the two transports differ).
+pub async fn probe_zone(
+    addr: std::net::SocketAddr,
+    zone: &[u8],
+    min_serial: Option<u32>,
+    tcp: bool,
+    timeout: Duration,
+) -> Result<u32, ProbeError> {
+    let zone_text = zone_to_text(zone);
+    let mut lowest = u32::MAX;
+    for use_tcp in [false, true] {
+        if use_tcp && !tcp {
+            continue;
+        }
+        let query = wire::build_query(rand::rng().random(), zone, 6);
+        let fut = async {
+            if use_tcp {
+                probe_tcp(addr, &query).await
+            } else {
+                probe_udp(addr, &query).await
             }
-            let query = wire::build_query(rand::rng().random(), zone, 6);
-            let fut = async {
-                if use_tcp {
-                    probe_tcp(addr, &query).await
-                } else {
-                    probe_udp(addr, &query).await
-                }
-            };
-            let proto = if use_tcp { "tcp" } else { "udp" };
-            let answer = match tokio::time::timeout(timeout, fut).await {
-                Ok(Ok(a)) => a,
-                Ok(Err(reason)) => {
-                    return Err(ProbeError {
-                        reason,
-                        detail: format!("SOA {zone_text} over {proto}"),
-                    })
-                }
-                Err(_) => {
-                    return Err(ProbeError {
-                        reason: ProbeFailure::Timeout,
-                        detail: format!("SOA {zone_text} over {proto}, no answer in {timeout:?}"),
-                    })
-                }
-            };
-            match check_answer(&query, &answer, min_serial) {
-                Ok(serial) => lowest = lowest.min(serial),
-                Err(reason) => {
-                    let serial = wire::soa_serial(&answer)
-                        .map(|s| format!(", serial {s}"))
-                        .unwrap_or_default();
-                    return Err(ProbeError {
-                        reason,
-                        detail: format!("SOA {zone_text} over {proto}{serial}"),
-                    });
-                }
+        };
+        let proto = if use_tcp { "tcp" } else { "udp" };
+        let answer = match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(reason)) => {
+                return Err(ProbeError {
+                    reason,
+                    detail: format!("SOA {zone_text} over {proto}"),
+                })
+            }
+            Err(_) => {
+                return Err(ProbeError {
+                    reason: ProbeFailure::Timeout,
+                    detail: format!("SOA {zone_text} over {proto}, no answer in {timeout:?}"),
+                })
+            }
+        };
+        match check_answer(&query, &answer, min_serial) {
+            Ok(serial) => lowest = lowest.min(serial),
+            Err(reason) => {
+                let serial = wire::soa_serial(&answer)
+                    .map(|s| format!(", serial {s}"))
+                    .unwrap_or_default();
+                return Err(ProbeError {
+                    reason,
+                    detail: format!("SOA {zone_text} over {proto}{serial}"),
+                });
             }
         }
     }
     Ok(lowest)
 }
 
-fn zone_to_text(wire_name: &[u8]) -> String {
+/// A wire-format name in presentation form (`example.test.`).
+pub fn zone_to_text(wire_name: &[u8]) -> String {
     let mut out = String::new();
     let mut p = 0;
     while p < wire_name.len() && wire_name[p] != 0 {

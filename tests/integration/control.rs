@@ -357,3 +357,47 @@ fn bad_input_is_counted_by_reason() {
     assert_eq!(lb.drops("tcp-zero-length"), 1);
     assert_eq!(lb.drops("tcp-idle-timeout"), 1);
 }
+
+#[test]
+fn probe_runs_the_health_probe_from_the_lb_against_any_address() {
+    let a = Named::start(ZoneSpec::new(7, "a"));
+    let outside = Named::start(ZoneSpec::new(9, "outside"));
+    let empty = Named::start(ZoneSpec {
+        serial: None,
+        tag: "none".into(),
+    });
+    let lb = Lb::start(&format!(
+        "{}{}",
+        lb_config(&[a.addr], "round-robin", ""),
+        health("\"example.test.\"")
+    ));
+    // A nameserver that is not in the set: probed from the lb, with the config's zones.
+    let (code, out, err) = lb.ctl(&["probe", "--tcp", &outside.addr.to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        out.trim(),
+        format!("{}: example.test. serial 9", outside.addr)
+    );
+    // JSON form, zones named explicitly.
+    let (code, out, _) = lb.ctl(&[
+        "--json",
+        "probe",
+        "--zone",
+        "example.test",
+        &a.addr.to_string(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["result"]["zones"][0]["serial"], 7, "{v}");
+    // A server without the zone, and nothing listening: refused, naming the reason.
+    let (code, _, err) = lb.ctl(&["probe", &empty.addr.to_string()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("refused"), "{err}");
+    let (code, _, err) = lb.ctl(&["probe", "--zone", "nope.", "127.0.0.1:1"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("127.0.0.1:1") && err.contains("nope."),
+        "{err}"
+    );
+    assert_eq!(lb.status().generation, 1, "a probe changes nothing");
+}

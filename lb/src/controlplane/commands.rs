@@ -11,7 +11,8 @@ use std::time::Duration;
 use crate::backend::{PendingSet, SetParams, Shared};
 use crate::config::{check_backend_list, AllDown, BackendAddr, LbConfig};
 use crate::control_protocol::{
-    BackendStatus, ControlCommand, ControlResponse, ControlResult, StatusReport,
+    BackendStatus, ControlCommand, ControlResponse, ControlResult, ProbeReport, StatusReport,
+    ZoneSerial,
 };
 use crate::controlplane::health::Checker;
 use crate::controlplane::upgrade::{self, HandoffSockets};
@@ -154,6 +155,11 @@ impl ControlContext {
                     })
             }
             ControlCommand::Upgrade { binary } => self.upgrade(binary).await,
+            ControlCommand::Probe {
+                backend,
+                zones,
+                tcp,
+            } => self.probe(&backend, &zones, tcp).await,
         };
         let mut resp = match r {
             Ok(res) => ControlResponse::ok(res),
@@ -229,6 +235,42 @@ impl ControlContext {
             generation,
             message: format!("now serving from {}", join(&addrs)),
         })
+    }
+
+    /// `lb ctl probe`: the health probe from here against any address, zone by zone, within
+    /// `health.verify_timeout_ms` per query.
+    async fn probe(
+        &self,
+        backend: &str,
+        zones: &[String],
+        tcp: bool,
+    ) -> Result<ControlResult, String> {
+        let addr: BackendAddr = backend.parse()?;
+        let cfg = self.config();
+        let zones: Vec<String> = if zones.is_empty() {
+            cfg.health.zones.clone()
+        } else {
+            zones.to_vec()
+        };
+        if zones.is_empty() {
+            return Err("no zone to probe: name one (--zone) or set [health] zones".into());
+        }
+        let timeout = Duration::from_millis(cfg.health.verify_timeout_ms);
+        let mut report = ProbeReport {
+            backend: addr.to_string(),
+            zones: Vec::with_capacity(zones.len()),
+        };
+        for zone in &zones {
+            let name = crate::wire::encode_name(zone)?;
+            let serial = probe::probe_zone(addr.0, &name, None, tcp, timeout)
+                .await
+                .map_err(|e| format!("backend {addr} failed the probe: {e}"))?;
+            report.zones.push(ZoneSerial {
+                zone: probe::zone_to_text(&name),
+                serial,
+            });
+        }
+        Ok(ControlResult::Probe(report))
     }
 
     /// Probes every listed backend concurrently; all must pass before the deadline.
