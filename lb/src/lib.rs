@@ -14,7 +14,7 @@
 //! | 0 | wire, mmsg, sockets, systemd, control_protocol, lifecycle, fdpass, prefix |
 //! | 1 | policy, probe, inflight, xfr |
 //! | 2 | config |
-//! | 3 | stats, state |
+//! | 3 | stats, state, rrl |
 //! | 4 | backend |
 //! | 5 | dataplane::query, dataplane::tcp_msg, controlplane::health, controlplane::metrics, controlplane::upgrade |
 //! | 6 | dataplane::udp, dataplane::tcp_pool, dataplane::transfer, controlplane::commands |
@@ -25,7 +25,7 @@
 //!   notifications, the control protocol, the process lifecycle, descriptor passing.
 //! - Pure policy and data (1-3): selection policies, the health probe, the UDP in-flight table,
 //!   where a zone transfer's stream ends, every config type, counters and histograms, the
-//!   persisted state.
+//!   persisted state, the response-rate-limiting table.
 //! - The snapshot (4): backends, their atomic state (one writer of up/down), the set, `Shared`.
 //! - The planes (5-7): [`dataplane`] (UDP workers, TCP clients and pools) beside
 //!   [`controlplane`] (health checker, metrics, upgrade, control commands and socket).
@@ -44,6 +44,7 @@ pub mod mmsg;
 pub mod policy;
 pub mod prefix;
 pub mod probe;
+pub mod rrl;
 pub mod server;
 pub mod sockets;
 pub mod state;

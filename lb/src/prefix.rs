@@ -40,6 +40,17 @@ impl Prefix {
         self.len == 0
     }
 
+    /// The network bits as (high, low) 64-bit halves, and whether it is IPv4 (in `low`).
+    pub fn bits(&self) -> (u64, u64, bool) {
+        match self.addr {
+            IpAddr::V4(a) => (0, u64::from(u32::from(a)), true),
+            IpAddr::V6(a) => {
+                let b = u128::from(a);
+                ((b >> 64) as u64, b as u64, false)
+            }
+        }
+    }
+
     /// A 128-bit key for hashing: the network bits, with the family and length mixed in.
     #[inline]
     pub fn key(&self) -> u128 {

@@ -255,11 +255,18 @@ pub fn answer_matches(query: &[u8], q: Option<&Question>, resp: &[u8]) -> bool {
 ///
 /// Used by the qname-hash policy, so equal names in any case land on the same backend.
 pub fn qname_hash(msg: &[u8], q: &Question) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     if q.count == 0 {
-        return h;
+        return FNV_OFFSET;
     }
-    let mut labels = NameLabels::new(msg, q.name_start);
+    name_hash(msg, q.name_start)
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// A stable 64-bit hash of the name at `pos` (compression followed), case-folded.
+pub fn name_hash(msg: &[u8], pos: usize) -> u64 {
+    let mut h = FNV_OFFSET;
+    let mut labels = NameLabels::new(msg, pos);
     while let Ok(Some(label)) = labels.next_label() {
         h ^= label.len() as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);

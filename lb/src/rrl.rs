@@ -1,0 +1,587 @@
+//! Response rate limiting with BIND's semantics (the Vixie/Schryver design), for UDP answers.
+//!
+//! Every answer lb is about to send over UDP (relayed, or its own SERVFAIL/REFUSED) is put in
+//! a class by [`classify`], as BIND's RRL does: positive answers per (name, type), NODATA and
+//! NXDOMAIN per zone (the SOA owner in the authority section), referrals per delegation point
+//! (the NS owner), errors per client. Each (client prefix, class, key) has a balance of
+//! credits: it gains `rate` per second up to `rate` (one second's worth), each answer costs
+//! one, and it never falls below −`window`×`rate`. An answer finding the balance negative is
+//! limited: dropped, or every `slip`th one sent truncated and empty (TC=1) so that a real
+//! client retries over TCP, which spoofed-source floods cannot. A prefix that keeps flooding
+//! therefore stays limited until it has stayed under the rate for about `window` seconds.
+//! `all_per_second` caps everything one prefix gets, whatever the class: the answer to random
+//! names under a wildcard (`*.example.`) has the queried name as owner (the wildcard cannot be
+//! seen on the wire), so each random name would get a fresh positive balance; only this cap
+//! limits such a flood.
+//!
+//! One [`RrlTable`] is shared by all UDP workers (with `SO_REUSEPORT` one prefix's traffic
+//! spreads over the workers, so per-worker tables would multiply the limit). It has a fixed
+//! number of slots, chosen by hash and probed over a short run; when every slot of the run is
+//! taken, the one idle longest is reused, so a table full of stale prefixes makes room and
+//! prefixes that flood right now keep theirs (an entry is refreshed by every answer). Slots are
+//! updated with compare-and-swap on one 64-bit word (second, balance): no lock, no allocation
+//! per packet. Concurrent first uses of one slot by two keys may let one answer through that
+//! BIND would have counted; the limit holds in aggregate.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
+
+use crate::config::RrlConfig;
+use crate::prefix::{any_contains, Prefix};
+use crate::wire::{self, Section, TYPE_NS, TYPE_SOA};
+
+/// Slots probed for a key before the one idle longest is reused.
+const PROBE: usize = 4;
+
+/// Response classes, as BIND's RRL tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Class {
+    Positive = 0,
+    Nodata = 1,
+    Nxdomain = 2,
+    Referral = 3,
+    Error = 4,
+    /// The per-prefix cap over every class (`all_per_second`).
+    All = 5,
+}
+
+impl Class {
+    pub const ALL: [Class; 6] = [
+        Class::Positive,
+        Class::Nodata,
+        Class::Nxdomain,
+        Class::Referral,
+        Class::Error,
+        Class::All,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Positive => "responses",
+            Class::Nodata => "nodata",
+            Class::Nxdomain => "nxdomains",
+            Class::Referral => "referrals",
+            Class::Error => "errors",
+            Class::All => "all",
+        }
+    }
+}
+
+/// What to do with one answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Send,
+    /// Limited: send nothing.
+    Drop,
+    /// Limited: send it truncated and empty (TC=1).
+    Slip,
+    /// Limited, but `log_only` is on: sent in full, counted.
+    Logged,
+}
+
+/// The rates in force (from `[rrl]`; part of the snapshot, replaced on reload).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RrlPolicy {
+    /// Per class, indexed by [`Class`] (`All` included); 0 = not limited.
+    rates: [u32; 6],
+    window: u32,
+    slip: u32,
+    ipv4_prefix_length: u8,
+    ipv6_prefix_length: u8,
+    exempt: Vec<Prefix>,
+    log_only: bool,
+}
+
+impl RrlPolicy {
+    /// The policy of a `[rrl]` section, or `None` when no rate is set.
+    pub fn from_config(c: &RrlConfig) -> Option<RrlPolicy> {
+        if !c.active() {
+            return None;
+        }
+        let r = c.responses_per_second;
+        Some(RrlPolicy {
+            rates: [
+                r,
+                c.nodata_per_second.unwrap_or(r),
+                c.nxdomains_per_second.unwrap_or(r),
+                c.referrals_per_second.unwrap_or(r),
+                c.errors_per_second.unwrap_or(r),
+                c.all_per_second,
+            ],
+            window: c.window.max(1),
+            slip: c.slip,
+            ipv4_prefix_length: c.ipv4_prefix_length,
+            ipv6_prefix_length: c.ipv6_prefix_length,
+            exempt: c.exempt.clone(),
+            log_only: c.log_only,
+        })
+    }
+
+    /// The client's network as RRL counts it.
+    pub fn prefix_of(&self, ip: IpAddr) -> Prefix {
+        let len = if ip.is_ipv4() {
+            self.ipv4_prefix_length
+        } else {
+            self.ipv6_prefix_length
+        };
+        Prefix::of(ip, len)
+    }
+}
+
+/// The class of an answer and the hash of its key (name and type, zone, or delegation point).
+pub fn classify(answer: &[u8]) -> (Class, u64) {
+    let Ok(h) = wire::header(answer) else {
+        return (Class::Error, 0);
+    };
+    let q = wire::question(answer).ok().filter(|q| q.count > 0);
+    let qname = q.map_or(0, |q| wire::name_hash(answer, q.name_start));
+    match h.rcode {
+        0 if h.ancount > 0 => (Class::Positive, qname ^ u64::from(q.map_or(0, |q| q.qtype))),
+        0 | 3 => {
+            let mut soa = None;
+            let mut ns = None;
+            let mut walk = wire::records(answer);
+            for r in walk.by_ref() {
+                match (r.section, r.rtype) {
+                    (Section::Authority, TYPE_SOA) => soa = soa.or(Some(r.name_start)),
+                    (Section::Authority, TYPE_NS) => ns = ns.or(Some(r.name_start)),
+                    (Section::Additional, _) => break,
+                    _ => {}
+                }
+            }
+            let zone = |pos: Option<usize>| pos.map_or(qname, |p| wire::name_hash(answer, p));
+            if h.rcode == 3 {
+                (Class::Nxdomain, zone(soa))
+            } else if wire::extended_rcode(answer) != 0 {
+                // BADVERS, BADCOOKIE...: NOERROR in the header's bits only.
+                (Class::Error, 0)
+            } else if soa.is_none() && ns.is_some() {
+                (Class::Referral, zone(ns))
+            } else {
+                (Class::Nodata, zone(soa))
+            }
+        }
+        _ => (Class::Error, 0),
+    }
+}
+
+/// One (prefix, class, key) balance.
+#[derive(Debug, Default)]
+struct Slot {
+    /// Hash of (prefix, class, key); 0 = free.
+    tag: AtomicU64,
+    /// (second << 32) | balance as u32: updated as one word.
+    state: AtomicU64,
+    /// Limited answers since the balance last went negative (slip rotation).
+    limited: AtomicU32,
+    /// Second (+1) of the last limited answer; 0 = never. Read by the log scan.
+    last_limited: AtomicU32,
+    /// The prefix and class, for the log: address bits (high, low) and (len | class << 8 |
+    /// v4 << 16 | logged << 17).
+    net_hi: AtomicU64,
+    net_lo: AtomicU64,
+    meta: AtomicU32,
+}
+
+const META_V4: u32 = 1 << 16;
+const META_LOGGED: u32 = 1 << 17;
+
+/// A prefix starting or stopping being limited (found by [`RrlTable::scan`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub prefix: String,
+    pub class: Class,
+    pub limited: bool,
+}
+
+/// The shared table of balances, and RRL's counters.
+#[derive(Debug)]
+pub struct RrlTable {
+    slots: Box<[Slot]>,
+    epoch: Instant,
+    /// Answers by [`Action`]: sent, dropped, slipped, logged.
+    actions: [AtomicU64; 4],
+    /// Prefixes limited within the last `window` (kept by [`RrlTable::scan`]).
+    limited_now: AtomicU64,
+}
+
+impl RrlTable {
+    /// A table of `entries` slots (rounded up to a power of two).
+    pub fn new(entries: usize) -> RrlTable {
+        let n = entries.max(PROBE).next_power_of_two();
+        RrlTable {
+            slots: (0..n).map(|_| Slot::default()).collect(),
+            epoch: Instant::now(),
+            actions: Default::default(),
+            limited_now: AtomicU64::new(0),
+        }
+    }
+
+    /// Seconds since the table was made (the clock of the balances).
+    pub fn now(&self) -> u32 {
+        self.epoch.elapsed().as_secs() as u32
+    }
+
+    /// Decides what happens to `answer` for `client` at second `now`. Pure accounting: the
+    /// caller counts the action ([`RrlTable::count`]) and builds a slip.
+    pub fn decide(&self, p: &RrlPolicy, client: IpAddr, answer: &[u8], now: u32) -> Action {
+        if any_contains(&p.exempt, client) {
+            return Action::Send;
+        }
+        let prefix = p.prefix_of(client);
+        let (class, key) = classify(answer);
+        let mut limited = None;
+        for (c, k) in [(class, key), (Class::All, 0)] {
+            let rate = p.rates[c as usize];
+            if rate == 0 {
+                continue;
+            }
+            if let Some(n) = self.account(&prefix, c, k, rate, p.window, now) {
+                limited = limited.max(Some(n));
+            }
+        }
+        match limited {
+            None => Action::Send,
+            Some(_) if p.log_only => Action::Logged,
+            Some(n) if p.slip > 0 && n % p.slip == 0 => Action::Slip,
+            Some(_) => Action::Drop,
+        }
+    }
+
+    /// Adds a batch's tally of actions (sent, dropped, slipped, logged).
+    pub fn count(&self, tally: &[u64; 4]) {
+        for (c, n) in self.actions.iter().zip(tally) {
+            if *n > 0 {
+                c.fetch_add(*n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Answers by action since start: sent, dropped, slipped, logged.
+    pub fn actions(&self) -> [u64; 4] {
+        std::array::from_fn(|i| self.actions[i].load(Ordering::Relaxed))
+    }
+
+    /// Prefixes (and classes) limited within the last window, as of the last scan.
+    pub fn limited_now(&self) -> u64 {
+        self.limited_now.load(Ordering::Relaxed)
+    }
+
+    /// Charges one answer to (prefix, class, key); returns the count of limited answers in
+    /// this run of limiting (1 for the first) if the balance went negative.
+    fn account(
+        &self,
+        prefix: &Prefix,
+        class: Class,
+        key: u64,
+        rate: u32,
+        window: u32,
+        now: u32,
+    ) -> Option<u32> {
+        let tag = tag_of(prefix, class, key);
+        let slot = self.slot_for(tag, prefix, class, rate, now);
+        let rate = rate as i64;
+        let floor = -(window as i64) * rate;
+        let mut cur = slot.state.load(Ordering::Relaxed);
+        let balance = loop {
+            let (ts, bal) = unpack(cur);
+            let credited = (bal + rate * i64::from(now.saturating_sub(ts))).min(rate);
+            let next = (credited - 1).max(floor);
+            match slot.state.compare_exchange_weak(
+                cur,
+                pack(now, next),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break next,
+                Err(actual) => cur = actual,
+            }
+        };
+        if balance >= 0 {
+            if slot.limited.load(Ordering::Relaxed) != 0 {
+                slot.limited.store(0, Ordering::Relaxed);
+            }
+            return None;
+        }
+        slot.last_limited.store(now + 1, Ordering::Relaxed);
+        Some(slot.limited.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// The slot of `tag`: its own, a free one (claimed), or the one idle longest in the run
+    /// (reused). A new slot starts with one second's credit.
+    fn slot_for(&self, tag: u64, prefix: &Prefix, class: Class, rate: u32, now: u32) -> &Slot {
+        let mask = self.slots.len() - 1;
+        let start = (tag as usize) & mask;
+        let mut oldest = (start, u32::MAX);
+        for k in 0..PROBE {
+            let i = (start + k) & mask;
+            let s = &self.slots[i];
+            let t = s.tag.load(Ordering::Acquire);
+            if t == tag {
+                return s;
+            }
+            if t == 0
+                && s.tag
+                    .compare_exchange(0, tag, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return self.init(s, prefix, class, rate, now);
+            }
+            let (ts, _) = unpack(s.state.load(Ordering::Relaxed));
+            if ts < oldest.1 {
+                oldest = (i, ts);
+            }
+        }
+        let s = &self.slots[oldest.0];
+        s.tag.store(tag, Ordering::Release);
+        self.init(s, prefix, class, rate, now)
+    }
+
+    fn init<'a>(
+        &self,
+        s: &'a Slot,
+        prefix: &Prefix,
+        class: Class,
+        rate: u32,
+        now: u32,
+    ) -> &'a Slot {
+        s.state.store(pack(now, i64::from(rate)), Ordering::Relaxed);
+        s.limited.store(0, Ordering::Relaxed);
+        s.last_limited.store(0, Ordering::Relaxed);
+        let (hi, lo, v4) = prefix.bits();
+        s.net_hi.store(hi, Ordering::Relaxed);
+        s.net_lo.store(lo, Ordering::Relaxed);
+        let v4 = if v4 { META_V4 } else { 0 };
+        s.meta.store(
+            u32::from(prefix.len()) | (class as u32) << 8 | v4,
+            Ordering::Relaxed,
+        );
+        s
+    }
+
+    /// Walks the table (the control plane, once a second): returns the prefixes that started
+    /// being limited since the last scan and those whose limiting stopped (nothing limited for
+    /// `window` seconds), and updates the limited-prefixes gauge. Off the per-packet path.
+    pub fn scan(&self, window: u32) -> Vec<Transition> {
+        let now = self.now();
+        let mut out = Vec::new();
+        let mut limited = 0;
+        for s in self.slots.iter() {
+            let last = s.last_limited.load(Ordering::Relaxed);
+            if last == 0 {
+                continue;
+            }
+            let meta = s.meta.load(Ordering::Relaxed);
+            let recent = now.saturating_sub(last - 1) < window;
+            let logged = meta & META_LOGGED != 0;
+            if recent {
+                limited += 1;
+            }
+            if recent != logged {
+                let meta = if recent {
+                    meta | META_LOGGED
+                } else {
+                    meta & !META_LOGGED
+                };
+                s.meta.store(meta, Ordering::Relaxed);
+                out.push(Transition {
+                    prefix: describe(
+                        s.net_hi.load(Ordering::Relaxed),
+                        s.net_lo.load(Ordering::Relaxed),
+                        meta,
+                    ),
+                    class: Class::ALL[((meta >> 8) & 0xff) as usize % Class::ALL.len()],
+                    limited: recent,
+                });
+            }
+        }
+        self.limited_now.store(limited, Ordering::Relaxed);
+        out
+    }
+}
+
+fn describe(hi: u64, lo: u64, meta: u32) -> String {
+    let len = meta & 0xff;
+    if meta & META_V4 != 0 {
+        format!("{}/{len}", std::net::Ipv4Addr::from(lo as u32))
+    } else {
+        let bits = (u128::from(hi) << 64) | u128::from(lo);
+        format!("{}/{len}", std::net::Ipv6Addr::from(bits))
+    }
+}
+
+#[inline]
+fn pack(ts: u32, balance: i64) -> u64 {
+    (u64::from(ts) << 32) | u64::from(balance as i32 as u32)
+}
+
+#[inline]
+fn unpack(v: u64) -> (u32, i64) {
+    ((v >> 32) as u32, i64::from(v as u32 as i32))
+}
+
+#[inline]
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The slot tag of (prefix, class, key); never 0 (the free mark).
+#[inline]
+fn tag_of(prefix: &Prefix, class: Class, key: u64) -> u64 {
+    let k = prefix.key();
+    let h = mix((k as u64) ^ mix(((k >> 64) as u64) ^ mix(key ^ ((class as u64) << 59))));
+    h | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(rate: u32, window: u32, slip: u32) -> RrlPolicy {
+        RrlPolicy::from_config(&RrlConfig {
+            responses_per_second: rate,
+            window,
+            slip,
+            ..RrlConfig::default()
+        })
+        .unwrap()
+    }
+
+    /// A positive answer for `name` (one A record).
+    fn positive(name: &str) -> Vec<u8> {
+        let mut m = wire::build_query(1, &wire::encode_name(name).unwrap(), 1);
+        m[2] |= 0x84;
+        m[7] = 1;
+        m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 1]);
+        m
+    }
+
+    /// An NXDOMAIN or NODATA answer with the zone's SOA in the authority section.
+    fn negative(name: &str, rcode: u8, zone: &str) -> Vec<u8> {
+        let mut m = wire::build_query(1, &wire::encode_name(name).unwrap(), 1);
+        m[2] |= 0x84;
+        m[3] = rcode;
+        m[9] = 1; // NSCOUNT
+        m.extend_from_slice(&wire::encode_name(zone).unwrap());
+        m.extend_from_slice(&[0, 6, 0, 1, 0, 0, 0, 60, 0, 22, 0xc0, 12, 0xc0, 12]);
+        m.extend_from_slice(&[0; 20]);
+        m
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn classes_follow_bind() {
+        let a = positive("www.example.test.");
+        assert_eq!(classify(&a).0, Class::Positive);
+        assert_eq!(
+            classify(&a),
+            classify(&positive("WWW.example.TEST.")),
+            "case-folded"
+        );
+        assert_ne!(classify(&a).1, classify(&positive("mail.example.test.")).1);
+        let nx1 = negative("a.example.test.", 3, "example.test.");
+        let nx2 = negative("b.example.test.", 3, "example.test.");
+        assert_eq!(classify(&nx1).0, Class::Nxdomain);
+        assert_eq!(
+            classify(&nx1).1,
+            classify(&nx2).1,
+            "NXDOMAIN is keyed by zone"
+        );
+        assert_eq!(
+            classify(&negative("a.example.test.", 0, "example.test.")).0,
+            Class::Nodata
+        );
+        let mut servfail = a.clone();
+        servfail[3] = 2;
+        assert_eq!(classify(&servfail), (Class::Error, 0));
+        assert_eq!(classify(&[1, 2]).0, Class::Error);
+    }
+
+    #[test]
+    fn one_seconds_credit_then_limited_until_the_window_passes() {
+        let p = policy(20, 5, 2);
+        let t = RrlTable::new(1024);
+        let a = positive("big.example.test.");
+        let c = ip("192.0.2.7");
+        let mut sent = 0;
+        let mut actions = Vec::new();
+        for _ in 0..5000 {
+            match t.decide(&p, c, &a, 100) {
+                Action::Send => sent += 1,
+                x => actions.push(x),
+            }
+        }
+        assert_eq!(sent, 20, "one second's worth of credit");
+        let slipped = actions.iter().filter(|x| **x == Action::Slip).count();
+        assert_eq!(
+            slipped,
+            actions.len() / 2,
+            "every second limited answer slips"
+        );
+        // The same /24 shares the balance; another /24 and another name do not.
+        assert_ne!(t.decide(&p, ip("192.0.2.200"), &a, 100), Action::Send);
+        assert_eq!(t.decide(&p, ip("192.0.3.1"), &a, 100), Action::Send);
+        assert_eq!(
+            t.decide(&p, c, &positive("x.example.test."), 100),
+            Action::Send
+        );
+        // Flooding kept the balance at the floor (-window * rate): still limited after 4 s of
+        // credit, served again after about the window.
+        assert_ne!(t.decide(&p, c, &a, 104), Action::Send);
+        assert_eq!(t.decide(&p, c, &a, 110), Action::Send);
+    }
+
+    #[test]
+    fn all_per_second_exempt_log_only_and_scan() {
+        let mut cfg = RrlConfig {
+            all_per_second: 10,
+            exempt: vec!["198.51.100.0/24".parse().unwrap()],
+            ..RrlConfig::default()
+        };
+        let p = RrlPolicy::from_config(&cfg).unwrap();
+        let t = RrlTable::new(1024);
+        let c = ip("203.0.113.9");
+        // Random names (a wildcard flood) each get a fresh positive balance; the cap holds.
+        let sent = (0..100)
+            .filter(|i| {
+                t.decide(&p, c, &positive(&format!("r{i}.example.test.")), 7) == Action::Send
+            })
+            .count();
+        assert_eq!(sent, 10);
+        assert_eq!(
+            t.decide(&p, ip("198.51.100.1"), &positive("a."), 7),
+            Action::Send
+        );
+        let changes = t.scan(15);
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert_eq!(changes[0].prefix, "203.0.113.0/24");
+        assert!(changes[0].limited && changes[0].class == Class::All);
+        assert_eq!(t.limited_now(), 1);
+        assert!(t.scan(15).is_empty(), "logged once");
+        cfg.log_only = true;
+        let p = RrlPolicy::from_config(&cfg).unwrap();
+        assert_eq!(t.decide(&p, c, &positive("z."), 7), Action::Logged);
+        assert!(RrlPolicy::from_config(&RrlConfig::default()).is_none());
+    }
+
+    #[test]
+    fn a_full_table_reuses_the_slot_idle_longest() {
+        let p = policy(1, 15, 0);
+        let t = RrlTable::new(4);
+        let a = positive("a.");
+        for i in 0..64u8 {
+            t.decide(&p, ip(&format!("10.0.{i}.1")), &a, u32::from(i));
+        }
+        // A prefix flooding now keeps its (limited) slot while others come and go.
+        let flooder = ip("10.9.9.9");
+        assert_eq!(t.decide(&p, flooder, &a, 100), Action::Send);
+        assert_eq!(t.decide(&p, flooder, &a, 100), Action::Drop);
+    }
+}
