@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need (apt and pip, see install-deps.sh), builds
-# the binaries, runs every test (unit and integration, real BIND/lb/ansible on loopback).
+# the binaries and their Debian packages, runs every test (unit and integration, real
+# BIND/lb/ansible/Prometheus on loopback; the package tests install and purge the lb package).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/install-deps.sh
 cargo build --workspace --bins
+# The Debian packages of that debug build, for the package tests (tests/integration/ops.rs);
+# installs cargo-deb the first time.
+scripts/package.sh --profile dev --no-build --fast --output target/debian-test >/dev/null
 cargo test --workspace -- --test-threads="${TEST_THREADS:-4}"
