@@ -58,9 +58,33 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
     // Binary operators and modifiers, and the aggregation operators, which may be followed by
     // `by (...)` before their parenthesis.
     const KEYWORDS: &[&str] = &[
-        "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
-        "bool", "offset", "inf", "nan", "atan2", "sum", "min", "max", "avg", "group", "stddev",
-        "stdvar", "count", "count_values", "bottomk", "topk", "quantile", "limitk",
+        "and",
+        "or",
+        "unless",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "offset",
+        "inf",
+        "nan",
+        "atan2",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+        "limitk",
         "limit_ratio",
     ];
     let b = expr.as_bytes();
@@ -303,7 +327,9 @@ fn dashboard_is_grafana_json_with_datasource_and_instance_variables_and_unique_p
         d["schemaVersion"].as_u64().unwrap_or(0) >= 39,
         "schema of current Grafana"
     );
-    assert!(d["uid"].as_str().is_some_and(|u| !u.is_empty() && u.len() <= 40));
+    assert!(d["uid"]
+        .as_str()
+        .is_some_and(|u| !u.is_empty() && u.len() <= 40));
     assert!(d["title"].as_str().is_some_and(|t| !t.is_empty()));
     let vars = d["templating"]["list"].as_array().expect("templating.list");
     let var = |name: &str| {
@@ -345,7 +371,10 @@ fn dashboard_is_grafana_json_with_datasource_and_instance_variables_and_unique_p
         let mut refs = BTreeSet::new();
         for t in targets {
             assert_eq!(t["datasource"]["uid"], "${datasource}", "panel {id}");
-            assert!(refs.insert(t["refId"].as_str().unwrap()), "panel {id} refId");
+            assert!(
+                refs.insert(t["refId"].as_str().unwrap()),
+                "panel {id} refId"
+            );
             let expr = t["expr"].as_str().unwrap();
             // Every selector is narrowed to the chosen instances.
             for name in metric_names(expr) {
@@ -443,10 +472,15 @@ fn alert_rules_pass_promtool_check_and_every_alert_is_unit_tested_both_ways() {
             c["alertname"] == name.as_str()
                 && c["exp_alerts"].as_array().is_none_or(|a| a.is_empty())
         });
-        assert!(fires && quiet, "{name}: needs a firing and a not-firing unit test");
+        assert!(
+            fires && quiet,
+            "{name}: needs a firing and a not-firing unit test"
+        );
         for key in ["summary", "description", "runbook"] {
             assert!(
-                rule["annotations"][key].as_str().is_some_and(|s| !s.is_empty()),
+                rule["annotations"][key]
+                    .as_str()
+                    .is_some_and(|s| !s.is_empty()),
                 "{name}: no {key} annotation"
             );
         }
@@ -504,10 +538,7 @@ fn dashboard_and_rules_use_only_families_a_live_lb_exports_from_start() {
     );
     // And the other way round: every lb family has a place on the dashboard.
     let used = used_metric_names();
-    let used_families: BTreeSet<String> = used
-        .keys()
-        .filter_map(|n| family_of(n, &fams))
-        .collect();
+    let used_families: BTreeSet<String> = used.keys().filter_map(|n| family_of(n, &fams)).collect();
     let unshown: Vec<&String> = fams
         .keys()
         .filter(|f| f.starts_with("lb_") && !used_families.contains(*f))
@@ -522,7 +553,11 @@ fn dashboard_and_rules_use_only_families_a_live_lb_exports_from_start() {
 fn http10_get(addr: SocketAddr, path_and_query: &str) -> (u16, String) {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path_and_query} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path_and_query} HTTP/1.0\r\nHost: localhost\r\n\r\n"
+    )
+    .unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     let status = resp
@@ -646,6 +681,13 @@ fn prometheus_evaluates_the_dashboard_and_the_rules_against_a_live_lb() {
     let mut b = Named::start(ZoneSpec::new(1, "b"));
     let lb = Lb::start(&health_config(&[a.addr, b.addr]));
     let prom = Prometheus::start(lb.metrics.unwrap());
+    // Scraping starts a while after Prometheus is ready: rates need a sample from before the
+    // traffic.
+    let end = Instant::now() + Duration::from_secs(30);
+    while prom.query("lb_build_info{job=\"lb\"}").is_empty() {
+        assert!(Instant::now() < end, "prometheus never scraped lb");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let t = Duration::from_secs(3);
     // Traffic of every kind the panels show: UDP and TCP queries, NXDOMAIN, a short datagram.
     for _ in 0..20 {
@@ -662,7 +704,8 @@ fn prometheus_evaluates_the_dashboard_and_the_rules_against_a_live_lb() {
     // A backend dies: health checks take it down.
     b.stop();
     assert!(
-        lb.wait_state(b.addr, "down", Duration::from_secs(5)).is_some(),
+        lb.wait_state(b.addr, "down", Duration::from_secs(5))
+            .is_some(),
         "backend b marked down"
     );
     for _ in 0..10 {
@@ -696,7 +739,9 @@ fn prometheus_evaluates_the_dashboard_and_the_rules_against_a_live_lb() {
     for (title, expr) in dashboard_exprs(&d) {
         let q = grafana_to_promql(&expr);
         let result = prom.query(&q);
-        let pending = metric_names(&expr).iter().any(|n| pending_base(n).is_some());
+        let pending = metric_names(&expr)
+            .iter()
+            .any(|n| pending_base(n).is_some());
         if result.is_empty() && !pending {
             empty.push(format!("\"{title}\": {q}"));
         }
@@ -729,7 +774,11 @@ fn prometheus_evaluates_the_dashboard_and_the_rules_against_a_live_lb() {
         .collect();
     assert_eq!(rules.len(), alert_rules().len());
     for r in &rules {
-        assert_eq!(r["health"], "ok", "rule {} failed: {}", r["name"], r["lastError"]);
+        assert_eq!(
+            r["health"], "ok",
+            "rule {} failed: {}",
+            r["name"], r["lastError"]
+        );
     }
     let end = Instant::now() + Duration::from_secs(10);
     let alerts = loop {
@@ -737,7 +786,10 @@ fn prometheus_evaluates_the_dashboard_and_the_rules_against_a_live_lb() {
             .as_array()
             .cloned()
             .unwrap_or_default();
-        if alerts.iter().any(|a| a["labels"]["alertname"] == "LbBackendDown") {
+        if alerts
+            .iter()
+            .any(|a| a["labels"]["alertname"] == "LbBackendDown")
+        {
             break alerts;
         }
         assert!(
@@ -779,9 +831,9 @@ fn test_packages() -> &'static (PathBuf, PathBuf) {
                 .ok()?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .find(|p| {
-                    p.file_name().and_then(|f| f.to_str()).is_some_and(|f| {
-                        f.starts_with(&format!("{name}_")) && f.ends_with(".deb")
-                    })
+                    p.file_name()
+                        .and_then(|f| f.to_str())
+                        .is_some_and(|f| f.starts_with(&format!("{name}_")) && f.ends_with(".deb"))
                 })
         };
         let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
@@ -803,13 +855,7 @@ fn test_packages() -> &'static (PathBuf, PathBuf) {
 /// Runs scripts/package.sh on the debug build; returns the paths it printed.
 fn package(target: &Path, out: &Path, deb_version: Option<&str>) -> Vec<PathBuf> {
     let mut c = Command::new(repo().join("scripts/package.sh"));
-    c.args([
-        "--profile",
-        "dev",
-        "--no-build",
-        "--fast",
-        "--output",
-    ])
+    c.args(["--profile", "dev", "--no-build", "--fast", "--output"])
         .arg(out)
         .env("CARGO_TARGET_DIR", target);
     if let Some(v) = deb_version {
@@ -1086,7 +1132,10 @@ fn lb_package_installs_hands_over_on_upgrade_without_losing_a_query_and_purges()
     assert_eq!(code, 0, "dpkg --purge: {out}");
     assert!(!dpkg_status("lb").contains("installed"));
     assert!(!Path::new("/etc/lb").exists(), "purge removes /etc/lb");
-    assert!(!Path::new("/var/lib/lb").exists(), "purge removes /var/lib/lb");
+    assert!(
+        !Path::new("/var/lib/lb").exists(),
+        "purge removes /var/lib/lb"
+    );
 }
 
 /// Runs lb.yml against this machine (connection local) with -v; returns (exit code, output).
@@ -1117,7 +1166,14 @@ fn lb_playbook(vars: &Value, dir: &Path) -> (i32, String) {
 fn changed_count(output: &str) -> usize {
     output
         .lines()
-        .filter_map(|l| l.split("changed=").nth(1)?.split_whitespace().next()?.parse::<usize>().ok())
+        .filter_map(|l| {
+            l.split("changed=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
         .sum()
 }
 
@@ -1160,7 +1216,11 @@ fn lb_role_installs_and_upgrades_the_package_in_system_mode() {
 
     let (code, out) = lb_playbook(&vars, dir.path());
     assert_eq!(code, 0, "{out}");
-    assert_eq!(changed_count(&out), 0, "a second run changes nothing:\n{out}");
+    assert_eq!(
+        changed_count(&out),
+        0,
+        "a second run changes nothing:\n{out}"
+    );
 
     // A newer package: the role upgrades it, keeping its config.
     let upgrade_dir = TempDir::new("role-upgrade");
