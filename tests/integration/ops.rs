@@ -972,6 +972,17 @@ impl Drop for InstalledLb {
     }
 }
 
+/// Paths removed on drop (files a test put outside its own directories).
+struct RemoveOnDrop(Vec<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// The PID in lb's hand-over message ("upgraded to /usr/bin/lb (pid N); ...").
 fn handed_over_pid(text: &str) -> Option<u32> {
     let rest = &text[text.find("upgraded to /usr/bin/lb (pid ")? + 29..];
@@ -1196,9 +1207,40 @@ fn lb_role_installs_and_upgrades_the_package_in_system_mode() {
         "lb_metrics_listen": "127.0.0.1:0",
         "lb_workers": 1,
     });
+    // What earlier versions of the role left: the binary in /usr/local/bin, the units (and
+    // their enablement) in /etc/systemd/system, shadowing the package's.
+    let legacy = [
+        "/usr/local/bin/lb",
+        "/etc/systemd/system/lb.service",
+        "/etc/systemd/system/lb.socket",
+        "/etc/systemd/system/multi-user.target.wants/lb.service",
+    ];
+    for f in legacy {
+        assert!(
+            std::fs::symlink_metadata(f).is_err(),
+            "{f} exists on this machine: the role test would remove it"
+        );
+    }
+    let _legacy_cleanup = RemoveOnDrop(legacy.iter().map(PathBuf::from).collect());
+    std::fs::write(legacy[0], "#!/bin/sh\n").unwrap();
+    std::fs::write(
+        legacy[1],
+        "[Service]\nExecStart=/usr/local/bin/lb run --config /etc/lb/lb.toml\n",
+    )
+    .unwrap();
+    std::fs::write(legacy[2], "[Socket]\nListenDatagram=0.0.0.0:53\n").unwrap();
+    std::fs::create_dir_all("/etc/systemd/system/multi-user.target.wants").unwrap();
+    std::os::unix::fs::symlink(legacy[1], legacy[3]).unwrap();
+
     let (code, out) = lb_playbook(&vars, dir.path());
     assert_eq!(code, 0, "{out}");
     assert!(dpkg_status("lb").starts_with("install ok installed 0.1.0-1"));
+    for f in legacy {
+        assert!(
+            std::fs::symlink_metadata(f).is_err(),
+            "{f}: the role removes what its earlier versions installed"
+        );
+    }
     let config = std::fs::read_to_string("/etc/lb/lb.toml").unwrap();
     assert!(
         config.contains(&ns.addr.to_string()) && config.contains("/run/lb/control.sock"),
