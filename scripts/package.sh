@@ -85,15 +85,36 @@ if [ -z "$no_build" ]; then
   cargo build --locked --profile "$profile" -p lb -p deployer >&2
 fi
 
+# cargo-deb deletes the other versions of a package from TARGET/debian on every run, whatever
+# --output says, and keeps its scratch files in TARGET/lb, TARGET/deployer. When the packages go
+# elsewhere (the tests), it runs on a scratch target dir holding hard links to the binaries, so
+# the release packages in target/debian survive.
+target_dir=$(cargo metadata --no-deps --format-version 1 \
+  | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+mkdir -p "$output"
+output="$(cd "$output" && pwd)"
+deb_env=()
+if [ "$output" != "$target_dir/debian" ]; then
+  case "$profile" in dev) profile_dir=debug ;; *) profile_dir="$profile" ;; esac
+  stage="$(mktemp -d "${TMPDIR:-/tmp}/lb-package.XXXXXX")"
+  trap 'rm -rf "$stage"' EXIT
+  mkdir -p "$stage/$profile_dir"
+  for b in lb deployer; do
+    [ -x "$target_dir/$profile_dir/$b" ] || { echo "package.sh: $target_dir/$profile_dir/$b is not built" >&2; exit 1; }
+    ln "$target_dir/$profile_dir/$b" "$stage/$profile_dir/$b" 2>/dev/null \
+      || cp "$target_dir/$profile_dir/$b" "$stage/$profile_dir/$b"
+  done
+  deb_env=(env CARGO_TARGET_DIR="$stage")
+fi
+
 deb_args=(--no-build --profile "$profile" --output "$output")
 [ -n "$fast" ] && deb_args+=(--fast)
 if [ -n "$dbgsym" ]; then deb_args+=(--dbgsym); else deb_args+=(--strip); fi
 [ -n "$deb_version" ] && deb_args+=(--deb-version "$deb_version")
-mkdir -p "$output"
 debs=()
 for pkg in lb deployer; do
   # cargo-deb prints the path of each package it wrote (.deb, and .ddeb with --dbgsym).
-  built=$("$cargo_deb" deb -p "$pkg" "${deb_args[@]}" | grep -E '\.d?deb$' || true)
+  built=$("${deb_env[@]}" "$cargo_deb" deb -p "$pkg" "${deb_args[@]}" | grep -E '\.d?deb$' || true)
   case "$built" in
     *.deb*) ;;
     *) echo "package.sh: cargo-deb did not report a package for $pkg" >&2; exit 1 ;;
