@@ -8,5 +8,6 @@ mod health;
 mod hostile;
 mod linode;
 mod observe;
+mod ops;
 mod proxy;
 mod upgrade;

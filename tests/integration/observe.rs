@@ -289,7 +289,7 @@ fn systemd_units_verify() {
     // systemd-analyze checks that ExecStart exists: point it at the built binary.
     std::fs::write(
         dir.path().join("lb.service"),
-        service.replace("/usr/local/bin/lb", &bin("lb").display().to_string()),
+        service.replace("/usr/bin/lb", &bin("lb").display().to_string()),
     )
     .unwrap();
     std::fs::write(dir.path().join("lb.socket"), socket).unwrap();
