@@ -1119,6 +1119,39 @@ pub fn tcp_exchange(server: SocketAddr, query: &[u8], qtype: u16, limit: Duratio
     }
 }
 
+/// [`tcp_exchange`] from a chosen local address (any of 127.0.0.0/8), as a client there would.
+pub fn tcp_exchange_from(
+    local: &str,
+    server: SocketAddr,
+    query: &[u8],
+    qtype: u16,
+    limit: Duration,
+) -> Transfer {
+    let connected = (|| {
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(server),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        let bind: SocketAddr = format!("{local}:0")
+            .parse()
+            .map_err(std::io::Error::other)?;
+        sock.bind(&bind.into())?;
+        sock.connect_timeout(&server.into(), Duration::from_secs(2))?;
+        Ok::<TcpStream, std::io::Error>(sock.into())
+    })();
+    match connected {
+        Ok(mut s) => {
+            let _ = s.set_nodelay(true);
+            tcp_transfer(&mut s, query, qtype, limit)
+        }
+        Err(e) => Transfer {
+            error: Some(format!("cannot connect to {server} from {local}: {e}")),
+            ..Transfer::default()
+        },
+    }
+}
+
 /// Sends every query from its own socket at once and collects the first answer to each
 /// (with the address it came from) until all are answered or `wait` has passed.
 pub fn udp_exchange_many(

@@ -22,9 +22,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+use crate::access::AccessPolicy;
 use crate::config::{AllDown, BackendAddr, LbConfig};
 use crate::policy::{pick, Candidate, PickContext, Policy};
 use crate::probe::ProbeFailure;
+use crate::rrl::{RrlPolicy, RrlTable};
 use crate::stats::{LatencyHistogram, LocalHistogram, Stats};
 
 /// One nameserver behind the proxy.
@@ -311,13 +313,17 @@ pub struct BackendSet {
     pub resend_after: Duration,
     /// What to do when no backend is usable.
     pub all_down: AllDown,
-    /// Consecutive live timeouts that mark a backend down (0 = off).
+    /// Consecutive live timeouts that make a backend suspect (0 = off).
     pub passive_timeouts: u32,
+    /// Who is served, and who may transfer zones, update or notify through the proxy.
+    pub access: Arc<AccessPolicy>,
+    /// Response rate limiting of UDP answers; `None` when off.
+    pub rrl: Option<Arc<RrlPolicy>>,
 }
 
 /// The run-time parameters of a [`BackendSet`] other than its backends (from the config;
 /// replaced on reload).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SetParams {
     pub policy: Policy,
     pub timeout: Duration,
@@ -326,6 +332,8 @@ pub struct SetParams {
     pub passive_timeouts: u32,
     /// Active health checks run: new backends start down until their first probe.
     pub checked: bool,
+    pub access: Arc<AccessPolicy>,
+    pub rrl: Option<Arc<RrlPolicy>>,
 }
 
 impl SetParams {
@@ -343,6 +351,22 @@ impl SetParams {
                 0
             },
             checked,
+            access: Arc::new(AccessPolicy::from_config(&c.access)),
+            rrl: RrlPolicy::from_config(&c.rrl).map(Arc::new),
+        }
+    }
+
+    /// The parameters a set was built with (`checked` is not part of a set).
+    fn of(set: &BackendSet, checked: bool) -> SetParams {
+        SetParams {
+            policy: set.policy,
+            timeout: set.timeout,
+            resend_after: set.resend_after,
+            all_down: set.all_down,
+            passive_timeouts: set.passive_timeouts,
+            checked,
+            access: Arc::clone(&set.access),
+            rrl: set.rrl.clone(),
         }
     }
 }
@@ -361,6 +385,20 @@ pub enum Choice {
 }
 
 impl BackendSet {
+    fn new(generation: u64, backends: Vec<Arc<Backend>>, p: SetParams) -> BackendSet {
+        BackendSet {
+            generation,
+            policy: p.policy,
+            backends,
+            timeout: p.timeout,
+            resend_after: p.resend_after,
+            all_down: p.all_down,
+            passive_timeouts: p.passive_timeouts,
+            access: p.access,
+            rrl: p.rrl,
+        }
+    }
+
     /// Chooses where a query goes: the policy over usable (healthy, undrained) backends, or,
     /// when none is usable, what `all_down` says (fail-open: the policy over every undrained
     /// backend, a last resort that beats certain failure). A backend to `avoid` (one that just
@@ -417,6 +455,8 @@ pub struct Shared {
     retired: Mutex<Vec<Weak<Backend>>>,
     /// Passive detection asks the checker for a probe now.
     probe_wanted: tokio::sync::Notify,
+    /// Response rate limiting's balances, shared by every UDP worker (fixed size).
+    pub rrl: RrlTable,
 }
 
 /// The backends of a swap about to be stored, for the caller to persist first.
@@ -429,8 +469,13 @@ pub struct PendingSet {
 
 impl Shared {
     /// Builds the first snapshot. With active checks its backends start down until their first
-    /// probe (the server runs one round before it serves).
-    pub fn new(params: SetParams, servers: &[BackendAddr], generation: u64) -> Shared {
+    /// probe (the server runs one round before it serves). `rrl_entries` sizes the rate table.
+    pub fn new(
+        params: SetParams,
+        servers: &[BackendAddr],
+        generation: u64,
+        rrl_entries: usize,
+    ) -> Shared {
         let backends = servers
             .iter()
             .map(|a| {
@@ -441,20 +486,13 @@ impl Shared {
             })
             .collect();
         Shared {
-            set: ArcSwap::from_pointee(BackendSet {
-                generation,
-                policy: params.policy,
-                backends,
-                timeout: params.timeout,
-                resend_after: params.resend_after,
-                all_down: params.all_down,
-                passive_timeouts: params.passive_timeouts,
-            }),
+            checked: AtomicBool::new(params.checked),
+            set: ArcSwap::from_pointee(BackendSet::new(generation, backends, params)),
             stats: Arc::default(),
             write_lock: Mutex::new(()),
-            checked: AtomicBool::new(params.checked),
             retired: Mutex::new(Vec::new()),
             probe_wanted: tokio::sync::Notify::new(),
+            rrl: RrlTable::new(rrl_entries),
         }
     }
 
@@ -502,7 +540,9 @@ impl Shared {
     ) -> Result<u64, String> {
         let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.set.load_full();
-        let checked = params.map_or(self.checked.load(Ordering::Relaxed), |p| p.checked);
+        let params =
+            params.unwrap_or_else(|| SetParams::of(&old, self.checked.load(Ordering::Relaxed)));
+        let checked = params.checked;
         let servers = servers.map_or_else(|| old.addrs(), <[BackendAddr]>::to_vec);
         let backends: Vec<Arc<Backend>> = servers
             .iter()
@@ -522,23 +562,14 @@ impl Shared {
                 .map(|b| BackendAddr(b.addr))
                 .collect(),
         })?;
-        if let Some(p) = params {
-            self.checked.store(p.checked, Ordering::Relaxed);
-        }
+        self.checked.store(checked, Ordering::Relaxed);
         if !checked {
             for b in backends.iter().filter(|b| !b.state.is_up()) {
                 b.mark_up();
             }
         }
-        self.set.store(Arc::new(BackendSet {
-            generation,
-            policy: params.map_or(old.policy, |p| p.policy),
-            backends,
-            timeout: params.map_or(old.timeout, |p| p.timeout),
-            resend_after: params.map_or(old.resend_after, |p| p.resend_after),
-            all_down: params.map_or(old.all_down, |p| p.all_down),
-            passive_timeouts: params.map_or(old.passive_timeouts, |p| p.passive_timeouts),
-        }));
+        self.set
+            .store(Arc::new(BackendSet::new(generation, backends, params)));
         self.stats.swaps.fetch_add(1, Ordering::Relaxed);
         let current = self.set.load();
         let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
@@ -577,6 +608,8 @@ mod tests {
             all_down: AllDown::FailOpen,
             passive_timeouts: 3,
             checked: true,
+            access: Arc::default(),
+            rrl: None,
         }
     }
 
@@ -586,7 +619,7 @@ mod tests {
 
     #[test]
     fn replace_keeps_state_of_staying_backends() {
-        let shared = Shared::new(params(), &addrs(&["127.0.0.1:1", "127.0.0.2:1"]), 1);
+        let shared = Shared::new(params(), &addrs(&["127.0.0.1:1", "127.0.0.2:1"]), 1, 1024);
         let before = shared.current();
         assert!(
             !before.backends[0].state.is_up(),
@@ -625,7 +658,7 @@ mod tests {
                 policy: Policy::FirstAvailable,
                 ..params()
             };
-            let shared = Shared::new(p, &addrs(&["127.0.0.1:1", "127.0.0.2:1"]), 1);
+            let shared = Shared::new(p, &addrs(&["127.0.0.1:1", "127.0.0.2:1"]), 1, 1024);
             let set = shared.current();
             assert_eq!(
                 set.choose(0, 0, None),
@@ -649,7 +682,7 @@ mod tests {
 
     #[test]
     fn a_swap_that_cannot_persist_changes_nothing_and_plain_swaps_add_provisional_backends() {
-        let shared = Shared::new(params(), &addrs(&["127.0.0.1:1"]), 1);
+        let shared = Shared::new(params(), &addrs(&["127.0.0.1:1"]), 1, 1024);
         let r = shared.replace(Some(&addrs(&["127.0.0.9:1"])), None, false, |p| {
             assert_eq!(p.generation, 2);
             Err("disk full".into())

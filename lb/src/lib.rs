@@ -14,23 +14,25 @@
 //! | 0 | wire, mmsg, sockets, systemd, control_protocol, lifecycle, fdpass, prefix |
 //! | 1 | policy, probe, inflight, xfr |
 //! | 2 | config |
-//! | 3 | stats, state, rrl |
-//! | 4 | backend |
-//! | 5 | dataplane::query, dataplane::tcp_msg, controlplane::health, controlplane::metrics, controlplane::upgrade |
-//! | 6 | dataplane::udp, dataplane::tcp_pool, dataplane::transfer, controlplane::commands |
-//! | 7 | dataplane::tcp, controlplane::socket |
-//! | 8 | server, ctl |
+//! | 3 | stats, state |
+//! | 4 | rrl, access |
+//! | 5 | backend |
+//! | 6 | dataplane::query, dataplane::tcp_msg, controlplane::health, controlplane::metrics, controlplane::upgrade, controlplane::rrl_watch |
+//! | 7 | dataplane::udp, dataplane::tcp_pool, dataplane::transfer, controlplane::commands |
+//! | 8 | dataplane::tcp, controlplane::socket |
+//! | 9 | server, ctl |
 //!
 //! - Leaves (0): DNS wire format, batched datagram I/O, socket construction, systemd
 //!   notifications, the control protocol, the process lifecycle, descriptor passing.
-//! - Pure policy and data (1-3): selection policies, the health probe, the UDP in-flight table,
+//! - Pure policy and data (1-4): selection policies, the health probe, the UDP in-flight table,
 //!   where a zone transfer's stream ends, every config type, counters and histograms, the
-//!   persisted state, the response-rate-limiting table.
-//! - The snapshot (4): backends, their atomic state (one writer of up/down), the set, `Shared`.
-//! - The planes (5-7): [`dataplane`] (UDP workers, TCP clients and pools) beside
+//!   persisted state, the response-rate-limiting table, the access lists.
+//! - The snapshot (5): backends, their atomic state (one writer of up/down), the set, `Shared`.
+//! - The planes (6-8): [`dataplane`] (UDP workers, TCP clients, pools and transfers) beside
 //!   [`controlplane`] (health checker, metrics, upgrade, control commands and socket).
-//! - Wiring (8): [`server`] binds and starts everything; [`ctl`] is `lb ctl`'s client.
+//! - Wiring (9): [`server`] binds and starts everything; [`ctl`] is `lb ctl`'s client.
 
+pub mod access;
 pub mod backend;
 pub mod config;
 pub mod control_protocol;

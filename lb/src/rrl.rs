@@ -69,16 +69,31 @@ impl Class {
     }
 }
 
-/// What to do with one answer.
+/// What to do with one answer (in the order of [`RrlTable::actions`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
 pub enum Action {
-    Send,
+    Send = 0,
     /// Limited: send nothing.
-    Drop,
+    Drop = 1,
     /// Limited: send it truncated and empty (TC=1).
-    Slip,
+    Slip = 2,
     /// Limited, but `log_only` is on: sent in full, counted.
-    Logged,
+    Logged = 3,
+}
+
+impl Action {
+    /// The `action` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Send => "sent",
+            Action::Drop => "dropped",
+            Action::Slip => "slipped",
+            Action::Logged => "log-only",
+        }
+    }
+
+    pub const ALL: [Action; 4] = [Action::Send, Action::Drop, Action::Slip, Action::Logged];
 }
 
 /// The rates in force (from `[rrl]`; part of the snapshot, replaced on reload).
@@ -117,6 +132,16 @@ impl RrlPolicy {
             exempt: c.exempt.clone(),
             log_only: c.log_only,
         })
+    }
+
+    /// Seconds a limited prefix stays limited once it stops (the balance's floor, in time).
+    pub fn window(&self) -> u32 {
+        self.window
+    }
+
+    /// Limited answers are counted, not limited.
+    pub fn log_only(&self) -> bool {
+        self.log_only
     }
 
     /// The client's network as RRL counts it.

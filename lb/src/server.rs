@@ -11,7 +11,7 @@ use crate::backend::{SetParams, Shared};
 use crate::config::{BackendAddr, LbConfig};
 use crate::controlplane::commands::{ControlContext, UpgradeHooks};
 use crate::controlplane::upgrade::{self, HandoffSockets};
-use crate::controlplane::{metrics, socket};
+use crate::controlplane::{metrics, rrl_watch, socket};
 use crate::dataplane::tcp::{self, TcpFrontend, TcpSettings};
 use crate::dataplane::tcp_pool::PoolSettings;
 use crate::dataplane::transfer::TransferSettings;
@@ -253,6 +253,7 @@ pub fn run(
         SetParams::from_config(&cfg),
         &servers,
         generation,
+        cfg.rrl.entries,
     ));
     for b in &shared.current().backends {
         if drained.contains(&BackendAddr(b.addr)) {
@@ -297,6 +298,7 @@ pub fn run(
         // One probe round before serving, so health is known from the first query.
         ctx.checker.probe_round(&shared).await;
         tokio::spawn(Arc::clone(&ctx.checker).run(Arc::clone(&shared)));
+        tokio::spawn(rrl_watch::run(Arc::clone(&shared), Arc::clone(&lifecycle)));
         let workers = udp::spawn_workers(
             listeners.udp,
             Arc::clone(&shared),

@@ -132,6 +132,44 @@ pub struct Stats {
     /// the batch size, the main lever on CPU per query under load.
     batches: [AtomicU64; 2],
     batched: [AtomicU64; 2],
+    /// Queries refused or dropped by the access lists, by [`Denied`].
+    denied: [AtomicU64; Denied::ALL.len()],
+    /// Writes of the state file that failed (the swap or drain was refused).
+    pub state_write_failures: AtomicU64,
+    /// Swaps refused: invalid list, failed verification, state not writable.
+    pub swap_failures: AtomicU64,
+}
+
+/// Why the access lists refused a query (`lb_access_denied_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Denied {
+    /// The client is not allowed (`deny`, or not in a non-empty `allow`).
+    Client,
+    /// A zone transfer from a client not in `transfer_allow`.
+    Transfer,
+    /// UPDATE from a client not in `update_allow`.
+    Update,
+    /// NOTIFY from a client not in `notify_allow`.
+    Notify,
+}
+
+impl Denied {
+    pub const ALL: [Denied; 4] = [
+        Denied::Client,
+        Denied::Transfer,
+        Denied::Update,
+        Denied::Notify,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Denied::Client => "client",
+            Denied::Transfer => "transfer",
+            Denied::Update => "update",
+            Denied::Notify => "notify",
+        }
+    }
 }
 
 /// Direction of a batched UDP system call.
@@ -217,6 +255,16 @@ impl Stats {
 
     pub fn queries(&self, proto: Proto) -> u64 {
         self.queries[proto as usize].load(Ordering::Relaxed)
+    }
+
+    /// Counts a query the access lists refused.
+    #[inline]
+    pub fn denied(&self, reason: Denied) {
+        self.denied[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn denied_count(&self, reason: Denied) -> u64 {
+        self.denied[reason as usize].load(Ordering::Relaxed)
     }
 
     pub fn responses(&self, rcode: u8) -> u64 {

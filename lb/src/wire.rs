@@ -76,6 +76,12 @@ pub fn id(msg: &[u8]) -> u16 {
     u16::from_be_bytes([msg[0], msg[1]])
 }
 
+/// Reads the opcode (0 for a message shorter than the header).
+#[inline]
+pub fn opcode(msg: &[u8]) -> u8 {
+    msg.get(2).map_or(0, |b| (b >> 3) & 0x0f)
+}
+
 /// Overwrites the DNS ID in place.
 #[inline]
 pub fn set_id(msg: &mut [u8], id: u16) {
@@ -278,17 +284,39 @@ pub fn name_hash(msg: &[u8], pos: usize) -> u64 {
     h
 }
 
-/// Turns a query in `buf` into a SERVFAIL answer in place: keeps the header and the first
-/// question (`q`, from [`question`]; none when it did not parse), sets QR and RCODE=2, clears
-/// the other sections and returns the new length. Used when no backend can take the query and
-/// the configured behaviour says so.
+/// Turns a query in `buf` into a SERVFAIL answer in place; see [`make_error`].
 pub fn make_servfail(buf: &mut [u8], q: Option<&Question>) -> usize {
+    make_error(buf, q, 2)
+}
+
+/// Turns a query in `buf` into an answer with `rcode` (SERVFAIL, REFUSED) in place: keeps the
+/// header and the first question (`q`, from [`question`]; none when it did not parse), sets QR
+/// and the RCODE, clears the other sections and returns the new length. Used when lb answers
+/// itself (no usable backend, access refused).
+pub fn make_error(buf: &mut [u8], q: Option<&Question>, rcode: u8) -> usize {
     buf[2] = (buf[2] & 0x79) | 0x80; // QR=1, keep opcode and RD, clear AA and TC
-    buf[3] = 0x02; // RA=0, Z=0, RCODE=SERVFAIL
+    buf[3] = rcode & 0x0f; // RA=0, Z=0
     let (qdcount, end) = match q {
         Some(q) if q.count > 0 => (1u16, q.end),
         _ => (0, HEADER_LEN),
     };
+    buf[4..6].copy_from_slice(&qdcount.to_be_bytes());
+    for b in &mut buf[6..12] {
+        *b = 0;
+    }
+    end
+}
+
+/// Turns an answer in `buf` into its truncated, empty form in place (TC=1, the first question
+/// kept, no records) and returns the new length: what response rate limiting "slips" so a real
+/// client retries over TCP.
+pub fn make_truncated(buf: &mut [u8]) -> usize {
+    let end = match question(buf) {
+        Ok(q) if q.count > 0 => q.end,
+        _ => HEADER_LEN,
+    };
+    buf[2] |= 0x02;
+    let qdcount: u16 = if end > HEADER_LEN { 1 } else { 0 };
     buf[4..6].copy_from_slice(&qdcount.to_be_bytes());
     for b in &mut buf[6..12] {
         *b = 0;
@@ -615,6 +643,24 @@ mod tests {
         set_id(&mut m, 0xbeef);
         assert_eq!(id(&m), 0xbeef);
         assert_eq!(header(&m).unwrap().id, 0xbeef);
+    }
+
+    #[test]
+    fn truncated_form_keeps_the_question_and_sets_tc() {
+        let mut m = query(&["a", "test"], 1);
+        let qlen = m.len();
+        m[2] |= 0x84;
+        m[7] = 1;
+        m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 1, 2, 3, 4]);
+        let n = make_truncated(&mut m);
+        assert_eq!(n, qlen);
+        let h = header(&m[..n]).unwrap();
+        assert!(h.tc && h.qr && h.aa);
+        assert_eq!((h.qdcount, h.ancount), (1, 0));
+        let mut refused = query(&["a"], 1);
+        let q = question(&refused).unwrap();
+        let n = make_error(&mut refused, Some(&q), 5);
+        assert_eq!(header(&refused[..n]).unwrap().rcode, 5);
     }
 
     #[test]

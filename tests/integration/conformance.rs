@@ -468,12 +468,19 @@ fn conformance_bind() -> Named {
 
 /// lb in front of one BIND, with room for the suite's parallel TCP connections.
 fn suite_lb(backends: &[SocketAddr], extra: &str) -> Lb {
-    Lb::start(&lb_config(
-        backends,
-        "round-robin",
-        &format!("timeout_ms = 2000\n\n[tcp]\nmax_connections_per_ip = 1000\n{extra}"),
+    Lb::start(&format!(
+        "{}\n{LOOPBACK_MAY_TRANSFER}",
+        lb_config(
+            backends,
+            "round-robin",
+            &format!("timeout_ms = 2000\n\n[tcp]\nmax_connections_per_ip = 1000\n{extra}"),
+        )
     ))
 }
+
+/// lb refuses zone transfers, UPDATE and NOTIFY unless `[access]` names the client: the
+/// suite's clients (loopback) are named, so BIND's own answers can be compared.
+const LOOPBACK_MAY_TRANSFER: &str = "[access]\ntransfer_allow = [\"127.0.0.0/8\", \"::1\"]\nupdate_allow = [\"127.0.0.0/8\", \"::1\"]\nnotify_allow = [\"127.0.0.0/8\", \"::1\"]\n";
 
 /// The comparison itself is sound: BIND compared with BIND (second answer asked again of
 /// BIND directly) passes every shape, so masks and stream ends neither hide nor invent

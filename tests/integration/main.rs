@@ -4,6 +4,7 @@ mod ansible;
 mod conformance;
 mod control;
 mod deploy;
+mod frontdoor;
 mod health;
 mod hostile;
 mod linode;

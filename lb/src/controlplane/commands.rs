@@ -143,7 +143,14 @@ impl ControlContext {
         let r = match cmd {
             ControlCommand::Status => Ok(ControlResult::Status(self.status())),
             ControlCommand::SetBackends { backends, verify } => {
-                self.set_backends(&backends, verify).await
+                let r = self.set_backends(&backends, verify).await;
+                if r.is_err() {
+                    self.shared
+                        .stats
+                        .swap_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                r
             }
             ControlCommand::Drain { backend } => self.set_drain(&backend, true),
             ControlCommand::Undrain { backend } => self.set_drain(&backend, false),
@@ -437,6 +444,10 @@ impl ControlContext {
             cfg.backends.servers.clone(),
         );
         state::save(path, &st).map_err(|e| {
+            self.shared
+                .stats
+                .state_write_failures
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!("cannot write state file {}: {e}", path.display());
             format!("cannot write state file {}: {e}", path.display())
         })

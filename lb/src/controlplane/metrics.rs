@@ -28,7 +28,8 @@ use crate::backend::{Backend, Shared};
 use crate::config::AllDown;
 use crate::lifecycle::Lifecycle;
 use crate::probe::ProbeFailure;
-use crate::stats::{BatchOp, DropReason, HistogramSnapshot, Proto, LATENCY_BUCKETS};
+use crate::rrl::Action;
+use crate::stats::{BatchOp, Denied, DropReason, HistogramSnapshot, Proto, LATENCY_BUCKETS};
 
 /// The Prometheus form of a latency histogram.
 fn histogram_proto(s: &HistogramSnapshot) -> proto::Histogram {
@@ -103,7 +104,7 @@ impl Family {
 }
 
 /// Family names, help texts, types and label names; also the collector's descriptors.
-const FAMILIES: [(&str, &str, MetricType, &[&str]); 19] = [
+const FAMILIES: [(&str, &str, MetricType, &[&str]); 24] = [
     (
         "lb_queries_total",
         "Queries received from clients, by protocol.",
@@ -218,6 +219,36 @@ const FAMILIES: [(&str, &str, MetricType, &[&str]); 19] = [
         MetricType::COUNTER,
         &["op"],
     ),
+    (
+        "lb_rrl_responses_total",
+        "UDP answers seen by response rate limiting, by what happened to them.",
+        MetricType::COUNTER,
+        &["action"],
+    ),
+    (
+        "lb_rrl_limited_prefixes",
+        "Client prefixes (per response class) limited within the last RRL window.",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_access_denied_total",
+        "Queries the access lists refused or dropped, by reason.",
+        MetricType::COUNTER,
+        &["reason"],
+    ),
+    (
+        "lb_state_file_write_failures_total",
+        "Writes of the state file that failed (the change was refused).",
+        MetricType::COUNTER,
+        &[],
+    ),
+    (
+        "lb_swap_failures_total",
+        "Backend set changes refused (invalid list, failed verification, state not writable).",
+        MetricType::COUNTER,
+        &[],
+    ),
 ];
 
 const RCODES: [&str; 16] = [
@@ -326,6 +357,16 @@ impl Collector for LbCollector {
             f[17].counter(&[("op", op.as_str())], calls);
             f[18].counter(&[("op", op.as_str())], datagrams);
         }
+        let rrl = &self.shared.rrl;
+        for (a, n) in Action::ALL.iter().zip(rrl.actions()) {
+            f[19].counter(&[("action", a.as_str())], n);
+        }
+        f[20].gauge(&[], rrl.limited_now() as f64);
+        for d in Denied::ALL {
+            f[21].counter(&[("reason", d.as_str())], st.denied_count(d));
+        }
+        f[22].counter(&[], st.state_write_failures.load(Ordering::Relaxed));
+        f[23].counter(&[], st.swap_failures.load(Ordering::Relaxed));
         f.into_iter()
             .map(|x| x.mf)
             .filter(|mf| !mf.get_metric().is_empty())

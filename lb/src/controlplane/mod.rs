@@ -4,6 +4,7 @@
 //! - [`health`]: the active checker (probes, `rise`/`fall`).
 //! - [`metrics`]: `/metrics` and `/healthz`, read from the atomics at scrape time.
 //! - [`upgrade`]: handing the listening sockets to a new binary.
+//! - [`rrl_watch`]: logging prefixes that start and stop being rate limited.
 //! - [`commands`]: what each control command does (status, swaps, drain, reload, upgrade).
 //! - [`socket`]: the control socket server speaking [`crate::control_protocol`].
 //!
@@ -13,5 +14,6 @@
 pub mod commands;
 pub mod health;
 pub mod metrics;
+pub mod rrl_watch;
 pub mod socket;
 pub mod upgrade;

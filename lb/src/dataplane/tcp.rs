@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::access::Verdict;
 use crate::backend::Shared;
 use crate::dataplane::query::{check_query, route, Route};
 use crate::dataplane::tcp_msg::{Answer, ClientHandle, TcpQuery};
@@ -244,7 +245,7 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, fe: &TcpFrontend) {
                 retried: false,
                 avoid: None,
             };
-            dispatch(fe, query, &mut counter);
+            dispatch(fe, query, peer, &mut counter);
         }
         let partial = !buf.is_empty();
         let wait = if partial {
@@ -257,7 +258,7 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, fe: &TcpFrontend) {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             },
-            Some(q) = retry_rx.recv() => dispatch(fe, q, &mut counter),
+            Some(q) = retry_rx.recv() => dispatch(fe, q, peer, &mut counter),
             _ = tokio::time::sleep(wait) => {
                 if partial {
                     stats.dropped(DropReason::TcpReadTimeout);
@@ -277,7 +278,7 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, fe: &TcpFrontend) {
     // query is answered or given up (each holds a sender), and then the writer ends too.
     drop(client);
     while let Some(q) = retry_rx.recv().await {
-        dispatch(fe, q, &mut counter);
+        dispatch(fe, q, peer, &mut counter);
     }
     let _ = writer.await;
 }
@@ -320,13 +321,23 @@ async fn write_answers(
     let _ = tokio::time::timeout(timeout, wr.shutdown()).await;
 }
 
-/// Routes a query over the current set and hands it to that backend's pool (or, for a zone
-/// transfer, to a connection of its own), or answers SERVFAIL, or drops it (counted).
-fn dispatch(fe: &TcpFrontend, mut q: TcpQuery, counter: &mut usize) {
+/// Checks a query against the access lists, routes it over the current set and hands it to
+/// that backend's pool (or, for a zone transfer, to a connection of its own); or answers
+/// REFUSED or SERVFAIL itself; or drops it (counted).
+fn dispatch(fe: &TcpFrontend, mut q: TcpQuery, peer: SocketAddr, counter: &mut usize) {
     let stats = &fe.shared.stats;
     let set = fe.shared.load();
     *counter = counter.wrapping_add(1);
     let msg = &q.frame[2..];
+    let qtype = q.question.filter(|q| q.count > 0).map(|q| q.qtype);
+    match set.access.check(peer.ip(), crate::wire::opcode(msg), qtype) {
+        Verdict::Pass => {}
+        Verdict::Drop(why) => return stats.denied(why),
+        Verdict::Refuse(why) => {
+            stats.denied(why);
+            return answer_self(q, RCODE_REFUSED);
+        }
+    }
     match route(&set, msg, q.question.as_ref(), *counter, stats, q.avoid) {
         Route::Backend(i) => {
             q.timeout = set.timeout;
@@ -344,18 +355,25 @@ fn dispatch(fe: &TcpFrontend, mut q: TcpQuery, counter: &mut usize) {
             }
         }
         Route::Drop(r) => stats.dropped(r),
-        Route::Servfail => {
-            let mut frame = q.frame;
-            let n = crate::wire::make_servfail(&mut frame[2..], q.question.as_ref());
-            frame.truncate(2 + n);
-            frame[..2].copy_from_slice(&(n as u16).to_be_bytes());
-            let _ = q.client.answers.try_send(Answer {
-                frame,
-                permit: Some(q.permit),
-                close: false,
-            });
-        }
+        Route::Servfail => answer_self(q, RCODE_SERVFAIL),
     }
+}
+
+const RCODE_SERVFAIL: u8 = 2;
+const RCODE_REFUSED: u8 = 5;
+
+/// Answers a query with `rcode` from lb itself.
+fn answer_self(q: TcpQuery, rcode: u8) {
+    let mut frame = q.frame;
+    let n = crate::wire::make_error(&mut frame[2..], q.question.as_ref(), rcode);
+    frame.truncate(2 + n);
+    frame[..2].copy_from_slice(&(n as u16).to_be_bytes());
+    // One place per permit: never full.
+    let _ = q.client.answers.try_send(Answer {
+        frame,
+        permit: Some(q.permit),
+        close: false,
+    });
 }
 
 #[cfg(test)]

@@ -35,12 +35,14 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use rand::Rng;
 
+use crate::access::Verdict;
 use crate::backend::{Backend, BackendSet, Shared};
 use crate::dataplane::query::{check_query, route, Route};
 use crate::inflight::{InflightTable, Origin};
 use crate::lifecycle::Lifecycle;
 use crate::mmsg::{RecvBatch, SendBatch, MAX_BATCH};
 use crate::probe::ProbeFailure;
+use crate::rrl::{Action, RrlPolicy};
 use crate::sockets::{build_upstream_udp, enable_pktinfo, BufferSizes};
 use crate::stats::{BatchOp, DropReason, LocalHistogram, Proto};
 use crate::systemd::Heartbeats;
@@ -50,6 +52,8 @@ use crate::wire::{self, Question};
 const TICK: Duration = Duration::from_millis(10);
 /// Largest UDP payload; answers are read into buffers this big.
 const MAX_UDP: usize = 65_535;
+/// The RCODE of lb's own answer to a query the access lists refuse.
+const RCODE_REFUSED: u8 = 5;
 /// Rounds of re-sending after sends found backends' ports closed; each query is re-sent at
 /// most once, so this bound is only a guard.
 const MAX_FLUSH_ROUNDS: usize = 4;
@@ -119,6 +123,12 @@ struct Worker {
     /// From the snapshot of `route_generation`: passive checks run, so a query refused by a
     /// closed port is kept and moved rather than dropped.
     evacuate_refused: bool,
+    /// From the snapshot of `route_generation`: response rate limiting, if on.
+    rrl: Option<Arc<RrlPolicy>>,
+    /// The rate table's second at this wake-up.
+    rrl_now: u32,
+    /// Answers by RRL action since the last flush, published once per flush.
+    rrl_tally: [u64; 4],
     shared: Arc<Shared>,
     settings: UdpSettings,
     /// Queries read from a listener.
@@ -172,6 +182,9 @@ impl Worker {
             route: Vec::new(),
             route_generation: 0,
             evacuate_refused: false,
+            rrl: None,
+            rrl_now: 0,
+            rrl_tally: [0; 4],
             shared,
             settings,
             // One byte more than allowed, to tell an oversized query from a full-size one.
@@ -223,6 +236,9 @@ impl Worker {
             let set = self.shared.load();
             if set.generation != self.route_generation {
                 self.rebuild_routes(&set);
+            }
+            if self.rrl.is_some() {
+                self.rrl_now = self.shared.rrl.now();
             }
             let hot = std::mem::take(&mut self.hot);
             for &tok in &hot {
@@ -282,6 +298,7 @@ impl Worker {
         }
         self.route_generation = set.generation;
         self.evacuate_refused = set.passive_timeouts != 0;
+        self.rrl = set.rrl.clone();
     }
 
     fn add_upstream(&mut self, backend: &Arc<Backend>) -> Option<usize> {
@@ -375,11 +392,45 @@ impl Worker {
             Ok(q) => q,
             Err(r) => return stats.dropped(r),
         };
+        let qtype = q.filter(|q| q.count > 0).map(|q| q.qtype);
+        match set
+            .access
+            .check(origin.client.ip(), wire::opcode(msg), qtype)
+        {
+            Verdict::Pass => {}
+            Verdict::Drop(why) => return stats.denied(why),
+            Verdict::Refuse(why) => {
+                stats.denied(why);
+                let n = wire::make_error(msg, q.as_ref(), RCODE_REFUSED);
+                return self.reply(origin, &mut msg[..n]);
+            }
+        }
         match self.forward(msg, q, origin, set, now) {
             Ok(_) => {}
             Err(Refusal::Drop(r)) => self.shared.stats.dropped(r),
             Err(Refusal::Servfail) => {
                 let n = wire::make_servfail(msg, q.as_ref());
+                self.reply(origin, &mut msg[..n]);
+            }
+        }
+    }
+
+    /// Sends an answer to the client of `origin`, unless response rate limiting drops it or
+    /// slips it (truncated, empty). Every UDP answer goes through here; TCP is never limited.
+    fn reply(&mut self, origin: Origin, msg: &mut [u8]) {
+        let action = match &self.rrl {
+            None => return self.queue_reply(origin, msg),
+            Some(p) => self
+                .shared
+                .rrl
+                .decide(p, origin.client.ip(), msg, self.rrl_now),
+        };
+        self.rrl_tally[action as usize] += 1;
+        match action {
+            Action::Send | Action::Logged => self.queue_reply(origin, msg),
+            Action::Drop => {}
+            Action::Slip => {
+                let n = wire::make_truncated(msg);
                 self.queue_reply(origin, &msg[..n]);
             }
         }
@@ -459,7 +510,7 @@ impl Worker {
         };
         tally.observe(slot.sent_at.elapsed());
         up.table.release(h.id);
-        self.queue_reply(origin, msg);
+        self.reply(origin, msg);
         true
     }
 
@@ -606,6 +657,10 @@ impl Worker {
             if !self.replies[li].is_empty() {
                 self.send_replies(li);
             }
+        }
+        if self.rrl_tally != [0; 4] {
+            self.shared.rrl.count(&self.rrl_tally);
+            self.rrl_tally = [0; 4];
         }
     }
 
