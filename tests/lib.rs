@@ -62,15 +62,26 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// A port free for both UDP and TCP on 127.0.0.1 at the time of the call.
+///
+/// Chosen below the kernel's ephemeral range (32768-60999 by default): a process that binds
+/// port 0 (every `lb` here, every client socket) can then never be handed the port between this
+/// check and the moment the caller (BIND) binds it. BIND binds with `SO_REUSEPORT`, and so does
+/// lb: a collision would silently share the port between two processes of different tests.
 pub fn free_port() -> u16 {
-    for _ in 0..100 {
-        let u = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = u.local_addr().unwrap().port();
+    const LOW: u32 = 20_000;
+    const HIGH: u32 = 32_700;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let seed = std::process::id() as usize * 7919 + NEXT.fetch_add(1, Ordering::Relaxed) * 104_729;
+    for k in 0..(HIGH - LOW) as usize {
+        let port = (LOW as usize + (seed + k * 7) % (HIGH - LOW) as usize) as u16;
+        let Ok(_u) = UdpSocket::bind(("127.0.0.1", port)) else {
+            continue;
+        };
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
-    panic!("no free port");
+    panic!("no free port in {LOW}..{HIGH}");
 }
 
 /// Output of a child process, collected by a reader thread.
@@ -714,7 +725,10 @@ impl Lb {
         let want_tcp = cfg.listen.tcp.len();
         cmd.args(["run", "--config"])
             .arg(&path)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("LB_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -800,6 +800,28 @@ impl BackendsConfig {
 
 #[cfg(test)]
 mod tests {
+    /// `lb/examples/lb.toml` shows every key: each one the config has (defaults filled in)
+    /// appears in the example, so a new key cannot be left out of it.
+    #[test]
+    fn the_example_lists_every_key() {
+        let text = include_str!("../examples/lb.toml");
+        let example: toml::Table = toml::from_str(text).unwrap();
+        let cfg = LbConfig::parse(text, Path::new("examples/lb.toml")).unwrap();
+        let full = toml::Table::try_from(&cfg).unwrap();
+        for (section, keys) in &full {
+            let toml::Value::Table(keys) = keys else {
+                continue;
+            };
+            for key in keys.keys() {
+                let shown = example
+                    .get(section)
+                    .and_then(|s| s.as_table())
+                    .is_some_and(|s| s.contains_key(key));
+                assert!(shown, "lb/examples/lb.toml lacks {section}.{key}");
+            }
+        }
+    }
+
     use super::*;
 
     const MINIMAL: &str = r#"

@@ -67,7 +67,13 @@ fn access_lists_refuse_or_drop_and_transfers_need_transfer_allow() {
     );
     assert_eq!(
         sample(&scrape, "lb_responses_total{rcode=\"REFUSED\"}"),
-        2.0
+        2.0,
+        "{}",
+        scrape
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with("process") && !l.contains("backend"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     // UPDATE and NOTIFY are refused too.
     for opcode in [4, 5] {

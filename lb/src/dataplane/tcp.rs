@@ -44,6 +44,8 @@ pub struct TcpSettings {
 
 /// Transfer messages queued per client connection before the transfer waits for the client.
 const STREAM_QUEUE: usize = 4;
+/// Once the process stops, a client connection closes after this long without a query.
+const DRAIN_IDLE: Duration = Duration::from_millis(50);
 
 /// Open client connections, in total and per source address.
 #[derive(Debug, Default)]
@@ -208,6 +210,7 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, fe: &TcpFrontend) {
 
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut counter = 0usize;
+    let mut stopping = false;
     'conn: loop {
         // Take every complete frame out of the buffer.
         loop {
@@ -229,12 +232,9 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, fe: &TcpFrontend) {
                     continue;
                 }
             };
-            let permit = tokio::select! {
-                p = Arc::clone(&permits).acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break 'conn,
-                },
-                _ = fe.lifecycle.stopped() => break 'conn,
+            // Answers return permits whatever the process is doing, so this wait ends.
+            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                break 'conn;
             };
             let query = TcpQuery {
                 frame,
@@ -250,6 +250,8 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, fe: &TcpFrontend) {
         let partial = !buf.is_empty();
         let wait = if partial {
             s.read_timeout
+        } else if stopping {
+            DRAIN_IDLE
         } else {
             s.idle_timeout
         };
@@ -265,12 +267,18 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, fe: &TcpFrontend) {
                     break;
                 }
                 if permits.available_permits() == s.max_in_flight_per_connection {
-                    stats.dropped(DropReason::TcpIdleTimeout);
+                    if !stopping {
+                        stats.dropped(DropReason::TcpIdleTimeout);
+                    }
                     break;
                 }
                 // Answers are still due: the client is waiting, not idle.
             }
-            _ = fe.lifecycle.stopped() => break,
+            // Stopping (SIGTERM, or an upgrade handed the sockets over): keep serving this
+            // client until it pauses, then close between its queries, so a client querying
+            // steadily is not cut off with a query in the air (it reconnects to whoever
+            // serves now). The process's drain deadline bounds this.
+            _ = fe.lifecycle.stopped(), if !stopping => stopping = true,
         }
     }
     tracing::debug!("tcp client {peer} done");
