@@ -73,8 +73,10 @@ fn a_burst_of_queries_is_batched_and_every_answer_matches_its_query() {
         .map(|(n, t)| udp_exchange(a.addr, &query_bytes(0, n, *t), T).expect("BIND answers"))
         .collect();
     let before = sample(&lb.scrape(), "lb_queries_total{protocol=\"udp\"}");
-    // 100 answers fit a client's default receive buffer; the burst is 800 queries.
-    const PER_CLIENT: usize = 100;
+    // The burst is 400 queries, 200 per backend: BIND reads with the default receive buffer
+    // (about 200 small datagrams), and a bigger burst loses queries in BIND's socket when the
+    // machine is busy, which is not what this test is about.
+    const PER_CLIENT: usize = 50;
     const CLIENTS: usize = 8;
     let clients: Vec<UdpSocket> = (0..CLIENTS)
         .map(|_| {
@@ -118,7 +120,7 @@ fn a_burst_of_queries_is_batched_and_every_answer_matches_its_query() {
     let calls = sample(&scrape, "lb_udp_batches_total{op=\"recv\"}");
     let moved = sample(&scrape, "lb_udp_batch_datagrams_total{op=\"recv\"}");
     assert!(
-        moved >= 1600.0,
+        moved >= (2 * CLIENTS * PER_CLIENT) as f64,
         "queries and answers were counted ({moved})"
     );
     assert!(
