@@ -99,6 +99,7 @@ fn bench(c: &mut Criterion) {
                     &q,
                     Some(question),
                     now,
+                    0,
                 )
                 .unwrap();
             wire::set_id(&mut buf, id);
@@ -108,7 +109,7 @@ fn bench(c: &mut Criterion) {
 
     let mut a = answer(&q);
     let id = table
-        .insert(|| 777, origin, &q, Some(question), now)
+        .insert(|| 777, origin, &q, Some(question), now, 0)
         .unwrap();
     wire::set_id(&mut a, id);
     c.bench_function("match_answer_and_restore_id", |b| {

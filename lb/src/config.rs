@@ -218,6 +218,13 @@ pub struct BackendsConfig {
     /// this long is re-sent to the new set, so killing an old backend right away costs no answer.
     #[serde(default = "default_resend_after_ms")]
     pub resend_after_ms: u64,
+    /// UDP sockets in use at once per backend and per worker, each on a port the kernel picks
+    /// at random (an answer is accepted only on the socket its query left from).
+    #[serde(default = "default_upstream_sockets")]
+    pub upstream_sockets: usize,
+    /// Queries one upstream socket sends before it is replaced by one on a new random port.
+    #[serde(default = "default_upstream_socket_queries")]
+    pub upstream_socket_queries: u32,
 }
 
 /// `[udp]`: per-socket settings; fixed after start.
@@ -300,6 +307,12 @@ fn default_max_in_flight() -> usize {
 }
 fn default_resend_after_ms() -> u64 {
     250
+}
+fn default_upstream_sockets() -> usize {
+    4
+}
+fn default_upstream_socket_queries() -> u32 {
+    100
 }
 fn default_max_datagram() -> usize {
     4096
@@ -721,7 +734,19 @@ impl LbConfig {
                 return Err(invalid(key, "must be greater than 0".into()));
             }
         }
-        let ranges: [(&str, usize, usize, usize); 8] = [
+        let ranges: [(&str, usize, usize, usize); 10] = [
+            (
+                "backends.upstream_sockets",
+                self.backends.upstream_sockets,
+                1,
+                64,
+            ),
+            (
+                "backends.upstream_socket_queries",
+                self.backends.upstream_socket_queries as usize,
+                1,
+                u32::MAX as usize,
+            ),
             (
                 "backends.max_in_flight",
                 self.backends.max_in_flight,

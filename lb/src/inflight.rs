@@ -33,6 +33,9 @@ pub struct Slot {
     pub question: Option<Question>,
     /// Already re-sent once after a swap; never re-sent twice.
     pub resent: bool,
+    /// The caller's number for the socket the query left from (its answer must come back on
+    /// it).
+    pub sock: u32,
     in_use: bool,
 }
 
@@ -92,6 +95,7 @@ impl InflightTable {
         query: &[u8],
         question: Option<Question>,
         now: Instant,
+        sock: u32,
     ) -> Result<u16, TableFull> {
         if self.in_use >= self.capacity {
             return Err(TableFull);
@@ -119,6 +123,7 @@ impl InflightTable {
                     query: Vec::with_capacity(QUERY_COPY_CAPACITY),
                     question,
                     resent: false,
+                    sock: 0,
                     in_use: false,
                 });
                 self.slots.len() - 1
@@ -135,6 +140,7 @@ impl InflightTable {
         slot.query.extend_from_slice(query);
         slot.question = question;
         slot.resent = false;
+        slot.sock = sock;
         slot.in_use = true;
         self.index[id as usize] = slot_no as u16 + 1;
         self.in_use += 1;
@@ -211,17 +217,33 @@ mod tests {
         let mut t = InflightTable::new(3);
         let mut seq = [7u16, 7, 7, 9, 9, 9, 9, 9, 9, 9, 9, 9].into_iter();
         let a = t
-            .insert(|| seq.next().unwrap(), from(client, 0), &m, question, now)
+            .insert(
+                || seq.next().unwrap(),
+                from(client, 0),
+                &m,
+                question,
+                now,
+                0,
+            )
             .unwrap();
         let b = t
-            .insert(|| seq.next().unwrap(), from(client, 1), &m, question, now)
+            .insert(
+                || seq.next().unwrap(),
+                from(client, 1),
+                &m,
+                question,
+                now,
+                0,
+            )
             .unwrap();
         assert_eq!(a, 7);
         assert_eq!(b, 9, "a taken ID is never reused while in flight");
-        let c = t.insert(|| 9, from(client, 1), &m, question, now).unwrap();
+        let c = t
+            .insert(|| 9, from(client, 1), &m, question, now, 0)
+            .unwrap();
         assert_eq!(c, 10, "falls back to probing");
         assert_eq!(
-            t.insert(|| 1, from(client, 0), &m, question, now),
+            t.insert(|| 1, from(client, 0), &m, question, now, 0),
             Err(TableFull)
         );
         let s = t.get(b).unwrap();
@@ -230,7 +252,7 @@ mod tests {
         assert!(!t.release(b));
         assert!(t.get(b).is_none());
         assert_eq!(t.len(), 2);
-        t.insert(|| 100, from(client, 0), &m, question, now)
+        t.insert(|| 100, from(client, 0), &m, question, now, 0)
             .unwrap();
         assert_eq!(t.slots.len(), 3, "freed slots are reused");
     }
@@ -248,7 +270,7 @@ mod tests {
             for (insert, x) in ops {
                 if insert {
                     let mut seed = x;
-                    let r = t.insert(|| { seed = seed.wrapping_mul(31).wrapping_add(7); seed }, from(client, 0), &m, question, now);
+                    let r = t.insert(|| { seed = seed.wrapping_mul(31).wrapping_add(7); seed }, from(client, 0), &m, question, now, 0);
                     match r {
                         Ok(id) => proptest::prop_assert!(model.insert(id), "id {} handed out twice", id),
                         Err(TableFull) => proptest::prop_assert_eq!(model.len(), 32),
@@ -271,13 +293,15 @@ mod tests {
         let client: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let t0 = Instant::now();
         let mut t = InflightTable::new(10);
-        t.insert(|| 1, from(client, 0), &m, question, t0).unwrap();
+        t.insert(|| 1, from(client, 0), &m, question, t0, 0)
+            .unwrap();
         t.insert(
             || 2,
             from(client, 0),
             &m,
             question,
             t0 + Duration::from_secs(1),
+            0,
         )
         .unwrap();
         let mut out = Vec::new();

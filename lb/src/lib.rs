@@ -17,7 +17,7 @@
 //! | 3 | stats, state |
 //! | 4 | rrl, access |
 //! | 5 | backend |
-//! | 6 | dataplane::query, dataplane::tcp_msg, controlplane::health, controlplane::metrics, controlplane::upgrade, controlplane::rrl_watch |
+//! | 6 | dataplane::query, dataplane::tcp_msg, dataplane::upstream, controlplane::health, controlplane::metrics, controlplane::upgrade, controlplane::rrl_watch |
 //! | 7 | dataplane::udp, dataplane::tcp_pool, dataplane::transfer, controlplane::commands |
 //! | 8 | dataplane::tcp, controlplane::socket |
 //! | 9 | server, ctl |

@@ -16,6 +16,7 @@ use crate::dataplane::tcp::{self, TcpFrontend, TcpSettings};
 use crate::dataplane::tcp_pool::PoolSettings;
 use crate::dataplane::transfer::TransferSettings;
 use crate::dataplane::udp::{self, UdpSettings};
+use crate::dataplane::upstream::UpstreamSettings;
 use crate::lifecycle::Lifecycle;
 use crate::sockets::{build_tcp_listener, build_udp_listener, BufferSizes};
 use crate::state;
@@ -275,8 +276,13 @@ pub fn run(
     let beats = Arc::new(Heartbeats::new(listeners.udp.len()));
     let udp_settings = UdpSettings {
         max_datagram: cfg.udp.max_datagram,
-        max_in_flight: cfg.backends.max_in_flight,
-        buffers: buffers(&cfg),
+        upstream: UpstreamSettings {
+            sockets: cfg.backends.upstream_sockets,
+            socket_queries: cfg.backends.upstream_socket_queries,
+            max_in_flight: cfg.backends.max_in_flight,
+            max_datagram: cfg.udp.max_datagram,
+            buffers: buffers(&cfg),
+        },
         drain_timeout,
     };
     let tcp_settings = tcp_settings(&cfg);

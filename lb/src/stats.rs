@@ -138,6 +138,8 @@ pub struct Stats {
     pub state_write_failures: AtomicU64,
     /// Swaps refused: invalid list, failed verification, state not writable.
     pub swap_failures: AtomicU64,
+    /// Upstream UDP sockets that could not be opened (e.g. at `RLIMIT_NOFILE`).
+    pub upstream_socket_failures: AtomicU64,
 }
 
 /// Why the access lists refused a query (`lb_access_denied_total{reason}`).

@@ -11,4 +11,5 @@ mod linode;
 mod observe;
 mod ops;
 mod proxy;
+mod spoof;
 mod upgrade;

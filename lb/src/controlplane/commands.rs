@@ -376,6 +376,11 @@ impl ControlContext {
         if new.backends.max_in_flight != old.backends.max_in_flight {
             fixed.push("backends.max_in_flight");
         }
+        if new.backends.upstream_sockets != old.backends.upstream_sockets
+            || new.backends.upstream_socket_queries != old.backends.upstream_socket_queries
+        {
+            fixed.push("backends.upstream_sockets/upstream_socket_queries");
+        }
         if new.rrl.entries != old.rrl.entries {
             fixed.push("rrl.entries");
         }

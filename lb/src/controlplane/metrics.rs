@@ -104,7 +104,7 @@ impl Family {
 }
 
 /// Family names, help texts, types and label names; also the collector's descriptors.
-const FAMILIES: [(&str, &str, MetricType, &[&str]); 24] = [
+const FAMILIES: [(&str, &str, MetricType, &[&str]); 25] = [
     (
         "lb_queries_total",
         "Queries received from clients, by protocol.",
@@ -249,6 +249,12 @@ const FAMILIES: [(&str, &str, MetricType, &[&str]); 24] = [
         MetricType::COUNTER,
         &[],
     ),
+    (
+        "lb_upstream_socket_failures_total",
+        "Upstream UDP sockets (random source ports) that could not be opened; the ones in use stay.",
+        MetricType::COUNTER,
+        &[],
+    ),
 ];
 
 const RCODES: [&str; 16] = [
@@ -367,6 +373,7 @@ impl Collector for LbCollector {
         }
         f[22].counter(&[], st.state_write_failures.load(Ordering::Relaxed));
         f[23].counter(&[], st.swap_failures.load(Ordering::Relaxed));
+        f[24].counter(&[], st.upstream_socket_failures.load(Ordering::Relaxed));
         f.into_iter()
             .map(|x| x.mf)
             .filter(|mf| !mf.get_metric().is_empty())

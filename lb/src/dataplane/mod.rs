@@ -2,7 +2,9 @@
 //!
 //! - [`query`]: what both transports share: validating a client query and routing it over the
 //!   current [`crate::backend::BackendSet`].
-//! - [`udp`]: worker threads with batched I/O and per-backend in-flight tables.
+//! - [`upstream`]: a UDP worker's sockets to each backend (random ports, replaced as used) and
+//!   in-flight tables.
+//! - [`udp`]: worker threads with batched I/O.
 //! - [`tcp_msg`]: what a TCP client connection and the tasks serving its queries pass each
 //!   other.
 //! - [`tcp_pool`]: pooled, pipelined connections to each backend.
@@ -18,3 +20,4 @@ pub mod tcp_msg;
 pub mod tcp_pool;
 pub mod transfer;
 pub mod udp;
+pub mod upstream;

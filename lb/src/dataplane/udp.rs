@@ -1,9 +1,11 @@
 //! The UDP path: worker threads that forward queries and relay answers.
 //!
 //! Each worker is one OS thread with its own `mio` poll, its own `SO_REUSEPORT` listener per
-//! address, and its own connected upstream socket and [`InflightTable`] per backend. Nothing on
-//! this path is shared between workers except the backend snapshot (loaded once per wake-up)
-//! and atomic counters, so there is no lock and, once the tables are warm, no allocation.
+//! address, and its own [`Upstreams`]: per backend a few connected upstream sockets on random
+//! ports (replaced as they are used, see [`crate::dataplane::upstream`]) and one in-flight
+//! table. Nothing on this path is shared between workers except the backend snapshot (loaded
+//! once per wake-up), the rate-limiting table and atomic counters, so there is no lock and,
+//! once the tables are warm, no allocation.
 //!
 //! Datagrams move in batches ([`crate::mmsg`]): one `recvmmsg` reads what a socket has queued,
 //! the queries it yields are queued per backend and leave in one `sendmmsg` per backend, and
@@ -26,7 +28,6 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -36,14 +37,15 @@ use mio::{Events, Interest, Poll, Token};
 use rand::Rng;
 
 use crate::access::Verdict;
-use crate::backend::{Backend, BackendSet, Shared};
+use crate::backend::{BackendSet, Shared};
 use crate::dataplane::query::{check_query, route, Route};
-use crate::inflight::{InflightTable, Origin};
+use crate::dataplane::upstream::{Enqueue, UpstreamSettings, Upstreams};
+use crate::inflight::Origin;
 use crate::lifecycle::Lifecycle;
 use crate::mmsg::{RecvBatch, SendBatch, MAX_BATCH};
 use crate::probe::ProbeFailure;
 use crate::rrl::{Action, RrlPolicy};
-use crate::sockets::{build_upstream_udp, enable_pktinfo, BufferSizes};
+use crate::sockets::enable_pktinfo;
 use crate::stats::{BatchOp, DropReason, LocalHistogram, Proto};
 use crate::systemd::Heartbeats;
 use crate::wire::{self, Question};
@@ -62,8 +64,7 @@ const MAX_FLUSH_ROUNDS: usize = 4;
 #[derive(Debug, Clone, Copy)]
 pub struct UdpSettings {
     pub max_datagram: usize,
-    pub max_in_flight: usize,
-    pub buffers: BufferSizes,
+    pub upstream: UpstreamSettings,
     /// After shutdown starts, how long to keep waiting for answers to queries in flight.
     pub drain_timeout: Duration,
 }
@@ -93,17 +94,6 @@ pub fn spawn_workers(
     Ok(handles)
 }
 
-/// A worker's connection to one backend.
-struct Upstream {
-    backend: Arc<Backend>,
-    socket: UdpSocket,
-    table: InflightTable,
-    /// Queries waiting for the next `sendmmsg`, tagged with their upstream ID.
-    out: SendBatch,
-    /// The backend is no longer in the current set; kept until its table is empty.
-    retired: bool,
-}
-
 /// Why a query was not forwarded.
 enum Refusal {
     /// Drop it and count this reason.
@@ -115,8 +105,8 @@ enum Refusal {
 struct Worker {
     poll: Poll,
     listeners: Vec<UdpSocket>,
-    /// Slab of upstreams; token = listeners.len() + index.
-    upstreams: Vec<Option<Upstream>>,
+    /// The paths to the backends; their sockets' tokens start at `listeners.len()`.
+    up: Upstreams,
     /// For the snapshot of `route_generation`: backend index -> upstream index.
     route: Vec<Option<usize>>,
     route_generation: u64,
@@ -177,8 +167,12 @@ impl Worker {
             .collect();
         Ok(Worker {
             poll,
+            up: Upstreams::new(
+                listeners.len(),
+                settings.upstream,
+                Arc::clone(&shared.stats),
+            ),
             listeners,
-            upstreams: Vec::new(),
             route: Vec::new(),
             route_generation: 0,
             evacuate_refused: false,
@@ -245,7 +239,7 @@ impl Worker {
                 let more = if tok.0 < self.listeners.len() {
                     stopping.is_none() && self.read_listener(tok.0, &set)
                 } else {
-                    self.read_upstream(tok.0 - self.listeners.len())
+                    self.read_upstream(tok)
                 };
                 // Send at once per socket batch, so backends and clients start working while
                 // the next socket is read.
@@ -265,7 +259,7 @@ impl Worker {
                 self.flush(&set);
             }
             if let Some(since) = stopping {
-                let in_flight: usize = self.upstreams.iter().flatten().map(|u| u.table.len()).sum();
+                let in_flight: usize = self.up.iter().map(|u| u.table.len()).sum();
                 if in_flight == 0 || since.elapsed() >= self.settings.drain_timeout {
                     return;
                 }
@@ -276,65 +270,25 @@ impl Worker {
     /// Maps the new snapshot's backends to upstreams, creating sockets for new backends and
     /// retiring (not closing) those of removed ones.
     fn rebuild_routes(&mut self, set: &BackendSet) {
-        for u in self.upstreams.iter_mut().flatten() {
-            u.retired = true;
+        for ui in 0..self.up.len() {
+            self.up.set_retired(ui, true);
         }
         self.route.clear();
         for b in &set.backends {
-            let existing = self
-                .upstreams
-                .iter()
-                .position(|u| u.as_ref().is_some_and(|u| Arc::ptr_eq(&u.backend, b)));
-            let idx = match existing {
+            let idx = match self.up.find(b) {
                 Some(i) => Some(i),
-                None => self.add_upstream(b),
+                None => self.up.add(b, self.poll.registry()),
             };
             if let Some(i) = idx {
-                if let Some(u) = self.upstreams[i].as_mut() {
-                    u.retired = false;
-                }
+                self.up.set_retired(i, false);
+            } else {
+                tracing::warn!("no upstream socket to {}: its queries are dropped", b.addr);
             }
             self.route.push(idx);
         }
         self.route_generation = set.generation;
         self.evacuate_refused = set.passive_timeouts != 0;
         self.rrl = set.rrl.clone();
-    }
-
-    fn add_upstream(&mut self, backend: &Arc<Backend>) -> Option<usize> {
-        let sock = match build_upstream_udp(backend.addr, self.settings.buffers) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("cannot open upstream socket to {}: {e}", backend.addr);
-                return None;
-            }
-        };
-        let mut socket = UdpSocket::from_std(sock);
-        let idx = self
-            .upstreams
-            .iter()
-            .position(Option::is_none)
-            .unwrap_or_else(|| {
-                self.upstreams.push(None);
-                self.upstreams.len() - 1
-            });
-        let token = Token(self.listeners.len() + idx);
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut socket, token, Interest::READABLE)
-        {
-            tracing::warn!("cannot register upstream socket to {}: {e}", backend.addr);
-            return None;
-        }
-        self.upstreams[idx] = Some(Upstream {
-            backend: Arc::clone(backend),
-            socket,
-            table: InflightTable::new(self.settings.max_in_flight),
-            out: SendBatch::new(self.settings.max_datagram),
-            retired: false,
-        });
-        Some(idx)
     }
 
     // ----- phase 1: reading -----
@@ -436,15 +390,14 @@ impl Worker {
         }
     }
 
-    /// Reads one batch of answers from upstream `ui` and queues those that match a query in
-    /// flight; true if the socket may have more. A closed port is only noted here.
-    fn read_upstream(&mut self, ui: usize) -> bool {
-        let Some(fd) = self
-            .upstreams
-            .get(ui)
-            .and_then(Option::as_ref)
-            .map(|u| u.socket.as_raw_fd())
-        else {
+    /// Reads one batch of answers from the upstream socket of `token` and queues those that
+    /// match a query in flight; true if the socket may have more. A closed port is only noted
+    /// here.
+    fn read_upstream(&mut self, token: Token) -> bool {
+        let Some((si, ui)) = self.up.by_token(token) else {
+            return false;
+        };
+        let Some(fd) = self.up.fd(si) else {
             return false;
         };
         let mut batch = std::mem::take(&mut self.answers);
@@ -455,9 +408,9 @@ impl Worker {
                 let mut id_matched = false;
                 for i in 0..n {
                     let (msg, _, _) = batch.get_mut(i);
-                    id_matched |= self.relay_answer(ui, msg, &mut tally);
+                    id_matched |= self.relay_answer(si, ui, msg, &mut tally);
                 }
-                if let Some(up) = self.upstreams[ui].as_ref() {
+                if let Some(up) = self.up.get(ui) {
                     up.backend.state.answered(&tally);
                     if id_matched {
                         up.backend.state.alive();
@@ -477,13 +430,17 @@ impl Worker {
         more
     }
 
-    /// Matches one answer from upstream `ui` to its query, queues it for the client and
-    /// tallies it (the backend's counters are updated once per batch). Returns whether its ID
-    /// matched a query in flight: proof the backend is alive, even if the answer is refused.
-    fn relay_answer(&mut self, ui: usize, msg: &mut [u8], tally: &mut LocalHistogram) -> bool {
-        let Some(up) = self.upstreams[ui].as_mut() else {
-            return false;
-        };
+    /// Matches one answer that arrived on socket `si` (of upstream `ui`) to its query, queues
+    /// it for the client and tallies it (the backend's counters are updated once per batch).
+    /// Returns whether its ID matched a query in flight from that socket: proof the backend is
+    /// alive, even if the answer is refused.
+    fn relay_answer(
+        &mut self,
+        si: usize,
+        ui: usize,
+        msg: &mut [u8],
+        tally: &mut LocalHistogram,
+    ) -> bool {
         let stats = &self.shared.stats;
         let Ok(h) = wire::header(msg) else {
             stats.dropped(DropReason::BadAnswer);
@@ -493,7 +450,8 @@ impl Worker {
             stats.dropped(DropReason::BadAnswer);
             return false;
         }
-        let Some(slot) = up.table.get(h.id) else {
+        // Only the socket the query left from: a forger must guess the port as well as the ID.
+        let Some(slot) = self.up.slot(si, h.id) else {
             stats.dropped(DropReason::UnmatchedAnswer);
             return false;
         };
@@ -509,7 +467,7 @@ impl Worker {
             local: slot.local,
         };
         tally.observe(slot.sent_at.elapsed());
-        up.table.release(h.id);
+        self.up.release(ui, h.id, self.poll.registry());
         self.reply(origin, msg);
         true
     }
@@ -539,32 +497,17 @@ impl Worker {
             .copied()
             .flatten()
             .ok_or(Refusal::Drop(DropReason::SendFailed))?;
-        if self.upstreams[ui]
-            .as_ref()
-            .is_some_and(|u| u.out.is_full(msg.len()))
-        {
-            self.send_queued(ui);
+        if let Some(si) = self.up.full_socket(ui, msg.len()) {
+            self.send_queued(si);
         }
         let rng = &mut self.rng;
-        let Some(up) = self.upstreams[ui].as_mut() else {
-            return Err(Refusal::Drop(DropReason::SendFailed));
-        };
-        let id = up
-            .table
-            .insert(|| rng.random(), origin, msg, q, now)
-            .map_err(|_| Refusal::Drop(DropReason::BackendFull))?;
-        let client_id = wire::id(msg);
-        wire::set_id(msg, id);
-        let queued = up.out.push(msg, None, u32::from(id));
-        wire::set_id(msg, client_id);
-        if !queued {
+        match self.up.enqueue(ui, || rng.random(), origin, msg, q, now) {
+            Ok((id, _)) => Ok((ui, id)),
+            Err(Enqueue::TableFull) => Err(Refusal::Drop(DropReason::BackendFull)),
             // Only a query longer than max_datagram could fail to fit, and those are dropped
-            // before this point.
-            up.table.release(id);
-            return Err(Refusal::Drop(DropReason::SendFailed));
+            // before this point; no socket: counted as a failed send.
+            Err(Enqueue::NoSocket | Enqueue::TooLong) => Err(Refusal::Drop(DropReason::SendFailed)),
         }
-        up.backend.state.in_flight_add(1);
-        Ok((ui, id))
     }
 
     /// Queues an answer to the client of `origin`, from the listener (and, on a wildcard
@@ -589,37 +532,24 @@ impl Worker {
 
     // ----- phase 2: sending -----
 
-    /// Sends the queries queued for upstream `ui`. A query the kernel refuses is taken out of
-    /// the table and counted, except when the backend's port is closed and health checks run:
-    /// then it stays, the refusal is noted, and [`Self::flush`] evacuates it.
-    fn send_queued(&mut self, ui: usize) {
+    /// Sends the queries queued on upstream socket `si`. A query the kernel refuses is taken
+    /// out of the table and counted, except when the backend's port is closed and health checks
+    /// run: then it stays, the refusal is noted, and [`Self::flush`] evacuates it.
+    fn send_queued(&mut self, si: usize) {
         let keep_refused = self.evacuate_refused;
-        let Some(up) = self.upstreams[ui].as_mut() else {
-            return;
-        };
-        if up.out.is_empty() {
+        let f = self.up.send(si, keep_refused, self.poll.registry());
+        if f.queued == 0 {
             return;
         }
-        let fd = up.socket.as_raw_fd();
         let stats = &self.shared.stats;
-        let (mut sent, mut refused) = (0u64, false);
-        let queued = up.out.len();
-        let calls = up.out.flush(fd, |(tag, _, result)| match result {
-            Ok(()) => sent += 1,
-            Err(e) if keep_refused && e.kind() == io::ErrorKind::ConnectionRefused => {
-                refused = true;
+        stats.batch(BatchOp::Send, f.calls, f.queued);
+        for _ in 0..f.failed {
+            stats.dropped(DropReason::SendFailed);
+        }
+        if f.refused {
+            if let Some((_, ui)) = self.up.by_token(Token(self.listeners.len() + si)) {
+                self.note_refused(ui);
             }
-            Err(_) => {
-                if up.table.release(tag as u16) {
-                    up.backend.state.in_flight_done();
-                }
-                stats.dropped(DropReason::SendFailed);
-            }
-        });
-        up.backend.state.queries.fetch_add(sent, Ordering::Relaxed);
-        stats.batch(BatchOp::Send, calls, queued);
-        if refused {
-            self.note_refused(ui);
         }
     }
 
@@ -640,8 +570,8 @@ impl Worker {
     /// the queries they had are sent in the next round (bounded: a query moves once).
     fn flush(&mut self, set: &BackendSet) {
         for _ in 0..MAX_FLUSH_ROUNDS {
-            for ui in 0..self.upstreams.len() {
-                self.send_queued(ui);
+            for si in 0..self.up.socket_slots() {
+                self.send_queued(si);
             }
             if self.refused.is_empty() {
                 break;
@@ -669,7 +599,7 @@ impl Worker {
     /// had in flight for the rest of the set instead of letting those queries time out. The
     /// active probe brings it back. Without health checks nothing would, so timeouts decide.
     fn evacuate(&mut self, ui: usize, set: &BackendSet) {
-        let Some(up) = self.upstreams[ui].as_mut() else {
+        let Some(up) = self.up.get(ui) else {
             return;
         };
         if set.passive_timeouts == 0 {
@@ -694,8 +624,8 @@ impl Worker {
     /// Times out old queries, re-sends those stuck on removed or down backends, and closes
     /// retired upstreams whose tables are empty.
     fn scan_tables(&mut self, set: &BackendSet, now: Instant) {
-        for ui in 0..self.upstreams.len() {
-            let Some(up) = self.upstreams[ui].as_mut() else {
+        for ui in 0..self.up.len() {
+            let Some(up) = self.up.get(ui) else {
                 continue;
             };
             let mut expired = std::mem::take(&mut self.expired);
@@ -710,20 +640,19 @@ impl Worker {
             } else {
                 up.table.older_than(now, set.timeout, &mut expired);
                 for &id in &expired {
-                    if expire(up, id, &self.shared)
-                        && up.backend.passive_timeout(set.passive_timeouts)
-                    {
-                        self.shared.request_probe();
+                    if self.expire(ui, id) {
+                        let suspect = self
+                            .up
+                            .get(ui)
+                            .is_some_and(|u| u.backend.passive_timeout(set.passive_timeouts));
+                        if suspect {
+                            self.shared.request_probe();
+                        }
                     }
                 }
             }
             self.expired = expired;
-            if let Some(up) = self.upstreams[ui].as_mut() {
-                if up.retired && up.table.is_empty() {
-                    let _ = self.poll.registry().deregister(&mut up.socket);
-                    self.upstreams[ui] = None;
-                }
-            }
+            self.up.close_if_drained(ui, self.poll.registry());
         }
     }
 
@@ -731,15 +660,12 @@ impl Worker {
     /// to the current set; if it was already re-sent, count a timeout once the normal timeout
     /// has passed.
     fn resend_or_expire(&mut self, ui: usize, id: u16, set: &BackendSet, now: Instant) {
-        let Some(up) = self.upstreams[ui].as_mut() else {
-            return;
-        };
-        let Some(slot) = up.table.get(id) else {
+        let Some(slot) = self.up.get(ui).and_then(|u| u.table.get(id)) else {
             return;
         };
         if slot.resent {
             if now.saturating_duration_since(slot.sent_at) >= set.timeout {
-                expire(up, id, &self.shared);
+                self.expire(ui, id);
             }
             return;
         }
@@ -748,7 +674,7 @@ impl Worker {
 
     /// Moves one query from upstream `ui` to a backend of the current set (once per query).
     fn resend_once(&mut self, ui: usize, id: u16, set: &BackendSet, now: Instant) {
-        let Some(up) = self.upstreams[ui].as_mut() else {
+        let Some(up) = self.up.get(ui) else {
             return;
         };
         let Some(slot) = up.table.get(id) else {
@@ -766,14 +692,13 @@ impl Worker {
         let mut msg = std::mem::take(&mut self.resend_buf);
         msg.clear();
         msg.extend_from_slice(&slot.query);
-        up.table.release(id);
         up.backend.state.in_flight_done();
+        self.up.release(ui, id, self.poll.registry());
         match self.forward(&mut msg, question, origin, set, now) {
             Ok((new_ui, new_id)) => {
                 if let Some(slot) = self
-                    .upstreams
+                    .up
                     .get_mut(new_ui)
-                    .and_then(Option::as_mut)
                     .and_then(|u| u.table.get_mut(new_id))
                 {
                     slot.resent = true;
@@ -785,14 +710,18 @@ impl Worker {
         }
         self.resend_buf = msg;
     }
-}
 
-/// Gives up on query `id` of `up` as a backend timeout; false if it was no longer in flight.
-fn expire(up: &mut Upstream, id: u16, shared: &Shared) -> bool {
-    if !up.table.release(id) {
-        return false;
+    /// Gives up on query `id` of upstream `ui` as a backend timeout; false if it was no longer
+    /// in flight.
+    fn expire(&mut self, ui: usize, id: u16) -> bool {
+        let Some(backend) = self.up.get(ui).map(|u| Arc::clone(&u.backend)) else {
+            return false;
+        };
+        if self.up.release(ui, id, self.poll.registry()).is_none() {
+            return false;
+        }
+        backend.state.timed_out();
+        self.shared.stats.dropped(DropReason::BackendTimeout);
+        true
     }
-    up.backend.state.timed_out();
-    shared.stats.dropped(DropReason::BackendTimeout);
-    true
 }

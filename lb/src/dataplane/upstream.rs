@@ -29,6 +29,7 @@ use crate::backend::Backend;
 use crate::inflight::{InflightTable, Origin, Slot, TableFull};
 use crate::mmsg::SendBatch;
 use crate::sockets::{build_upstream_udp, BufferSizes};
+use crate::stats::Stats;
 use crate::wire::Question;
 
 /// Replaced sockets still waiting for answers, per backend per worker.
@@ -84,8 +85,8 @@ pub struct Upstreams {
     settings: UpstreamSettings,
     /// Send batches of closed sockets, reused so replacing a socket allocates nothing.
     spare: Vec<SendBatch>,
-    /// Sockets that could not be opened, since start.
-    pub failures: u64,
+    /// Counts sockets that could not be opened.
+    stats: Arc<Stats>,
     last_log: Option<Instant>,
 }
 
@@ -103,14 +104,14 @@ pub struct Flushed {
 }
 
 impl Upstreams {
-    pub fn new(token_base: usize, settings: UpstreamSettings) -> Upstreams {
+    pub fn new(token_base: usize, settings: UpstreamSettings, stats: Arc<Stats>) -> Upstreams {
         Upstreams {
             list: Vec::new(),
             socks: Vec::new(),
             token_base,
             settings,
             spare: Vec::new(),
-            failures: 0,
+            stats,
             last_log: None,
         }
     }
@@ -196,16 +197,25 @@ impl Upstreams {
         let addr = self.list[ui].as_ref()?.backend.addr;
         let opened = build_upstream_udp(addr, self.settings.buffers).and_then(|s| {
             let mut socket = UdpSocket::from_std(s);
-            let si = self.socks.iter().position(Option::is_none).unwrap_or(self.socks.len());
+            let si = self
+                .socks
+                .iter()
+                .position(Option::is_none)
+                .unwrap_or(self.socks.len());
             registry.register(&mut socket, Token(self.token_base + si), Interest::READABLE)?;
             Ok((si, socket))
         });
         let (si, socket) = match opened {
             Ok(x) => x,
             Err(e) => {
-                self.failures += 1;
+                self.stats
+                    .upstream_socket_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let now = Instant::now();
-                if self.last_log.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
+                if self
+                    .last_log
+                    .is_none_or(|t| now.duration_since(t) >= LOG_EVERY)
+                {
                     self.last_log = Some(now);
                     tracing::warn!(
                         "cannot open an upstream socket to {addr} ({e}); the sockets in use stay in use"
@@ -420,16 +430,9 @@ impl Upstreams {
         self.list[ui] = None;
     }
 
-    /// Queries queued on no socket of `ui` wait to be sent: the sockets with something queued.
-    pub fn pending(&self, ui: usize) -> impl Iterator<Item = usize> + '_ {
-        self.get(ui)
-            .into_iter()
-            .flat_map(|u| u.active.iter().copied())
-            .filter(|&si| {
-                self.socks[si]
-                    .as_ref()
-                    .is_some_and(|s| !s.out.is_empty())
-            })
+    /// Socket slots (open or free): the range [`Upstreams::send`] takes.
+    pub fn socket_slots(&self) -> usize {
+        self.socks.len()
     }
 
     /// Sockets open to backend `ui` (in use and replaced), for tests and metrics.
