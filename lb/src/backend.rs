@@ -23,6 +23,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::access::AccessPolicy;
+use crate::cache::PacketCache;
 use crate::config::{AllDown, BackendAddr, LbConfig};
 use crate::policy::{pick, Candidate, PickContext, Policy};
 use crate::probe::ProbeFailure;
@@ -60,6 +61,9 @@ pub struct BackendState {
     passive_timeouts: AtomicU32,
     /// Passive detection suspects the backend and asked for a probe to confirm.
     suspect: AtomicBool,
+    /// Its last probe saw a zone serial lower than another backend's: its answers are not
+    /// cached (written by the checker only).
+    behind: AtomicBool,
     /// A probe of this backend is in flight (one at most).
     probe_running: AtomicBool,
     health_failures: [AtomicU64; ProbeFailure::ALL.len()],
@@ -81,6 +85,7 @@ impl BackendState {
             health_fail: AtomicU32::new(0),
             passive_timeouts: AtomicU32::new(0),
             suspect: AtomicBool::new(false),
+            behind: AtomicBool::new(false),
             probe_running: AtomicBool::new(false),
             health_failures: Default::default(),
             latency: LatencyHistogram::default(),
@@ -131,6 +136,17 @@ impl BackendState {
         if self.passive_timeouts.load(Ordering::Relaxed) != 0 {
             self.passive_timeouts.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// True if its zones lag another backend's serial (its answers are not cached).
+    #[inline]
+    pub fn is_behind(&self) -> bool {
+        self.behind.load(Ordering::Relaxed)
+    }
+
+    /// The checker's verdict on the serials it last saw.
+    pub fn set_behind(&self, behind: bool) {
+        self.behind.store(behind, Ordering::Relaxed);
     }
 
     /// Clears and returns the passive suspicion (the checker, when a probe result is in).
@@ -457,6 +473,8 @@ pub struct Shared {
     probe_wanted: tokio::sync::Notify,
     /// Response rate limiting's balances, shared by every UDP worker (fixed size).
     pub rrl: RrlTable,
+    /// The packet cache, shared by every worker and the TCP path; `None` when off.
+    pub cache: Option<Arc<PacketCache>>,
 }
 
 /// The backends of a swap about to be stored, for the caller to persist first.
@@ -493,7 +511,17 @@ impl Shared {
             retired: Mutex::new(Vec::new()),
             probe_wanted: tokio::sync::Notify::new(),
             rrl: RrlTable::new(rrl_entries),
+            cache: None,
         }
+    }
+
+    /// With a packet cache (at start only: the cache is fixed for the process's life).
+    pub fn with_cache(mut self, cache: Option<PacketCache>) -> Shared {
+        if let Some(c) = &cache {
+            c.set_generation(self.set.load().generation);
+        }
+        self.cache = cache.map(Arc::new);
+        self
     }
 
     /// Asks the checker to probe now (a backend became suspect on live traffic). Rare: once
@@ -570,6 +598,11 @@ impl Shared {
         }
         self.set
             .store(Arc::new(BackendSet::new(generation, backends, params)));
+        // Answers to queries forwarded to the old set are not stored from now on, and lookups
+        // under the new set find nothing of the old one: the cache is flushed.
+        if let Some(c) = &self.cache {
+            c.set_generation(generation);
+        }
         self.stats.swaps.fetch_add(1, Ordering::Relaxed);
         let current = self.set.load();
         let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());

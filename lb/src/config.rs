@@ -90,6 +90,31 @@ pub struct LbConfig {
     pub rrl: RrlConfig,
     #[serde(default)]
     pub access: AccessConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// `[cache]`: the packet cache; fixed after start.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Answers kept (0 = no cache, the default). Memory is fixed: `entries` × `max_answer_size`
+    /// bytes, plus 40 bytes each.
+    #[serde(default)]
+    pub entries: usize,
+    /// The largest answer stored, in bytes; larger ones are not cached.
+    #[serde(default = "default_cache_max_answer_size")]
+    pub max_answer_size: usize,
+    /// Longest time an answer is kept, whatever its TTL.
+    #[serde(default = "default_cache_max_ttl")]
+    pub max_ttl: u32,
+    /// Longest time an NXDOMAIN or NODATA answer is kept (also bounded by the SOA's minimum).
+    #[serde(default = "default_cache_negative_ttl")]
+    pub negative_ttl: u32,
+    /// How long past its expiry an answer may still be served while every backend is down
+    /// (0 = never).
+    #[serde(default)]
+    pub stale_ttl: u32,
 }
 
 /// `[rrl]`: response rate limiting with BIND's semantics (per client prefix and response
@@ -381,6 +406,28 @@ impl Default for UdpConfig {
             max_datagram: default_max_datagram(),
             recv_buffer: default_socket_buffer(),
             send_buffer: default_socket_buffer(),
+        }
+    }
+}
+
+fn default_cache_max_answer_size() -> usize {
+    512
+}
+fn default_cache_max_ttl() -> u32 {
+    86_400
+}
+fn default_cache_negative_ttl() -> u32 {
+    3_600
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            entries: 0,
+            max_answer_size: default_cache_max_answer_size(),
+            max_ttl: default_cache_max_ttl(),
+            negative_ttl: default_cache_negative_ttl(),
+            stale_ttl: 0,
         }
     }
 }
@@ -783,6 +830,19 @@ impl LbConfig {
         }
         self.health.validate().map_err(|(k, m)| invalid(&k, m))?;
         self.rrl.validate().map_err(|(k, m)| invalid(&k, m))?;
+        for (key, v, lo, hi) in [
+            ("cache.entries", self.cache.entries, 0, 1 << 24),
+            (
+                "cache.max_answer_size",
+                self.cache.max_answer_size,
+                64,
+                65_535,
+            ),
+        ] {
+            if v < lo || v > hi {
+                return Err(invalid(key, format!("{v} is outside {lo}..={hi}")));
+            }
+        }
         for (key, list) in [
             ("access.allow", &self.access.allow),
             ("access.deny", &self.access.deny),

@@ -36,6 +36,8 @@ pub struct Slot {
     /// The caller's number for the socket the query left from (its answer must come back on
     /// it).
     pub sock: u32,
+    /// The cache epoch the query was forwarded in, if its answer may be cached (0: not).
+    pub cache_epoch: u64,
     in_use: bool,
 }
 
@@ -124,6 +126,7 @@ impl InflightTable {
                     question,
                     resent: false,
                     sock: 0,
+                    cache_epoch: 0,
                     in_use: false,
                 });
                 self.slots.len() - 1
@@ -141,6 +144,7 @@ impl InflightTable {
         slot.question = question;
         slot.resent = false;
         slot.sock = sock;
+        slot.cache_epoch = 0;
         slot.in_use = true;
         self.index[id as usize] = slot_no as u16 + 1;
         self.in_use += 1;

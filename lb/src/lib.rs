@@ -15,7 +15,7 @@
 //! | 1 | policy, probe, inflight, xfr |
 //! | 2 | config |
 //! | 3 | stats, state |
-//! | 4 | rrl, access |
+//! | 4 | rrl, access, cache |
 //! | 5 | backend |
 //! | 6 | dataplane::query, dataplane::tcp_msg, dataplane::upstream, controlplane::health, controlplane::metrics, controlplane::upgrade, controlplane::rrl_watch |
 //! | 7 | dataplane::udp, dataplane::tcp_pool, dataplane::transfer, controlplane::commands |
@@ -26,7 +26,7 @@
 //!   notifications, the control protocol, the process lifecycle, descriptor passing.
 //! - Pure policy and data (1-4): selection policies, the health probe, the UDP in-flight table,
 //!   where a zone transfer's stream ends, every config type, counters and histograms, the
-//!   persisted state, the response-rate-limiting table, the access lists.
+//!   persisted state, the response-rate-limiting table, the access lists, the packet cache.
 //! - The snapshot (5): backends, their atomic state (one writer of up/down), the set, `Shared`.
 //! - The planes (6-8): [`dataplane`] (UDP workers, TCP clients, pools and transfers) beside
 //!   [`controlplane`] (health checker, metrics, upgrade, control commands and socket).
@@ -34,6 +34,7 @@
 
 pub mod access;
 pub mod backend;
+pub mod cache;
 pub mod config;
 pub mod control_protocol;
 pub mod controlplane;

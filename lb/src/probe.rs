@@ -183,6 +183,21 @@ pub async fn probe_backend(
     Ok(lowest)
 }
 
+/// Probes one backend for every zone, like [`probe_backend`], and returns each zone's serial.
+pub async fn probe_serials(
+    addr: std::net::SocketAddr,
+    zones: &[Vec<u8>],
+    min_serial: Option<u32>,
+    tcp: bool,
+    timeout: Duration,
+) -> Result<Vec<u32>, ProbeError> {
+    let mut serials = Vec::with_capacity(zones.len());
+    for zone in zones {
+        serials.push(probe_zone(addr, zone, min_serial, tcp, timeout).await?);
+    }
+    Ok(serials)
+}
+
 /// Probes one backend for one zone (wire-format name) over UDP, and TCP too if `tcp`, each
 /// within `timeout`; returns the zone's serial (the lower one if the two transports differ).
 pub async fn probe_zone(

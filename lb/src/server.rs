@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::backend::{SetParams, Shared};
+use crate::cache::PacketCache;
 use crate::config::{BackendAddr, LbConfig};
 use crate::controlplane::commands::{ControlContext, UpgradeHooks};
 use crate::controlplane::upgrade::{self, HandoffSockets};
@@ -250,12 +251,15 @@ pub fn run(
     let mut listeners = listeners;
     let handoff = listeners.handoff.take();
     let (servers, generation, drained) = initial_backends(&cfg, handoff.as_ref().map(|h| &h.1));
-    let shared = Arc::new(Shared::new(
-        SetParams::from_config(&cfg),
-        &servers,
-        generation,
-        cfg.rrl.entries,
-    ));
+    let shared = Arc::new(
+        Shared::new(
+            SetParams::from_config(&cfg),
+            &servers,
+            generation,
+            cfg.rrl.entries,
+        )
+        .with_cache(PacketCache::new(&cfg.cache)),
+    );
     for b in &shared.current().backends {
         if drained.contains(&BackendAddr(b.addr)) {
             b.state.set_draining(true);

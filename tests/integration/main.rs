@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per area (as hickory's `bin/tests/integration`).
 
 mod ansible;
+mod cache;
 mod conformance;
 mod control;
 mod deploy;

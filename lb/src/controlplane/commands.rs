@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::backend::{PendingSet, SetParams, Shared};
+use crate::cache::FlushReason;
 use crate::config::{check_backend_list, AllDown, BackendAddr, LbConfig};
 use crate::control_protocol::{
     BackendStatus, ControlCommand, ControlResponse, ControlResult, ProbeReport, StatusReport,
@@ -232,6 +233,9 @@ impl ControlContext {
             .shared
             .replace(Some(&addrs), None, verify, |p| self.save(&cfg, p))
             .map_err(|e| format!("refused, the current set stays: {e}"))?;
+        if let Some(c) = &self.shared.cache {
+            c.count_flush(FlushReason::Swap);
+        }
         self.checker.wake();
         tracing::info!(
             "backend set replaced: generation {generation}, backends {}{}",
@@ -384,6 +388,9 @@ impl ControlContext {
         if new.rrl.entries != old.rrl.entries {
             fixed.push("rrl.entries");
         }
+        if new.cache != old.cache {
+            fixed.push("[cache]");
+        }
         if !fixed.is_empty() {
             return Err(format!(
                 "reload refused, the running config stays: {} changed in {}, which only a restart applies",
@@ -404,6 +411,9 @@ impl ControlContext {
                 self.save(&new, p)
             })
             .map_err(|e| format!("reload refused, the running config stays: {e}"))?;
+        if let Some(c) = &self.shared.cache {
+            c.count_flush(FlushReason::Reload);
+        }
         self.checker.reconfigure(&new.health);
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = new.clone();
         self.checker.wake();

@@ -6,7 +6,7 @@
 //! cannot race a swap. One probe at most is in flight per backend; only backends of the current
 //! set are probed, so a removed backend's probes stop. The probe itself is [`crate::probe`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 
 use crate::backend::{Backend, Shared};
 use crate::config::HealthConfig;
-pub use crate::probe::{check_answer, probe_backend, ProbeError, ProbeFailure};
+pub use crate::probe::{check_answer, probe_backend, probe_serials, ProbeError, ProbeFailure};
 
 /// Applies one probe result to a backend: up after `rise` successes (or the first success of a
 /// never-checked backend), down after `fall` failures, or at once when passive detection
@@ -85,11 +85,14 @@ impl CheckerSettings {
     }
 }
 
-/// The checker's handle: its settings (swapped on reload) and a way to make it probe now.
+/// The checker's handle: its settings (swapped on reload), a way to make it probe now, and the
+/// highest serial it has seen of each zone.
 #[derive(Debug, Default)]
 pub struct Checker {
     settings: ArcSwapOption<CheckerSettings>,
     wake: Notify,
+    /// Per zone of the settings in force, the highest SOA serial any backend served.
+    highest: Mutex<Vec<u32>>,
 }
 
 impl Checker {
@@ -101,8 +104,40 @@ impl Checker {
 
     /// Applies a (reloaded) `[health]` section from the next round on.
     pub fn reconfigure(&self, c: &HealthConfig) {
-        self.settings
-            .store(CheckerSettings::from_config(c).map(Arc::new));
+        let s = CheckerSettings::from_config(c);
+        *self.highest.lock().unwrap_or_else(|e| e.into_inner()) =
+            vec![0; s.as_ref().map_or(0, |s| s.zones.len())];
+        self.settings.store(s.map(Arc::new));
+    }
+
+    /// Takes in the serials a probe of `b` saw (per zone of `s`): a zone whose highest serial
+    /// rose flushes the packet cache (the zone changed, even on the same backends), and a
+    /// backend behind the highest serial of any zone has its answers kept out of the cache.
+    fn note_serials(&self, b: &Backend, serials: &[u32], s: &CheckerSettings, shared: &Shared) {
+        let mut highest = self.highest.lock().unwrap_or_else(|e| e.into_inner());
+        if highest.len() != s.zones.len() || serials.len() != s.zones.len() {
+            return; // settings changed while the probe ran
+        }
+        let mut rose = false;
+        for (h, &serial) in highest.iter_mut().zip(serials) {
+            // Serial arithmetic (RFC 1982): a rise is a difference below 2^31.
+            if *h == 0 || (serial != *h && serial.wrapping_sub(*h) < 1 << 31) {
+                rose |= *h != 0;
+                *h = serial;
+            }
+        }
+        let behind = highest.iter().zip(serials).any(|(h, s)| s != h);
+        drop(highest);
+        b.state.set_behind(behind);
+        if rose {
+            if let Some(cache) = &shared.cache {
+                cache.flush_serial();
+                tracing::info!(
+                    "a zone's serial rose (backend {}): packet cache flushed",
+                    b.addr
+                );
+            }
+        }
     }
 
     /// The settings in force; `None` when active checks are off.
@@ -116,13 +151,13 @@ impl Checker {
     }
 
     /// Probes every backend of the current set once, concurrently, and waits for the results.
-    pub async fn probe_round(&self, shared: &Shared) {
+    pub async fn probe_round(self: &Arc<Self>, shared: &Arc<Shared>) {
         let Some(s) = self.settings() else { return };
         let set = shared.current();
         let tasks: Vec<_> = set
             .backends
             .iter()
-            .filter_map(|b| spawn_probe(b, &s))
+            .filter_map(|b| self.spawn_probe(b, &s, shared))
             .collect();
         for t in tasks {
             let _ = t.await;
@@ -137,7 +172,7 @@ impl Checker {
             let interval = s.as_ref().map_or(Duration::from_secs(1), |s| s.interval);
             if let Some(s) = s {
                 for b in &shared.current().backends {
-                    spawn_probe(b, &s);
+                    self.spawn_probe(b, &s, &shared);
                 }
             }
             tokio::select! {
@@ -149,18 +184,33 @@ impl Checker {
     }
 }
 
-/// Starts a probe of `b` unless one is already in flight.
-fn spawn_probe(b: &Arc<Backend>, s: &Arc<CheckerSettings>) -> Option<tokio::task::JoinHandle<()>> {
-    if !b.state.try_start_probe() {
-        return None;
+impl Checker {
+    /// Starts a probe of `b` unless one is already in flight.
+    fn spawn_probe(
+        self: &Arc<Self>,
+        b: &Arc<Backend>,
+        s: &Arc<CheckerSettings>,
+        shared: &Arc<Shared>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        if !b.state.try_start_probe() {
+            return None;
+        }
+        let (b, s, shared, checker) = (
+            Arc::clone(b),
+            Arc::clone(s),
+            Arc::clone(shared),
+            Arc::clone(self),
+        );
+        Some(tokio::spawn(async move {
+            let r = probe_serials(b.addr, &s.zones, s.min_serial, s.tcp, s.timeout).await;
+            if let Ok(serials) = &r {
+                checker.note_serials(&b, serials, &s, &shared);
+            }
+            let r = r.map(|serials| serials.into_iter().min().unwrap_or(0));
+            record_result(&b, &r, s.rise, s.fall);
+            b.state.end_probe();
+        }))
     }
-    let b = Arc::clone(b);
-    let s = Arc::clone(s);
-    Some(tokio::spawn(async move {
-        let r = probe_backend(b.addr, &s.zones, s.min_serial, s.tcp, s.timeout).await;
-        record_result(&b, &r, s.rise, s.fall);
-        b.state.end_probe();
-    }))
 }
 
 #[cfg(test)]

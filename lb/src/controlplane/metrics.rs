@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::backend::{Backend, Shared};
+use crate::cache::FlushReason;
 use crate::config::AllDown;
 use crate::lifecycle::Lifecycle;
 use crate::probe::ProbeFailure;
@@ -104,7 +105,7 @@ impl Family {
 }
 
 /// Family names, help texts, types and label names; also the collector's descriptors.
-const FAMILIES: [(&str, &str, MetricType, &[&str]); 25] = [
+const FAMILIES: [(&str, &str, MetricType, &[&str]); 29] = [
     (
         "lb_queries_total",
         "Queries received from clients, by protocol.",
@@ -250,6 +251,30 @@ const FAMILIES: [(&str, &str, MetricType, &[&str]); 25] = [
         &[],
     ),
     (
+        "lb_cache_hits_total",
+        "Queries answered from the packet cache.",
+        MetricType::COUNTER,
+        &[],
+    ),
+    (
+        "lb_cache_misses_total",
+        "Cacheable queries not found in the packet cache (forwarded).",
+        MetricType::COUNTER,
+        &[],
+    ),
+    (
+        "lb_cache_entries",
+        "Answers in the packet cache valid now.",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_cache_flushes_total",
+        "Packet cache flushes, by reason: swap, reload, serial (a zone's serial rose).",
+        MetricType::COUNTER,
+        &["reason"],
+    ),
+    (
         "lb_upstream_socket_failures_total",
         "Upstream UDP sockets (random source ports) that could not be opened; the ones in use stay.",
         MetricType::COUNTER,
@@ -373,7 +398,17 @@ impl Collector for LbCollector {
         }
         f[22].counter(&[], st.state_write_failures.load(Ordering::Relaxed));
         f[23].counter(&[], st.swap_failures.load(Ordering::Relaxed));
-        f[24].counter(&[], st.upstream_socket_failures.load(Ordering::Relaxed));
+        let cache = self.shared.cache.as_deref();
+        f[24].counter(&[], cache.map_or(0, |c| c.hits()));
+        f[25].counter(&[], cache.map_or(0, |c| c.misses()));
+        f[26].gauge(
+            &[],
+            cache.map_or(0, |c| c.entries(c.epoch(set.generation))) as f64,
+        );
+        for r in FlushReason::ALL {
+            f[27].counter(&[("reason", r.as_str())], cache.map_or(0, |c| c.flushes(r)));
+        }
+        f[28].counter(&[], st.upstream_socket_failures.load(Ordering::Relaxed));
         f.into_iter()
             .map(|x| x.mf)
             .filter(|mf| !mf.get_metric().is_empty())

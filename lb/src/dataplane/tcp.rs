@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::access::Verdict;
 use crate::backend::Shared;
+use crate::cache;
 use crate::dataplane::query::{check_query, route, Route};
 use crate::dataplane::tcp_msg::{Answer, ClientHandle, TcpQuery};
 use crate::dataplane::tcp_pool::{PoolSettings, TcpPools};
@@ -113,7 +114,11 @@ pub struct TcpFrontend {
 impl TcpFrontend {
     pub fn new(shared: Arc<Shared>, settings: TcpSettings, lifecycle: Arc<Lifecycle>) -> Self {
         TcpFrontend {
-            pools: TcpPools::new(settings.pool, Arc::clone(&shared.stats)),
+            pools: TcpPools::new(
+                settings.pool,
+                Arc::clone(&shared.stats),
+                shared.cache.clone(),
+            ),
             shared,
             settings,
             limits: Arc::new(ConnLimits::default()),
@@ -244,6 +249,7 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, fe: &TcpFrontend) {
                 timeout: Duration::ZERO,
                 retried: false,
                 avoid: None,
+                cache_epoch: 0,
             };
             dispatch(fe, query, peer, &mut counter);
         }
@@ -346,6 +352,29 @@ fn dispatch(fe: &TcpFrontend, mut q: TcpQuery, peer: SocketAddr, counter: &mut u
             return answer_self(q, RCODE_REFUSED);
         }
     }
+    // The packet cache, shared with the UDP path: a hit is answered here.
+    if let (Some(cache), Some(question)) = (&fe.shared.cache, q.question.as_ref()) {
+        if let Some(key) = cache::key_of(msg, Some(question)) {
+            let epoch = cache.epoch(set.generation);
+            let stale = cache.serves_stale() && !set.backends.iter().any(|b| b.is_usable());
+            let mut frame = vec![0u8; 2 + cache.max_answer_size()];
+            if let Some(n) = cache.lookup(&key, msg, question, epoch, stale, &mut frame[2..]) {
+                cache.count(1, 0);
+                frame.truncate(2 + n);
+                frame[..2].copy_from_slice(&(n as u16).to_be_bytes());
+                // One place per permit: never full.
+                let _ = q.client.answers.try_send(Answer {
+                    frame,
+                    permit: Some(q.permit),
+                    close: false,
+                });
+                return;
+            }
+            cache.count(0, 1);
+            q.cache_epoch = if q.retried { 0 } else { epoch };
+        }
+    }
+    let msg = &q.frame[2..];
     match route(&set, msg, q.question.as_ref(), *counter, stats, q.avoid) {
         Route::Backend(i) => {
             q.timeout = set.timeout;

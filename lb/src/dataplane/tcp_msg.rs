@@ -55,6 +55,8 @@ pub struct TcpQuery {
     pub retried: bool,
     /// The backend whose connection failed it, passed over when it is routed again.
     pub avoid: Option<SocketAddr>,
+    /// The cache epoch it was forwarded in, if its answer may be cached (0: not).
+    pub cache_epoch: u64,
 }
 
 /// Hands queries whose connection to `backend` failed (or never opened) back to their client

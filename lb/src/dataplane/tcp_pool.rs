@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
 use crate::backend::{Backend, BackendSet};
+use crate::cache::{self, PacketCache};
 use crate::dataplane::tcp_msg::{hand_back, Answer, TcpQuery};
 use crate::stats::{DropReason, Stats};
 use crate::wire;
@@ -81,7 +82,13 @@ impl TcpPool {
 
     /// Hands a query to one of the pooled connections, opening one if needed. Must run inside
     /// the tokio runtime. On failure the query is dropped and counted here.
-    fn dispatch(&self, q: TcpQuery, settings: &PoolSettings, stats: &Arc<Stats>) {
+    fn dispatch(
+        &self,
+        q: TcpQuery,
+        settings: &PoolSettings,
+        stats: &Arc<Stats>,
+        cache: &Option<Arc<PacketCache>>,
+    ) {
         let backend = &self.backend;
         backend.state.in_flight_add(1);
         if !q.retried {
@@ -123,6 +130,7 @@ impl TcpPool {
             rx,
             *settings,
             Arc::clone(stats),
+            cache.clone(),
         ));
     }
 }
@@ -138,10 +146,16 @@ pub struct TcpPools {
     table: ArcSwap<PoolTable>,
     settings: PoolSettings,
     stats: Arc<Stats>,
+    /// Where answers to cacheable queries are stored.
+    cache: Option<Arc<PacketCache>>,
 }
 
 impl TcpPools {
-    pub fn new(settings: PoolSettings, stats: Arc<Stats>) -> TcpPools {
+    pub fn new(
+        settings: PoolSettings,
+        stats: Arc<Stats>,
+        cache: Option<Arc<PacketCache>>,
+    ) -> TcpPools {
         TcpPools {
             table: ArcSwap::from_pointee(PoolTable {
                 generation: 0,
@@ -149,12 +163,14 @@ impl TcpPools {
             }),
             settings,
             stats,
+            cache,
         }
     }
 
     /// Hands `q` to the pool of backend `i` of `set`.
     pub fn dispatch(&self, set: &BackendSet, i: usize, q: TcpQuery) {
-        self.pool(set, i).dispatch(q, &self.settings, &self.stats);
+        self.pool(set, i)
+            .dispatch(q, &self.settings, &self.stats, &self.cache);
     }
 
     /// The pool of backend `i` of `set`. The table follows the newest snapshot seen: the first
@@ -212,6 +228,7 @@ async fn run_conn(
     mut rx: mpsc::Receiver<TcpQuery>,
     settings: PoolSettings,
     stats: Arc<Stats>,
+    cache: Option<Arc<PacketCache>>,
 ) {
     let connect = tokio::time::timeout(settings.connect_timeout, TcpStream::connect(backend.addr));
     let stream = match connect.await {
@@ -271,7 +288,7 @@ async fn run_conn(
                     Ok(_) => {}
                 }
                 last_active = Instant::now();
-                let used = handle_answers(&mut rbuf, &mut pending, &backend, &stats);
+                let used = handle_answers(&mut rbuf, &mut pending, &backend, &stats, cache.as_deref());
                 rbuf.drain(..used);
             }
             _ = tick.tick() => {
@@ -310,6 +327,7 @@ fn handle_answers(
     pending: &mut HashMap<u16, Pending>,
     backend: &Backend,
     stats: &Stats,
+    cache: Option<&PacketCache>,
 ) -> usize {
     let mut off = 0;
     while rbuf.len() - off >= 2 {
@@ -340,6 +358,12 @@ fn handle_answers(
         let Some(p) = pending.remove(&h.id) else {
             continue;
         };
+        // Not from a backend whose zones lag: its answer may be the old zone's.
+        if let Some(c) = cache.filter(|_| p.query.cache_epoch != 0 && !backend.state.is_behind()) {
+            if let Some(key) = cache::key_of(&p.query.frame[2..], p.query.question.as_ref()) {
+                c.insert(&key, p.query.cache_epoch, msg);
+            }
+        }
         backend.state.answered_one(p.sent_at.elapsed());
         wire::set_id(msg, p.client_id);
         let mut frame = Vec::with_capacity(len + 2);
@@ -382,7 +406,7 @@ mod tests {
                 let n = (*cut.next().unwrap()).min(bytes.len() - pos);
                 rbuf.extend_from_slice(&bytes[pos..pos + n]);
                 pos += n;
-                let used = handle_answers(&mut rbuf, &mut pending, &b, &stats);
+                let used = handle_answers(&mut rbuf, &mut pending, &b, &stats, None);
                 prop_assert!(used <= rbuf.len());
                 rbuf.drain(..used);
             }

@@ -38,6 +38,7 @@ use rand::Rng;
 
 use crate::access::Verdict;
 use crate::backend::{BackendSet, Shared};
+use crate::cache::{self, PacketCache};
 use crate::dataplane::query::{check_query, route, Route};
 use crate::dataplane::upstream::{Enqueue, UpstreamSettings, Upstreams};
 use crate::inflight::Origin;
@@ -119,6 +120,11 @@ struct Worker {
     rrl_now: u32,
     /// Answers by RRL action since the last flush, published once per flush.
     rrl_tally: [u64; 4],
+    /// The packet cache, if on; a hit is built in `hit_buf`.
+    cache: Option<Arc<PacketCache>>,
+    hit_buf: Vec<u8>,
+    /// Cache hits and misses since the last flush, published once per flush.
+    cache_tally: (u64, u64),
     shared: Arc<Shared>,
     settings: UdpSettings,
     /// Queries read from a listener.
@@ -179,6 +185,9 @@ impl Worker {
             rrl: None,
             rrl_now: 0,
             rrl_tally: [0; 4],
+            hit_buf: vec![0; shared.cache.as_ref().map_or(0, |c| c.max_answer_size())],
+            cache: shared.cache.clone(),
+            cache_tally: (0, 0),
             shared,
             settings,
             // One byte more than allowed, to tell an oversized query from a full-size one.
@@ -237,13 +246,13 @@ impl Worker {
             let hot = std::mem::take(&mut self.hot);
             for &tok in &hot {
                 let more = if tok.0 < self.listeners.len() {
-                    stopping.is_none() && self.read_listener(tok.0, &set)
+                    stopping.is_none() && self.read_listener(tok.0)
                 } else {
                     self.read_upstream(tok)
                 };
                 // Send at once per socket batch, so backends and clients start working while
                 // the next socket is read.
-                self.flush(&set);
+                self.flush(&self.shared.load());
                 if more && !self.next_hot.contains(&tok) {
                     self.next_hot.push(tok);
                 }
@@ -295,10 +304,16 @@ impl Worker {
 
     /// Reads one batch of queries from listener `li` and queues them; true if the listener
     /// may have more.
-    fn read_listener(&mut self, li: usize, set: &BackendSet) -> bool {
+    fn read_listener(&mut self, li: usize) -> bool {
         let mut batch = std::mem::take(&mut self.queries);
         let more = match batch.recv(self.listeners[li].as_raw_fd()) {
             Ok(n) => {
+                // The snapshot as of after the datagrams arrived: a query sent once a swap has
+                // returned is routed (and looked up in the cache) on the new set, never the old.
+                let set = self.shared.load();
+                if set.generation != self.route_generation {
+                    self.rebuild_routes(&set);
+                }
                 self.shared.stats.batch(BatchOp::Recv, 1, n);
                 self.shared.stats.queries_add(Proto::Udp, n);
                 let now = Instant::now();
@@ -312,7 +327,7 @@ impl Worker {
                                 listener: li,
                                 local,
                             };
-                            self.handle_query(msg, truncated, origin, set, now);
+                            self.handle_query(msg, truncated, origin, &set, now);
                         }
                         // Not possible on an IPv4/IPv6 socket; counted rather than ignored.
                         None => self.shared.stats.dropped(DropReason::SendFailed),
@@ -359,8 +374,35 @@ impl Worker {
                 return self.reply(origin, &mut msg[..n]);
             }
         }
+        // The packet cache: a hit is answered here; a miss goes on, tagged with the epoch it
+        // was forwarded in (its answer is stored only if that epoch is still current).
+        let mut cache_epoch = 0;
+        if let Some(cache) = &self.cache {
+            if let (Some(key), Some(question)) = (cache::key_of(msg, q.as_ref()), q.as_ref()) {
+                let epoch = cache.epoch(set.generation);
+                // Stale answers only while no backend can answer.
+                let stale = cache.serves_stale() && !set.backends.iter().any(|b| b.is_usable());
+                let mut buf = std::mem::take(&mut self.hit_buf);
+                let hit = cache.lookup(&key, msg, question, epoch, stale, &mut buf);
+                if let Some(n) = hit {
+                    self.cache_tally.0 += 1;
+                    self.reply(origin, &mut buf[..n]);
+                    self.hit_buf = buf;
+                    return;
+                }
+                self.hit_buf = buf;
+                self.cache_tally.1 += 1;
+                cache_epoch = epoch;
+            }
+        }
         match self.forward(msg, q, origin, set, now) {
-            Ok(_) => {}
+            Ok((ui, id)) => {
+                if cache_epoch != 0 {
+                    if let Some(slot) = self.up.get_mut(ui).and_then(|u| u.table.get_mut(id)) {
+                        slot.cache_epoch = cache_epoch;
+                    }
+                }
+            }
             Err(Refusal::Drop(r)) => self.shared.stats.dropped(r),
             Err(Refusal::Servfail) => {
                 let n = wire::make_servfail(msg, q.as_ref());
@@ -459,6 +501,16 @@ impl Worker {
             // Keep the slot: a spoofed answer must not cancel the real one.
             stats.dropped(DropReason::MismatchedQuestion);
             return true;
+        }
+        if slot.cache_epoch != 0 {
+            if let (Some(cache), Some(up)) = (&self.cache, self.up.get(ui)) {
+                // Not from a backend whose zones lag: its answer may be the old zone's.
+                if !up.backend.state.is_behind() {
+                    if let Some(key) = cache::key_of(&slot.query, slot.question.as_ref()) {
+                        cache.insert(&key, slot.cache_epoch, msg);
+                    }
+                }
+            }
         }
         wire::set_id(msg, slot.client_id);
         let origin = Origin {
@@ -591,6 +643,12 @@ impl Worker {
         if self.rrl_tally != [0; 4] {
             self.shared.rrl.count(&self.rrl_tally);
             self.rrl_tally = [0; 4];
+        }
+        if let Some(cache) = &self.cache {
+            if self.cache_tally != (0, 0) {
+                cache.count(self.cache_tally.0, self.cache_tally.1);
+                self.cache_tally = (0, 0);
+            }
         }
     }
 
