@@ -18,6 +18,23 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# How daemons (NSD, lb, dnsdist, nginx) are started, the same way for every one of them:
+#   SESSION=same  (default) in the benchmark's own session, each in a process group of its own
+#                 (so it can be signalled alone), sharing the load's scheduler autogroup;
+#   SESSION=own   each in a session of its own (setsid), so each gets its own autogroup (a CPU
+#                 share of its own, as every service in its own cgroup under systemd).
+# With kernel.sched_autogroup_enabled = 1 the two give very different figures (peers.md).
+# Both prefixes exec the daemon, so "$!" is the daemon's own PID.
+SESSION="${SESSION:-same}"
+case "$SESSION" in
+  own) DAEMON=(setsid) ;;
+  same) DAEMON=(python3 -c 'import os, sys; os.setpgid(0, 0); os.execvp(sys.argv[1], sys.argv[1:])') ;;
+  *) echo "SESSION must be same or own" >&2; exit 2 ;;
+esac
+started_how() {
+  echo "every daemon started $([ "$SESSION" = own ] && echo "in a session of its own (setsid)" || echo "in the benchmark's session, each in its own process group"); kernel.sched_autogroup_enabled=$(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null || echo '?')"
+}
+
 need() {
   local missing=()
   for p in "$@"; do
@@ -41,7 +58,8 @@ build_lb() {
 }
 
 # The benchmark zone of shared/reference/peers.md: SOA, NS, 250 A, 100 AAAA, 50 TXT, one
-# ~1.5 KB TXT. $1 = file, $2 = serial.
+# ~1.5 KB TXT; and a wildcard (*.w) so that any number of distinct names exists (the cache
+# memory measurement). $1 = file, $2 = serial.
 write_zone() {
   local f="$1" serial="$2"
   {
@@ -52,6 +70,7 @@ write_zone() {
     for i in $(seq 0 249); do echo "a$i IN A 198.51.$((i / 250 + 100)).$((i % 250))"; done
     for i in $(seq 0 99); do echo "v6-$i IN AAAA 2001:db8::$i"; done
     for i in $(seq 0 49); do echo "t$i IN TXT \"text record $i for the benchmark\""; done
+    echo "*.w IN A 192.0.2.77"
     printf 'big IN TXT'
     for i in $(seq 1 6); do printf ' "%s"' "$(head -c 250 /dev/zero | tr '\0' 'x')"; done
     echo
@@ -100,7 +119,7 @@ zone:
   name: example.test
   zonefile: example.test.zone
 NSD
-  nsd -d -c "$d/nsd.conf" >"$d/stdout" 2>&1 &
+  "${DAEMON[@]}" nsd -d -c "$d/nsd.conf" >"$d/stdout" 2>&1 &
   NSD_PID=$!
   PIDS+=("$NSD_PID")
   wait_dns "$ip" 53
@@ -116,7 +135,8 @@ wait_dns() {
   return 1
 }
 
-# Starts lb on 127.0.0.1:$1 in front of the given backends. Sets LB_PID, LB_SOCK.
+# Starts lb on 127.0.0.1:$1 in front of the given backends, with $LB_EXTRA (TOML) appended to
+# its config. Sets LB_PID, LB_SOCK.
 start_lb() {
   local port="$1" workers="$2"
   shift 2
@@ -139,8 +159,9 @@ socket = "$d/control.sock"
 state_file = "$d/state.json"
 [metrics]
 listen = "127.0.0.1:0"
+${LB_EXTRA:-}
 TOML
-  RUST_LOG=warn "$LB" run --config "$d/lb.toml" >"$d/log" 2>&1 &
+  RUST_LOG=warn "${DAEMON[@]}" "$LB" run --config "$d/lb.toml" >"$d/log" 2>&1 &
   LB_PID=$!
   LB_SOCK="$d/control.sock"
   PIDS+=("$LB_PID")
@@ -191,8 +212,8 @@ LUA
   if [ "$cache" = cache ]; then
     echo "pc = newPacketCache(100000, {maxTTL=86400}) getPool(''):setCache(pc)" >>"$d/dnsdist.conf"
   fi
-  # Its own session: dnsdist signals its process group on exit.
-  setsid dnsdist --supervised --disable-syslog -C "$d/dnsdist.conf" >"$d/log" 2>&1 &
+  # A process group of its own at least: dnsdist signals its process group on exit.
+  "${DAEMON[@]}" dnsdist --supervised --disable-syslog -C "$d/dnsdist.conf" >"$d/log" 2>&1 &
   DNSDIST_PID=$!
   PIDS+=("$DNSDIST_PID")
   wait_dns 127.0.0.1 "$port"
@@ -216,7 +237,7 @@ stream {
   server { listen 127.0.0.1:$port reuseport;     proxy_pass dns_backends; proxy_timeout 10s; }
 }
 NGX
-  nginx -c "$NGINX_CONF" -p "$d" >"$d/stdout" 2>&1 &
+  "${DAEMON[@]}" nginx -c "$NGINX_CONF" -p "$d" >"$d/stdout" 2>&1 &
   NGINX_PID=$!
   PIDS+=("$NGINX_PID")
   wait_dns 127.0.0.1 "$port"

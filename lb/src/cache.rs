@@ -24,7 +24,7 @@
 //! by compare-and-swap and skip it if another writer holds it. No lock, no allocation per
 //! query.
 
-use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::config::CacheConfig;
@@ -68,11 +68,12 @@ pub struct CacheKey {
     qclass: u16,
 }
 
-/// One slot.
-#[derive(Debug, Default)]
+/// One slot: six 64-bit words, so a table of them can be allocated as zeroed `u64`s.
+#[derive(Debug)]
+#[repr(C)]
 struct Slot {
     /// Even: stable; odd: being written.
-    seq: AtomicU32,
+    seq: AtomicU64,
     /// Key hash (0 = empty).
     tag: AtomicU64,
     /// Key bits and class: bits << 16 | qclass.
@@ -82,7 +83,24 @@ struct Slot {
     /// inserted second << 32 | expiry second.
     times: AtomicU64,
     /// Answer length in bytes.
-    len: AtomicU32,
+    len: AtomicU64,
+}
+
+/// A table of `n` zeroed slots and `words` zeroed answer words per slot. Allocated zeroed (the
+/// kernel maps zero pages): memory is fixed by `entries`, and resident only as slots fill.
+fn zeroed_table(n: usize, words: usize) -> (Box<[Slot]>, Box<[AtomicU64]>) {
+    let slots: Box<[[u64; 6]]> = vec![[0u64; 6]; n].into_boxed_slice();
+    let data: Box<[u64]> = vec![0u64; n * words].into_boxed_slice();
+    // SAFETY: `Slot` is `repr(C)` with six `AtomicU64` fields, and `AtomicU64` has the same
+    // size, alignment and bit validity as `u64` (its documentation says so), so `[u64; 6]` and
+    // `Slot` have the same layout and all-zero is a valid `Slot`; likewise `u64` and
+    // `AtomicU64`. The boxes are uniquely owned and only their element type changes.
+    unsafe {
+        (
+            Box::from_raw(Box::into_raw(slots) as *mut [Slot]),
+            Box::from_raw(Box::into_raw(data) as *mut [AtomicU64]),
+        )
+    }
 }
 
 /// The shared cache (allocated at start; `None` in [`crate::backend::Shared`] when off).
@@ -161,9 +179,10 @@ impl PacketCache {
         }
         let n = c.entries.max(PROBE).next_power_of_two();
         let words = c.max_answer_size.div_ceil(8);
+        let (slots, data) = zeroed_table(n, words);
         Some(PacketCache {
-            slots: (0..n).map(|_| Slot::default()).collect(),
-            data: (0..n * words).map(|_| AtomicU64::new(0)).collect(),
+            slots,
+            data,
             words,
             max_ttl: c.max_ttl,
             negative_ttl: c.negative_ttl,
@@ -361,7 +380,7 @@ impl PacketCache {
             u64::from(now) << 32 | u64::from(now.saturating_add(ttl)),
             Ordering::Relaxed,
         );
-        s.len.store(answer.len() as u32, Ordering::Relaxed);
+        s.len.store(answer.len() as u64, Ordering::Relaxed);
         let words = &self.data[i * self.words..];
         for (chunk, w) in answer.chunks(8).zip(words) {
             let mut bytes = [0u8; 8];

@@ -99,7 +99,7 @@ pub struct LbConfig {
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     /// Answers kept (0 = no cache, the default). Memory is fixed: `entries` × `max_answer_size`
-    /// bytes, plus 40 bytes each.
+    /// bytes, plus 48 bytes each.
     #[serde(default)]
     pub entries: usize,
     /// The largest answer stored, in bytes; larger ones are not cached.
