@@ -18,6 +18,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Stops every daemon started so far (between two runs of a comparison).
+stop_all() {
+  for p in "${PIDS[@]:-}"; do
+    [ -n "$p" ] && kill "$p" 2>/dev/null || true
+  done
+  sleep 0.5
+  for p in "${PIDS[@]:-}"; do
+    [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true
+  done
+  PIDS=()
+  sleep 0.5
+}
+
 # How daemons (NSD, lb, dnsdist, nginx) are started, the same way for every one of them:
 #   SESSION=same  (default) in the benchmark's own session, each in a process group of its own
 #                 (so it can be signalled alone), sharing the load's scheduler autogroup;
@@ -25,12 +38,15 @@ trap cleanup EXIT
 #                 share of its own, as every service in its own cgroup under systemd).
 # With kernel.sched_autogroup_enabled = 1 the two give very different figures (peers.md).
 # Both prefixes exec the daemon, so "$!" is the daemon's own PID.
-SESSION="${SESSION:-same}"
-case "$SESSION" in
-  own) DAEMON=(setsid) ;;
-  same) DAEMON=(python3 -c 'import os, sys; os.setpgid(0, 0); os.execvp(sys.argv[1], sys.argv[1:])') ;;
-  *) echo "SESSION must be same or own" >&2; exit 2 ;;
-esac
+set_session() {
+  SESSION="$1"
+  case "$SESSION" in
+    own) DAEMON=(setsid) ;;
+    same) DAEMON=(python3 -c 'import os, sys; os.setpgid(0, 0); os.execvp(sys.argv[1], sys.argv[1:])') ;;
+    *) echo "SESSION must be same or own" >&2; exit 2 ;;
+  esac
+}
+set_session "${SESSION:-same}"
 started_how() {
   echo "every daemon started $([ "$SESSION" = own ] && echo "in a session of its own (setsid)" || echo "in the benchmark's session, each in its own process group"); kernel.sched_autogroup_enabled=$(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null || echo '?')"
 }
