@@ -36,8 +36,9 @@ pub struct SwapDone {
 
 impl SwapDone {
     /// False when lb applied the set but said it could not write its state file (an lb
-    /// restarted then would come back on its previous set). lb is to refuse such a swap
-    /// instead (issue #15); until every lb does, the deployer reads this note.
+    /// restarted then would come back on its previous set). An lb of this version refuses
+    /// such a swap instead (and the deployer sees a refusal); lbs of the first release applied
+    /// it with this note, and a fleet being upgraded may still run some.
     pub fn saved(&self) -> bool {
         !(self.message.contains("state file") && self.message.contains("not written"))
     }
