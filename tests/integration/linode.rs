@@ -37,6 +37,7 @@ fn spec(label: &str) -> InstanceSpec {
         region: None,
         instance_type: None,
         image: None,
+        vlan: None,
     }
 }
 
@@ -289,6 +290,7 @@ fn create_req(label: &str) -> deployer::provider::linode::CreateInstance {
         authorized_keys: vec![],
         tags: vec!["deployer-t".into()],
         booted: true,
+        interfaces: None,
     }
 }
 
