@@ -348,7 +348,10 @@ impl LinodeClient {
                 break;
             }
             let oldest = *recent.front().expect("non-empty: len >= limit >= 1");
-            std::thread::sleep(window.saturating_sub(oldest.elapsed()) + Duration::from_millis(5));
+            // A margin, because the API counts when a request arrives, not when it was sent:
+            // one that took longer on the way than the next would otherwise make the next 429.
+            let margin = (window / 20).max(Duration::from_millis(5));
+            std::thread::sleep(window.saturating_sub(oldest.elapsed()) + margin);
         }
         recent.push_back(Instant::now());
     }
