@@ -101,9 +101,14 @@ impl FakeLinode {
             ]
             .into_iter()
             .map(|(r, vlans)| {
-                let mut caps: Vec<String> = ["Linodes", "NodeBalancers", "Block Storage", "Cloud Firewall"]
-                    .map(String::from)
-                    .to_vec();
+                let mut caps: Vec<String> = [
+                    "Linodes",
+                    "NodeBalancers",
+                    "Block Storage",
+                    "Cloud Firewall",
+                ]
+                .map(String::from)
+                .to_vec();
                 if vlans {
                     caps.push("Vlans".into());
                 }
@@ -287,7 +292,10 @@ fn serve(s: TcpStream, state: &Mutex<FakeState>) {
 
 /// The spec's path for a request path of the fake.
 fn spec_path(path: &str) -> Option<&'static str> {
-    if path.strip_prefix("/v4/regions/").is_some_and(|r| !r.is_empty() && !r.contains('/')) {
+    if path
+        .strip_prefix("/v4/regions/")
+        .is_some_and(|r| !r.is_empty() && !r.contains('/'))
+    {
         return Some("/regions/{regionId}");
     }
     match path.strip_prefix("/v4/linode/instances") {
@@ -347,7 +355,10 @@ fn check_interfaces(st: &FakeState, body: &Value) -> Result<(), (String, String)
             Some("public") => {
                 publics += 1;
                 if publics > 1 {
-                    return Err(("Only one public interface per Linode".into(), field("purpose")));
+                    return Err((
+                        "Only one public interface per Linode".into(),
+                        field("purpose"),
+                    ));
                 }
                 if !empty("label") || !empty("ipam_address") {
                     return Err((
@@ -359,7 +370,9 @@ fn check_interfaces(st: &FakeState, body: &Value) -> Result<(), (String, String)
             Some("vlan") => {
                 let label = i["label"].as_str().unwrap_or("");
                 let ok = !label.is_empty()
-                    && label.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+                    && label
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || c == b'-')
                     && !label.contains("--");
                 if !ok {
                     return Err((
@@ -368,18 +381,33 @@ fn check_interfaces(st: &FakeState, body: &Value) -> Result<(), (String, String)
                     ));
                 }
                 if vlans.contains(&label) {
-                    return Err(("A Linode cannot be attached to a VLAN twice".into(), field("label")));
+                    return Err((
+                        "A Linode cannot be attached to a VLAN twice".into(),
+                        field("label"),
+                    ));
                 }
                 vlans.push(label);
                 if i["primary"] == true {
                     return Err(("Must be false for vlan interfaces".into(), field("primary")));
                 }
-                if !st.regions.get(region).is_some_and(|c| c.iter().any(|x| x == "Vlans")) {
-                    return Err((format!("VLANs are not available in region {region}"), field("purpose")));
+                if !st
+                    .regions
+                    .get(region)
+                    .is_some_and(|c| c.iter().any(|x| x == "Vlans"))
+                {
+                    return Err((
+                        format!("VLANs are not available in region {region}"),
+                        field("purpose"),
+                    ));
                 }
             }
             Some("vpc") => {}
-            _ => return Err(("purpose is required: public, vlan or vpc".into(), field("purpose"))),
+            _ => {
+                return Err((
+                    "purpose is required: public, vlan or vpc".into(),
+                    field("purpose"),
+                ))
+            }
         }
     }
     Ok(())
@@ -526,26 +554,35 @@ fn handle(req: &Request, state: &Mutex<FakeState>) -> (u16, Value, Option<u64>) 
             st.instances.push(inst.clone());
             if let Some(ifs) = body.get("interfaces") {
                 for i in ifs.as_array().into_iter().flatten() {
-                    let (Some(vlan), Some(addr)) = (i["label"].as_str(), i["ipam_address"].as_str()) else {
+                    let (Some(vlan), Some(addr)) =
+                        (i["label"].as_str(), i["ipam_address"].as_str())
+                    else {
                         continue;
                     };
                     if i["purpose"] != "vlan" || addr.is_empty() {
                         continue;
                     }
-                    let live: Vec<u64> = st.instances.iter().filter_map(|x| x["id"].as_u64()).collect();
+                    let live: Vec<u64> = st
+                        .instances
+                        .iter()
+                        .filter_map(|x| x["id"].as_u64())
+                        .collect();
                     let clash: Vec<u64> = st
                         .interfaces
                         .iter()
                         .filter(|(other, _)| live.contains(other))
                         .filter(|(_, v)| {
                             v.as_array().into_iter().flatten().any(|o| {
-                                o["purpose"] == "vlan" && o["label"] == vlan && o["ipam_address"] == addr
+                                o["purpose"] == "vlan"
+                                    && o["label"] == vlan
+                                    && o["ipam_address"] == addr
                             })
                         })
                         .map(|(other, _)| *other)
                         .collect();
                     if !clash.is_empty() {
-                        st.vlan_conflicts.push(format!("{vlan} {addr}: {id} and {clash:?}"));
+                        st.vlan_conflicts
+                            .push(format!("{vlan} {addr}: {id} and {clash:?}"));
                     }
                 }
                 st.interfaces.insert(id, ifs.clone());

@@ -53,7 +53,11 @@ fn probe_once(
         let got = report
             .zones
             .iter()
-            .find(|z| z.zone.trim_end_matches('.').eq_ignore_ascii_case(&want_zone))
+            .find(|z| {
+                z.zone
+                    .trim_end_matches('.')
+                    .eq_ignore_ascii_case(&want_zone)
+            })
             .ok_or_else(|| format!("zone {zone}: not in the probe's report"))?;
         if got.serial != *want {
             return Err(format!(

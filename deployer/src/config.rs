@@ -114,7 +114,11 @@ impl FromStr for Subnet {
         let bad = || format!("`{s}` is not an IPv4 subnet like 10.0.0.0/24 (prefix length 8-30)");
         let (a, l) = s.trim().split_once('/').ok_or_else(bad)?;
         let network: Ipv4Addr = a.parse().map_err(|_| bad())?;
-        let len: u8 = l.parse().ok().filter(|l| (8..=30).contains(l)).ok_or_else(bad)?;
+        let len: u8 = l
+            .parse()
+            .ok()
+            .filter(|l| (8..=30).contains(l))
+            .ok_or_else(bad)?;
         let mask = u32::MAX << (32 - u32::from(len));
         if u32::from(network) & !mask != 0 {
             return Err(format!(
@@ -163,7 +167,10 @@ pub fn vlan_label_error(label: &str) -> Option<String> {
     if label.is_empty() || label.len() > 64 {
         return Some(format!("VLAN label `{label}` must be 1-64 characters"));
     }
-    if !label.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-') {
+    if !label
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || c == b'-')
+    {
         return Some(format!(
             "VLAN label `{label}` may only contain ASCII letters, digits and '-'"
         ));
@@ -547,7 +554,11 @@ impl DeployerConfig {
         }
         if self.provider.kind == ProviderKind::Linode {
             // A VLAN exists in one region only: every instance must land in the same one.
-            let default = self.linode.as_ref().map(|l| l.region.as_str()).unwrap_or("");
+            let default = self
+                .linode
+                .as_ref()
+                .map(|l| l.region.as_str())
+                .unwrap_or("");
             let placed: Vec<(&str, &str)> = self
                 .nameservers
                 .iter()
@@ -647,25 +658,53 @@ mod tests {
             DeployerConfig::read(&write(&dir, &body))
         };
         let e = cfg("", "").unwrap_err().to_string();
-        assert!(e.contains("network.admin_networks") && e.contains("required"), "{e}");
+        assert!(
+            e.contains("network.admin_networks") && e.contains("required"),
+            "{e}"
+        );
         let admin = "[network]\nadmin_networks = [\"198.51.100.0/24\"]\n";
         cfg("", admin).unwrap();
         // Different regions are fine on public addresses, refused with a VLAN, naming them.
         cfg("region = \"eu-central\"", admin).unwrap();
         let vlan = format!("{admin}vlan = \"dns\"\n");
-        let e = cfg("region = \"eu-central\"", &vlan).unwrap_err().to_string();
+        let e = cfg("region = \"eu-central\"", &vlan)
+            .unwrap_err()
+            .to_string();
         assert!(
-            e.contains("network.vlan") && e.contains("ns2: eu-central") && e.contains("ns1: us-east"),
+            e.contains("network.vlan")
+                && e.contains("ns2: eu-central")
+                && e.contains("ns1: us-east"),
             "{e}"
         );
         let c = cfg("", &vlan).unwrap();
         assert_eq!(c.vlan_region().as_deref(), Some("us-east"));
-        let e = cfg("", &format!("{vlan}subnet = \"10.0.0.0/30\"\n")).unwrap_err().to_string();
-        assert!(e.contains("network.subnet") && e.contains("2 host addresses; 6 are needed"), "{e}");
-        let e = cfg("", &format!("{admin}vlan = \"a--b\"\n")).unwrap_err().to_string();
+        let e = cfg("", &format!("{vlan}subnet = \"10.0.0.0/30\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("network.subnet") && e.contains("2 host addresses; 6 are needed"),
+            "{e}"
+        );
+        let e = cfg("", &format!("{admin}vlan = \"a--b\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("network.vlan") && e.contains("--"), "{e}");
-        let e = cfg("", "[network]\nadmin_networks = [\"nope\"]\n").unwrap_err().to_string();
-        assert!(e.contains("network.admin_networks") && e.contains("nope"), "{e}");
+        let e = cfg("", "[network]\nadmin_networks = [\"nope\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("network.admin_networks") && e.contains("nope"),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_examples_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        for f in ["local.toml", "linode.toml"] {
+            let c = DeployerConfig::read(&dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert!(c.network.vlan.is_none(), "{f}");
+        }
     }
 }

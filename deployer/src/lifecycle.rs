@@ -182,7 +182,13 @@ pub fn allow_lbs(d: &Deployer, j: &Journal, step: &str) -> Result<String> {
         return Ok("no nameserver to update".into());
     }
     let known_hosts = d.cfg.state_dir.join("known_hosts");
-    let inv = ansible::inventory(d.provider.as_ref(), &nameservers, &lbs, &d.cfg, &known_hosts);
+    let inv = ansible::inventory(
+        d.provider.as_ref(),
+        &nameservers,
+        &lbs,
+        &d.cfg,
+        &known_hosts,
+    );
     let vars = ansible::run_vars(&d.cfg);
     ansible::run_playbook(
         &d.cfg,
@@ -210,11 +216,22 @@ pub fn allow_lbs(d: &Deployer, j: &Journal, step: &str) -> Result<String> {
 /// The lb a new nameserver is checked from (the nameservers answer only lbs): the first lb of
 /// the config that fronts it, else the first that exists.
 fn checking_lb(d: &Deployer, nameserver: &str) -> Result<(String, LbControl)> {
-    let fronting = d.cfg.lbs.iter().filter(|l| l.fronts.iter().any(|f| f == nameserver));
-    let others = d.cfg.lbs.iter().filter(|l| !l.fronts.iter().any(|f| f == nameserver));
+    let fronting = d
+        .cfg
+        .lbs
+        .iter()
+        .filter(|l| l.fronts.iter().any(|f| f == nameserver));
+    let others = d
+        .cfg
+        .lbs
+        .iter()
+        .filter(|l| !l.fronts.iter().any(|f| f == nameserver));
     for l in fronting.chain(others) {
         if let Some(inst) = d.find(&l.name)? {
-            return Ok((l.name.clone(), d.provider.lb_control(&inst, &l.control_socket)));
+            return Ok((
+                l.name.clone(),
+                d.provider.lb_control(&inst, &l.control_socket),
+            ));
         }
     }
     bail!(
@@ -248,7 +265,10 @@ pub fn check_new(d: &Deployer, j: &Journal, role: Role) -> Result<String> {
                     d.cfg.timeouts.ctl(),
                 )
                 .map_err(|e| {
-                    anyhow!("{} does not serve the zones (probed from lb {lb}): {e}", i.label)
+                    anyhow!(
+                        "{} does not serve the zones (probed from lb {lb}): {e}",
+                        i.label
+                    )
                 })?;
                 done.push(format!("{} authoritative (probed from lb {lb})", i.label));
             }

@@ -45,10 +45,15 @@ pub fn attachment(d: &Deployer, j: &mut Journal, label: &str) -> Result<Option<V
         return Ok(attach(a.address));
     }
     let mut used: Vec<Ipv4Addr> = j.vlan_addresses.iter().map(|a| a.address).collect();
-    used.extend(d.provider.list()?.iter().filter_map(|i| match i.private_address {
-        Some(IpAddr::V4(a)) => Some(a),
-        _ => None,
-    }));
+    used.extend(
+        d.provider
+            .list()?
+            .iter()
+            .filter_map(|i| match i.private_address {
+                Some(IpAddr::V4(a)) => Some(a),
+                _ => None,
+            }),
+    );
     let address = lowest_free(&subnet, &used).ok_or_else(|| {
         anyhow!(
             "no free address left in [network] subnet {subnet} for {label} ({} in use)",

@@ -152,17 +152,93 @@ fn nameserver_role_serves_authoritatively_and_is_idempotent() {
     // Not an open resolver: names outside its zones are refused.
     let m = udp_query(addr, "example.com.", RecordType::A, Duration::from_secs(3)).unwrap();
     assert_eq!(m.metadata.response_code, ResponseCode::Refused);
-    // Version hidden.
+    // Version hidden; queries only from the allowed clients; no rate limiting in BIND (lb does
+    // it per client: behind lb, BIND would see everyone as one client).
     let conf = std::fs::read_to_string(dir.path().join("ns/named.conf")).unwrap();
     assert!(
         conf.contains("version none;")
             && conf.contains("recursion no;")
-            && conf.contains("rate-limit")
+            && conf.contains("allow-query { dns_clients; };")
+            && !conf.contains("rate-limit {"),
+        "{conf}"
     );
 
     let (code, out) = playbook("nameserver.yml", "nameservers", vars, &[], dir.path());
     assert_eq!(code, 0, "{out}");
     assert_eq!(changed(&out), 0, "a second run changes nothing:\n{out}");
+}
+
+/// Runs `dig` (a real client) and returns its output.
+fn dig(args: &[&str]) -> String {
+    let out = Command::new("dig")
+        .args(["+time=2", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("dig (apt-get install dnsutils)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn nameserver_answers_only_the_lbs_and_transfers_only_with_the_tsig_key() {
+    let dir = TempDir::new("ns-access");
+    let port = free_port();
+    let key = "c2VjcmV0LWtleS1mb3ItdGhlLXRlc3RzLW9ubHktMzJi"; // base64, test only
+                                                              // The lb is 127.0.0.3; 127.0.0.2 is someone else on this host.
+    let inv = json!({"all": {"children": {
+        "nameservers": {"hosts": {"ns": {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+            "nameserver_mode": "local",
+            "nameserver_dir": dir.path().join("ns"),
+            "nameserver_listen_address": "127.0.0.1",
+            "nameserver_port": port,
+            "nameserver_transfer_key": {"name": "xfr-key", "secret": key},
+        }}},
+        "lbs": {"hosts": {"lb1": {"ansible_host": "127.0.0.3"}}},
+    }}});
+    let (code, out) = playbook_inventory("nameserver.yml", inv.clone(), &[], dir.path());
+    let _guard = KillOnDrop(dir.path().join("ns/named.pid"));
+    assert_eq!(code, 0, "{out}");
+    let p = port.to_string();
+    let soa = |from: &str| dig(&["@127.0.0.1", "-p", &p, "-b", from, "example.test", "SOA"]);
+    assert!(soa("127.0.0.3").contains("status: NOERROR"), "the lb");
+    assert!(soa("127.0.0.1").contains("status: NOERROR"), "loopback");
+    assert!(soa("127.0.0.2").contains("status: REFUSED"), "anyone else");
+    let tsig = format!("hmac-sha256:xfr-key:{key}");
+    let axfr = |from: &str, signed: bool| {
+        let mut a = vec!["@127.0.0.1", "-p", &p, "-b", from, "example.test", "AXFR"];
+        if signed {
+            a.extend(["-y", &tsig]);
+        }
+        dig(&a)
+    };
+    let ok = |o: &str| o.contains("XFR size") && !o.contains("Transfer failed");
+    assert!(ok(&axfr("127.0.0.3", true)), "an lb's address with the key");
+    assert!(
+        !ok(&axfr("127.0.0.3", false)),
+        "an lb's address without the key"
+    );
+    assert!(
+        !ok(&axfr("127.0.0.2", true)),
+        "the key from another address"
+    );
+    // Addresses to transfer to without a key: refused, saying why, before anything changes.
+    let mut no_key = inv;
+    let host = &mut no_key["all"]["children"]["nameservers"]["hosts"]["ns"];
+    host.as_object_mut()
+        .unwrap()
+        .remove("nameserver_transfer_key");
+    host["nameserver_allow_transfer"] = json!(["192.0.2.1"]);
+    let (code, out) = playbook_inventory("nameserver.yml", no_key, &[], dir.path());
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("zone transfers are only allowed with a TSIG key"),
+        "{out}"
+    );
+    assert!(
+        ok(&axfr("127.0.0.3", true)),
+        "the running config is untouched"
+    );
 }
 
 #[test]
@@ -247,7 +323,12 @@ use std::sync::{Arc, Mutex};
 use integration_tests::netns::{run_in, NetNs};
 
 /// Runs `playbook` against a multi-host inventory with extra arguments (e.g. `--tags`).
-fn playbook_inventory(playbook: &str, inv: serde_json::Value, args: &[&str], dir: &Path) -> (i32, String) {
+fn playbook_inventory(
+    playbook: &str,
+    inv: serde_json::Value,
+    args: &[&str],
+    dir: &Path,
+) -> (i32, String) {
     let inv_path = dir.join("inventory.json");
     std::fs::write(&inv_path, inv.to_string()).unwrap();
     let out = Command::new("ansible-playbook")
@@ -276,7 +357,12 @@ fn in_ns(ns: &NetNs, args: &[&str]) {
 
 /// A veth pair between two namespaces: `a_if` with `a_addr` in `a`, `b_if` with `b_addr` in `b`.
 fn veth(a: &NetNs, a_if: &str, a_addr: &str, b: &NetNs, b_if: &str, b_addr: &str) {
-    in_ns(a, &["ip", "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name]);
+    in_ns(
+        a,
+        &[
+            "ip", "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
+        ],
+    );
     in_ns(a, &["ip", "addr", "add", a_addr, "dev", a_if]);
     in_ns(b, &["ip", "addr", "add", b_addr, "dev", b_if]);
     in_ns(a, &["ip", "link", "set", a_if, "up"]);
@@ -303,7 +389,8 @@ impl Listeners {
         let udp_seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (seen, st) = (udp_seen.clone(), stop.clone());
-        udp.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         std::thread::spawn(move || {
             let mut buf = [0u8; 512];
             while !st.load(Ordering::Relaxed) {
@@ -352,12 +439,19 @@ fn tcp_reaches(from: &NetNs, to: SocketAddr) -> bool {
 }
 
 fn nft_list(ns: &NetNs) -> String {
-    let out = ns.command("nft").args(["list", "ruleset"]).output().unwrap();
+    let out = ns
+        .command("nft")
+        .args(["list", "ruleset"])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn host_has_table(table: &str) -> bool {
-    let out = Command::new("nft").args(["list", "tables"]).output().unwrap();
+    let out = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).contains(table)
 }
 
@@ -367,7 +461,14 @@ fn lb_firewall_admits_dns_from_anyone_and_ssh_and_metrics_from_admins_only() {
     let admin = NetNs::create("admin").unwrap();
     let outside = NetNs::create("outside").unwrap();
     veth(&host, "adm0", "10.1.1.1/24", &admin, "eth0", "10.1.1.2/24");
-    veth(&host, "pub0", "203.0.113.1/24", &outside, "eth0", "203.0.113.2/24");
+    veth(
+        &host,
+        "pub0",
+        "203.0.113.1/24",
+        &outside,
+        "eth0",
+        "203.0.113.2/24",
+    );
     let l = Listeners::start(&host, &[53, 22, 9153], 53);
     let at = |ip: &str, port: u16| -> SocketAddr { format!("{ip}:{port}").parse().unwrap() };
     // Before the firewall: everything is reachable (the listeners work; the rules do the rest).
@@ -385,24 +486,49 @@ fn lb_firewall_admits_dns_from_anyone_and_ssh_and_metrics_from_admins_only() {
         "lb_listen": ["0.0.0.0:53"],
         "lb_metrics_listen": "0.0.0.0:9153",
     }}}}}});
-    let (code, out) = playbook_inventory("lb.yml", inv.clone(), &["--tags", "lb-firewall"], dir.path());
+    let (code, out) = playbook_inventory(
+        "lb.yml",
+        inv.clone(),
+        &["--tags", "lb-firewall"],
+        dir.path(),
+    );
     assert_eq!(code, 0, "{out}");
     assert!(nft_list(&host).contains("table inet lb_firewall"));
-    assert!(!host_has_table("lb_firewall"), "never loaded on this machine's own interfaces");
+    assert!(
+        !host_has_table("lb_firewall"),
+        "never loaded on this machine's own interfaces"
+    );
 
     // DNS over UDP and TCP from everyone; SSH and metrics from the admin network only.
     let pub_ip = "203.0.113.1";
     let adm_ip = "10.1.1.1";
-    assert!(l.udp_reaches(&outside, "203.0.113.2", at(pub_ip, 53)), "udp 53 from outside");
+    assert!(
+        l.udp_reaches(&outside, "203.0.113.2", at(pub_ip, 53)),
+        "udp 53 from outside"
+    );
     assert!(tcp_reaches(&outside, at(pub_ip, 53)), "tcp 53 from outside");
-    assert!(l.udp_reaches(&admin, "10.1.1.2", at(adm_ip, 53)), "udp 53 from admin");
+    assert!(
+        l.udp_reaches(&admin, "10.1.1.2", at(adm_ip, 53)),
+        "udp 53 from admin"
+    );
     assert!(tcp_reaches(&admin, at(adm_ip, 22)), "ssh from admin");
     assert!(tcp_reaches(&admin, at(adm_ip, 9153)), "metrics from admin");
-    assert!(!tcp_reaches(&outside, at(pub_ip, 22)), "ssh from outside is dropped");
-    assert!(!tcp_reaches(&outside, at(pub_ip, 9153)), "metrics from outside are dropped");
+    assert!(
+        !tcp_reaches(&outside, at(pub_ip, 22)),
+        "ssh from outside is dropped"
+    );
+    assert!(
+        !tcp_reaches(&outside, at(pub_ip, 9153)),
+        "metrics from outside are dropped"
+    );
 
     // Idempotent: a second run changes nothing.
-    let (code, out) = playbook_inventory("lb.yml", inv.clone(), &["--tags", "lb-firewall"], dir.path());
+    let (code, out) = playbook_inventory(
+        "lb.yml",
+        inv.clone(),
+        &["--tags", "lb-firewall"],
+        dir.path(),
+    );
     assert_eq!(code, 0, "{out}");
     assert_eq!(changed(&out), 0, "a second run changes nothing:\n{out}");
     // Converges: rules lost (a flush, a reboot) are loaded again by the next run.
@@ -422,7 +548,10 @@ fn lb_firewall_admits_dns_from_anyone_and_ssh_and_metrics_from_admins_only() {
     }}}}}});
     let (code, out) = playbook_inventory("lb.yml", inv, &["--tags", "lb-firewall"], dir.path());
     assert_eq!(code, 2, "{out}");
-    assert!(out.contains("only loaded inside a network namespace"), "{out}");
+    assert!(
+        out.contains("only loaded inside a network namespace"),
+        "{out}"
+    );
     assert!(!host_has_table("lb_firewall"));
 }
 
@@ -433,13 +562,26 @@ fn nameserver_firewall_admits_dns_from_the_lbs_on_the_vlan_only() {
     let admin = NetNs::create("nsadmin").unwrap();
     let outside = NetNs::create("nsout").unwrap();
     veth(&host, "vlan0", "10.0.0.1/24", &lb, "eth0", "10.0.0.2/24");
-    veth(&host, "pub0", "192.0.2.1/24", &outside, "eth0", "192.0.2.2/24");
+    veth(
+        &host,
+        "pub0",
+        "192.0.2.1/24",
+        &outside,
+        "eth0",
+        "192.0.2.2/24",
+    );
     veth(&host, "adm0", "10.1.3.1/24", &admin, "eth0", "10.1.3.2/24");
     // The spoofer outside also holds the lb's VLAN address; the host's reverse-path filter is off,
     // so only the firewall can stop a datagram that claims to come from the lb.
-    in_ns(&outside, &["ip", "addr", "add", "10.0.0.2/32", "dev", "eth0"]);
+    in_ns(
+        &outside,
+        &["ip", "addr", "add", "10.0.0.2/32", "dev", "eth0"],
+    );
     for k in ["all", "default", "pub0"] {
-        in_ns(&host, &["sysctl", "-qw", &format!("net.ipv4.conf.{k}.rp_filter=0")]);
+        in_ns(
+            &host,
+            &["sysctl", "-qw", &format!("net.ipv4.conf.{k}.rp_filter=0")],
+        );
     }
     let l = Listeners::start(&host, &[53, 22], 53);
     let at = |ip: &str, port: u16| -> SocketAddr { format!("{ip}:{port}").parse().unwrap() };
@@ -467,25 +609,52 @@ fn nameserver_firewall_admits_dns_from_the_lbs_on_the_vlan_only() {
     let args = ["--tags", "nameserver-access"];
     let (code, out) = playbook_inventory("nameserver.yml", inv.clone(), &args, dir.path());
     assert_eq!(code, 0, "{out}");
-    assert!(!host_has_table("nameserver_firewall"), "never on this machine's own interfaces");
+    assert!(
+        !host_has_table("nameserver_firewall"),
+        "never on this machine's own interfaces"
+    );
     // allow-query follows the same list: the lb's VLAN address, loopback, the check address.
     let access = std::fs::read_to_string(dir.path().join("ns/access.conf")).unwrap();
     assert!(access.contains(r#"acl "lbs" { 10.0.0.2; };"#), "{access}");
-    assert!(access.contains("10.1.3.2;") && !access.contains("198.51.100.7"), "{access}");
+    assert!(
+        access.contains("10.1.3.2;") && !access.contains("198.51.100.7"),
+        "{access}"
+    );
 
     let vlan_ip = "10.0.0.1";
-    assert!(l.udp_reaches(&lb, "10.0.0.2", at(vlan_ip, 53)), "udp 53 from the lb on the VLAN");
-    assert!(tcp_reaches(&lb, at(vlan_ip, 53)), "tcp 53 from the lb on the VLAN");
+    assert!(
+        l.udp_reaches(&lb, "10.0.0.2", at(vlan_ip, 53)),
+        "udp 53 from the lb on the VLAN"
+    );
+    assert!(
+        tcp_reaches(&lb, at(vlan_ip, 53)),
+        "tcp 53 from the lb on the VLAN"
+    );
     assert!(!tcp_reaches(&lb, at(vlan_ip, 22)), "no ssh from the lb");
     assert!(
         !l.udp_reaches(&outside, "10.0.0.2", at("192.0.2.1", 53)),
         "the lb's address spoofed from the public side is dropped"
     );
-    assert!(!l.udp_reaches(&outside, "192.0.2.2", at("192.0.2.1", 53)), "udp 53 from outside");
-    assert!(!tcp_reaches(&outside, at("192.0.2.1", 53)), "tcp 53 from outside");
-    assert!(!tcp_reaches(&outside, at("192.0.2.1", 22)), "ssh from outside");
-    assert!(tcp_reaches(&admin, at("10.1.3.1", 22)), "ssh from the admin network");
-    assert!(l.udp_reaches(&admin, "10.1.3.2", at("10.1.3.1", 53)), "the check address");
+    assert!(
+        !l.udp_reaches(&outside, "192.0.2.2", at("192.0.2.1", 53)),
+        "udp 53 from outside"
+    );
+    assert!(
+        !tcp_reaches(&outside, at("192.0.2.1", 53)),
+        "tcp 53 from outside"
+    );
+    assert!(
+        !tcp_reaches(&outside, at("192.0.2.1", 22)),
+        "ssh from outside"
+    );
+    assert!(
+        tcp_reaches(&admin, at("10.1.3.1", 22)),
+        "ssh from the admin network"
+    );
+    assert!(
+        l.udp_reaches(&admin, "10.1.3.2", at("10.1.3.1", 53)),
+        "the check address"
+    );
 
     let (code, out) = playbook_inventory("nameserver.yml", inv, &args, dir.path());
     assert_eq!(code, 0, "{out}");

@@ -235,7 +235,12 @@ impl Deployment {
         let dir = std::fs::read_dir(&runs)
             .unwrap()
             .map(|e| e.unwrap().path())
-            .find(|p| p.file_name().unwrap().to_string_lossy().ends_with(&format!("-{run}")))
+            .find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .ends_with(&format!("-{run}"))
+            })
             .unwrap_or_else(|| panic!("no run *-{run} in {}", runs.display()));
         let inv: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("inventory.json")).unwrap())
@@ -624,7 +629,11 @@ fn roll_lb_under_load_with_a_delegation_hook_loses_nothing() {
     assert!(stdout.contains("drain"));
     // The nameservers were opened to the new lbs before those were provisioned, and closed to
     // the old ones once they were gone.
-    let step = |name: &str| stdout.find(&format!("] {name} ")).unwrap_or_else(|| panic!("{name}:\n{stdout}"));
+    let step = |name: &str| {
+        stdout
+            .find(&format!("] {name} "))
+            .unwrap_or_else(|| panic!("{name}:\n{stdout}"))
+    };
     assert!(step("create-lbs-next") < step("allow-lbs-next"));
     assert!(step("allow-lbs-next") < step("provision-lbs-next"));
     assert!(step("rename-lbs") < step("disallow-old-lbs"));

@@ -411,7 +411,9 @@ fn vlan_interfaces_validate_against_the_published_schema_and_the_address_is_read
     let ns = p
         .create(&vlan_spec("ns1", Role::Nameserver, [10, 0, 0, 1]))
         .unwrap();
-    let lb = p.create(&vlan_spec("lb1", Role::Lb, [10, 0, 0, 2])).unwrap();
+    let lb = p
+        .create(&vlan_spec("lb1", Role::Lb, [10, 0, 0, 2]))
+        .unwrap();
     // Exactly what was sent: the public interface by its purpose only, first (eth0), then the VLAN.
     let s = fake.state.lock().unwrap();
     assert_eq!(
@@ -444,7 +446,10 @@ fn vlan_interfaces_validate_against_the_published_schema_and_the_address_is_read
     let mut bad = vlan_spec("ns2", Role::Nameserver, [10, 0, 0, 3]);
     bad.vlan.as_mut().unwrap().label = "a--b".into();
     let e = p.create(&bad).unwrap_err().to_string();
-    assert!(e.contains("not sent") && e.contains("interfaces[1].label"), "{e}");
+    assert!(
+        e.contains("not sent") && e.contains("interfaces[1].label"),
+        "{e}"
+    );
     assert_eq!(fake.count("POST", "/v4/linode/instances"), 2);
 }
 
@@ -539,7 +544,11 @@ fn vlan_addresses_are_allocated_across_old_and_next_instances_and_recorded_first
         .collect();
     assert_eq!(
         recorded,
-        vec![("ns1", "10.9.0.1".into()), ("ns2", "10.9.0.2".into()), ("lb1", "10.9.0.3".into())]
+        vec![
+            ("ns1", "10.9.0.1".into()),
+            ("ns2", "10.9.0.2".into()),
+            ("lb1", "10.9.0.3".into())
+        ]
     );
     // A roll: the -next nameservers never reuse an address the old ones still hold.
     let mut r = Journal::new(Operation::Roll, vec![]);
@@ -548,7 +557,10 @@ fn vlan_addresses_are_allocated_across_old_and_next_instances_and_recorded_first
     assert_eq!(private("ns2-next"), Some(ip("10.9.0.5")));
     // The journal on disk holds them (written before each create call).
     let on_disk = std::fs::read_to_string(dir.path().join("state/journal.json")).unwrap();
-    assert!(on_disk.contains("ns2-next") && on_disk.contains("10.9.0.5"), "{on_disk}");
+    assert!(
+        on_disk.contains("ns2-next") && on_disk.contains("10.9.0.5"),
+        "{on_disk}"
+    );
     // The old ones go, the new ones are renamed: their addresses are free for the next roll.
     for l in ["ns1", "ns2"] {
         let i = d.find(l).unwrap().unwrap();
@@ -591,13 +603,17 @@ fn the_network_preflight_refuses_before_anything_is_created() {
     };
     d.provider.create(&plain).unwrap();
     let existing = d.provider.list().unwrap();
-    let e = preflight(&d, Operation::Roll, &existing).unwrap_err().to_string();
+    let e = preflight(&d, Operation::Roll, &existing)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("lb1") && e.contains("roll-lb` first"), "{e}");
     assert!(preflight(&d, Operation::RollLb, &existing).is_ok());
     // An instance in another region than the VLAN's.
     let mut elsewhere = existing.clone();
     elsewhere[0].region = Some("eu-central".into());
-    let e = preflight(&d, Operation::RollLb, &elsewhere).unwrap_err().to_string();
+    let e = preflight(&d, Operation::RollLb, &elsewhere)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("eu-central") && e.contains("us-east"), "{e}");
     // A region without VLANs is named, with what the operator can do instead.
     d.cfg.linode.as_mut().unwrap().region = "xx-novlan".into();
@@ -606,5 +622,9 @@ fn the_network_preflight_refuses_before_anything_is_created() {
         e.contains("region xx-novlan does not offer VLANs") && e.contains("remove [network] vlan"),
         "{e}"
     );
-    assert_eq!(fake.count("POST", "/v4/linode/instances"), 1, "only the test's own lb");
+    assert_eq!(
+        fake.count("POST", "/v4/linode/instances"),
+        1,
+        "only the test's own lb"
+    );
 }

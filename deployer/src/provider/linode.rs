@@ -815,8 +815,7 @@ impl Provider for LinodeProvider {
 
     fn vlan_support(&self, region: &str) -> Result<VlanSupport, ProviderError> {
         let r = self.client.get_region(region).map_err(api_err)?;
-        if r
-            .capabilities
+        if r.capabilities
             .iter()
             .any(|c| c.eq_ignore_ascii_case(VLAN_CAPABILITY))
         {
@@ -846,11 +845,23 @@ mod tests {
         );
         let cases: Vec<(Vec<InterfaceRequest>, &str)> = vec![
             (vec![], "interfaces"),
-            (vec![InterfaceRequest::public(), InterfaceRequest::public()], "interfaces[1].purpose"),
-            (vec![InterfaceRequest::vlan("a--b", "10.0.0.3/24")], "interfaces[0].label"),
-            (vec![InterfaceRequest::vlan("dns", "10.0.0.3")], "interfaces[0].ipam_address"),
             (
-                vec![InterfaceRequest::vlan("dns", "10.0.0.3/24"), InterfaceRequest::vlan("dns", "10.0.0.4/24")],
+                vec![InterfaceRequest::public(), InterfaceRequest::public()],
+                "interfaces[1].purpose",
+            ),
+            (
+                vec![InterfaceRequest::vlan("a--b", "10.0.0.3/24")],
+                "interfaces[0].label",
+            ),
+            (
+                vec![InterfaceRequest::vlan("dns", "10.0.0.3")],
+                "interfaces[0].ipam_address",
+            ),
+            (
+                vec![
+                    InterfaceRequest::vlan("dns", "10.0.0.3/24"),
+                    InterfaceRequest::vlan("dns", "10.0.0.4/24"),
+                ],
                 "interfaces[1].label",
             ),
             (

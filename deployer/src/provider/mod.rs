@@ -55,7 +55,9 @@ impl VlanAttachment {
 pub enum VlanSupport {
     Yes,
     /// The region does not offer VLANs; its capabilities as the provider lists them.
-    No { capabilities: Vec<String> },
+    No {
+        capabilities: Vec<String>,
+    },
     /// The provider has no VLANs at all (the local provider: everything is on 127.0.0.1).
     Loopback,
 }
