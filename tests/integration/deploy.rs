@@ -1044,3 +1044,28 @@ fn roll_lb_crash_after_the_handoff_only_goes_forward() {
     assert!(d.lb_addrs().iter().all(|a| !old_addrs.contains(a)));
     d.assert_serving(d.serial());
 }
+
+/// roll-lb killed right after it opened the nameservers to the new lbs: `rollback` deletes the
+/// new lbs and closes the nameservers to them again (crash points of the added step).
+#[test]
+fn roll_lb_crash_after_opening_the_nameservers_rolls_back_and_closes_them() {
+    let d = up("dep-rolllb-allow");
+    let (before, backends, serial) = (d.instances(), d.lb_backends(), d.serial());
+    let (code, _, err) = d.run(
+        &["roll-lb"],
+        &[("DEPLOYER_CRASH_AT", "allow-lbs-next:after")],
+    );
+    assert_eq!(code, -1, "{err}");
+    assert!(
+        err.contains("fault injected: allow-lbs-next:after"),
+        "{err}"
+    );
+    assert_eq!(d.instances().len(), 6, "the new lbs exist");
+    assert_eq!(
+        d.run_lbs("allow-lbs-next"),
+        vec!["lb1", "lb1-next", "lb2", "lb2-next"]
+    );
+    d.ok(&["rollback"]);
+    d.assert_rolled_back(&before, &backends, serial);
+    assert_eq!(d.run_lbs("rollback-allow-lbs"), vec!["lb1", "lb2"]);
+}
