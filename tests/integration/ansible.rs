@@ -329,9 +329,27 @@ fn playbook_inventory(
     args: &[&str],
     dir: &Path,
 ) -> (i32, String) {
+    playbook_from(playbook, inv, args, dir, None)
+}
+
+/// [`playbook_inventory`] as if the play connected over SSH from `ssh_from` (the firewall
+/// tasks read `SSH_CONNECTION` to refuse rules that would cut off their own connection); never
+/// with the test runner's own SSH session.
+fn playbook_from(
+    playbook: &str,
+    inv: serde_json::Value,
+    args: &[&str],
+    dir: &Path,
+    ssh_from: Option<&str>,
+) -> (i32, String) {
     let inv_path = dir.join("inventory.json");
     std::fs::write(&inv_path, inv.to_string()).unwrap();
-    let out = Command::new("ansible-playbook")
+    let mut c = Command::new("ansible-playbook");
+    c.env_remove("SSH_CONNECTION");
+    if let Some(from) = ssh_from {
+        c.env("SSH_CONNECTION", format!("{from} 50000 10.1.1.1 22"));
+    }
+    let out = c
         .arg("-i")
         .arg(&inv_path)
         .arg(ansible_dir().join(playbook))
@@ -534,10 +552,29 @@ fn lb_firewall_admits_dns_from_anyone_and_ssh_and_metrics_from_admins_only() {
     // Converges: rules lost (a flush, a reboot) are loaded again by the next run.
     in_ns(&host, &["nft", "flush", "ruleset"]);
     assert!(tcp_reaches(&outside, at(pub_ip, 22)));
-    let (code, out) = playbook_inventory("lb.yml", inv, &["--tags", "lb-firewall"], dir.path());
+    let tags = ["--tags", "lb-firewall"];
+    let (code, out) = playbook_inventory("lb.yml", inv.clone(), &tags, dir.path());
     assert_eq!(code, 0, "{out}");
     assert_eq!(changed(&out), 1, "only the load:\n{out}");
     assert!(!tcp_reaches(&outside, at(pub_ip, 22)), "dropped again");
+
+    // A play connecting from outside the admin networks would lock itself out: refused.
+    in_ns(&host, &["nft", "flush", "ruleset"]);
+    let from = |addr| playbook_from("lb.yml", inv.clone(), &tags, dir.path(), Some(addr));
+    let (code, out) = from("198.51.100.9");
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("this play connects from 198.51.100.9")
+            && out.contains("lock this connection"),
+        "{out}"
+    );
+    assert!(
+        !nft_list(&host).contains("lb_firewall"),
+        "nothing was loaded"
+    );
+    let (code, out) = from("10.1.1.2");
+    assert_eq!(code, 0, "from an admin address it loads:\n{out}");
+    assert!(nft_list(&host).contains("lb_firewall"));
 
     // In local mode without a namespace the role refuses, before touching anything.
     let inv = json!({"all": {"children": {"lbs": {"hosts": {"lbhost": {
