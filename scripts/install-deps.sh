@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests, the demo and the benchmarks use, only what is missing:
 #   - Debian packages (apt): BIND, dig, dnsperf, Prometheus and promtool, systemd-analyze,
-#     dpkg-dev and lintian (Debian packages), python3-apt (the Ansible apt module);
+#     dpkg-dev and lintian (Debian packages), python3-apt (the Ansible apt module), nft (the
+#     firewall tests load the roles' rulesets inside network namespaces made for them);
 #   - Python tools (pip, in a virtualenv at .tools/venv): ansible-core and ansible-lint.
 # Source it (`source scripts/install-deps.sh`) so that the virtualenv lands on PATH.
 set -euo pipefail
@@ -9,7 +10,7 @@ set -euo pipefail
 _deps_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PATH="$HOME/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
 
-_apt_pkgs=(bind9 bind9-utils dnsutils dnsperf prometheus systemd iproute2 procps bc python3 python3-venv
+_apt_pkgs=(bind9 bind9-utils dnsutils dnsperf prometheus systemd iproute2 nftables procps bc python3 python3-venv
   dpkg-dev lintian python3-apt)
 _missing=()
 for p in "${_apt_pkgs[@]}"; do

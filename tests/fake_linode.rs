@@ -6,7 +6,13 @@
 //! `X-Filter` on `label`, `tags`, `region` and `status`, the `{"errors":[{"reason","field"}]}`
 //! error shape, instances that go `provisioning` -> `booting` -> `running` over a few polls, and
 //! injected failures (5xx, 429 with `Retry-After`), and Linode Create's documented rate limit
-//! (10 requests per 30 s; 429 with `Retry-After` in seconds past it).
+//! (10 requests per 30 s; 429 with `Retry-After` in seconds past it). `GET /v4/regions/{id}`
+//! answers with each region's capabilities (`us-east` and `eu-central` offer `Vlans`; the
+//! made-up `xx-novlan` does not). A create's `interfaces` are held to the rules the spec states
+//! in prose (its schema checks only types): at most one `public` interface, with no label or
+//! address; `vlan` interfaces with a label (letters, digits, `-`, no `--`), attached once, in a
+//! region that offers VLANs; and every VLAN address in use is recorded, so a test can assert
+//! that no two instances on one VLAN got the same one (the API itself does not refuse that).
 //!
 //! Every request body and every response is validated against Linode's published OpenAPI
 //! schemas ([`crate::openapi`]): a request the spec rejects is answered 400 like the API would,
@@ -54,6 +60,12 @@ pub struct FakeState {
     pub violations: Vec<String>,
     /// Responses checked against the schemas.
     pub responses_checked: usize,
+    /// Capabilities of each region (`GET /regions/{id}`).
+    pub regions: std::collections::BTreeMap<String, Vec<String>>,
+    /// The `interfaces` each instance was created with (the instance API does not return them).
+    pub interfaces: std::collections::BTreeMap<u64, Value>,
+    /// Two live instances on one VLAN with the same `ipam_address` (VLAN, address, ids).
+    pub vlan_conflicts: Vec<String>,
 }
 
 /// A running fake on 127.0.0.1.
@@ -82,6 +94,29 @@ impl FakeLinode {
             creates_rate_limited: 0,
             violations: Vec::new(),
             responses_checked: 0,
+            regions: [
+                ("us-east", true),
+                ("eu-central", true),
+                ("xx-novlan", false),
+            ]
+            .into_iter()
+            .map(|(r, vlans)| {
+                let mut caps: Vec<String> = [
+                    "Linodes",
+                    "NodeBalancers",
+                    "Block Storage",
+                    "Cloud Firewall",
+                ]
+                .map(String::from)
+                .to_vec();
+                if vlans {
+                    caps.push("Vlans".into());
+                }
+                (r.to_string(), caps)
+            })
+            .collect(),
+            interfaces: Default::default(),
+            vlan_conflicts: Vec::new(),
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let (st, sp) = (state.clone(), stop.clone());
@@ -257,6 +292,12 @@ fn serve(s: TcpStream, state: &Mutex<FakeState>) {
 
 /// The spec's path for a request path of the fake.
 fn spec_path(path: &str) -> Option<&'static str> {
+    if path
+        .strip_prefix("/v4/regions/")
+        .is_some_and(|r| !r.is_empty() && !r.contains('/'))
+    {
+        return Some("/regions/{regionId}");
+    }
     match path.strip_prefix("/v4/linode/instances") {
         Some("") => Some("/linode/instances"),
         Some(id)
@@ -296,6 +337,80 @@ fn check_request(
         let field = if field.is_empty() { None } else { Some(field) };
         (400, errors(&reason, field.as_deref()), None)
     })
+}
+
+/// The rules of `LinodeConfigInterface` that its schema states only in prose; `Err((reason,
+/// field))` as the API would answer 400.
+fn check_interfaces(st: &FakeState, body: &Value) -> Result<(), (String, String)> {
+    let Some(list) = body.get("interfaces").and_then(Value::as_array) else {
+        return Ok(());
+    };
+    let region = body["region"].as_str().unwrap_or("");
+    let mut publics = 0;
+    let mut vlans = Vec::new();
+    for (k, i) in list.iter().enumerate() {
+        let field = |f: &str| format!("interfaces[{k}].{f}");
+        let empty = |f: &str| i.get(f).is_none_or(|v| v.is_null() || v == "");
+        match i["purpose"].as_str() {
+            Some("public") => {
+                publics += 1;
+                if publics > 1 {
+                    return Err((
+                        "Only one public interface per Linode".into(),
+                        field("purpose"),
+                    ));
+                }
+                if !empty("label") || !empty("ipam_address") {
+                    return Err((
+                        "Must be empty or null for public interfaces".into(),
+                        field("label"),
+                    ));
+                }
+            }
+            Some("vlan") => {
+                let label = i["label"].as_str().unwrap_or("");
+                let ok = !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || c == b'-')
+                    && !label.contains("--");
+                if !ok {
+                    return Err((
+                        "VLAN label is required: ASCII letters, numbers and hyphens, no --".into(),
+                        field("label"),
+                    ));
+                }
+                if vlans.contains(&label) {
+                    return Err((
+                        "A Linode cannot be attached to a VLAN twice".into(),
+                        field("label"),
+                    ));
+                }
+                vlans.push(label);
+                if i["primary"] == true {
+                    return Err(("Must be false for vlan interfaces".into(), field("primary")));
+                }
+                if !st
+                    .regions
+                    .get(region)
+                    .is_some_and(|c| c.iter().any(|x| x == "Vlans"))
+                {
+                    return Err((
+                        format!("VLANs are not available in region {region}"),
+                        field("purpose"),
+                    ));
+                }
+            }
+            Some("vpc") => {}
+            _ => {
+                return Err((
+                    "purpose is required: public, vlan or vpc".into(),
+                    field("purpose"),
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 fn matches_filter(inst: &Value, filter: &Value) -> Result<bool, String> {
@@ -353,6 +468,21 @@ fn handle(req: &Request, state: &Mutex<FakeState>) -> (u16, Value, Option<u64>) 
     if req.header("Authorization") != Some(&format!("Bearer {}", st.token)) {
         return (401, errors("Invalid Token", None), None);
     }
+    if let Some(region) = req.path.strip_prefix("/v4/regions/") {
+        return match (req.method.as_str(), st.regions.get(region)) {
+            ("GET", Some(caps)) => (
+                200,
+                json!({
+                    "id": region, "label": format!("{region} (fake)"), "country": "us",
+                    "capabilities": caps, "status": "ok",
+                    "resolvers": {"ipv4": "192.0.2.53,192.0.2.54", "ipv6": "2001:db8::53"},
+                }),
+                None,
+            ),
+            ("GET", None) => (404, errors("Not found", None), None),
+            _ => (405, errors("Method not allowed", None), None),
+        };
+    }
     let rest = req.path.strip_prefix("/v4/linode/instances").unwrap_or("?");
     match (req.method.as_str(), rest) {
         ("POST", "") => {
@@ -361,6 +491,9 @@ fn handle(req: &Request, state: &Mutex<FakeState>) -> (u16, Value, Option<u64>) 
             };
             if let Some(refused) = check_request(&mut st, "POST", "/linode/instances", &body) {
                 return refused;
+            }
+            if let Err((reason, field)) = check_interfaces(&st, &body) {
+                return (400, errors(&reason, Some(&field)), None);
             }
             // Linode Create: 10 requests per 30 s (documented); past it, 429 with Retry-After.
             let (limit, window) = st.create_limit;
@@ -419,6 +552,41 @@ fn handle(req: &Request, state: &Mutex<FakeState>) -> (u16, Value, Option<u64>) 
                 status,
             );
             st.instances.push(inst.clone());
+            if let Some(ifs) = body.get("interfaces") {
+                for i in ifs.as_array().into_iter().flatten() {
+                    let (Some(vlan), Some(addr)) =
+                        (i["label"].as_str(), i["ipam_address"].as_str())
+                    else {
+                        continue;
+                    };
+                    if i["purpose"] != "vlan" || addr.is_empty() {
+                        continue;
+                    }
+                    let live: Vec<u64> = st
+                        .instances
+                        .iter()
+                        .filter_map(|x| x["id"].as_u64())
+                        .collect();
+                    let clash: Vec<u64> = st
+                        .interfaces
+                        .iter()
+                        .filter(|(other, _)| live.contains(other))
+                        .filter(|(_, v)| {
+                            v.as_array().into_iter().flatten().any(|o| {
+                                o["purpose"] == "vlan"
+                                    && o["label"] == vlan
+                                    && o["ipam_address"] == addr
+                            })
+                        })
+                        .map(|(other, _)| *other)
+                        .collect();
+                    if !clash.is_empty() {
+                        st.vlan_conflicts
+                            .push(format!("{vlan} {addr}: {id} and {clash:?}"));
+                    }
+                }
+                st.interfaces.insert(id, ifs.clone());
+            }
             (200, inst, None)
         }
         ("GET", "") => {

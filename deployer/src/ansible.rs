@@ -16,6 +16,10 @@ use serde_json::{json, Map, Value};
 use crate::config::DeployerConfig;
 use crate::provider::{Instance, Provider, Role};
 
+/// The tag of the nameserver role's access part (allow-query, transfers, firewall), re-run
+/// alone on serving nameservers when the set of lbs changes.
+pub const ACCESS_TAG: &str = "nameserver-access";
+
 /// What went wrong with a playbook run.
 #[derive(Debug, thiserror::Error)]
 pub enum AnsibleError {
@@ -56,7 +60,10 @@ pub fn exit_meaning(code: i32) -> &'static str {
 }
 
 /// The inventory for one run: `targets` in their group; every known lb in `lbs` too, so the
-/// nameservers can exempt the load balancers from rate limiting.
+/// nameservers answer (allow-query) and let through their firewall exactly the load
+/// balancers. An instance on the VLAN carries `vlan_address`, and a nameserver on it
+/// `nameserver_vlan_interface` (it then takes DNS from the lbs' VLAN addresses, on that
+/// interface only).
 pub fn inventory(
     provider: &dyn Provider,
     targets: &[Instance],
@@ -80,6 +87,15 @@ pub fn inventory(
         // The zones are a host variable (not an extra var) so that a per-instance `vars` entry
         // in deployer.toml can still override them; host vars beat the playbook's group_vars.
         vars.insert("dns_zones".into(), zones_var(cfg));
+        if let Some(a) = i.private_address {
+            vars.insert("vlan_address".into(), json!(a.to_string()));
+            if i.role == Role::Nameserver {
+                vars.insert(
+                    "nameserver_vlan_interface".into(),
+                    json!(cfg.network.interface),
+                );
+            }
+        }
         let base = i.label.trim_end_matches("-next");
         let extra = match i.role {
             Role::Nameserver => cfg
@@ -102,10 +118,11 @@ pub fn inventory(
     }
     for i in known_lbs {
         if !lbs.contains_key(&i.label) {
-            lbs.insert(
-                i.label.clone(),
-                json!({ "ansible_host": i.address.to_string() }),
-            );
+            let mut entry = json!({ "ansible_host": i.address.to_string() });
+            if let Some(a) = i.private_address {
+                entry["vlan_address"] = json!(a.to_string());
+            }
+            lbs.insert(i.label.clone(), entry);
         }
     }
     json!({ "all": { "children": {
@@ -128,8 +145,10 @@ fn zones_var(cfg: &DeployerConfig) -> Value {
     )
 }
 
-/// Variables for every host of a run (paths of the zone sources and the lb binary), plus
-/// `[ansible] extra_vars`; passed with `-e`, so they win over everything.
+/// Variables for every host of a run (paths of the zone sources and the lb binary; from
+/// `[network]`, `admin_networks` for both firewalls and the deployer's `check_address` for
+/// the nameservers' allow lists), plus `[ansible] extra_vars`; passed with `-e`, so they win
+/// over everything.
 pub fn run_vars(cfg: &DeployerConfig) -> Value {
     let mut m = Map::new();
     m.insert(
@@ -141,19 +160,27 @@ pub fn run_vars(cfg: &DeployerConfig) -> Value {
         "lb_dist_dir".into(),
         json!(cfg.ansible_dir.join("../lb/dist")),
     );
+    if !cfg.network.admin_networks.is_empty() {
+        m.insert("admin_networks".into(), json!(cfg.network.admin_networks));
+    }
+    if let Some(a) = cfg.network.check_address {
+        m.insert("nameserver_check_addresses".into(), json!([a.to_string()]));
+    }
     for (k, v) in &cfg.ansible.extra_vars {
         m.insert(k.clone(), v.clone());
     }
     Value::Object(m)
 }
 
-/// Runs `playbook` against `inventory` with `vars`, streaming its output to stderr.
+/// Runs `playbook` against `inventory` with `vars` (only the tasks tagged `tags`, when given),
+/// streaming its output to stderr.
 pub fn run_playbook(
     cfg: &DeployerConfig,
     playbook: &str,
     run_name: &str,
     inventory: &Value,
     vars: &Value,
+    tags: Option<&str>,
     timeout: Duration,
 ) -> Result<(), AnsibleError> {
     let dir = cfg.state_dir.join("runs").join(run_name);
@@ -185,7 +212,11 @@ pub fn run_playbook(
         .try_clone_to_owned()
         .map(Stdio::from)
         .unwrap_or_else(|_| Stdio::inherit());
-    let mut child = Command::new(&command)
+    let mut cmd = Command::new(&command);
+    if let Some(t) = tags {
+        cmd.arg("--tags").arg(t);
+    }
+    let mut child = cmd
         .arg("-i")
         .arg(&inv)
         .arg(cfg.ansible_dir.join(playbook))

@@ -4,7 +4,9 @@
 //! The Linode API token is never read from this file: only from `LINODE_TOKEN`.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -41,6 +43,142 @@ pub struct DeployerConfig {
     pub ansible: AnsibleConfig,
     #[serde(default)]
     pub roll_lb: RollLbConfig,
+    #[serde(default)]
+    pub network: NetworkConfig,
+}
+
+/// `[network]`: the private path between lbs and nameservers, who administers the VMs, and
+/// where the deployer's own checks come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Linode VLAN label. Set: every instance gets a VLAN interface (eth1) with an address from
+    /// `subnet`, lbs send to the nameservers' VLAN addresses, and the nameservers take DNS only
+    /// on the VLAN. Unset: lbs reach the nameservers on their public addresses.
+    #[serde(default)]
+    pub vlan: Option<String>,
+    /// The VLAN's IPv4 subnet; addresses are allocated from it by the deployer, across old and
+    /// `-next` instances together.
+    #[serde(default = "default_subnet")]
+    pub subnet: Subnet,
+    /// The VLAN interface's name on the VMs (Linode names interfaces by position: the public
+    /// one is eth0, the VLAN eth1).
+    #[serde(default = "default_vlan_interface")]
+    pub interface: String,
+    /// Networks allowed to reach SSH (and the lbs' metrics port) through the firewalls; the
+    /// deployer's own address must be in one. Passed to the roles as `admin_networks`.
+    #[serde(default)]
+    pub admin_networks: Vec<String>,
+    /// The deployer's own address as the nameservers see it. Set: the nameservers allow it
+    /// (allow-query and firewall) and the deployer checks them directly. Unset (default): the
+    /// deployer checks nameservers from an lb with `lb ctl probe`.
+    #[serde(default)]
+    pub check_address: Option<IpAddr>,
+}
+
+/// An IPv4 subnet (`10.0.0.0/24`), with host bits clear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnet {
+    pub network: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Subnet {
+    /// The usable host addresses, lowest first (neither the network nor the broadcast address).
+    pub fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
+        let base = u32::from(self.network);
+        let size = 1u64 << (32 - u32::from(self.len));
+        (1..size.saturating_sub(1)).map(move |k| Ipv4Addr::from(base + k as u32))
+    }
+
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        let mask = u32::MAX << (32 - u32::from(self.len));
+        u32::from(a) & mask == u32::from(self.network)
+    }
+
+    /// `a` with this subnet's prefix length, as Linode's `ipam_address` wants it.
+    pub fn cidr(&self, a: Ipv4Addr) -> String {
+        format!("{a}/{}", self.len)
+    }
+}
+
+impl std::fmt::Display for Subnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.len)
+    }
+}
+
+impl FromStr for Subnet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Subnet, String> {
+        let bad = || format!("`{s}` is not an IPv4 subnet like 10.0.0.0/24 (prefix length 8-30)");
+        let (a, l) = s.trim().split_once('/').ok_or_else(bad)?;
+        let network: Ipv4Addr = a.parse().map_err(|_| bad())?;
+        let len: u8 = l
+            .parse()
+            .ok()
+            .filter(|l| (8..=30).contains(l))
+            .ok_or_else(bad)?;
+        let mask = u32::MAX << (32 - u32::from(len));
+        if u32::from(network) & !mask != 0 {
+            return Err(format!(
+                "`{s}` has host bits set: the subnet is {}/{len}",
+                Ipv4Addr::from(u32::from(network) & mask)
+            ));
+        }
+        Ok(Subnet { network, len })
+    }
+}
+
+impl<'de> Deserialize<'de> for Subnet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            vlan: None,
+            subnet: default_subnet(),
+            interface: default_vlan_interface(),
+            admin_networks: Vec::new(),
+            check_address: None,
+        }
+    }
+}
+
+fn default_subnet() -> Subnet {
+    Subnet {
+        network: Ipv4Addr::new(10, 0, 0, 0),
+        len: 24,
+    }
+}
+
+fn default_vlan_interface() -> String {
+    "eth1".into()
+}
+
+/// Why `label` is not a valid Linode VLAN label (the API's prose: 1-64 ASCII letters, digits
+/// and hyphens, no `--`).
+pub fn vlan_label_error(label: &str) -> Option<String> {
+    if label.is_empty() || label.len() > 64 {
+        return Some(format!("VLAN label `{label}` must be 1-64 characters"));
+    }
+    if !label
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || c == b'-')
+    {
+        return Some(format!(
+            "VLAN label `{label}` may only contain ASCII letters, digits and '-'"
+        ));
+    }
+    if label.contains("--") {
+        return Some(format!("VLAN label `{label}` must not contain `--`"));
+    }
+    None
 }
 
 /// `[roll_lb]`: the hand-off to the registrar and the drain of the old load balancers.
@@ -364,7 +502,101 @@ impl DeployerConfig {
                 "provider kind \"linode\" needs a [linode] section".into(),
             ));
         }
+        self.validate_network(path)
+    }
+
+    fn validate_network(&self, path: &Path) -> Result<(), DeployConfigError> {
+        let invalid = |key: &str, message: String| DeployConfigError::invalid(path, key, message);
+        let net = &self.network;
+        for n in &net.admin_networks {
+            n.parse::<lb::prefix::Prefix>()
+                .map_err(|e| invalid("network.admin_networks", e))?;
+        }
+        if self.provider.kind == ProviderKind::Linode
+            && net.admin_networks.is_empty()
+            && !["admin_networks", "lb_admin_networks"]
+                .iter()
+                .any(|k| self.ansible.extra_vars.contains_key(*k))
+        {
+            return Err(invalid(
+                "network.admin_networks",
+                "required with the linode provider: the firewalls open SSH (and the lbs' metrics port) only to these networks, and the deployer needs both; list the networks that administer the deployment, the deployer's own address among them".into(),
+            ));
+        }
+        if net.interface.is_empty()
+            || !net
+                .interface
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        {
+            return Err(invalid(
+                "network.interface",
+                format!("`{}` is not an interface name", net.interface),
+            ));
+        }
+        let Some(vlan) = &net.vlan else {
+            return Ok(());
+        };
+        if let Some(e) = vlan_label_error(vlan) {
+            return Err(invalid("network.vlan", e));
+        }
+        // Old and -next instances hold addresses at the same time.
+        let needed = 2 * (self.nameservers.len() + self.lbs.len());
+        let have = net.subnet.hosts().count();
+        if have < needed {
+            return Err(invalid(
+                "network.subnet",
+                format!(
+                    "{} has {have} host addresses; {needed} are needed (every instance and its -next at once)",
+                    net.subnet
+                ),
+            ));
+        }
+        if self.provider.kind == ProviderKind::Linode {
+            // A VLAN exists in one region only: every instance must land in the same one.
+            let default = self
+                .linode
+                .as_ref()
+                .map(|l| l.region.as_str())
+                .unwrap_or("");
+            let placed: Vec<(&str, &str)> = self
+                .nameservers
+                .iter()
+                .map(|n| (n.name.as_str(), n.region.as_deref().unwrap_or(default)))
+                .chain(
+                    self.lbs
+                        .iter()
+                        .map(|l| (l.name.as_str(), l.region.as_deref().unwrap_or(default))),
+                )
+                .collect();
+            let first = placed.first().map_or(default, |p| p.1);
+            if placed.iter().any(|p| p.1 != first) {
+                return Err(invalid(
+                    "network.vlan",
+                    format!(
+                        "a VLAN exists in one region only, but the instances would land in several ({}); put them all in one region, or run one deployment per region",
+                        placed
+                            .iter()
+                            .map(|(n, r)| format!("{n}: {r}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The region every instance lands in when a VLAN is configured (checked to be one).
+    pub fn vlan_region(&self) -> Option<String> {
+        self.network.vlan.as_ref()?;
+        let l = self.linode.as_ref()?;
+        Some(
+            self.nameservers
+                .first()
+                .and_then(|n| n.region.clone())
+                .unwrap_or_else(|| l.region.clone()),
+        )
     }
 
     /// The zone file of `zone` under the Ansible tree.
@@ -377,5 +609,102 @@ impl DeployerConfig {
     /// The tag every instance of this deployment carries.
     pub fn tag(&self) -> String {
         format!("deployer-{}", self.deployment)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, body: &str) -> PathBuf {
+        std::fs::create_dir_all(dir.join("ansible/zones")).unwrap();
+        std::fs::write(dir.join("ansible/zones/example.test.zone"), "").unwrap();
+        let p = dir.join("deployer.toml");
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    const LINODE: &str = "deployment = \"t\"\n[provider]\nkind = \"linode\"\n[linode]\nregion = \"us-east\"\ntype = \"g6-nanode-1\"\nimage = \"linode/debian12\"\n[[nameservers]]\nname = \"ns1\"\n[[nameservers]]\nname = \"ns2\"\nREGION2\n[zones]\nnames = [\"example.test\"]\n[[lbs]]\nname = \"lb1\"\nfronts = [\"ns1\", \"ns2\"]\n";
+
+    #[test]
+    fn subnets_parse_and_allocate_hosts_only() {
+        let s: Subnet = "10.0.0.0/29".parse().unwrap();
+        let hosts: Vec<_> = s.hosts().collect();
+        assert_eq!(hosts.len(), 6);
+        assert_eq!(hosts[0], Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(hosts[5], Ipv4Addr::new(10, 0, 0, 6));
+        assert_eq!(s.cidr(hosts[0]), "10.0.0.1/29");
+        assert!(s.contains(Ipv4Addr::new(10, 0, 0, 7)) && !s.contains(Ipv4Addr::new(10, 0, 0, 8)));
+        let e = "10.0.0.5/24".parse::<Subnet>().unwrap_err();
+        assert!(e.contains("10.0.0.0/24"), "{e}");
+        for bad in ["10.0.0.0", "10.0.0.0/31", "10.0.0.0/7", "fd00::/64", "x/24"] {
+            assert!(bad.parse::<Subnet>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn vlan_labels_follow_the_api_prose() {
+        assert!(vlan_label_error("dns-backplane").is_none());
+        for bad in ["", "a--b", "a_b", &"x".repeat(65)] {
+            assert!(vlan_label_error(bad).is_some(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn network_rules_are_checked_with_the_key_named() {
+        let dir = std::env::temp_dir().join(format!("dcfg-{}", std::process::id()));
+        let cfg = |region2: &str, network: &str| {
+            let body = LINODE.replace("REGION2", region2) + network;
+            DeployerConfig::read(&write(&dir, &body))
+        };
+        let e = cfg("", "").unwrap_err().to_string();
+        assert!(
+            e.contains("network.admin_networks") && e.contains("required"),
+            "{e}"
+        );
+        let admin = "[network]\nadmin_networks = [\"198.51.100.0/24\"]\n";
+        cfg("", admin).unwrap();
+        // Different regions are fine on public addresses, refused with a VLAN, naming them.
+        cfg("region = \"eu-central\"", admin).unwrap();
+        let vlan = format!("{admin}vlan = \"dns\"\n");
+        let e = cfg("region = \"eu-central\"", &vlan)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("network.vlan")
+                && e.contains("ns2: eu-central")
+                && e.contains("ns1: us-east"),
+            "{e}"
+        );
+        let c = cfg("", &vlan).unwrap();
+        assert_eq!(c.vlan_region().as_deref(), Some("us-east"));
+        let e = cfg("", &format!("{vlan}subnet = \"10.0.0.0/30\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("network.subnet") && e.contains("2 host addresses; 6 are needed"),
+            "{e}"
+        );
+        let e = cfg("", &format!("{admin}vlan = \"a--b\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("network.vlan") && e.contains("--"), "{e}");
+        let e = cfg("", "[network]\nadmin_networks = [\"nope\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("network.admin_networks") && e.contains("nope"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_examples_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        for f in ["local.toml", "linode.toml"] {
+            let c = DeployerConfig::read(&dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert!(c.network.vlan.is_none(), "{f}");
+        }
     }
 }

@@ -78,6 +78,15 @@ impl Deployer {
         Ok(())
     }
 
+    /// The VLAN label when instances go on a VLAN (`[network] vlan` with a provider that has
+    /// VLANs; the local provider keeps loopback).
+    pub fn vlan(&self) -> Option<&str> {
+        match self.cfg.provider.kind {
+            ProviderKind::Linode => self.cfg.network.vlan.as_deref(),
+            ProviderKind::Local => None,
+        }
+    }
+
     /// Expected serial of every zone, from the zone files.
     pub fn serials(&self) -> Result<Vec<(String, u32)>> {
         self.cfg
@@ -143,8 +152,9 @@ impl Deployer {
         Ok((inst, ctl))
     }
 
-    /// Address of the instance serving nameserver `name` for this operation: the one this
-    /// operation created (`NAME-next`, or `NAME` once renamed), else the existing one.
+    /// Address lbs send to for nameserver `name` in this operation (its VLAN address when it
+    /// has one): the instance this operation created (`NAME-next`, or `NAME` once renamed),
+    /// else the existing one.
     pub fn nameserver_addr(&self, j: &Journal, name: &str) -> Result<String> {
         let next = format!("{name}-next");
         if let Some(i) = j
@@ -152,12 +162,12 @@ impl Deployer {
             .iter()
             .find(|i| i.label == next || i.label == name)
         {
-            return Ok(i.dns_addr().to_string());
+            return Ok(i.backend_addr().to_string());
         }
         let i = self
             .find(name)?
             .ok_or_else(|| anyhow!("nameserver {name} does not exist: run `deployer up` first"))?;
-        Ok(i.dns_addr().to_string())
+        Ok(i.backend_addr().to_string())
     }
 
     /// Deletes an instance; already gone is success.

@@ -49,6 +49,7 @@ fn run_step(d: &Deployer, step: Step, j: &mut Journal) -> Result<String> {
         Step::Rename | Step::RenameLbs => lifecycle::rename(d, j, step),
         Step::Handoff => drain::handoff(d, j),
         Step::Drain => drain::drain(d, j),
+        Step::AllowLbsNext | Step::DisallowOldLbs => lifecycle::allow_lbs(d, j, step.name()),
     }
 }
 
@@ -222,6 +223,16 @@ pub fn undo(d: &Deployer, j: &mut Journal) -> Result<()> {
         j.error = Some(msg.clone());
         d.save(j)?;
         bail!("{msg}");
+    }
+    // The nameservers were opened to the new lbs: close them again (the lbs are gone, and an
+    // address they had may go to someone else). Best effort: the rollback itself is done, and
+    // the next roll-lb or roll sets the allow lists from the lbs that exist then.
+    if j.operation == crate::journal::Operation::RollLb && j.done(Step::CreateLbsNext) {
+        if let Err(e) = lifecycle::allow_lbs(d, j, "rollback-allow-lbs") {
+            d.out.info(&format!(
+                "rollback: the nameservers still allow the deleted lbs' addresses ({e:#}); the next `deployer roll-lb` or `deployer roll` removes them"
+            ));
+        }
     }
     j.state = JournalState::RolledBack;
     j.error = None;

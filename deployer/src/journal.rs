@@ -129,6 +129,17 @@ pub struct Journal {
     pub serials: Vec<(String, u32)>,
     pub handoff: Handoff,
     pub error: Option<String>,
+    /// VLAN addresses this operation allocated, each recorded before its instance's create
+    /// call (so a crash cannot hand the same address out twice).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vlan_addresses: Vec<VlanAddress>,
+}
+
+/// One VLAN address allocation: the label it was allocated for and the address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VlanAddress {
+    pub label: String,
+    pub address: std::net::Ipv4Addr,
 }
 
 impl Journal {
@@ -149,6 +160,7 @@ impl Journal {
             serials,
             handoff: Handoff::NotStarted,
             error: None,
+            vlan_addresses: Vec::new(),
         }
     }
 

@@ -9,7 +9,8 @@
 //!   a time; [`faults`] — crash points and injected faults for tests; [`report`] — terminal
 //!   output.
 //! - [`context`] — [`context::Deployer`], one deployment with all of the above.
-//! - [`ansible`], [`checks`] — playbook runs and DNS checks.
+//! - [`ansible`], [`checks`] — playbook runs and DNS checks (directly, or from an lb with
+//!   `lb ctl probe`); [`network`] — VLAN addresses and the region checks.
 //! - [`lifecycle`] (instances), [`flip`] (converging lbs), [`drain`] (roll-lb's hand-off and
 //!   drain) — the steps' work.
 //! - [`engine`] — runs the steps, phases, undo and resume.
@@ -28,6 +29,7 @@ pub mod journal;
 pub mod lbctl;
 pub mod lifecycle;
 pub mod lock;
+pub mod network;
 pub mod operations;
 pub mod provider;
 pub mod report;

@@ -6,10 +6,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::ansible;
-use crate::checks::check_serving;
+use crate::checks::{check_serving, probe_from_lb};
 use crate::context::Deployer;
 use crate::drain::scrape_queries;
 use crate::journal::{Journal, Step};
+use crate::lbctl::LbControl;
+use crate::network;
 use crate::provider::{Instance, InstanceSpec, Role};
 
 /// Creates the instances of `role` (labels `NAME-next` when `next`) and waits until they run.
@@ -35,6 +37,7 @@ pub fn create(d: &Deployer, j: &mut Journal, role: Role, next: bool) -> Result<S
                 region: n.region.clone(),
                 instance_type: n.instance_type.clone(),
                 image: n.image.clone(),
+                vlan: None,
             })
             .collect(),
         Role::Lb => d
@@ -47,6 +50,7 @@ pub fn create(d: &Deployer, j: &mut Journal, role: Role, next: bool) -> Result<S
                 region: l.region.clone(),
                 instance_type: l.instance_type.clone(),
                 image: l.image.clone(),
+                vlan: None,
             })
             .collect(),
     };
@@ -67,9 +71,12 @@ pub fn create(d: &Deployer, j: &mut Journal, role: Role, next: bool) -> Result<S
                 existing.id
             );
         }
+        // The VLAN address is recorded before the label, and both before the create call.
+        let mut spec = spec.clone();
+        spec.vlan = network::attachment(d, j, &spec.label)?;
         j.creating.push(spec.label.clone());
         d.save(j)?;
-        let inst = d.provider.create(spec)?;
+        let inst = d.provider.create(&spec)?;
         j.created.push(inst);
         j.creating.retain(|l| l != &spec.label);
         d.save(j)?;
@@ -140,6 +147,7 @@ pub fn provision(d: &Deployer, j: &Journal, role: Role) -> Result<String> {
         &run,
         &inv,
         &vars,
+        None,
         d.cfg.timeouts.provision(),
     )?;
     Ok(targets
@@ -158,13 +166,113 @@ pub fn planned_backends(d: &Deployer, j: &Journal, name: &str) -> Result<Vec<Str
         .collect()
 }
 
-/// Every created instance of `role` answers authoritatively with the expected serials.
+/// Re-runs the nameserver role's access part (`--tags nameserver-access`: allow-query and the
+/// firewall) on every nameserver of the deployment, with the lbs that exist now: roll-lb adds
+/// the `-next` lbs this way before they are provisioned, and removes the deleted ones at its
+/// end (and when it is undone). Zones and the rest of named.conf are not touched.
+pub fn allow_lbs(d: &Deployer, j: &Journal, step: &str) -> Result<String> {
+    let all = d.provider.list()?;
+    let nameservers: Vec<Instance> = all
+        .iter()
+        .filter(|i| i.role == Role::Nameserver)
+        .cloned()
+        .collect();
+    let lbs: Vec<Instance> = all.iter().filter(|i| i.role == Role::Lb).cloned().collect();
+    if nameservers.is_empty() {
+        return Ok("no nameserver to update".into());
+    }
+    let known_hosts = d.cfg.state_dir.join("known_hosts");
+    let inv = ansible::inventory(
+        d.provider.as_ref(),
+        &nameservers,
+        &lbs,
+        &d.cfg,
+        &known_hosts,
+    );
+    let vars = ansible::run_vars(&d.cfg);
+    ansible::run_playbook(
+        &d.cfg,
+        "nameserver.yml",
+        &format!("{}-{step}", j.started_unix),
+        &inv,
+        &vars,
+        Some(ansible::ACCESS_TAG),
+        d.cfg.timeouts.provision(),
+    )?;
+    Ok(format!(
+        "nameservers {} answer lbs {}",
+        nameservers
+            .iter()
+            .map(|i| i.label.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        lbs.iter()
+            .map(|i| i.label.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+/// The lb a new nameserver is checked from (the nameservers answer only lbs): the first lb of
+/// the config that fronts it, else the first that exists.
+fn checking_lb(d: &Deployer, nameserver: &str) -> Result<(String, LbControl)> {
+    let fronting = d
+        .cfg
+        .lbs
+        .iter()
+        .filter(|l| l.fronts.iter().any(|f| f == nameserver));
+    let others = d
+        .cfg
+        .lbs
+        .iter()
+        .filter(|l| !l.fronts.iter().any(|f| f == nameserver));
+    for l in fronting.chain(others) {
+        if let Some(inst) = d.find(&l.name)? {
+            return Ok((
+                l.name.clone(),
+                d.provider.lb_control(&inst, &l.control_socket),
+            ));
+        }
+    }
+    bail!(
+        "no lb exists to check nameserver {nameserver} from (nameservers answer only the lbs, loopback and [network] check_address): create the lbs first, or set [network] check_address to the deployer's address"
+    )
+}
+
+/// Every created instance of `role` answers authoritatively with the expected serials: from an
+/// lb (`lb ctl probe`, over UDP and TCP, to the address lbs use), or directly from the deployer
+/// when `[network] check_address` says the nameservers allow it.
 pub fn check_new(d: &Deployer, j: &Journal, role: Role) -> Result<String> {
     let mut done = Vec::new();
     for i in created(j, role) {
-        check_serving(i.dns_addr(), &j.serials, d.cfg.timeouts.check())
-            .map_err(|e| anyhow!("{} does not serve the zones: {e}", i.label))?;
-        done.push(format!("{} authoritative", i.label));
+        match d.cfg.network.check_address {
+            Some(from) => {
+                check_serving(i.dns_addr(), &j.serials, d.cfg.timeouts.check())
+                    .map_err(|e| anyhow!("{} does not serve the zones: {e}", i.label))?;
+                done.push(format!(
+                    "{} authoritative (checked directly from {from})",
+                    i.label
+                ));
+            }
+            None => {
+                let base = i.label.trim_end_matches("-next");
+                let (lb, ctl) = checking_lb(d, base)?;
+                probe_from_lb(
+                    &ctl,
+                    i.backend_addr(),
+                    &j.serials,
+                    d.cfg.timeouts.check(),
+                    d.cfg.timeouts.ctl(),
+                )
+                .map_err(|e| {
+                    anyhow!(
+                        "{} does not serve the zones (probed from lb {lb}): {e}",
+                        i.label
+                    )
+                })?;
+                done.push(format!("{} authoritative (probed from lb {lb})", i.label));
+            }
+        }
     }
     Ok(format!(
         "{}; serials {}",

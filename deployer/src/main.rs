@@ -138,13 +138,17 @@ fn print_status(s: &serde_json::Value) {
     );
     for i in s["instances"].as_array().into_iter().flatten() {
         println!(
-            "{:<14} {:>6} {:<12} {:<10} {}:{}",
+            "{:<14} {:>6} {:<12} {:<10} {}:{}{}",
             i["label"].as_str().unwrap_or(""),
             i["id"],
             i["role"].as_str().unwrap_or(""),
             i["status"].as_str().unwrap_or(""),
             i["address"].as_str().unwrap_or(""),
-            i["dns_port"]
+            i["dns_port"],
+            i["private_address"]
+                .as_str()
+                .map(|a| format!(" (vlan {a})"))
+                .unwrap_or_default()
         );
     }
     for l in s["lbs"].as_array().into_iter().flatten() {

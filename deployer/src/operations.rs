@@ -28,6 +28,7 @@ impl Deployer {
                 self.cfg.lb_binary.display()
             );
         }
+        self.network_preflight(Operation::Up, &[])?;
         if dry_run {
             self.plan_up();
             return Ok(());
@@ -51,14 +52,20 @@ impl Deployer {
         engine::run_steps(self, &mut j, &UP_STEPS)
     }
 
+    /// The VLAN checks before an operation creates anything (see [`crate::network`]).
+    fn network_preflight(&self, op: Operation, existing: &[Instance]) -> Result<()> {
+        if let Some(notice) = crate::network::preflight(self, op, existing)? {
+            self.out.info(&notice);
+        }
+        Ok(())
+    }
+
     fn plan_up(&self) {
         self.out
             .info("plan for `deployer up` (dry run, nothing changes):");
         for n in &self.cfg.nameservers {
             self.out.info(&format!("  create nameserver {}", n.name));
         }
-        self.out
-            .info("  provision them with ansible/nameserver.yml, check every zone");
         for l in &self.cfg.lbs {
             self.out.info(&format!(
                 "  create lb {} fronting {}",
@@ -66,8 +73,16 @@ impl Deployer {
                 l.fronts.join(", ")
             ));
         }
-        self.out
-            .info("  provision them with ansible/lb.yml, check every zone through every lb");
+        self.out.info(
+            "  provision the nameservers with ansible/nameserver.yml (answering only those lbs), the lbs with ansible/lb.yml",
+        );
+        self.out.info(&format!(
+            "  check every zone on every nameserver ({}), then through every lb",
+            match self.cfg.network.check_address {
+                Some(a) => format!("directly from {a}"),
+                None => "from an lb, with `lb ctl probe`".into(),
+            }
+        ));
     }
 
     /// Loads the unfinished operation for `--resume`, checking it is `op`.
@@ -128,6 +143,7 @@ impl Deployer {
             self.refuse_if_unfinished()?;
         }
         let serials = self.serials()?;
+        self.network_preflight(Operation::Roll, &self.list()?)?;
         let mut old = Vec::new();
         for n in &self.cfg.nameservers {
             let i = self.find(&n.name)?.ok_or_else(|| {
@@ -236,6 +252,7 @@ impl Deployer {
             self.refuse_if_unfinished()?;
         }
         let serials = self.serials()?;
+        self.network_preflight(Operation::RollLb, &self.list()?)?;
         let mut old = Vec::new();
         for l in &self.cfg.lbs {
             old.push(

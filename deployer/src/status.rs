@@ -31,6 +31,10 @@ pub struct InstanceView {
     pub address: String,
     pub dns_port: u16,
     pub metrics_port: u16,
+    /// Its address on the deployment's VLAN (where lbs reach a nameserver), null when none.
+    pub private_address: Option<String>,
+    /// Its region, null where the provider has none.
+    pub region: Option<String>,
 }
 
 impl From<&Instance> for InstanceView {
@@ -43,6 +47,8 @@ impl From<&Instance> for InstanceView {
             address: i.address.to_string(),
             dns_port: i.dns_port,
             metrics_port: i.metrics_port,
+            private_address: i.private_address.map(|a| a.to_string()),
+            region: i.region.clone(),
         }
     }
 }

@@ -63,6 +63,9 @@ pub enum Step {
     Drain,
     DeleteOldLbs,
     RenameLbs,
+    // roll-lb: the nameservers' allow lists and firewalls follow the set of lbs.
+    AllowLbsNext,
+    DisallowOldLbs,
 }
 
 /// The roll's steps, in order (the seed's numbered list).
@@ -76,28 +79,33 @@ pub const ROLL_STEPS: [Step; 7] = [
     Step::Rename,
 ];
 
-/// The steps of `up`.
+/// The steps of `up`. The lbs are created before the nameservers are provisioned (the
+/// nameservers answer and let through only the lbs, so they must know their addresses) and
+/// provisioned before the nameservers are checked (the checks run from an lb).
 pub const UP_STEPS: [Step; 6] = [
     Step::CreateNameservers,
-    Step::ProvisionNameservers,
-    Step::CheckNameservers,
     Step::CreateLbs,
+    Step::ProvisionNameservers,
     Step::ProvisionLbs,
+    Step::CheckNameservers,
     Step::CheckLbs,
 ];
 
-/// The steps of `roll-lb` (the seed's second list).
-pub const ROLL_LB_STEPS: [Step; 7] = [
+/// The steps of `roll-lb` (the seed's second list), with the nameservers' allow lists opened
+/// to the new lbs before they are provisioned and closed to the old ones once they are gone.
+pub const ROLL_LB_STEPS: [Step; 9] = [
     Step::CreateLbsNext,
+    Step::AllowLbsNext,
     Step::ProvisionLbsNext,
     Step::CheckLbsNext,
     Step::Handoff,
     Step::Drain,
     Step::DeleteOldLbs,
     Step::RenameLbs,
+    Step::DisallowOldLbs,
 ];
 
-const ALL: [Step; 20] = [
+const ALL: [Step; 22] = [
     Step::Create,
     Step::Provision,
     Step::Check,
@@ -118,6 +126,8 @@ const ALL: [Step; 20] = [
     Step::Drain,
     Step::DeleteOldLbs,
     Step::RenameLbs,
+    Step::AllowLbsNext,
+    Step::DisallowOldLbs,
 ];
 
 impl Step {
@@ -144,6 +154,8 @@ impl Step {
             Step::Drain => "drain",
             Step::DeleteOldLbs => "delete-old-lbs",
             Step::RenameLbs => "rename-lbs",
+            Step::AllowLbsNext => "allow-lbs-next",
+            Step::DisallowOldLbs => "disallow-old-lbs",
         }
     }
 
@@ -243,5 +255,27 @@ mod tests {
         assert_eq!(p[i + 1], "flip:after");
         assert!(p.contains(&"rename:ns1-next:before".to_string()));
         assert_eq!(p.last().unwrap(), "rename:after");
+    }
+
+    #[test]
+    fn up_creates_the_lbs_before_the_checks_and_roll_lb_opens_the_allow_lists_first() {
+        let pos = |steps: &[Step], s: Step| steps.iter().position(|x| *x == s).unwrap();
+        assert!(pos(&UP_STEPS, Step::CreateLbs) < pos(&UP_STEPS, Step::ProvisionNameservers));
+        assert!(pos(&UP_STEPS, Step::ProvisionLbs) < pos(&UP_STEPS, Step::CheckNameservers));
+        let r = &ROLL_LB_STEPS;
+        assert!(pos(r, Step::CreateLbsNext) < pos(r, Step::AllowLbsNext));
+        assert!(pos(r, Step::AllowLbsNext) < pos(r, Step::ProvisionLbsNext));
+        assert_eq!(r.last(), Some(&Step::DisallowOldLbs));
+        let lbs = ["lb1".to_string()];
+        let ns = ["ns1".to_string()];
+        let p = crash_points(
+            Operation::RollLb,
+            &PointNames {
+                lbs: &lbs,
+                nameservers: &ns,
+            },
+        );
+        assert_eq!(p[2], "allow-lbs-next:before");
+        assert_eq!(p.last().unwrap(), "disallow-old-lbs:after");
     }
 }

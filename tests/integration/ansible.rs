@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
@@ -152,17 +152,93 @@ fn nameserver_role_serves_authoritatively_and_is_idempotent() {
     // Not an open resolver: names outside its zones are refused.
     let m = udp_query(addr, "example.com.", RecordType::A, Duration::from_secs(3)).unwrap();
     assert_eq!(m.metadata.response_code, ResponseCode::Refused);
-    // Version hidden.
+    // Version hidden; queries only from the allowed clients; no rate limiting in BIND (lb does
+    // it per client: behind lb, BIND would see everyone as one client).
     let conf = std::fs::read_to_string(dir.path().join("ns/named.conf")).unwrap();
     assert!(
         conf.contains("version none;")
             && conf.contains("recursion no;")
-            && conf.contains("rate-limit")
+            && conf.contains("allow-query { dns_clients; };")
+            && !conf.contains("rate-limit {"),
+        "{conf}"
     );
 
     let (code, out) = playbook("nameserver.yml", "nameservers", vars, &[], dir.path());
     assert_eq!(code, 0, "{out}");
     assert_eq!(changed(&out), 0, "a second run changes nothing:\n{out}");
+}
+
+/// Runs `dig` (a real client) and returns its output.
+fn dig(args: &[&str]) -> String {
+    let out = Command::new("dig")
+        .args(["+time=2", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("dig (apt-get install dnsutils)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn nameserver_answers_only_the_lbs_and_transfers_only_with_the_tsig_key() {
+    let dir = TempDir::new("ns-access");
+    let port = free_port();
+    let key = "c2VjcmV0LWtleS1mb3ItdGhlLXRlc3RzLW9ubHktMzJi"; // base64, test only
+                                                              // The lb is 127.0.0.3; 127.0.0.2 is someone else on this host.
+    let inv = json!({"all": {"children": {
+        "nameservers": {"hosts": {"ns": {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+            "nameserver_mode": "local",
+            "nameserver_dir": dir.path().join("ns"),
+            "nameserver_listen_address": "127.0.0.1",
+            "nameserver_port": port,
+            "nameserver_transfer_key": {"name": "xfr-key", "secret": key},
+        }}},
+        "lbs": {"hosts": {"lb1": {"ansible_host": "127.0.0.3"}}},
+    }}});
+    let (code, out) = playbook_inventory("nameserver.yml", inv.clone(), &[], dir.path());
+    let _guard = KillOnDrop(dir.path().join("ns/named.pid"));
+    assert_eq!(code, 0, "{out}");
+    let p = port.to_string();
+    let soa = |from: &str| dig(&["@127.0.0.1", "-p", &p, "-b", from, "example.test", "SOA"]);
+    assert!(soa("127.0.0.3").contains("status: NOERROR"), "the lb");
+    assert!(soa("127.0.0.1").contains("status: NOERROR"), "loopback");
+    assert!(soa("127.0.0.2").contains("status: REFUSED"), "anyone else");
+    let tsig = format!("hmac-sha256:xfr-key:{key}");
+    let axfr = |from: &str, signed: bool| {
+        let mut a = vec!["@127.0.0.1", "-p", &p, "-b", from, "example.test", "AXFR"];
+        if signed {
+            a.extend(["-y", &tsig]);
+        }
+        dig(&a)
+    };
+    let ok = |o: &str| o.contains("XFR size") && !o.contains("Transfer failed");
+    assert!(ok(&axfr("127.0.0.3", true)), "an lb's address with the key");
+    assert!(
+        !ok(&axfr("127.0.0.3", false)),
+        "an lb's address without the key"
+    );
+    assert!(
+        !ok(&axfr("127.0.0.2", true)),
+        "the key from another address"
+    );
+    // Addresses to transfer to without a key: refused, saying why, before anything changes.
+    let mut no_key = inv;
+    let host = &mut no_key["all"]["children"]["nameservers"]["hosts"]["ns"];
+    host.as_object_mut()
+        .unwrap()
+        .remove("nameserver_transfer_key");
+    host["nameserver_allow_transfer"] = json!(["192.0.2.1"]);
+    let (code, out) = playbook_inventory("nameserver.yml", no_key, &[], dir.path());
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("zone transfers are only allowed with a TSIG key"),
+        "{out}"
+    );
+    assert!(
+        ok(&axfr("127.0.0.3", true)),
+        "the running config is untouched"
+    );
 }
 
 #[test]
@@ -230,6 +306,394 @@ fn lb_role_runs_lb_and_is_idempotent() {
     .expect("lb answers");
     assert_eq!(soa_serial(&m), Some(5));
     let (code, out) = playbook("lb.yml", "lbs", vars, &[], dir.path());
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(changed(&out), 0, "a second run changes nothing:\n{out}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The firewalls for real (issue #16): each role's nftables ruleset is rendered and loaded by the
+// role itself (its firewall tasks alone, `--tags`) into a network namespace made for the test,
+// never on this machine's own interfaces, and checked with real traffic from other namespaces
+// joined to it by veth pairs ("admin", "outside", and for a nameserver "lb" on the VLAN link).
+
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use integration_tests::netns::{run_in, NetNs};
+
+/// Runs `playbook` against a multi-host inventory with extra arguments (e.g. `--tags`).
+fn playbook_inventory(
+    playbook: &str,
+    inv: serde_json::Value,
+    args: &[&str],
+    dir: &Path,
+) -> (i32, String) {
+    playbook_from(playbook, inv, args, dir, None)
+}
+
+/// [`playbook_inventory`] as if the play connected over SSH from `ssh_from` (the firewall
+/// tasks read `SSH_CONNECTION` to refuse rules that would cut off their own connection); never
+/// with the test runner's own SSH session.
+fn playbook_from(
+    playbook: &str,
+    inv: serde_json::Value,
+    args: &[&str],
+    dir: &Path,
+    ssh_from: Option<&str>,
+) -> (i32, String) {
+    let inv_path = dir.join("inventory.json");
+    std::fs::write(&inv_path, inv.to_string()).unwrap();
+    let mut c = Command::new("ansible-playbook");
+    c.env_remove("SSH_CONNECTION");
+    if let Some(from) = ssh_from {
+        c.env("SSH_CONNECTION", format!("{from} 50000 10.1.1.1 22"));
+    }
+    let out = c
+        .arg("-i")
+        .arg(&inv_path)
+        .arg(ansible_dir().join(playbook))
+        .args(args)
+        .env("ANSIBLE_CONFIG", ansible_dir().join("ansible.cfg"))
+        .env("ANSIBLE_NOCOLOR", "1")
+        .output()
+        .expect("ansible-playbook (pip install ansible-core)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn in_ns(ns: &NetNs, args: &[&str]) {
+    let out = ns.command(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?} in {}: {}",
+        ns.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A veth pair between two namespaces: `a_if` with `a_addr` in `a`, `b_if` with `b_addr` in `b`.
+fn veth(a: &NetNs, a_if: &str, a_addr: &str, b: &NetNs, b_if: &str, b_addr: &str) {
+    in_ns(
+        a,
+        &[
+            "ip", "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
+        ],
+    );
+    in_ns(a, &["ip", "addr", "add", a_addr, "dev", a_if]);
+    in_ns(b, &["ip", "addr", "add", b_addr, "dev", b_if]);
+    in_ns(a, &["ip", "link", "set", a_if, "up"]);
+    in_ns(b, &["ip", "link", "set", b_if, "up"]);
+}
+
+/// Listeners inside a namespace: TCP on each port (the kernel completes handshakes from its
+/// backlog), and UDP on `udp_port`, recording the source of every datagram that gets through.
+struct Listeners {
+    _tcp: Vec<TcpListener>,
+    udp_seen: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Listeners {
+    fn start(ns: &NetNs, tcp_ports: &[u16], udp_port: u16) -> Listeners {
+        let (tcp, udp) = run_in(&ns.name, || {
+            let tcp: Vec<TcpListener> = tcp_ports
+                .iter()
+                .map(|p| TcpListener::bind(("0.0.0.0", *p)).unwrap())
+                .collect();
+            (tcp, UdpSocket::bind(("0.0.0.0", udp_port)).unwrap())
+        });
+        let udp_seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (seen, st) = (udp_seen.clone(), stop.clone());
+        udp.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !st.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                    seen.lock().unwrap().push(from);
+                }
+            }
+        });
+        Listeners {
+            _tcp: tcp,
+            udp_seen,
+            stop,
+        }
+    }
+
+    /// Sends one datagram from namespace `from` (bound to `src`) to `to`; true if it arrived.
+    fn udp_reaches(&self, from: &NetNs, src: &str, to: SocketAddr) -> bool {
+        let src: SocketAddr = format!("{src}:0").parse().unwrap();
+        let local = run_in(&from.name, || {
+            let s = UdpSocket::bind(src).unwrap();
+            s.send_to(b"probe", to).unwrap();
+            s.local_addr().unwrap()
+        });
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(400) {
+            if self.udp_seen.lock().unwrap().contains(&local) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A TCP connection from namespace `from` to `to` completes (a dropped SYN times out).
+fn tcp_reaches(from: &NetNs, to: SocketAddr) -> bool {
+    run_in(&from.name, || {
+        TcpStream::connect_timeout(&to, Duration::from_millis(400)).is_ok()
+    })
+}
+
+fn nft_list(ns: &NetNs) -> String {
+    let out = ns
+        .command("nft")
+        .args(["list", "ruleset"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn host_has_table(table: &str) -> bool {
+    let out = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains(table)
+}
+
+#[test]
+fn lb_firewall_admits_dns_from_anyone_and_ssh_and_metrics_from_admins_only() {
+    let host = NetNs::create("lbhost").unwrap();
+    let admin = NetNs::create("admin").unwrap();
+    let outside = NetNs::create("outside").unwrap();
+    veth(&host, "adm0", "10.1.1.1/24", &admin, "eth0", "10.1.1.2/24");
+    veth(
+        &host,
+        "pub0",
+        "203.0.113.1/24",
+        &outside,
+        "eth0",
+        "203.0.113.2/24",
+    );
+    let l = Listeners::start(&host, &[53, 22, 9153], 53);
+    let at = |ip: &str, port: u16| -> SocketAddr { format!("{ip}:{port}").parse().unwrap() };
+    // Before the firewall: everything is reachable (the listeners work; the rules do the rest).
+    assert!(tcp_reaches(&outside, at("203.0.113.1", 22)));
+
+    let dir = TempDir::new("lb-fw");
+    let inv = json!({"all": {"children": {"lbs": {"hosts": {"lbhost": {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+        "lb_mode": "local",
+        "lb_dir": dir.path().join("lb"),
+        "lb_firewall_enabled": true,
+        "lb_firewall_netns": host.name,
+        "lb_admin_networks": ["10.1.1.0/24", "fd00:99::/64"],
+        "lb_listen": ["0.0.0.0:53"],
+        "lb_metrics_listen": "0.0.0.0:9153",
+    }}}}}});
+    let (code, out) = playbook_inventory(
+        "lb.yml",
+        inv.clone(),
+        &["--tags", "lb-firewall"],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(nft_list(&host).contains("table inet lb_firewall"));
+    assert!(
+        !host_has_table("lb_firewall"),
+        "never loaded on this machine's own interfaces"
+    );
+
+    // DNS over UDP and TCP from everyone; SSH and metrics from the admin network only.
+    let pub_ip = "203.0.113.1";
+    let adm_ip = "10.1.1.1";
+    assert!(
+        l.udp_reaches(&outside, "203.0.113.2", at(pub_ip, 53)),
+        "udp 53 from outside"
+    );
+    assert!(tcp_reaches(&outside, at(pub_ip, 53)), "tcp 53 from outside");
+    assert!(
+        l.udp_reaches(&admin, "10.1.1.2", at(adm_ip, 53)),
+        "udp 53 from admin"
+    );
+    assert!(tcp_reaches(&admin, at(adm_ip, 22)), "ssh from admin");
+    assert!(tcp_reaches(&admin, at(adm_ip, 9153)), "metrics from admin");
+    assert!(
+        !tcp_reaches(&outside, at(pub_ip, 22)),
+        "ssh from outside is dropped"
+    );
+    assert!(
+        !tcp_reaches(&outside, at(pub_ip, 9153)),
+        "metrics from outside are dropped"
+    );
+
+    // Idempotent: a second run changes nothing.
+    let (code, out) = playbook_inventory(
+        "lb.yml",
+        inv.clone(),
+        &["--tags", "lb-firewall"],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(changed(&out), 0, "a second run changes nothing:\n{out}");
+    // Converges: rules lost (a flush, a reboot) are loaded again by the next run.
+    in_ns(&host, &["nft", "flush", "ruleset"]);
+    assert!(tcp_reaches(&outside, at(pub_ip, 22)));
+    let tags = ["--tags", "lb-firewall"];
+    let (code, out) = playbook_inventory("lb.yml", inv.clone(), &tags, dir.path());
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(changed(&out), 1, "only the load:\n{out}");
+    assert!(!tcp_reaches(&outside, at(pub_ip, 22)), "dropped again");
+
+    // A play connecting from outside the admin networks would lock itself out: refused.
+    in_ns(&host, &["nft", "flush", "ruleset"]);
+    let from = |addr| playbook_from("lb.yml", inv.clone(), &tags, dir.path(), Some(addr));
+    let (code, out) = from("198.51.100.9");
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("this play connects from 198.51.100.9")
+            && out.contains("lock this connection"),
+        "{out}"
+    );
+    assert!(
+        !nft_list(&host).contains("lb_firewall"),
+        "nothing was loaded"
+    );
+    let (code, out) = from("10.1.1.2");
+    assert_eq!(code, 0, "from an admin address it loads:\n{out}");
+    assert!(nft_list(&host).contains("lb_firewall"));
+
+    // In local mode without a namespace the role refuses, before touching anything.
+    let inv = json!({"all": {"children": {"lbs": {"hosts": {"lbhost": {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+        "lb_mode": "local", "lb_dir": dir.path().join("lb2"),
+        "lb_firewall_enabled": true, "lb_admin_networks": ["10.1.1.0/24"],
+    }}}}}});
+    let (code, out) = playbook_inventory("lb.yml", inv, &["--tags", "lb-firewall"], dir.path());
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("only loaded inside a network namespace"),
+        "{out}"
+    );
+    assert!(!host_has_table("lb_firewall"));
+}
+
+#[test]
+fn nameserver_firewall_admits_dns_from_the_lbs_on_the_vlan_only() {
+    let host = NetNs::create("nshost").unwrap();
+    let lb = NetNs::create("lbvlan").unwrap();
+    let admin = NetNs::create("nsadmin").unwrap();
+    let outside = NetNs::create("nsout").unwrap();
+    veth(&host, "vlan0", "10.0.0.1/24", &lb, "eth0", "10.0.0.2/24");
+    veth(
+        &host,
+        "pub0",
+        "192.0.2.1/24",
+        &outside,
+        "eth0",
+        "192.0.2.2/24",
+    );
+    veth(&host, "adm0", "10.1.3.1/24", &admin, "eth0", "10.1.3.2/24");
+    // The spoofer outside also holds the lb's VLAN address; the host's reverse-path filter is off,
+    // so only the firewall can stop a datagram that claims to come from the lb.
+    in_ns(
+        &outside,
+        &["ip", "addr", "add", "10.0.0.2/32", "dev", "eth0"],
+    );
+    for k in ["all", "default", "pub0"] {
+        in_ns(
+            &host,
+            &["sysctl", "-qw", &format!("net.ipv4.conf.{k}.rp_filter=0")],
+        );
+    }
+    let l = Listeners::start(&host, &[53, 22], 53);
+    let at = |ip: &str, port: u16| -> SocketAddr { format!("{ip}:{port}").parse().unwrap() };
+    assert!(
+        l.udp_reaches(&outside, "10.0.0.2", at("192.0.2.1", 53)),
+        "without the firewall a spoofed datagram gets through"
+    );
+
+    let dir = TempDir::new("ns-fw");
+    let inv = json!({"all": {"children": {
+        "nameservers": {"hosts": {"nshost": {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+            "nameserver_mode": "local",
+            "nameserver_dir": dir.path().join("ns"),
+            "nameserver_port": 53,
+            "nameserver_firewall_enabled": true,
+            "nameserver_firewall_netns": host.name,
+            "nameserver_admin_networks": ["10.1.3.0/24", "fd00:99::/64"],
+            "nameserver_check_addresses": ["10.1.3.2"],
+            "nameserver_vlan_interface": "vlan0",
+        }}},
+        "lbs": {"hosts": {"lb1": {"ansible_host": "198.51.100.7", "vlan_address": "10.0.0.2"}}},
+    }}});
+    let args = ["--tags", "nameserver-access"];
+    let (code, out) = playbook_inventory("nameserver.yml", inv.clone(), &args, dir.path());
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        !host_has_table("nameserver_firewall"),
+        "never on this machine's own interfaces"
+    );
+    // allow-query follows the same list: the lb's VLAN address, loopback, the check address.
+    let access = std::fs::read_to_string(dir.path().join("ns/access.conf")).unwrap();
+    assert!(access.contains(r#"acl "lbs" { 10.0.0.2; };"#), "{access}");
+    assert!(
+        access.contains("10.1.3.2;") && !access.contains("198.51.100.7"),
+        "{access}"
+    );
+
+    let vlan_ip = "10.0.0.1";
+    assert!(
+        l.udp_reaches(&lb, "10.0.0.2", at(vlan_ip, 53)),
+        "udp 53 from the lb on the VLAN"
+    );
+    assert!(
+        tcp_reaches(&lb, at(vlan_ip, 53)),
+        "tcp 53 from the lb on the VLAN"
+    );
+    assert!(!tcp_reaches(&lb, at(vlan_ip, 22)), "no ssh from the lb");
+    assert!(
+        !l.udp_reaches(&outside, "10.0.0.2", at("192.0.2.1", 53)),
+        "the lb's address spoofed from the public side is dropped"
+    );
+    assert!(
+        !l.udp_reaches(&outside, "192.0.2.2", at("192.0.2.1", 53)),
+        "udp 53 from outside"
+    );
+    assert!(
+        !tcp_reaches(&outside, at("192.0.2.1", 53)),
+        "tcp 53 from outside"
+    );
+    assert!(
+        !tcp_reaches(&outside, at("192.0.2.1", 22)),
+        "ssh from outside"
+    );
+    assert!(
+        tcp_reaches(&admin, at("10.1.3.1", 22)),
+        "ssh from the admin network"
+    );
+    assert!(
+        l.udp_reaches(&admin, "10.1.3.2", at("10.1.3.1", 53)),
+        "the check address"
+    );
+
+    let (code, out) = playbook_inventory("nameserver.yml", inv, &args, dir.path());
     assert_eq!(code, 0, "{out}");
     assert_eq!(changed(&out), 0, "a second run changes nothing:\n{out}");
 }

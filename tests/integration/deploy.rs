@@ -228,6 +228,34 @@ impl Deployment {
     }
 }
 
+impl Deployment {
+    /// The lb labels in the `lbs` group of the inventory of the playbook run named `*-{run}`.
+    fn run_lbs(&self, run: &str) -> Vec<String> {
+        let runs = self.dir.path().join("state/runs");
+        let dir = std::fs::read_dir(&runs)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .ends_with(&format!("-{run}"))
+            })
+            .unwrap_or_else(|| panic!("no run *-{run} in {}", runs.display()));
+        let inv: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("inventory.json")).unwrap())
+                .unwrap();
+        let mut lbs: Vec<String> = inv["all"]["children"]["lbs"]["hosts"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        lbs.sort();
+        lbs
+    }
+}
+
 impl Drop for Deployment {
     fn drop(&mut self) {
         let _ = self.run(&["down", "--yes"], &[]);
@@ -277,6 +305,12 @@ fn roll_under_load_loses_no_query_and_changes_the_serial() {
     ] {
         assert!(out.contains(step), "{step} reported:\n{out}");
     }
+    // The new nameservers answer only the lbs: each was checked from the lb that fronts it.
+    assert!(
+        out.contains("ns1-next authoritative (probed from lb lb1)")
+            && out.contains("ns2-next authoritative (probed from lb lb2)"),
+        "{out}"
+    );
     d.assert_serving(new_serial);
     let after = d.instances();
     let labels: Vec<_> = after.iter().map(|(l, _)| l.as_str()).collect();
@@ -337,8 +371,14 @@ fn an_lb_refusing_the_swap_flips_the_others_back() {
     let mut d = Deployment::new("dep-lbrefuse");
     // lb2's health checks demand a serial no zone has: its verified swap will be refused.
     d.lb_vars[1] = "{ lb_health_min_serial = 4000000000 }".into();
+    // The operator allows the deployer's own address: nameservers are checked directly.
+    d.extra = "\n[network]\ncheck_address = \"127.0.0.1\"\n".into();
     d.write_config();
-    d.ok(&["up"]);
+    let out = d.ok(&["up"]);
+    assert!(
+        out.contains("ns1 authoritative (checked directly from 127.0.0.1)"),
+        "{out}"
+    );
     let (before, backends, serial) = (d.instances(), d.lb_backends(), d.serial());
     d.bump_serial();
     let (code, out, err) = d.run(&["roll"], &[]);
@@ -461,9 +501,16 @@ fn kill_9_mid_roll_then_rollback() {
 
 #[test]
 fn dry_runs_and_confirmation_change_nothing() {
-    let d = Deployment::new("dep-dry");
+    let mut d = Deployment::new("dep-dry");
+    d.extra = "\n[network]\nvlan = \"dns\"\n".into();
+    d.write_config();
     let out = d.ok(&["up", "--dry-run"]);
     assert!(out.contains("dry run") && out.contains("lb1"));
+    assert!(
+        out.contains("not used by the local provider") && out.contains("loopback"),
+        "the local provider keeps loopback and says so:\n{out}"
+    );
+    assert!(out.contains("from an lb, with `lb ctl probe`"), "{out}");
     assert!(d.instances().is_empty());
     d.ok(&["up"]);
     let before = d.instances();
@@ -580,6 +627,21 @@ fn roll_lb_under_load_with_a_delegation_hook_loses_nothing() {
         "old lbs deleted only after the quiet period"
     );
     assert!(stdout.contains("drain"));
+    // The nameservers were opened to the new lbs before those were provisioned, and closed to
+    // the old ones once they were gone.
+    let step = |name: &str| {
+        stdout
+            .find(&format!("] {name} "))
+            .unwrap_or_else(|| panic!("{name}:\n{stdout}"))
+    };
+    assert!(step("create-lbs-next") < step("allow-lbs-next"));
+    assert!(step("allow-lbs-next") < step("provision-lbs-next"));
+    assert!(step("rename-lbs") < step("disallow-old-lbs"));
+    assert_eq!(
+        d.run_lbs("allow-lbs-next"),
+        vec!["lb1", "lb1-next", "lb2", "lb2-next"]
+    );
+    assert_eq!(d.run_lbs("disallow-old-lbs"), vec!["lb1", "lb2"]);
     let after = d.instances();
     let labels: Vec<_> = after.iter().map(|(l, _)| l.as_str()).collect();
     assert_eq!(labels, vec!["lb1", "lb2", "ns1", "ns2"]);
@@ -635,6 +697,12 @@ fn roll_lb_failure_before_the_handoff_rolls_back() {
         "{err}"
     );
     d.assert_rolled_back(&before, &backends, serial);
+    // Opened to lb1-next and lb2-next, then closed again once they were deleted.
+    assert_eq!(
+        d.run_lbs("allow-lbs-next"),
+        vec!["lb1", "lb1-next", "lb2", "lb2-next"]
+    );
+    assert_eq!(d.run_lbs("rollback-allow-lbs"), vec!["lb1", "lb2"]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -975,4 +1043,29 @@ fn roll_lb_crash_after_the_handoff_only_goes_forward() {
     assert_eq!(labels, vec!["lb1", "lb2", "ns1", "ns2"]);
     assert!(d.lb_addrs().iter().all(|a| !old_addrs.contains(a)));
     d.assert_serving(d.serial());
+}
+
+/// roll-lb killed right after it opened the nameservers to the new lbs: `rollback` deletes the
+/// new lbs and closes the nameservers to them again (crash points of the added step).
+#[test]
+fn roll_lb_crash_after_opening_the_nameservers_rolls_back_and_closes_them() {
+    let d = up("dep-rolllb-allow");
+    let (before, backends, serial) = (d.instances(), d.lb_backends(), d.serial());
+    let (code, _, err) = d.run(
+        &["roll-lb"],
+        &[("DEPLOYER_CRASH_AT", "allow-lbs-next:after")],
+    );
+    assert_eq!(code, -1, "{err}");
+    assert!(
+        err.contains("fault injected: allow-lbs-next:after"),
+        "{err}"
+    );
+    assert_eq!(d.instances().len(), 6, "the new lbs exist");
+    assert_eq!(
+        d.run_lbs("allow-lbs-next"),
+        vec!["lb1", "lb1-next", "lb2", "lb2-next"]
+    );
+    d.ok(&["rollback"]);
+    d.assert_rolled_back(&before, &backends, serial);
+    assert_eq!(d.run_lbs("rollback-allow-lbs"), vec!["lb1", "lb2"]);
 }

@@ -37,6 +37,7 @@ fn spec(label: &str) -> InstanceSpec {
         region: None,
         instance_type: None,
         image: None,
+        vlan: None,
     }
 }
 
@@ -289,6 +290,7 @@ fn create_req(label: &str) -> deployer::provider::linode::CreateInstance {
         authorized_keys: vec![],
         tags: vec!["deployer-t".into()],
         booted: true,
+        interfaces: None,
     }
 }
 
@@ -355,4 +357,274 @@ fn the_schemas_catch_drift_and_the_fake_conforms() {
     let s = fake.state.lock().unwrap();
     assert!(s.responses_checked >= 5, "{}", s.responses_checked);
     assert!(s.violations.is_empty(), "{:?}", s.violations);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The private network (issue #21): VLAN interfaces on create, held to Linode's published
+// `LinodeConfigInterface` schema and its prose rules; addresses allocated across old and -next
+// instances; a region without VLANs and mixed regions refused before anything is created.
+
+fn vlan_spec(label: &str, role: Role, address: [u8; 4]) -> InstanceSpec {
+    InstanceSpec {
+        label: label.into(),
+        role,
+        region: None,
+        instance_type: None,
+        image: None,
+        vlan: Some(deployer::provider::VlanAttachment {
+            label: "dns-backplane".into(),
+            address: address.into(),
+            prefix_len: 24,
+        }),
+    }
+}
+
+#[test]
+fn vlan_interfaces_validate_against_the_published_schema_and_the_address_is_read_back() {
+    use deployer::provider::linode::InterfaceRequest;
+    use integration_tests::openapi::{request_pointer, violations};
+    // The client's interfaces, one by one, against LinodeConfigInterface itself.
+    let iface = "/components/schemas/LinodeConfigInterface";
+    for i in [
+        InterfaceRequest::public(),
+        InterfaceRequest::vlan("dns-backplane", "10.0.0.7/24"),
+    ] {
+        let v = serde_json::to_value(&i).unwrap();
+        assert!(violations(iface, &v).is_empty(), "{v}");
+    }
+    // The schema catches drift in the body: a purpose it does not know, an address that is not
+    // a string, more than three interfaces.
+    let create = request_pointer("POST", "/linode/instances");
+    let mut body = serde_json::to_value(create_req("ns1")).unwrap();
+    for bad in [
+        serde_json::json!([{"purpose": "private"}]),
+        serde_json::json!([{"purpose": "vlan", "label": "x", "ipam_address": 10}]),
+        serde_json::json!([{"purpose": "public"}, {"purpose": "vlan", "label": "a"}, {"purpose": "vlan", "label": "b"}, {"purpose": "vlan", "label": "c"}]),
+    ] {
+        body["interfaces"] = bad.clone();
+        assert!(!violations(&create, &body).is_empty(), "{bad}");
+    }
+
+    let fake = FakeLinode::start(TOKEN);
+    let dir = TempDir::new("linode-vlan");
+    let p = provider(&fake, &dir);
+    let ns = p
+        .create(&vlan_spec("ns1", Role::Nameserver, [10, 0, 0, 1]))
+        .unwrap();
+    let lb = p
+        .create(&vlan_spec("lb1", Role::Lb, [10, 0, 0, 2]))
+        .unwrap();
+    // Exactly what was sent: the public interface by its purpose only, first (eth0), then the VLAN.
+    let s = fake.state.lock().unwrap();
+    assert_eq!(
+        s.interfaces[&ns.id],
+        serde_json::json!([
+            {"purpose": "public"},
+            {"purpose": "vlan", "label": "dns-backplane", "ipam_address": "10.0.0.1/24"}
+        ])
+    );
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+    drop(s);
+    // The API does not return interfaces: the address comes back from the instance's tag.
+    let listed = p.list().unwrap();
+    let addr = |label: &str| {
+        listed
+            .iter()
+            .find(|i| i.label == label)
+            .unwrap()
+            .private_address
+            .map(|a| a.to_string())
+    };
+    assert_eq!(addr("ns1").as_deref(), Some("10.0.0.1"));
+    assert_eq!(addr("lb1").as_deref(), Some("10.0.0.2"));
+    assert_eq!(lb.region.as_deref(), Some("us-east"));
+    assert_eq!(
+        listed[0].backend_addr().to_string(),
+        format!("{}:53", addr(&listed[0].label).unwrap())
+    );
+    // Invalid interfaces are never sent.
+    let mut bad = vlan_spec("ns2", Role::Nameserver, [10, 0, 0, 3]);
+    bad.vlan.as_mut().unwrap().label = "a--b".into();
+    let e = p.create(&bad).unwrap_err().to_string();
+    assert!(
+        e.contains("not sent") && e.contains("interfaces[1].label"),
+        "{e}"
+    );
+    assert_eq!(fake.count("POST", "/v4/linode/instances"), 2);
+}
+
+#[test]
+fn a_region_without_vlans_is_named_and_refused() {
+    use deployer::provider::VlanSupport;
+    let fake = FakeLinode::start(TOKEN);
+    let dir = TempDir::new("linode-region");
+    let p = provider(&fake, &dir);
+    assert_eq!(p.vlan_support("us-east").unwrap(), VlanSupport::Yes);
+    match p.vlan_support("xx-novlan").unwrap() {
+        VlanSupport::No { capabilities } => assert!(capabilities.contains(&"Linodes".to_string())),
+        other => panic!("{other:?}"),
+    }
+    let e = p.vlan_support("nowhere").unwrap_err().to_string();
+    assert!(e.contains("/regions/nowhere") && e.contains("404"), "{e}");
+    // Sent anyway, the API refuses a VLAN interface there (the fake as Linode would).
+    let mut s = vlan_spec("ns1", Role::Nameserver, [10, 0, 0, 1]);
+    s.region = Some("xx-novlan".into());
+    let e = p.create(&s).unwrap_err().to_string();
+    assert!(e.contains("400") && e.contains("xx-novlan"), "{e}");
+    assert!(fake.state.lock().unwrap().responses_checked >= 3);
+}
+
+/// A deployer on the fake Linode (its provider swapped in after construction, so that no
+/// token has to be put in the environment of a multi-threaded test).
+fn linode_deployer(fake: &FakeLinode, dir: &TempDir, extra: &str) -> deployer::Deployer {
+    std::fs::create_dir_all(dir.path().join("ansible/zones")).unwrap();
+    std::fs::write(
+        dir.path().join("ansible/zones/example.test.zone"),
+        "$TTL 300\n@ IN SOA ns1 host 7 2 3 4 5\n@ IN NS ns1\nns1 IN A 192.0.2.1\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("deployer.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "deployment = \"t\"\nstate_dir = \"state\"\nansible_dir = \"ansible\"\n[provider]\nkind = \"local\"\n\
+             [[nameservers]]\nname = \"ns1\"\n[[nameservers]]\nname = \"ns2\"\n[zones]\nnames = [\"example.test\"]\n\
+             [[lbs]]\nname = \"lb1\"\nfronts = [\"ns1\", \"ns2\"]\n[network]\nvlan = \"dns-backplane\"\nsubnet = \"10.9.0.0/28\"\n{extra}"
+        ),
+    )
+    .unwrap();
+    let c = deployer::config::DeployerConfig::read(&cfg).unwrap();
+    let mut d = deployer::Deployer::new(c, true).unwrap();
+    d.cfg.provider.kind = deployer::config::ProviderKind::Linode;
+    d.cfg.linode = Some(LinodeConfig {
+        api_url: fake.base(),
+        region: "us-east".into(),
+        instance_type: "g6-nanode-1".into(),
+        image: "linode/debian12".into(),
+        authorized_keys_files: vec![],
+        ssh_user: "root".into(),
+    });
+    let c = d.cfg.clone();
+    let mut client = client(fake);
+    client.backoff = Duration::from_millis(5);
+    d.provider = Box::new(LinodeProvider::new(
+        client,
+        c.linode.clone().unwrap(),
+        c.tag(),
+        dir.path(),
+    ));
+    d
+}
+
+#[test]
+fn vlan_addresses_are_allocated_across_old_and_next_instances_and_recorded_first() {
+    use deployer::journal::{Journal, Operation};
+    use deployer::lifecycle::create;
+    let fake = FakeLinode::start(TOKEN);
+    let dir = TempDir::new("linode-alloc");
+    let d = linode_deployer(&fake, &dir, "");
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let private = |label: &str| {
+        d.find(label)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{label} exists"))
+            .private_address
+    };
+    // up: ns1, ns2, lb1 take the lowest addresses, in order.
+    let mut j = Journal::new(Operation::Up, vec![]);
+    create(&d, &mut j, Role::Nameserver, false).unwrap();
+    create(&d, &mut j, Role::Lb, false).unwrap();
+    assert_eq!(private("ns1"), Some(ip("10.9.0.1")));
+    assert_eq!(private("ns2"), Some(ip("10.9.0.2")));
+    assert_eq!(private("lb1"), Some(ip("10.9.0.3")));
+    let recorded: Vec<_> = j
+        .vlan_addresses
+        .iter()
+        .map(|a| (a.label.as_str(), a.address.to_string()))
+        .collect();
+    assert_eq!(
+        recorded,
+        vec![
+            ("ns1", "10.9.0.1".into()),
+            ("ns2", "10.9.0.2".into()),
+            ("lb1", "10.9.0.3".into())
+        ]
+    );
+    // A roll: the -next nameservers never reuse an address the old ones still hold.
+    let mut r = Journal::new(Operation::Roll, vec![]);
+    create(&d, &mut r, Role::Nameserver, true).unwrap();
+    assert_eq!(private("ns1-next"), Some(ip("10.9.0.4")));
+    assert_eq!(private("ns2-next"), Some(ip("10.9.0.5")));
+    // The journal on disk holds them (written before each create call).
+    let on_disk = std::fs::read_to_string(dir.path().join("state/journal.json")).unwrap();
+    assert!(
+        on_disk.contains("ns2-next") && on_disk.contains("10.9.0.5"),
+        "{on_disk}"
+    );
+    // The old ones go, the new ones are renamed: their addresses are free for the next roll.
+    for l in ["ns1", "ns2"] {
+        let i = d.find(l).unwrap().unwrap();
+        d.provider.delete(i.id).unwrap();
+    }
+    for l in ["ns1", "ns2"] {
+        let i = d.find(&format!("{l}-next")).unwrap().unwrap();
+        d.provider.rename(i.id, l).unwrap();
+    }
+    // A crash between recording an address and the create call: the retried create reuses it.
+    let mut r2 = Journal::new(Operation::Roll, vec![]);
+    r2.vlan_addresses.push(deployer::journal::VlanAddress {
+        label: "ns1-next".into(),
+        address: "10.9.0.2".parse().unwrap(),
+    });
+    create(&d, &mut r2, Role::Nameserver, true).unwrap();
+    assert_eq!(private("ns1-next"), Some(ip("10.9.0.2")));
+    assert_eq!(private("ns2-next"), Some(ip("10.9.0.1")));
+    let s = fake.state.lock().unwrap();
+    assert!(s.vlan_conflicts.is_empty(), "{:?}", s.vlan_conflicts);
+    assert_eq!(s.interfaces.len(), 7);
+}
+
+#[test]
+fn the_network_preflight_refuses_before_anything_is_created() {
+    use deployer::journal::Operation;
+    use deployer::network::preflight;
+    let fake = FakeLinode::start(TOKEN);
+    let dir = TempDir::new("linode-preflight");
+    let mut d = linode_deployer(&fake, &dir, "");
+    assert_eq!(preflight(&d, Operation::Up, &[]).unwrap(), None);
+    // An lb created before [network] vlan was set cannot reach VLAN-only nameservers.
+    let plain = InstanceSpec {
+        label: "lb1".into(),
+        role: Role::Lb,
+        region: None,
+        instance_type: None,
+        image: None,
+        vlan: None,
+    };
+    d.provider.create(&plain).unwrap();
+    let existing = d.provider.list().unwrap();
+    let e = preflight(&d, Operation::Roll, &existing)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lb1") && e.contains("roll-lb` first"), "{e}");
+    assert!(preflight(&d, Operation::RollLb, &existing).is_ok());
+    // An instance in another region than the VLAN's.
+    let mut elsewhere = existing.clone();
+    elsewhere[0].region = Some("eu-central".into());
+    let e = preflight(&d, Operation::RollLb, &elsewhere)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("eu-central") && e.contains("us-east"), "{e}");
+    // A region without VLANs is named, with what the operator can do instead.
+    d.cfg.linode.as_mut().unwrap().region = "xx-novlan".into();
+    let e = preflight(&d, Operation::Up, &[]).unwrap_err().to_string();
+    assert!(
+        e.contains("region xx-novlan does not offer VLANs") && e.contains("remove [network] vlan"),
+        "{e}"
+    );
+    assert_eq!(
+        fake.count("POST", "/v4/linode/instances"),
+        1,
+        "only the test's own lb"
+    );
 }

@@ -13,6 +13,12 @@
 //!   with a letter or digit, no `--`, `__` or `..`; the spec's own `pattern` is broken, so this
 //!   follows its prose), `page_size` 25-500, `type` and `region` on create.
 //! - Linode Create is limited to 10 requests per 30 s: creates are paced to stay under it.
+//! - VLANs: an instance on the deployment's VLAN is created with two `interfaces` (the
+//!   `LinodeConfigInterface` schema): `{"purpose": "public"}` first (eth0, the default route),
+//!   then `{"purpose": "vlan", "label", "ipam_address"}` (eth1). The instance API does not
+//!   return interfaces, so the VLAN address is also carried as a tag (`ipam-10.0.0.3`), read
+//!   back on every list. Whether a region offers VLANs is read from `GET /regions/{id}`
+//!   (`capabilities` contains `Vlans`) before anything is created.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -24,7 +30,7 @@ use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::{Instance, InstanceSpec, Provider, ProviderError, Role};
+use super::{Instance, InstanceSpec, Provider, ProviderError, Role, VlanSupport};
 use crate::config::LinodeConfig;
 use crate::lbctl::LbControl;
 
@@ -38,6 +44,10 @@ const PAGE_SIZE_RANGE: std::ops::RangeInclusive<u32> = 25..=500;
 /// Linode Create: at most this many requests per [`CREATE_WINDOW`].
 pub const CREATE_LIMIT: usize = 10;
 pub const CREATE_WINDOW: Duration = Duration::from_secs(30);
+/// The tag that carries an instance's VLAN address (`ipam-10.0.0.3`).
+pub const IPAM_TAG_PREFIX: &str = "ipam-";
+/// The region capability that says VLANs are offered.
+pub const VLAN_CAPABILITY: &str = "Vlans";
 
 /// Why `label` is not a valid Linode label, if it is not (the rules of the API's prose).
 pub fn label_error(label: &str) -> Option<String> {
@@ -133,6 +143,117 @@ pub struct CreateInstance {
     pub authorized_keys: Vec<String>,
     pub tags: Vec<String>,
     pub booted: bool,
+    /// Network interfaces in order (eth0, eth1, ...); absent: Linode's default public one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interfaces: Option<Vec<InterfaceRequest>>,
+}
+
+/// One entry of `interfaces` in a create request (`LinodeConfigInterface`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InterfaceRequest {
+    /// `public` or `vlan`.
+    pub purpose: String,
+    /// The VLAN's label (vlan only; a public interface sends no label).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// The address on the VLAN in CIDR notation (vlan only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipam_address: Option<String>,
+}
+
+impl InterfaceRequest {
+    /// The public interface, as the public interface is sent: its purpose only.
+    pub fn public() -> InterfaceRequest {
+        InterfaceRequest {
+            purpose: "public".into(),
+            label: None,
+            ipam_address: None,
+        }
+    }
+
+    pub fn vlan(label: &str, ipam_address: &str) -> InterfaceRequest {
+        InterfaceRequest {
+            purpose: "vlan".into(),
+            label: Some(label.into()),
+            ipam_address: Some(ipam_address.into()),
+        }
+    }
+}
+
+/// Why `interfaces` breaks the rules `LinodeConfigInterface` documents in prose (the schema
+/// itself checks only types), if it does: 1-3 entries; at most one `public`, with no label or
+/// address; `vlan` entries with a valid label, once each, and an IPv4 `ipam_address` in CIDR
+/// notation, unique.
+pub fn interfaces_error(interfaces: &[InterfaceRequest]) -> Option<(String, String)> {
+    let field = |k: usize, f: &str| format!("interfaces[{k}].{f}");
+    if !(1..=3).contains(&interfaces.len()) {
+        return Some((
+            "interfaces".into(),
+            format!("1 to 3 interfaces, not {}", interfaces.len()),
+        ));
+    }
+    let mut vlans = Vec::new();
+    let mut addresses = Vec::new();
+    for (k, i) in interfaces.iter().enumerate() {
+        match i.purpose.as_str() {
+            "public" => {
+                if interfaces[..k].iter().any(|x| x.purpose == "public") {
+                    return Some((field(k, "purpose"), "only one public interface".into()));
+                }
+                if i.label.as_deref().is_some_and(|l| !l.is_empty())
+                    || i.ipam_address.as_deref().is_some_and(|a| !a.is_empty())
+                {
+                    return Some((
+                        field(k, "label"),
+                        "a public interface has no label or ipam_address".into(),
+                    ));
+                }
+            }
+            "vlan" => {
+                let label = i.label.as_deref().unwrap_or("");
+                if let Some(e) = crate::config::vlan_label_error(label) {
+                    return Some((field(k, "label"), e));
+                }
+                if vlans.contains(&label) {
+                    return Some((
+                        field(k, "label"),
+                        format!("VLAN `{label}` is attached twice"),
+                    ));
+                }
+                vlans.push(label);
+                let a = i.ipam_address.as_deref().unwrap_or("");
+                let ok = a.split_once('/').is_some_and(|(ip, len)| {
+                    ip.parse::<std::net::Ipv4Addr>().is_ok()
+                        && len.parse::<u8>().is_ok_and(|l| (1..=32).contains(&l))
+                });
+                if !ok {
+                    return Some((
+                        field(k, "ipam_address"),
+                        format!("`{a}` is not an IPv4 address with a prefix length (10.0.0.1/24)"),
+                    ));
+                }
+                if addresses.contains(&a) {
+                    return Some((field(k, "ipam_address"), format!("`{a}` is used twice")));
+                }
+                addresses.push(a);
+            }
+            other => {
+                return Some((
+                    field(k, "purpose"),
+                    format!("`{other}` is not a purpose this client sends (public, vlan)"),
+                ))
+            }
+        }
+    }
+    None
+}
+
+/// A region as `GET /regions/{id}` returns it (the fields the deployer uses).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct LinodeRegion {
+    pub id: String,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -227,7 +348,10 @@ impl LinodeClient {
                 break;
             }
             let oldest = *recent.front().expect("non-empty: len >= limit >= 1");
-            std::thread::sleep(window.saturating_sub(oldest.elapsed()) + Duration::from_millis(5));
+            // A margin, because the API counts when a request arrives, not when it was sent:
+            // one that took longer on the way than the next would otherwise make the next 429.
+            let margin = (window / 20).max(Duration::from_millis(5));
+            std::thread::sleep(window.saturating_sub(oldest.elapsed()) + margin);
         }
         recent.push_back(Instant::now());
     }
@@ -335,6 +459,9 @@ impl LinodeClient {
         if req.instance_type.trim().is_empty() {
             return Err(invalid("type", "type is required".into()));
         }
+        if let Some((field, message)) = req.interfaces.as_deref().and_then(interfaces_error) {
+            return Err(invalid(&field, message));
+        }
         let body = serde_json::to_value(req).expect("create request serialises");
         self.pace_create();
         let v = self.request(
@@ -346,6 +473,21 @@ impl LinodeClient {
             Retry::OnlyRateLimit,
         )?;
         parse(v, "POST", "/linode/instances")
+    }
+
+    /// `GET /regions/{id}`; a region that does not exist is an error naming it.
+    pub fn get_region(&self, id: &str) -> Result<LinodeRegion, LinodeError> {
+        if id.is_empty() || !id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-') {
+            return Err(LinodeError::Invalid {
+                method: "GET".into(),
+                path: "/regions/{regionId}".into(),
+                field: "regionId".into(),
+                message: format!("`{id}` is not a region id"),
+            });
+        }
+        let path = format!("/regions/{id}");
+        let v = self.request(Method::GET, &path, &[], None, None, Retry::Safe)?;
+        parse(v, "GET", &path)
     }
 
     /// `None` if the instance does not exist (404).
@@ -505,6 +647,10 @@ impl LinodeProvider {
             .find(|a| !is_private(a))
             .or_else(|| li.ipv4.iter().find_map(|a| a.parse().ok()))
             .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let private_address = li
+            .tags
+            .iter()
+            .find_map(|t| t.strip_prefix(IPAM_TAG_PREFIX)?.parse::<IpAddr>().ok());
         Instance {
             id: li.id,
             label: li.label,
@@ -514,6 +660,8 @@ impl LinodeProvider {
             dns_port: 53,
             metrics_port: 9153,
             dir: None,
+            private_address,
+            region: Some(li.region).filter(|r| !r.is_empty()),
         }
     }
 }
@@ -559,6 +707,15 @@ impl Provider for LinodeProvider {
             Role::Lb => "role-lb",
             Role::Nameserver => "role-nameserver",
         };
+        let mut tags = vec![self.tag.clone(), role_tag.to_string()];
+        // eth0 public (the default route, reachable from the internet), eth1 on the VLAN.
+        let interfaces = spec.vlan.as_ref().map(|v| {
+            tags.push(format!("{IPAM_TAG_PREFIX}{}", v.address));
+            vec![
+                InterfaceRequest::public(),
+                InterfaceRequest::vlan(&v.label, &v.ipam_address()),
+            ]
+        });
         let req = CreateInstance {
             label: spec.label.clone(),
             region: spec
@@ -572,8 +729,9 @@ impl Provider for LinodeProvider {
             image: spec.image.clone().unwrap_or_else(|| self.cfg.image.clone()),
             root_pass,
             authorized_keys: keys,
-            tags: vec![self.tag.clone(), role_tag.into()],
+            tags,
             booted: true,
+            interfaces,
         };
         self.client
             .create_instance(&req)
@@ -652,6 +810,72 @@ impl Provider for LinodeProvider {
             target: format!("{}@{}", self.cfg.ssh_user, inst.address),
             socket: socket.to_path_buf(),
             known_hosts: self.known_hosts.clone(),
+        }
+    }
+
+    fn vlan_support(&self, region: &str) -> Result<VlanSupport, ProviderError> {
+        let r = self.client.get_region(region).map_err(api_err)?;
+        if r.capabilities
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(VLAN_CAPABILITY))
+        {
+            Ok(VlanSupport::Yes)
+        } else {
+            Ok(VlanSupport::No {
+                capabilities: r.capabilities,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interfaces_follow_the_documented_rules() {
+        let ok = [
+            InterfaceRequest::public(),
+            InterfaceRequest::vlan("dns", "10.0.0.3/24"),
+        ];
+        assert_eq!(interfaces_error(&ok), None);
+        assert_eq!(
+            serde_json::to_value(&ok).unwrap(),
+            json!([{"purpose": "public"}, {"purpose": "vlan", "label": "dns", "ipam_address": "10.0.0.3/24"}])
+        );
+        let cases: Vec<(Vec<InterfaceRequest>, &str)> = vec![
+            (vec![], "interfaces"),
+            (
+                vec![InterfaceRequest::public(), InterfaceRequest::public()],
+                "interfaces[1].purpose",
+            ),
+            (
+                vec![InterfaceRequest::vlan("a--b", "10.0.0.3/24")],
+                "interfaces[0].label",
+            ),
+            (
+                vec![InterfaceRequest::vlan("dns", "10.0.0.3")],
+                "interfaces[0].ipam_address",
+            ),
+            (
+                vec![
+                    InterfaceRequest::vlan("dns", "10.0.0.3/24"),
+                    InterfaceRequest::vlan("dns", "10.0.0.4/24"),
+                ],
+                "interfaces[1].label",
+            ),
+            (
+                vec![InterfaceRequest {
+                    purpose: "public".into(),
+                    label: Some("x".into()),
+                    ipam_address: None,
+                }],
+                "interfaces[0].label",
+            ),
+        ];
+        for (ifs, field) in cases {
+            let (f, _) = interfaces_error(&ifs).unwrap_or_else(|| panic!("{ifs:?} accepted"));
+            assert_eq!(f, field, "{ifs:?}");
         }
     }
 }

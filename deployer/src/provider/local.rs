@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::{Instance, InstanceSpec, Provider, ProviderError, Role};
+use super::{Instance, InstanceSpec, Provider, ProviderError, Role, VlanSupport};
 use crate::lbctl::LbControl;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -149,6 +149,8 @@ impl Provider for LocalProvider {
             dns_port,
             metrics_port,
             dir: Some(dir),
+            private_address: None,
+            region: None,
         };
         r.instances.push(inst.clone());
         self.save(&r)?;
@@ -235,5 +237,10 @@ impl Provider for LocalProvider {
         LbControl::Local {
             socket: inst.dir.clone().unwrap_or_default().join("control.sock"),
         }
+    }
+
+    /// Every local instance is a process on 127.0.0.1: loopback is its private network.
+    fn vlan_support(&self, _region: &str) -> Result<VlanSupport, ProviderError> {
+        Ok(VlanSupport::Loopback)
     }
 }

@@ -28,6 +28,38 @@ pub struct InstanceSpec {
     pub region: Option<String>,
     pub instance_type: Option<String>,
     pub image: Option<String>,
+    /// A VLAN interface to attach, besides the public one.
+    pub vlan: Option<VlanAttachment>,
+}
+
+/// An instance's place on the deployment's VLAN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VlanAttachment {
+    /// The VLAN's label (`[network] vlan`).
+    pub label: String,
+    /// The instance's address on it, allocated by the deployer.
+    pub address: std::net::Ipv4Addr,
+    /// Its prefix length (`[network] subnet`).
+    pub prefix_len: u8,
+}
+
+impl VlanAttachment {
+    /// `10.0.0.3/24`, as Linode's `ipam_address` wants it.
+    pub fn ipam_address(&self) -> String {
+        format!("{}/{}", self.address, self.prefix_len)
+    }
+}
+
+/// Whether a region can hold the deployment's VLAN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VlanSupport {
+    Yes,
+    /// The region does not offer VLANs; its capabilities as the provider lists them.
+    No {
+        capabilities: Vec<String>,
+    },
+    /// The provider has no VLANs at all (the local provider: everything is on 127.0.0.1).
+    Loopback,
 }
 
 /// An instance as the provider reports it.
@@ -46,11 +78,22 @@ pub struct Instance {
     /// The local provider's instance directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dir: Option<PathBuf>,
+    /// Its address on the deployment's VLAN, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_address: Option<IpAddr>,
+    /// The region it runs in, where the provider has regions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 impl Instance {
+    /// Its public DNS address (what clients and the deployer's checks of lbs use).
     pub fn dns_addr(&self) -> SocketAddr {
         SocketAddr::new(self.address, self.dns_port)
+    }
+    /// Where lbs send to this nameserver: its VLAN address if it has one, else its public one.
+    pub fn backend_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.private_address.unwrap_or(self.address), self.dns_port)
     }
     pub fn metrics_addr(&self) -> SocketAddr {
         SocketAddr::new(self.address, self.metrics_port)
@@ -95,4 +138,6 @@ pub trait Provider {
     fn host_vars(&self, inst: &Instance) -> serde_json::Map<String, serde_json::Value>;
     /// How to run `lb ctl` against an lb instance.
     fn lb_control(&self, inst: &Instance, socket: &std::path::Path) -> crate::lbctl::LbControl;
+    /// Whether instances in `region` can be put on a VLAN.
+    fn vlan_support(&self, region: &str) -> Result<VlanSupport, ProviderError>;
 }
