@@ -5,7 +5,8 @@
 # Usage: benches/ab.sh BINARY_A BINARY_B [REPS] [SECS]      (defaults 5 and 10; run as root)
 #        MODES="q20k q50k udp" LB_WORKERS=2 benches/ab.sh ...
 #        EXTRA_B=$'[rrl]\nresponses_per_second = 1000000' benches/ab.sh lb lb   (one binary, two
-#        configs: EXTRA_A / EXTRA_B are appended to each lb's config)
+#        configs: EXTRA_A / EXTRA_B are appended to each lb's config, BACKENDS_A / BACKENDS_B
+#        go into its [backends] section)
 # Prints, per binary and mode, medians of: qps, average latency (us), lost, CPU per answered
 # query (us), context switches per query.
 source "$(dirname "$0")/common.sh"
@@ -18,9 +19,9 @@ need nsd dnsperf dnsutils
 write_queries "$WORK/queries.txt"
 start_nsd 127.0.0.11 1
 start_nsd 127.0.0.12 1
-LB="$A" LB_EXTRA="${EXTRA_A:-}" start_lb 5300 "$LB_WORKERS" 127.0.0.11:53 127.0.0.12:53
+LB="$A" LB_EXTRA="${EXTRA_A:-}" LB_BACKENDS_EXTRA="${BACKENDS_A:-}" start_lb 5300 "$LB_WORKERS" 127.0.0.11:53 127.0.0.12:53
 PID_A=$LB_PID
-LB="$B" LB_EXTRA="${EXTRA_B:-}" start_lb 5310 "$LB_WORKERS" 127.0.0.11:53 127.0.0.12:53
+LB="$B" LB_EXTRA="${EXTRA_B:-}" LB_BACKENDS_EXTRA="${BACKENDS_B:-}" start_lb 5310 "$LB_WORKERS" 127.0.0.11:53 127.0.0.12:53
 PID_B=$LB_PID
 sleep 1.5
 HZ=$(getconf CLK_TCK)
@@ -63,7 +64,7 @@ done
 
 median() { sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 col() { awk -v c="$2" '{ print $c }' "$WORK/ab-$1" | median; }
-echo "A = $A ${EXTRA_A:+(with: $(echo "$EXTRA_A" | tr '\n' ' '))}, B = $B ${EXTRA_B:+(with: $(echo "$EXTRA_B" | tr '\n' ' '))}; $(started_how); $REPS runs of ${SECS}s, alternating, medians"
+echo "A = $A $(echo "${BACKENDS_A:-} ${EXTRA_A:-}" | tr '\n' ' '), B = $B $(echo "${BACKENDS_B:-} ${EXTRA_B:-}" | tr '\n' ' '); $(started_how); $REPS runs of ${SECS}s, alternating, medians"
 echo
 echo "| binary | mode | qps | avg latency (us) | lost | CPU/query (us) | switches/query |"
 echo "| --- | --- | --- | --- | --- | --- | --- |"

@@ -151,8 +151,8 @@ wait_dns() {
   return 1
 }
 
-# Starts lb on 127.0.0.1:$1 in front of the given backends, with $LB_EXTRA (TOML) appended to
-# its config. Sets LB_PID, LB_SOCK.
+# Starts lb on 127.0.0.1:$1 in front of the given backends, with $LB_BACKENDS_EXTRA (keys) in
+# its [backends] section and $LB_EXTRA (TOML sections) appended. Sets LB_PID, LB_SOCK.
 start_lb() {
   local port="$1" workers="$2"
   shift 2
@@ -167,6 +167,7 @@ workers = $workers
 [backends]
 servers = [${list%, }]
 policy = "least-outstanding"
+${LB_BACKENDS_EXTRA:-}
 [health]
 zones = ["example.test."]
 interval_ms = 1000
