@@ -66,12 +66,12 @@ median() { sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 col() { awk -v c="$2" '{ print $c }' "$WORK/ab-$1" | median; }
 echo "A = $A $(echo "${BACKENDS_A:-} ${EXTRA_A:-}" | tr '\n' ' '), B = $B $(echo "${BACKENDS_B:-} ${EXTRA_B:-}" | tr '\n' ' '); $(started_how); $REPS runs of ${SECS}s, alternating, medians"
 echo
-echo "| binary | mode | qps | avg latency (us) | lost | CPU/query (us) | switches/query |"
+echo "| run | mode | qps | avg latency (us) | lost | CPU/query (us) | switches/query |"
 echo "| --- | --- | --- | --- | --- | --- | --- |"
 for m in ${MODES:-q20k q50k udp}; do
   for t in a b; do
-    name="$A"
-    [ "$t" = b ] && name="$B"
-    echo "| $name | $m | $(col "$t-$m" 1) | $(col "$t-$m" 2) | $(col "$t-$m" 3) | $(col "$t-$m" 4) | $(col "$t-$m" 5) |"
+    name="A"
+    [ "$t" = b ] && name="B"
+    echo "| $name | $m | $(col "$t-$m" 1 | awk '{ printf "%.0f", $1 }') | $(col "$t-$m" 2) | $(col "$t-$m" 3) | $(col "$t-$m" 4) | $(col "$t-$m" 5) |"
   done
 done
