@@ -20,9 +20,10 @@ build_lb
 (cd "$ROOT" && cargo build --release -q -p integration-tests --example rrlflood)
 FLOOD="$ROOT/target/release/examples/rrlflood"
 
-# BIND on $1 (port 53) serving example.test with a ~850-byte TXT; $2 = "rrl" for BIND's RRL.
+# BIND on 127.0.0.1:$1 (named listens only on addresses configured on an interface, and lo
+# has just 127.0.0.1) serving example.test with a ~850-byte TXT; $2 = "rrl" for BIND's RRL.
 start_named() {
-  local ip="$1" rrl="${2:-}" d="$WORK/named-$1"
+  local port="$1" rrl="${2:-}" d="$WORK/named-$1"
   mkdir -p "$d"
   {
     echo "\$TTL 300"
@@ -40,7 +41,7 @@ options {
   directory "$d";
   pid-file "$d/named.pid";
   session-keyfile "$d/session.key";
-  listen-on port 53 { $ip; };
+  listen-on port $port { 127.0.0.1; };
   listen-on-v6 { none; };
   recursion no;
   allow-transfer { none; };
@@ -52,20 +53,20 @@ zone "example.test" { type primary; file "$d/example.test.zone"; };
 CONF
   "${DAEMON[@]}" /usr/sbin/named -g -4 -n 1 -c "$d/named.conf" >"$d/log" 2>&1 &
   PIDS+=("$!")
-  wait_dns "$ip" 53
+  wait_dns 127.0.0.1 "$port"
 }
 
-start_named 127.0.0.20
-start_named 127.0.0.21 rrl
-LB_EXTRA=$'[rrl]\nresponses_per_second = 20\nslip = 2\nwindow = 5' start_lb 5300 2 127.0.0.20:53
-start_lb 5301 2 127.0.0.20:53
+start_named 5320
+start_named 5321 rrl
+LB_EXTRA=$'[rrl]\nresponses_per_second = 20\nslip = 2\nwindow = 5' start_lb 5300 2 127.0.0.1:5320
+start_lb 5301 2 127.0.0.1:5320
 sleep 1
 
 echo "$(started_how); flood of $RATE qps for ${SECS}s from 50 addresses of 127.0.1.0/24; a client on 127.0.2.1 at 10 qps"
 echo
 echo "| target | queries | full answers | slipped (TC=1) | bytes out/in | client under the limit |"
 echo "| --- | --- | --- | --- | --- | --- |"
-for target in "lb with [rrl]=127.0.0.1:5300" "BIND with its RRL=127.0.0.21:53" "lb without [rrl]=127.0.0.1:5301"; do
+for target in "lb with [rrl]=127.0.0.1:5300" "BIND with its RRL=127.0.0.1:5321" "lb without [rrl]=127.0.0.1:5301"; do
   name="${target%%=*}"
   addr="${target#*=}"
   # Let any balance of the previous run expire.

@@ -291,9 +291,11 @@ pub fn make_servfail(buf: &mut [u8], q: Option<&Question>) -> usize {
 
 /// Turns a query in `buf` into an answer with `rcode` (SERVFAIL, REFUSED) in place: keeps the
 /// header and the first question (`q`, from [`question`]; none when it did not parse), sets QR
-/// and the RCODE, clears the other sections and returns the new length. Used when lb answers
-/// itself (no usable backend, access refused).
+/// and the RCODE, clears the other sections and returns the new length. A query with EDNS gets
+/// an OPT record back, as BIND answers (payload [`EDNS_PAYLOAD`], DO echoed, no options). Used
+/// when lb answers itself (no usable backend, access refused).
 pub fn make_error(buf: &mut [u8], q: Option<&Question>, rcode: u8) -> usize {
+    let opt = q.and_then(|_| find_opt(buf));
     buf[2] = (buf[2] & 0x79) | 0x80; // QR=1, keep opcode and RD, clear AA and TC
     buf[3] = rcode & 0x0f; // RA=0, Z=0
     let (qdcount, end) = match q {
@@ -304,16 +306,46 @@ pub fn make_error(buf: &mut [u8], q: Option<&Question>, rcode: u8) -> usize {
     for b in &mut buf[6..12] {
         *b = 0;
     }
-    end
+    match opt {
+        // The query's OPT (at least 11 bytes) lay at or after `end`, so the new one fits.
+        Some(r) if qdcount == 1 && end + OPT_LEN <= buf.len() => {
+            let do_bit = buf.get(r.ttl_at + 2).map_or(0, |b| b & 0x80);
+            let payload = EDNS_PAYLOAD.to_be_bytes();
+            buf[end..end + OPT_LEN]
+                .copy_from_slice(&[0, 0, 41, payload[0], payload[1], 0, 0, do_bit, 0, 0, 0]);
+            buf[10..12].copy_from_slice(&1u16.to_be_bytes());
+            end + OPT_LEN
+        }
+        _ => end,
+    }
+}
+
+/// The UDP payload size lb advertises in the OPT records of the answers it makes itself (the
+/// DNS Flag Day 2020 figure BIND also uses).
+pub const EDNS_PAYLOAD: u16 = 1232;
+/// An OPT record with no options: root owner, type, class, TTL, RDLENGTH.
+const OPT_LEN: usize = 11;
+
+/// The OPT record of a message's additional section, if it has one with the root owner.
+fn find_opt(msg: &[u8]) -> Option<Record> {
+    records(msg)
+        .find(|r| r.section == Section::Additional && r.rtype == TYPE_OPT)
+        .filter(|r| msg.get(r.name_start) == Some(&0))
 }
 
 /// Turns an answer in `buf` into its truncated, empty form in place (TC=1, the first question
-/// kept, no records) and returns the new length: what response rate limiting "slips" so a real
-/// client retries over TCP.
+/// and the OPT record kept, no other records) and returns the new length: what response rate
+/// limiting "slips" so a real client retries over TCP. BIND's slipped answers carry the OPT
+/// record too.
 pub fn make_truncated(buf: &mut [u8]) -> usize {
     let end = match question(buf) {
         Ok(q) if q.count > 0 => q.end,
         _ => HEADER_LEN,
+    };
+    let opt = if end > HEADER_LEN {
+        find_opt(buf)
+    } else {
+        None
     };
     buf[2] |= 0x02;
     let qdcount: u16 = if end > HEADER_LEN { 1 } else { 0 };
@@ -321,7 +353,15 @@ pub fn make_truncated(buf: &mut [u8]) -> usize {
     for b in &mut buf[6..12] {
         *b = 0;
     }
-    end
+    match opt {
+        // The OPT record lies after the question: moving it down overwrites only what is cut.
+        Some(r) => {
+            buf.copy_within(r.name_start..r.rdata_end, end);
+            buf[10..12].copy_from_slice(&1u16.to_be_bytes());
+            end + (r.rdata_end - r.name_start)
+        }
+        None => end,
+    }
 }
 
 /// Encodes a presentation-format name (`example.test.` or `example.test`) to wire format.
@@ -663,6 +703,55 @@ mod tests {
         assert_eq!(header(&refused[..n]).unwrap().rcode, 5);
     }
 
+    /// An OPT record: payload 4096, DO set, one 8-byte client COOKIE option.
+    const OPT: [u8; 23] = [
+        0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 12, 0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8,
+    ];
+
+    #[test]
+    fn truncated_form_keeps_the_opt_record() {
+        let mut m = query(&["a", "test"], 16);
+        let qlen = m.len();
+        m[2] |= 0x84;
+        m[7] = 1; // one TXT answer, then the OPT record
+        m[11] = 1;
+        m.extend_from_slice(&[
+            0xc0, 12, 0, 16, 0, 1, 0, 0, 0, 60, 0, 4, 3, b'a', b'b', b'c',
+        ]);
+        m.extend_from_slice(&OPT);
+        let n = make_truncated(&mut m);
+        assert_eq!(n, qlen + OPT.len());
+        let h = header(&m[..n]).unwrap();
+        assert!(h.tc);
+        assert_eq!((h.qdcount, h.ancount), (1, 0));
+        assert_eq!(&m[8..12], &[0, 0, 0, 1]);
+        assert_eq!(&m[qlen..n], &OPT);
+        let r = records(&m[..n]).next().unwrap();
+        assert_eq!((r.section, r.rtype), (Section::Additional, TYPE_OPT));
+    }
+
+    #[test]
+    fn own_answers_to_edns_queries_carry_an_opt_record() {
+        let mut m = query(&["a", "test"], 1);
+        let qlen = m.len();
+        m[11] = 1;
+        m.extend_from_slice(&OPT);
+        let q = question(&m).unwrap();
+        let n = make_error(&mut m, Some(&q), 5);
+        assert_eq!(n, qlen + 11);
+        let h = header(&m[..n]).unwrap();
+        assert_eq!((h.rcode, h.qdcount), (5, 1));
+        assert_eq!(&m[6..12], &[0, 0, 0, 0, 0, 1]);
+        // Our payload size, DO echoed, no options (the client's cookie is not echoed).
+        assert_eq!(&m[qlen..n], &[0, 0, 41, 0x04, 0xd0, 0, 0, 0x80, 0, 0, 0]);
+        assert_eq!(extended_rcode(&m[..n]), 5);
+        // Without EDNS, none.
+        let mut plain = query(&["a", "test"], 1);
+        let q = question(&plain).unwrap();
+        assert_eq!(make_error(&mut plain, Some(&q), 5), qlen);
+        assert_eq!(&plain[10..12], &[0, 0]);
+    }
+
     #[test]
     fn servfail_keeps_question() {
         let mut m = query(&["a", "test"], 1);
@@ -728,7 +817,14 @@ mod props {
                 let _ = answer_matches(&bytes, Some(&q), &bytes);
                 let mut copy = bytes.clone();
                 let n = make_servfail(&mut copy, Some(&q));
+                prop_assert!(n <= bytes.len());
                 prop_assert_eq!(header(&copy[..n]).unwrap().rcode, 2);
+            }
+            if bytes.len() >= HEADER_LEN {
+                let mut copy = bytes.clone();
+                let n = make_truncated(&mut copy);
+                prop_assert!(n <= bytes.len());
+                prop_assert!(header(&copy[..n]).unwrap().tc);
             }
             let _ = soa_serial(&bytes);
             let mut walk = records(&bytes);
