@@ -666,6 +666,20 @@ impl Lb {
         http_get(self.metrics.expect("config has [metrics]"), "/metrics").1
     }
 
+    /// Scrapes until `series` reads `want` (for counters lb bumps just after the client got
+    /// the bytes, such as a TCP answer counted once its write returned), at most 5 s; returns
+    /// the last scrape either way, for the caller's assertion.
+    pub fn scrape_until(&self, series: &str, want: f64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = self.scrape();
+            if try_sample(&text, series) == Some(want) || Instant::now() >= deadline {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A drop counter from `status` (0 if it never happened: `status` lists only reasons that
     /// occurred). Panics on a reason lb does not have, so a misspelt label cannot read as 0.
     pub fn drops(&self, reason: &str) -> u64 {

@@ -29,6 +29,7 @@ use std::time::Instant;
 
 use crate::config::CacheConfig;
 use crate::wire::{self, Question, Section, TYPE_AXFR, TYPE_IXFR, TYPE_OPT, TYPE_SOA, TYPE_TSIG};
+use crate::zeroed::{zeroed_slice, Zeroable};
 
 /// Slots probed for a key.
 const PROBE: usize = 4;
@@ -66,9 +67,21 @@ pub struct CacheKey {
     /// qtype << 16 | RD << 0 | CD << 1 | DO << 2 | EDNS << 3 | size class << 4.
     bits: u64,
     qclass: u16,
+    /// The largest answer the client takes over UDP: 512 without EDNS, else its payload size
+    /// (at least 512). Not part of the key: a class of sizes shares entries, and a hit longer
+    /// than this is not served over UDP (the backend answers, truncating as BIND does).
+    udp_limit: u16,
 }
 
-/// One slot: six 64-bit words, so a table of them can be allocated as zeroed `u64`s.
+impl CacheKey {
+    /// The largest answer this client takes over UDP.
+    #[inline]
+    pub fn udp_limit(&self) -> usize {
+        usize::from(self.udp_limit)
+    }
+}
+
+/// One slot: six 64-bit atomics.
 #[derive(Debug)]
 #[repr(C)]
 struct Slot {
@@ -86,22 +99,8 @@ struct Slot {
     len: AtomicU64,
 }
 
-/// A table of `n` zeroed slots and `words` zeroed answer words per slot. Allocated zeroed (the
-/// kernel maps zero pages): memory is fixed by `entries`, and resident only as slots fill.
-fn zeroed_table(n: usize, words: usize) -> (Box<[Slot]>, Box<[AtomicU64]>) {
-    let slots: Box<[[u64; 6]]> = vec![[0u64; 6]; n].into_boxed_slice();
-    let data: Box<[u64]> = vec![0u64; n * words].into_boxed_slice();
-    // SAFETY: `Slot` is `repr(C)` with six `AtomicU64` fields, and `AtomicU64` has the same
-    // size, alignment and bit validity as `u64` (its documentation says so), so `[u64; 6]` and
-    // `Slot` have the same layout and all-zero is a valid `Slot`; likewise `u64` and
-    // `AtomicU64`. The boxes are uniquely owned and only their element type changes.
-    unsafe {
-        (
-            Box::from_raw(Box::into_raw(slots) as *mut [Slot]),
-            Box::from_raw(Box::into_raw(data) as *mut [AtomicU64]),
-        )
-    }
-}
+// SAFETY: `repr(C)` of atomics only, each valid as all-zero.
+unsafe impl Zeroable for Slot {}
 
 /// The shared cache (allocated at start; `None` in [`crate::backend::Shared`] when off).
 #[derive(Debug)]
@@ -142,6 +141,7 @@ pub fn key_of(msg: &[u8], q: Option<&Question>) -> Option<CacheKey> {
     let mut edns = 0u64;
     let mut dnssec_ok = 0u64;
     let mut size_class = 0u64;
+    let mut udp_limit = 512u16;
     if counts[2] == 1 {
         // The one additional record must be a plain OPT: version 0, no options.
         let opt = wire::records(msg).next()?;
@@ -151,6 +151,7 @@ pub fn key_of(msg: &[u8], q: Option<&Question>) -> Option<CacheKey> {
         }
         edns = 1;
         dnssec_ok = u64::from(ttl[2] >> 7);
+        udp_limit = opt.class.max(512);
         size_class = match opt.class {
             0..=1231 => 1,
             1232..=4095 => 2,
@@ -168,6 +169,7 @@ pub fn key_of(msg: &[u8], q: Option<&Question>) -> Option<CacheKey> {
             | edns << 3
             | size_class << 4,
         qclass: q.qclass,
+        udp_limit,
     })
 }
 
@@ -179,7 +181,9 @@ impl PacketCache {
         }
         let n = c.entries.max(PROBE).next_power_of_two();
         let words = c.max_answer_size.div_ceil(8);
-        let (slots, data) = zeroed_table(n, words);
+        // Zeroed: memory is fixed by `entries`, and resident only as slots fill.
+        let slots: Box<[Slot]> = zeroed_slice(n);
+        let data: Box<[AtomicU64]> = zeroed_slice(n * words);
         Some(PacketCache {
             slots,
             data,
@@ -281,7 +285,8 @@ impl PacketCache {
 
     /// Looks `query` up in `epoch`; on a hit writes the answer for it into `out` (the client's
     /// ID and spelling of the name, TTLs aged) and returns its length. With `stale`, an entry
-    /// expired less than `stale_ttl` ago is served too (its TTLs set to 30 s).
+    /// expired less than `stale_ttl` ago is served too (its TTLs set to 30 s). An answer
+    /// longer than `out` (for UDP: [`CacheKey::udp_limit`]) is a miss.
     pub fn lookup(
         &self,
         key: &CacheKey,

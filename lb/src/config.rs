@@ -117,6 +117,22 @@ pub struct CacheConfig {
     pub stale_ttl: u32,
 }
 
+impl CacheConfig {
+    /// The bytes the table takes (allocated zeroed at start, resident as it fills): slots
+    /// rounded up to a power of two, each an answer of `max_answer_size` (in 8-byte words)
+    /// and 48 bytes of key and times.
+    pub fn memory_bytes(&self) -> u64 {
+        if self.entries == 0 {
+            return 0;
+        }
+        let slots = self.entries.max(4).next_power_of_two() as u64;
+        slots * (self.max_answer_size.div_ceil(8) as u64 * 8 + 48)
+    }
+}
+
+/// The largest packet cache lb agrees to allocate.
+const MAX_CACHE_BYTES: u64 = 16 << 30;
+
 /// `[rrl]`: response rate limiting with BIND's semantics (per client prefix and response
 /// class); may change at run time, except `entries`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -843,6 +859,21 @@ impl LbConfig {
                 return Err(invalid(key, format!("{v} is outside {lo}..={hi}")));
             }
         }
+        // The table is allocated whole at start: refuse a size the machine is unlikely to give
+        // rather than abort there.
+        let table = self.cache.memory_bytes();
+        if table > MAX_CACHE_BYTES {
+            return Err(invalid(
+                "cache.entries",
+                format!(
+                    "{} entries of cache.max_answer_size {} bytes take {} MiB, over the limit of {} MiB",
+                    self.cache.entries,
+                    self.cache.max_answer_size,
+                    table >> 20,
+                    MAX_CACHE_BYTES >> 20
+                ),
+            ));
+        }
         for (key, list) in [
             ("access.allow", &self.access.allow),
             ("access.deny", &self.access.deny),
@@ -967,6 +998,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("health.zones") && e.contains("a..b"), "{e}");
+        let e = parse(&format!(
+            "{MINIMAL}\n[cache]\nentries = 16000000\nmax_answer_size = 65535\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cache.entries") && e.contains("MiB"), "{e}");
         let e = parse(&format!("{MINIMAL}\n[tcp]\npool_size = 0\n"))
             .unwrap_err()
             .to_string();

@@ -11,7 +11,7 @@
 //!
 //! | layer | modules |
 //! | --- | --- |
-//! | 0 | wire, mmsg, sockets, systemd, control_protocol, lifecycle, fdpass, prefix |
+//! | 0 | wire, mmsg, sockets, systemd, control_protocol, lifecycle, fdpass, prefix, zeroed |
 //! | 1 | policy, probe, inflight, xfr |
 //! | 2 | config |
 //! | 3 | stats, state |
@@ -23,7 +23,8 @@
 //! | 9 | server, ctl |
 //!
 //! - Leaves (0): DNS wire format, batched datagram I/O, socket construction, systemd
-//!   notifications, the control protocol, the process lifecycle, descriptor passing.
+//!   notifications, the control protocol, the process lifecycle, descriptor passing, IP
+//!   prefixes, zeroed fixed tables.
 //! - Pure policy and data (1-4): selection policies, the health probe, the UDP in-flight table,
 //!   where a zone transfer's stream ends, every config type, counters and histograms, the
 //!   persisted state, the response-rate-limiting table, the access lists, the packet cache.
@@ -55,6 +56,7 @@ pub mod stats;
 pub mod systemd;
 pub mod wire;
 pub mod xfr;
+pub mod zeroed;
 
 /// The health checker and probe, under the path the deployer and tests use.
 pub use controlplane::health;

@@ -15,8 +15,11 @@ pub struct Prefix {
 }
 
 impl Prefix {
-    /// The prefix of `len` bits containing `ip` (host bits cleared).
+    /// The prefix of `len` bits containing `ip` (host bits cleared; at most the address's
+    /// length). An IPv4 address in IPv6 form (`::ffff:a.b.c.d`, from a dual-stack socket) is
+    /// taken as the IPv4 address.
     pub fn of(ip: IpAddr, len: u8) -> Prefix {
+        let ip = canonical(ip);
         let len = len.min(max_len(&ip));
         Prefix {
             addr: mask(ip, len),
@@ -76,7 +79,9 @@ fn max_len(ip: &IpAddr) -> u8 {
     }
 }
 
-fn canonical(ip: IpAddr) -> IpAddr {
+/// An IPv4 address in IPv6 form (`::ffff:a.b.c.d`) as the IPv4 address; others unchanged.
+#[inline]
+pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
@@ -89,7 +94,7 @@ fn mask(ip: IpAddr, len: u8) -> IpAddr {
             let m = if len == 0 {
                 0
             } else {
-                u32::MAX << (32 - u32::from(len))
+                u32::MAX << (32 - u32::from(len.min(32)))
             };
             IpAddr::V4((u32::from(a) & m).into())
         }
@@ -97,7 +102,7 @@ fn mask(ip: IpAddr, len: u8) -> IpAddr {
             let m = if len == 0 {
                 0
             } else {
-                u128::MAX << (128 - u32::from(len))
+                u128::MAX << (128 - u32::from(len.min(128)))
             };
             IpAddr::V6((u128::from(a) & m).into())
         }
@@ -182,6 +187,19 @@ mod tests {
         assert_ne!(
             Prefix::of(ip("10.0.0.0"), 8).key(),
             Prefix::of(ip("10.0.0.0"), 16).key()
+        );
+    }
+
+    #[test]
+    fn a_v4_mapped_address_is_taken_as_ipv4() {
+        // A client on a dual-stack socket with an IPv6 prefix length: the IPv4 network, not a
+        // shift past 32 bits.
+        let p = Prefix::of(ip("::ffff:192.0.2.77"), 56);
+        assert_eq!(p, Prefix::of(ip("192.0.2.77"), 32));
+        assert_eq!(p.to_string(), "192.0.2.77/32");
+        assert_eq!(
+            Prefix::of(ip("::ffff:192.0.2.77"), 24).to_string(),
+            "192.0.2.0/24"
         );
     }
 }

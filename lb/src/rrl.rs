@@ -1,13 +1,15 @@
 //! Response rate limiting with BIND's semantics (the Vixie/Schryver design), for UDP answers.
 //!
 //! Every answer lb is about to send over UDP (relayed, or its own SERVFAIL/REFUSED) is put in
-//! a class by [`classify`], as BIND's RRL does: positive answers per (name, type), NODATA and
-//! NXDOMAIN per zone (the SOA owner in the authority section), referrals per delegation point
-//! (the NS owner), errors per client. Each (client prefix, class, key) has a balance of
-//! credits: it gains `rate` per second up to `rate` (one second's worth), each answer costs
-//! one, and it never falls below −`window`×`rate`. An answer finding the balance negative is
-//! limited: dropped, or every `slip`th one sent truncated and empty (TC=1) so that a real
-//! client retries over TCP, which spoofed-source floods cannot. A prefix that keeps flooding
+//! a class by [`classify`], as BIND's RRL does: positive answers per (name, type), NODATA per
+//! name whatever the type, NXDOMAIN per zone (the SOA owner in the authority section),
+//! referrals per delegation point (the NS owner), errors per client. Each (client prefix,
+//! class, key) has a balance of credits: it gains `rate` per second up to `rate` (one second's
+//! worth), each answer costs one, and it never falls below −`window`×`rate`. An answer finding
+//! the balance negative is limited: dropped, or, as BIND does, the first and then every
+//! `slip`th one sent truncated and empty (TC=1) so that a real client retries over TCP, which
+//! spoofed-source floods cannot. Answers limited by `all_per_second` are never slipped (nor
+//! are BIND's). A prefix that keeps flooding
 //! therefore stays limited until it has stayed under the rate for about `window` seconds.
 //! `all_per_second` caps everything one prefix gets, whatever the class: the answer to random
 //! names under a wildcard (`*.example.`) has the queried name as owner (the wildcard cannot be
@@ -17,8 +19,9 @@
 //! One [`RrlTable`] is shared by all UDP workers (with `SO_REUSEPORT` one prefix's traffic
 //! spreads over the workers, so per-worker tables would multiply the limit). It has a fixed
 //! number of slots, chosen by hash and probed over a short run; when every slot of the run is
-//! taken, the one idle longest is reused, so a table full of stale prefixes makes room and
-//! prefixes that flood right now keep theirs (an entry is refreshed by every answer). Slots are
+//! taken, one whose balance has recovered is reused (the one idle longest), and only when the
+//! whole run is in debt the one idle longest of those: a flood of new keys cannot push out a
+//! prefix being limited. Slots are
 //! updated with compare-and-swap on one 64-bit word (second, balance): no lock, no allocation
 //! per packet. Concurrent first uses of one slot by two keys may let one answer through that
 //! BIND would have counted; the limit holds in aggregate.
@@ -28,8 +31,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::config::RrlConfig;
-use crate::prefix::{any_contains, Prefix};
+use crate::prefix::{any_contains, canonical, Prefix};
 use crate::wire::{self, Section, TYPE_NS, TYPE_SOA};
+use crate::zeroed::{zeroed_slice, Zeroable};
 
 /// Slots probed for a key before the one idle longest is reused.
 const PROBE: usize = 4;
@@ -144,8 +148,9 @@ impl RrlPolicy {
         self.log_only
     }
 
-    /// The client's network as RRL counts it.
+    /// The client's network as RRL counts it (an IPv4 client on a dual-stack socket as IPv4).
     pub fn prefix_of(&self, ip: IpAddr) -> Prefix {
+        let ip = canonical(ip);
         let len = if ip.is_ipv4() {
             self.ipv4_prefix_length
         } else {
@@ -185,7 +190,8 @@ pub fn classify(answer: &[u8]) -> (Class, u64) {
             } else if soa.is_none() && ns.is_some() {
                 (Class::Referral, zone(ns))
             } else {
-                (Class::Nodata, zone(soa))
+                // BIND: every empty answer for a name is the same, whatever the type.
+                (Class::Nodata, qname)
             }
         }
         _ => (Class::Error, 0),
@@ -193,7 +199,8 @@ pub fn classify(answer: &[u8]) -> (Class, u64) {
 }
 
 /// One (prefix, class, key) balance.
-#[derive(Debug, Default)]
+#[derive(Debug)]
+#[repr(C)]
 struct Slot {
     /// Hash of (prefix, class, key); 0 = free.
     tag: AtomicU64,
@@ -209,6 +216,9 @@ struct Slot {
     net_lo: AtomicU64,
     meta: AtomicU32,
 }
+
+// SAFETY: `repr(C)` of atomics only, each valid as all-zero (a free slot).
+unsafe impl Zeroable for Slot {}
 
 const META_V4: u32 = 1 << 16;
 const META_LOGGED: u32 = 1 << 17;
@@ -237,7 +247,8 @@ impl RrlTable {
     pub fn new(entries: usize) -> RrlTable {
         let n = entries.max(PROBE).next_power_of_two();
         RrlTable {
-            slots: (0..n).map(|_| Slot::default()).collect(),
+            // Zeroed: resident only as prefixes use slots (64 Ki slots are 3 MiB).
+            slots: zeroed_slice(n),
             epoch: Instant::now(),
             actions: Default::default(),
             limited_now: AtomicU64::new(0),
@@ -257,21 +268,20 @@ impl RrlTable {
         }
         let prefix = p.prefix_of(client);
         let (class, key) = classify(answer);
-        let mut limited = None;
-        for (c, k) in [(class, key), (Class::All, 0)] {
-            let rate = p.rates[c as usize];
-            if rate == 0 {
-                continue;
-            }
-            if let Some(n) = self.account(&prefix, c, k, rate, p.window, now) {
-                limited = limited.max(Some(n));
-            }
-        }
-        match limited {
-            None => Action::Send,
-            Some(_) if p.log_only => Action::Logged,
-            Some(n) if p.slip > 0 && n % p.slip == 0 => Action::Slip,
-            Some(_) => Action::Drop,
+        let charge = |c: Class, k: u64| match p.rates[c as usize] {
+            0 => None,
+            rate => self.account(&prefix, c, k, rate, p.window, now),
+        };
+        let by_class = charge(class, key);
+        let by_all = charge(Class::All, 0);
+        match (by_class, by_all) {
+            (None, None) => Action::Send,
+            _ if p.log_only => Action::Logged,
+            // As BIND: the all-per-second limit wins and is never slipped.
+            (_, Some(_)) => Action::Drop,
+            // The first limited answer slips, then every `slip`th (BIND's rotation).
+            (Some(n), None) if p.slip > 0 && (n - 1) % p.slip == 0 => Action::Slip,
+            (Some(_), None) => Action::Drop,
         }
     }
 
@@ -306,7 +316,7 @@ impl RrlTable {
         now: u32,
     ) -> Option<u32> {
         let tag = tag_of(prefix, class, key);
-        let slot = self.slot_for(tag, prefix, class, rate, now);
+        let slot = self.slot_for(tag, prefix, (class, rate, window), now);
         let rate = rate as i64;
         let floor = -(window as i64) * rate;
         let mut cur = slot.state.load(Ordering::Relaxed);
@@ -334,12 +344,21 @@ impl RrlTable {
         Some(slot.limited.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
-    /// The slot of `tag`: its own, a free one (claimed), or the one idle longest in the run
-    /// (reused). A new slot starts with one second's credit.
-    fn slot_for(&self, tag: u64, prefix: &Prefix, class: Class, rate: u32, now: u32) -> &Slot {
+    /// The slot of `tag`: its own, a free one (claimed), or one reused: the one idle longest
+    /// among those whose balance has recovered, else (the whole run in debt) the one idle
+    /// longest. A new slot starts with one second's credit.
+    fn slot_for(
+        &self,
+        tag: u64,
+        prefix: &Prefix,
+        (class, rate, window): (Class, u32, u32),
+        now: u32,
+    ) -> &Slot {
         let mask = self.slots.len() - 1;
         let start = (tag as usize) & mask;
+        // (index, idle since) of the best candidate, recovered ones first.
         let mut oldest = (start, u32::MAX);
+        let mut oldest_recovered: Option<(usize, u32)> = None;
         for k in 0..PROBE {
             let i = (start + k) & mask;
             let s = &self.slots[i];
@@ -354,12 +373,18 @@ impl RrlTable {
             {
                 return self.init(s, prefix, class, rate, now);
             }
-            let (ts, _) = unpack(s.state.load(Ordering::Relaxed));
+            let (ts, bal) = unpack(s.state.load(Ordering::Relaxed));
+            // In debt, a balance is at least −window×rate, so after `window` idle seconds it
+            // has recovered whatever its rate.
+            let recovered = bal >= 0 || now.saturating_sub(ts) >= window;
+            if recovered && oldest_recovered.is_none_or(|(_, t)| ts < t) {
+                oldest_recovered = Some((i, ts));
+            }
             if ts < oldest.1 {
                 oldest = (i, ts);
             }
         }
-        let s = &self.slots[oldest.0];
+        let s = &self.slots[oldest_recovered.unwrap_or(oldest).0];
         s.tag.store(tag, Ordering::Release);
         self.init(s, prefix, class, rate, now)
     }
@@ -386,13 +411,24 @@ impl RrlTable {
         s
     }
 
-    /// Walks the table (the control plane, once a second): returns the prefixes that started
-    /// being limited since the last scan and those whose limiting stopped (nothing limited for
-    /// `window` seconds), and updates the limited-prefixes gauge. Off the per-packet path.
+    /// Walks the table (the control plane, once a second): returns the (prefix, class) pairs
+    /// that started being limited since the last scan and those whose limiting stopped
+    /// (nothing of theirs limited for `window` seconds), one transition per pair however many
+    /// names it is limited on, and updates the gauge of prefixes being limited. Off the
+    /// per-packet path.
     pub fn scan(&self, window: u32) -> Vec<Transition> {
+        #[derive(Default)]
+        struct Group {
+            logged_before: bool,
+            recent: bool,
+            started: bool,
+            stopped: bool,
+        }
         let now = self.now();
-        let mut out = Vec::new();
-        let mut limited = 0;
+        // Keyed by (network bits, length | class | family): the pair a log line names.
+        let mut groups: std::collections::HashMap<(u64, u64, u32), Group> =
+            std::collections::HashMap::new();
+        let mut prefixes = std::collections::HashSet::new();
         for s in self.slots.iter() {
             let last = s.last_limited.load(Ordering::Relaxed);
             if last == 0 {
@@ -401,28 +437,44 @@ impl RrlTable {
             let meta = s.meta.load(Ordering::Relaxed);
             let recent = now.saturating_sub(last - 1) < window;
             let logged = meta & META_LOGGED != 0;
+            let (hi, lo) = (
+                s.net_hi.load(Ordering::Relaxed),
+                s.net_lo.load(Ordering::Relaxed),
+            );
+            let g = groups.entry((hi, lo, meta & !META_LOGGED)).or_default();
+            g.logged_before |= logged;
+            g.recent |= recent;
             if recent {
-                limited += 1;
+                prefixes.insert((hi, lo, meta & (0xff | META_V4)));
             }
             if recent != logged {
+                g.started |= recent;
+                g.stopped |= !recent;
                 let meta = if recent {
                     meta | META_LOGGED
                 } else {
                     meta & !META_LOGGED
                 };
                 s.meta.store(meta, Ordering::Relaxed);
-                out.push(Transition {
-                    prefix: describe(
-                        s.net_hi.load(Ordering::Relaxed),
-                        s.net_lo.load(Ordering::Relaxed),
-                        meta,
-                    ),
-                    class: Class::ALL[((meta >> 8) & 0xff) as usize % Class::ALL.len()],
-                    limited: recent,
-                });
             }
         }
-        self.limited_now.store(limited, Ordering::Relaxed);
+        self.limited_now
+            .store(prefixes.len() as u64, Ordering::Relaxed);
+        let mut out = Vec::new();
+        for ((hi, lo, meta), g) in groups {
+            let limited = if g.started && !g.logged_before {
+                true
+            } else if g.stopped && !g.recent {
+                false
+            } else {
+                continue;
+            };
+            out.push(Transition {
+                prefix: describe(hi, lo, meta),
+                class: Class::ALL[((meta >> 8) & 0xff) as usize % Class::ALL.len()],
+                limited,
+            });
+        }
         out
     }
 }
@@ -519,9 +571,16 @@ mod tests {
             classify(&nx2).1,
             "NXDOMAIN is keyed by zone"
         );
-        assert_eq!(
-            classify(&negative("a.example.test.", 0, "example.test.")).0,
-            Class::Nodata
+        let nodata = negative("a.example.test.", 0, "example.test.");
+        assert_eq!(classify(&nodata).0, Class::Nodata);
+        // NODATA is keyed by the name whatever the type (BIND), not by the zone.
+        let mut nodata_aaaa = nodata.clone();
+        let qtype_at = wire::question(&nodata).unwrap().name_end;
+        nodata_aaaa[qtype_at..qtype_at + 2].copy_from_slice(&28u16.to_be_bytes());
+        assert_eq!(classify(&nodata), classify(&nodata_aaaa));
+        assert_ne!(
+            classify(&nodata).1,
+            classify(&negative("b.example.test.", 0, "example.test.")).1
         );
         let mut servfail = a.clone();
         servfail[3] = 2;
@@ -544,6 +603,12 @@ mod tests {
             }
         }
         assert_eq!(sent, 20, "one second's worth of credit");
+        assert_eq!(
+            actions[0],
+            Action::Slip,
+            "the first limited answer slips (BIND)"
+        );
+        assert_eq!(actions[1], Action::Drop);
         let slipped = actions.iter().filter(|x| **x == Action::Slip).count();
         assert_eq!(
             slipped,
@@ -608,5 +673,58 @@ mod tests {
         let flooder = ip("10.9.9.9");
         assert_eq!(t.decide(&p, flooder, &a, 100), Action::Send);
         assert_eq!(t.decide(&p, flooder, &a, 100), Action::Drop);
+    }
+
+    #[test]
+    fn all_per_second_limits_are_never_slipped() {
+        let p = RrlPolicy::from_config(&RrlConfig {
+            responses_per_second: 100,
+            all_per_second: 5,
+            slip: 1,
+            ..RrlConfig::default()
+        })
+        .unwrap();
+        let t = RrlTable::new(1024);
+        let c = ip("203.0.113.9");
+        let actions: Vec<Action> = (0..50)
+            .map(|i| t.decide(&p, c, &positive(&format!("r{i}.example.test.")), 7))
+            .collect();
+        assert_eq!(actions.iter().filter(|a| **a == Action::Send).count(), 5);
+        assert!(!actions.contains(&Action::Slip), "{actions:?}");
+    }
+
+    #[test]
+    fn a_churn_of_new_keys_does_not_evict_a_prefix_in_debt() {
+        let p = policy(1, 15, 0);
+        let t = RrlTable::new(4);
+        let a = positive("a.");
+        let flooder = ip("10.9.9.9");
+        assert_eq!(t.decide(&p, flooder, &a, 100), Action::Send);
+        assert_eq!(t.decide(&p, flooder, &a, 100), Action::Drop);
+        // In the same second, many new prefixes (one answer each, balances still >= 0) pass
+        // through the four slots: the flooder's debt stays.
+        for i in 0..64u8 {
+            t.decide(&p, ip(&format!("10.0.{i}.1")), &a, 100);
+        }
+        assert_eq!(t.decide(&p, flooder, &a, 100), Action::Drop);
+    }
+
+    #[test]
+    fn a_prefix_limited_on_many_names_is_one_prefix_and_one_log_line() {
+        let p = policy(1, 5, 0);
+        let t = RrlTable::new(1024);
+        let c = ip("192.0.2.7");
+        for i in 0..50 {
+            let a = positive(&format!("n{i}.example.test."));
+            for _ in 0..3 {
+                t.decide(&p, c, &a, 10);
+            }
+        }
+        let changes = t.scan(5);
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert_eq!(changes[0].prefix, "192.0.2.0/24");
+        assert!(changes[0].limited);
+        assert_eq!(t.limited_now(), 1);
+        assert!(t.scan(5).is_empty());
     }
 }

@@ -251,6 +251,9 @@ pub fn run(
     let mut listeners = listeners;
     let handoff = listeners.handoff.take();
     let (servers, generation, drained) = initial_backends(&cfg, handoff.as_ref().map(|h| &h.1));
+    // Generation 0 means "no set yet" to the workers' route tables and the cache's epochs: a
+    // state file or hand-over saying 0 (hand-written, or corrupt) starts at 1.
+    let generation = generation.max(1);
     let shared = Arc::new(
         Shared::new(
             SetParams::from_config(&cfg),

@@ -295,7 +295,8 @@ pub fn make_servfail(buf: &mut [u8], q: Option<&Question>) -> usize {
 /// an OPT record back, as BIND answers (payload [`EDNS_PAYLOAD`], DO echoed, no options). Used
 /// when lb answers itself (no usable backend, access refused).
 pub fn make_error(buf: &mut [u8], q: Option<&Question>, rcode: u8) -> usize {
-    let opt = q.and_then(|_| find_opt(buf));
+    // Also for a cookie-only query (no question, an OPT record: RFC 7873 §5.4).
+    let opt = find_opt(buf);
     buf[2] = (buf[2] & 0x79) | 0x80; // QR=1, keep opcode and RD, clear AA and TC
     buf[3] = rcode & 0x0f; // RA=0, Z=0
     let (qdcount, end) = match q {
@@ -308,7 +309,7 @@ pub fn make_error(buf: &mut [u8], q: Option<&Question>, rcode: u8) -> usize {
     }
     match opt {
         // The query's OPT (at least 11 bytes) lay at or after `end`, so the new one fits.
-        Some(r) if qdcount == 1 && end + OPT_LEN <= buf.len() => {
+        Some(r) if end + OPT_LEN <= buf.len() => {
             let do_bit = buf.get(r.ttl_at + 2).map_or(0, |b| b & 0x80);
             let payload = EDNS_PAYLOAD.to_be_bytes();
             buf[end..end + OPT_LEN]
@@ -745,6 +746,12 @@ mod tests {
         // Our payload size, DO echoed, no options (the client's cookie is not echoed).
         assert_eq!(&m[qlen..n], &[0, 0, 41, 0x04, 0xd0, 0, 0, 0x80, 0, 0, 0]);
         assert_eq!(extended_rcode(&m[..n]), 5);
+        // A cookie-only query (QDCOUNT 0) gets one too.
+        let mut cookie_only = vec![0x12, 0x34, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        cookie_only.extend_from_slice(&OPT);
+        let n = make_error(&mut cookie_only, None, 5);
+        assert_eq!(n, HEADER_LEN + 11);
+        assert_eq!(&cookie_only[4..12], &[0, 0, 0, 0, 0, 0, 0, 1]);
         // Without EDNS, none.
         let mut plain = query(&["a", "test"], 1);
         let q = question(&plain).unwrap();

@@ -56,7 +56,7 @@ fn access_lists_refuse_or_drop_and_transfers_need_transfer_allow() {
     let denied = tcp_exchange(lb.tcp(), &axfr, AXFR, T);
     assert_eq!(denied.messages.len(), 1, "one REFUSED message");
     assert_eq!(rcode(&denied.messages[0]), 5);
-    let scrape = lb.scrape();
+    let scrape = lb.scrape_until("lb_responses_total{rcode=\"REFUSED\"}", 2.0);
     assert_eq!(
         sample(&scrape, "lb_access_denied_total{reason=\"client\"}"),
         1.0

@@ -6,6 +6,8 @@
 //! cannot race a swap. One probe at most is in flight per backend; only backends of the current
 //! set are probed, so a removed backend's probes stop. The probe itself is [`crate::probe`].
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -86,13 +88,27 @@ impl CheckerSettings {
 }
 
 /// The checker's handle: its settings (swapped on reload), a way to make it probe now, and the
-/// highest serial it has seen of each zone.
+/// serials it has seen.
 #[derive(Debug, Default)]
 pub struct Checker {
     settings: ArcSwapOption<CheckerSettings>,
     wake: Notify,
-    /// Per zone of the settings in force, the highest SOA serial any backend served.
-    highest: Mutex<Vec<u32>>,
+    serials: Mutex<SerialBook>,
+}
+
+/// The zone serials the backends of the current set served at their last probe.
+#[derive(Debug, Default)]
+struct SerialBook {
+    /// Per zone of the settings in force, the newest serial a backend of the current set
+    /// served (`None`: none seen yet).
+    highest: Vec<Option<u32>>,
+    /// Per backend of the current set, the serials of its last successful probe.
+    last: HashMap<SocketAddr, Vec<u32>>,
+}
+
+/// True if serial `a` is newer than `b` (RFC 1982: a difference below 2^31).
+fn newer(a: u32, b: u32) -> bool {
+    a != b && a.wrapping_sub(b) < 1 << 31
 }
 
 impl Checker {
@@ -105,30 +121,54 @@ impl Checker {
     /// Applies a (reloaded) `[health]` section from the next round on.
     pub fn reconfigure(&self, c: &HealthConfig) {
         let s = CheckerSettings::from_config(c);
-        *self.highest.lock().unwrap_or_else(|e| e.into_inner()) =
-            vec![0; s.as_ref().map_or(0, |s| s.zones.len())];
+        *self.serials.lock().unwrap_or_else(|e| e.into_inner()) = SerialBook {
+            highest: vec![None; s.as_ref().map_or(0, |s| s.zones.len())],
+            last: HashMap::new(),
+        };
         self.settings.store(s.map(Arc::new));
     }
 
-    /// Takes in the serials a probe of `b` saw (per zone of `s`): a zone whose highest serial
-    /// rose flushes the packet cache (the zone changed, even on the same backends), and a
-    /// backend behind the highest serial of any zone has its answers kept out of the cache.
+    /// Takes in the serials a probe of `b` saw (per zone of `s`). The newest serial of each
+    /// zone is taken over the backends of the current set (so a swap back to older nameservers
+    /// lowers it). When it rises, the zone changed: every backend not known to serve the new
+    /// serial (not probed since, or probed on an older one) is marked behind first, so nothing
+    /// it answers is cached, and then the packet cache is flushed. A backend stays behind until
+    /// its own probe shows every zone at the newest serial.
     fn note_serials(&self, b: &Backend, serials: &[u32], s: &CheckerSettings, shared: &Shared) {
-        let mut highest = self.highest.lock().unwrap_or_else(|e| e.into_inner());
-        if highest.len() != s.zones.len() || serials.len() != s.zones.len() {
-            return; // settings changed while the probe ran
+        let set = shared.current();
+        let mut book = self.serials.lock().unwrap_or_else(|e| e.into_inner());
+        if book.highest.len() != s.zones.len()
+            || serials.len() != s.zones.len()
+            || set.find(b.addr).is_none()
+        {
+            return; // settings or the set changed while the probe ran
         }
+        book.last.retain(|a, _| set.find(*a).is_some());
+        book.last.insert(b.addr, serials.to_vec());
         let mut rose = false;
-        for (h, &serial) in highest.iter_mut().zip(serials) {
-            // Serial arithmetic (RFC 1982): a rise is a difference below 2^31.
-            if *h == 0 || (serial != *h && serial.wrapping_sub(*h) < 1 << 31) {
-                rose |= *h != 0;
-                *h = serial;
+        for z in 0..s.zones.len() {
+            let newest = book
+                .last
+                .values()
+                .map(|v| v[z])
+                .reduce(|a, x| if newer(x, a) { x } else { a });
+            if let (Some(prev), Some(now)) = (book.highest[z], newest) {
+                rose |= newer(now, prev);
+            }
+            book.highest[z] = newest;
+        }
+        for other in &set.backends {
+            let behind = book.last.get(&other.addr).is_none_or(|v| {
+                v.iter()
+                    .zip(&book.highest)
+                    .any(|(serial, h)| Some(*serial) != *h)
+            });
+            // Unprobed backends are only marked behind once a rise makes it matter.
+            if book.last.contains_key(&other.addr) || rose {
+                other.state.set_behind(behind);
             }
         }
-        let behind = highest.iter().zip(serials).any(|(h, s)| s != h);
-        drop(highest);
-        b.state.set_behind(behind);
+        drop(book);
         if rose {
             if let Some(cache) = &shared.cache {
                 cache.flush_serial();
@@ -255,5 +295,82 @@ mod tests {
         assert!(e.passive_timeout(1));
         record_result(&e, &ok, 2, 3);
         assert!(e.state.is_up() && !e.state.take_suspicion());
+    }
+
+    /// A set of backends at the given addresses with a packet cache, and checker settings
+    /// for one zone.
+    fn setup(addrs: &[&str]) -> (Arc<Shared>, Checker, CheckerSettings) {
+        use crate::backend::SetParams;
+        use crate::config::{AllDown, BackendAddr, CacheConfig, HealthConfig};
+        let params = SetParams {
+            policy: crate::policy::Policy::RoundRobin,
+            timeout: Duration::from_secs(1),
+            resend_after: Duration::from_millis(100),
+            all_down: AllDown::FailOpen,
+            passive_timeouts: 0,
+            checked: false,
+            access: Arc::default(),
+            rrl: None,
+        };
+        let list: Vec<BackendAddr> = addrs.iter().map(|a| a.parse().unwrap()).collect();
+        let cache = crate::cache::PacketCache::new(&CacheConfig {
+            entries: 64,
+            ..CacheConfig::default()
+        });
+        let shared = Arc::new(Shared::new(params, &list, 1, 64).with_cache(cache));
+        let health = HealthConfig {
+            enabled: true,
+            zones: vec!["example.test.".into()],
+            ..HealthConfig::default()
+        };
+        let checker = Checker::new(&health);
+        let settings = checker.settings().unwrap().as_ref().clone();
+        (shared, checker, settings)
+    }
+
+    fn serial_flushes(shared: &Shared) -> u64 {
+        let c = shared.cache.as_ref().unwrap();
+        c.flushes(crate::cache::FlushReason::Serial)
+    }
+
+    #[test]
+    fn a_serial_rise_marks_every_backend_not_yet_on_it_behind() {
+        let (shared, checker, s) = setup(&["127.0.0.1:53", "127.0.0.2:53"]);
+        let set = shared.current();
+        let (a, b) = (&set.backends[0], &set.backends[1]);
+        checker.note_serials(a, &[1], &s, &shared);
+        checker.note_serials(b, &[1], &s, &shared);
+        assert!(!a.state.is_behind() && !b.state.is_behind());
+        assert_eq!(serial_flushes(&shared), 0, "a first sighting is no rise");
+        // The zone is reloaded on A first: flushed, and B (still on 1, not probed since) is
+        // behind at once, before its own probe.
+        checker.note_serials(a, &[2], &s, &shared);
+        assert_eq!(serial_flushes(&shared), 1);
+        assert!(!a.state.is_behind() && b.state.is_behind());
+        checker.note_serials(b, &[1], &s, &shared);
+        assert!(b.state.is_behind());
+        // B catches up: no second flush (nothing new), and it is cached from again.
+        checker.note_serials(b, &[2], &s, &shared);
+        assert!(!b.state.is_behind());
+        assert_eq!(serial_flushes(&shared), 1);
+    }
+
+    #[test]
+    fn a_swap_back_to_older_nameservers_lowers_the_newest_serial() {
+        let (shared, checker, s) = setup(&["127.0.0.1:53"]);
+        let a = Arc::clone(&shared.current().backends[0]);
+        checker.note_serials(&a, &[5], &s, &shared);
+        // Rolled back to a nameserver on serial 4: the old set's serial is forgotten, so the
+        // new backend is not behind (and its answers are cached).
+        let back: Vec<crate::config::BackendAddr> = vec!["127.0.0.9:53".parse().unwrap()];
+        shared.replace(Some(&back), None, true, |_| Ok(())).unwrap();
+        let c = Arc::clone(&shared.current().backends[0]);
+        checker.note_serials(&c, &[4], &s, &shared);
+        assert!(!c.state.is_behind());
+        // Serial 0 is a serial like any other: 0 -> 1 is a rise.
+        checker.note_serials(&c, &[0], &s, &shared);
+        let before = serial_flushes(&shared);
+        checker.note_serials(&c, &[1], &s, &shared);
+        assert_eq!(serial_flushes(&shared), before + 1);
     }
 }

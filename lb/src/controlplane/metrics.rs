@@ -228,7 +228,7 @@ const FAMILIES: [(&str, &str, MetricType, &[&str]); 29] = [
     ),
     (
         "lb_rrl_limited_prefixes",
-        "Client prefixes (per response class) limited within the last RRL window.",
+        "Client prefixes with anything limited within the last RRL window.",
         MetricType::GAUGE,
         &[],
     ),

@@ -357,11 +357,18 @@ fn dispatch(fe: &TcpFrontend, mut q: TcpQuery, peer: SocketAddr, counter: &mut u
         if let Some(key) = cache::key_of(msg, Some(question)) {
             let epoch = cache.epoch(set.generation);
             let stale = cache.serves_stale() && !set.backends.iter().any(|b| b.is_usable());
-            let mut frame = vec![0u8; 2 + cache.max_answer_size()];
-            if let Some(n) = cache.lookup(&key, msg, question, epoch, stale, &mut frame[2..]) {
+            // Looked up into this thread's scratch buffer: a miss allocates nothing, a hit
+            // exactly its frame.
+            let hit = HIT_BUF.with_borrow_mut(|buf| {
+                buf.resize(cache.max_answer_size(), 0);
+                let n = cache.lookup(&key, msg, question, epoch, stale, buf)?;
+                let mut frame = Vec::with_capacity(2 + n);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+                frame.extend_from_slice(&buf[..n]);
+                Some(frame)
+            });
+            if let Some(frame) = hit {
                 cache.count(1, 0);
-                frame.truncate(2 + n);
-                frame[..2].copy_from_slice(&(n as u16).to_be_bytes());
                 // One place per permit: never full.
                 let _ = q.client.answers.try_send(Answer {
                     frame,
@@ -394,6 +401,11 @@ fn dispatch(fe: &TcpFrontend, mut q: TcpQuery, peer: SocketAddr, counter: &mut u
         Route::Drop(r) => stats.dropped(r),
         Route::Servfail => answer_self(q, RCODE_SERVFAIL),
     }
+}
+
+thread_local! {
+    /// Where cache hits are looked up (sized to the cache's largest answer on first use).
+    static HIT_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 const RCODE_SERVFAIL: u8 = 2;

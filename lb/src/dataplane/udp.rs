@@ -264,6 +264,9 @@ impl Worker {
             let now = Instant::now();
             if now.duration_since(last_scan) >= TICK {
                 last_scan = now;
+                if set.generation == self.route_generation && self.route.contains(&None) {
+                    self.retry_routes(&set);
+                }
                 self.scan_tables(&set, now);
                 self.flush(&set);
             }
@@ -298,6 +301,24 @@ impl Worker {
         self.route_generation = set.generation;
         self.evacuate_refused = set.passive_timeouts != 0;
         self.rrl = set.rrl.clone();
+    }
+
+    /// Tries again to open sockets to the backends of the current set this worker has none
+    /// to (the file descriptor limit was reached when the set came in).
+    fn retry_routes(&mut self, set: &BackendSet) {
+        for (bi, b) in set.backends.iter().enumerate() {
+            if self.route.get(bi) != Some(&None) {
+                continue;
+            }
+            if let Some(i) = self.up.add(b, self.poll.registry()) {
+                self.up.set_retired(i, false);
+                self.route[bi] = Some(i);
+                tracing::info!(
+                    "upstream socket to {} opened: its queries are sent again",
+                    b.addr
+                );
+            }
+        }
     }
 
     // ----- phase 1: reading -----
@@ -383,7 +404,8 @@ impl Worker {
                 // Stale answers only while no backend can answer.
                 let stale = cache.serves_stale() && !set.backends.iter().any(|b| b.is_usable());
                 let mut buf = std::mem::take(&mut self.hit_buf);
-                let hit = cache.lookup(&key, msg, question, epoch, stale, &mut buf);
+                let room = key.udp_limit().min(buf.len());
+                let hit = cache.lookup(&key, msg, question, epoch, stale, &mut buf[..room]);
                 if let Some(n) = hit {
                     self.cache_tally.0 += 1;
                     self.reply(origin, &mut buf[..n]);
@@ -543,12 +565,19 @@ impl Worker {
             Route::Servfail => return Err(Refusal::Servfail),
             Route::Drop(r) => return Err(Refusal::Drop(r)),
         };
-        let ui = self
-            .route
-            .get(bi)
-            .copied()
-            .flatten()
-            .ok_or(Refusal::Drop(DropReason::SendFailed))?;
+        let ui = match self.route.get(bi).copied().flatten() {
+            Some(ui) => ui,
+            // This worker has no socket to that backend (none could be opened; retried every
+            // tick): route once more, avoiding it.
+            None => {
+                let avoid = Some(set.backends[bi].addr);
+                match route(set, msg, q.as_ref(), self.counter, stats, avoid) {
+                    Route::Backend(i) => self.route.get(i).copied().flatten(),
+                    _ => None,
+                }
+                .ok_or(Refusal::Drop(DropReason::SendFailed))?
+            }
+        };
         if let Some(si) = self.up.full_socket(ui, msg.len()) {
             self.send_queued(si);
         }
