@@ -577,6 +577,43 @@ mod tests {
     }
 
     #[test]
+    fn a_udp_hit_is_never_longer_than_the_client_takes() {
+        let c = PacketCache::new(&CacheConfig {
+            entries: 64,
+            max_answer_size: 2048,
+            ..CacheConfig::default()
+        })
+        .unwrap();
+        c.set_generation(1);
+        let e = c.epoch(1);
+        // A 900-byte answer, as a TCP retry after TC=1 would store it.
+        let q = query("big.example.test.", 1, None);
+        let mut a = answer(&q, 300);
+        let pad = 900 - a.len();
+        a[11] = 1; // one additional record: an unknown type carrying the padding
+        a.extend_from_slice(&[0xc0, 12, 0xff, 0x00, 0, 1, 0, 0, 1, 44]);
+        a.extend_from_slice(&((pad - 12) as u16).to_be_bytes());
+        a.resize(900, 7);
+        c.insert(&key(&q), e, &a);
+        let qq = wire::question(&q).unwrap();
+        let k = key(&q);
+        assert_eq!(k.udp_limit(), 512, "no EDNS: 512 bytes");
+        let mut out = [0u8; 2048];
+        assert!(
+            c.lookup(&k, &q, &qq, e, false, &mut out[..k.udp_limit()])
+                .is_none(),
+            "too long for this UDP client: the backend answers (and truncates)"
+        );
+        assert_eq!(
+            c.lookup(&k, &q, &qq, e, false, &mut out),
+            Some(900),
+            "over TCP"
+        );
+        assert_eq!(key(&query("a.", 1, Some(1232))).udp_limit(), 1232);
+        assert_eq!(key(&query("a.", 1, Some(100))).udp_limit(), 512);
+    }
+
+    #[test]
     fn what_is_never_cached() {
         let c = PacketCache::new(&config(1024)).unwrap();
         c.set_generation(1);
