@@ -152,7 +152,8 @@ fn print_status(s: &serde_json::Value) {
         );
     }
     for l in s["lbs"].as_array().into_iter().flatten() {
-        match l.get("error") {
+        // `error` is null when the lb answered.
+        match l.get("error").filter(|e| !e.is_null()) {
             Some(e) => println!("lb {}: {}", l["name"].as_str().unwrap_or(""), e),
             None => {
                 let backends: Vec<String> = l["backends"]
