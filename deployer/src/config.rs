@@ -552,6 +552,21 @@ impl DeployerConfig {
                 ),
             ));
         }
+        if let (ProviderKind::Linode, Some(a)) = (self.provider.kind, net.check_address) {
+            let on_vlan = match a {
+                IpAddr::V4(v4) => net.subnet.contains(v4),
+                IpAddr::V6(_) => false,
+            };
+            if !on_vlan {
+                return Err(invalid(
+                    "network.check_address",
+                    format!(
+                        "{a} is not on the VLAN ({}): with [network] vlan the nameservers take DNS only on the VLAN interface, from the lbs and the check address, so direct checks must come from the deployer's address on the VLAN. Remove check_address (the nameservers are then checked from an lb with `lb ctl probe`), or run the deployer on a machine on the VLAN and give its address there",
+                        net.subnet
+                    ),
+                ));
+            }
+        }
         if self.provider.kind == ProviderKind::Linode {
             // A VLAN exists in one region only: every instance must land in the same one.
             let default = self
@@ -696,6 +711,23 @@ mod tests {
             e.contains("network.admin_networks") && e.contains("nope"),
             "{e}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn with_a_vlan_the_check_address_must_be_on_it() {
+        let dir = std::env::temp_dir().join(format!("dcfg-check-{}", std::process::id()));
+        let cfg = |check: &str| {
+            let body = LINODE.replace("REGION2", "")
+                + &format!("[network]\nadmin_networks = [\"198.51.100.0/24\"]\nvlan = \"dns\"\ncheck_address = \"{check}\"\n");
+            DeployerConfig::read(&write(&dir, &body))
+        };
+        let e = cfg("198.51.100.7").unwrap_err().to_string();
+        assert!(
+            e.contains("network.check_address") && e.contains("not on the VLAN"),
+            "{e}"
+        );
+        cfg("10.0.0.250").unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
 
