@@ -47,6 +47,12 @@ pub struct DeployerConfig {
     pub network: NetworkConfig,
 }
 
+/// The DNS port of every VM instance (lbs and nameservers): where the deployer's checks and
+/// the lbs send. Not configurable per host (see [`DeployerConfig::validate_ports`]).
+pub const VM_DNS_PORT: u16 = 53;
+/// The metrics port of every VM lb: where the deployer scrapes `/metrics` (the drain).
+pub const VM_METRICS_PORT: u16 = 9153;
+
 /// `[network]`: the private path between lbs and nameservers, who administers the VMs, and
 /// where the deployer's own checks come from.
 #[derive(Debug, Clone, Deserialize)]
@@ -502,7 +508,67 @@ impl DeployerConfig {
                 "provider kind \"linode\" needs a [linode] section".into(),
             ));
         }
+        self.validate_ports(path)?;
         self.validate_network(path)
+    }
+
+    /// Host variables that would move an instance's DNS or metrics port away from the one the
+    /// provider reports (and the deployer's checks, the lbs' backends and the drain use) are
+    /// refused: on VMs the ports are [`VM_DNS_PORT`] and [`VM_METRICS_PORT`]; the local
+    /// provider gives every instance ports of its own and sets these variables itself.
+    fn validate_ports(&self, path: &Path) -> Result<(), DeployConfigError> {
+        let invalid = |key: &str, message: String| DeployConfigError::invalid(path, key, message);
+        let port = |s: &str| s.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+        // (variable, the port it must carry on VMs) per role.
+        let lb_vars = [
+            ("lb_listen", VM_DNS_PORT),
+            ("lb_metrics_listen", VM_METRICS_PORT),
+        ];
+        let ns_vars = [("nameserver_port", VM_DNS_PORT)];
+        let check = |key: &str,
+                     vars: &BTreeMap<String, serde_json::Value>,
+                     checked: &[(&str, u16)]|
+         -> Result<(), DeployConfigError> {
+            for &(var, want) in checked {
+                let Some(v) = vars.get(var) else { continue };
+                if self.provider.kind == ProviderKind::Local {
+                    return Err(invalid(
+                        key,
+                        format!("`{var}` cannot be set with the local provider: it gives every instance its own ports on 127.0.0.1 and sets `{var}` itself"),
+                    ));
+                }
+                let values: Vec<&serde_json::Value> = match v {
+                    serde_json::Value::Array(a) => a.iter().collect(),
+                    other => vec![other],
+                };
+                for x in values {
+                    let got = match x {
+                        serde_json::Value::Number(n) => {
+                            n.as_u64().and_then(|p| u16::try_from(p).ok())
+                        }
+                        serde_json::Value::String(s) if var == "nameserver_port" => s.parse().ok(),
+                        serde_json::Value::String(s) => port(s),
+                        _ => None,
+                    };
+                    if got != Some(want) {
+                        return Err(invalid(
+                            key,
+                            format!("`{var}` = {x} would move the port to {}, but on VMs the deployer's checks, the lbs' backends and the drain use port {want}: keep port {want} (the address may change), or remove the override", got.map_or("an unknown one".to_string(), |p| p.to_string())),
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        };
+        let all: Vec<(&str, u16)> = lb_vars.iter().chain(ns_vars.iter()).copied().collect();
+        check("ansible.extra_vars", &self.ansible.extra_vars, &all)?;
+        for l in &self.lbs {
+            check(&format!("lbs.vars ({})", l.name), &l.vars, &lb_vars)?;
+        }
+        for n in &self.nameservers {
+            check(&format!("nameservers.vars ({})", n.name), &n.vars, &ns_vars)?;
+        }
+        Ok(())
     }
 
     fn validate_network(&self, path: &Path) -> Result<(), DeployConfigError> {
@@ -709,6 +775,60 @@ mod tests {
             .to_string();
         assert!(
             e.contains("network.admin_networks") && e.contains("nope"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn per_host_ports_the_deployer_does_not_use_are_refused() {
+        let dir = std::env::temp_dir().join(format!("dcfg-ports-{}", std::process::id()));
+        let admin = "[network]\nadmin_networks = [\"198.51.100.0/24\"]\n";
+        let linode = |lb_vars: &str, extra: &str| {
+            let body = LINODE.replace("REGION2", "").replace(
+                "fronts = [\"ns1\", \"ns2\"]\n",
+                &format!("fronts = [\"ns1\", \"ns2\"]\n{lb_vars}"),
+            ) + admin
+                + extra;
+            DeployerConfig::read(&write(&dir, &body))
+        };
+        // The address may change, the port may not.
+        linode(
+            "vars = { lb_listen = [\"0.0.0.0:53\", \"[::]:53\"], lb_metrics_listen = \"0.0.0.0:9153\" }\n",
+            "",
+        )
+        .unwrap();
+        let e = linode("vars = { lb_listen = [\"0.0.0.0:5353\"] }\n", "")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("lbs.vars (lb1)") && e.contains("lb_listen") && e.contains("port 53"),
+            "{e}"
+        );
+        let e = linode(
+            "",
+            "[ansible]\nextra_vars = { lb_metrics_listen = \"0.0.0.0:9100\" }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("ansible.extra_vars") && e.contains("9100") && e.contains("9153"),
+            "{e}"
+        );
+        let e = linode("", "[ansible]\nextra_vars = { nameserver_port = 5353 }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nameserver_port") && e.contains("5353"), "{e}");
+        // The local provider sets them itself, per instance.
+        let local = LINODE
+            .replace("REGION2", "")
+            .replace("\"linode\"\n[linode]", "\"local\"\n[linode]")
+            + "[ansible]\nextra_vars = { lb_listen = [\"127.0.0.1:53\"] }\n";
+        let e = DeployerConfig::read(&write(&dir, &local))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("local provider") && e.contains("lb_listen"),
             "{e}"
         );
         let _ = std::fs::remove_dir_all(&dir);
