@@ -314,6 +314,10 @@ pub struct TimeoutsConfig {
     pub ctl_secs: u64,
     #[serde(default = "d_api")]
     pub api_secs: u64,
+    /// Longest a Linode API request is retried (rate limits honoured with the `Retry-After`
+    /// Linode sends, server errors with backoff) before the deployer gives up on it.
+    #[serde(default = "d_api_retry")]
+    pub api_retry_secs: u64,
 }
 
 /// `[ansible]`.
@@ -361,6 +365,9 @@ fn d_ctl() -> u64 {
 fn d_api() -> u64 {
     30
 }
+fn d_api_retry() -> u64 {
+    600
+}
 
 impl Default for TimeoutsConfig {
     fn default() -> Self {
@@ -370,6 +377,7 @@ impl Default for TimeoutsConfig {
             check_secs: d_check(),
             ctl_secs: d_ctl(),
             api_secs: d_api(),
+            api_retry_secs: d_api_retry(),
         }
     }
 }
@@ -389,6 +397,9 @@ impl TimeoutsConfig {
     }
     pub fn api(&self) -> Duration {
         Duration::from_secs(self.api_secs)
+    }
+    pub fn api_retry(&self) -> Duration {
+        Duration::from_secs(self.api_retry_secs)
     }
 }
 

@@ -51,7 +51,8 @@ impl Deployer {
                         }
                     }
                 }
-                let client = LinodeClient::from_env(&l.api_url, cfg.timeouts.api())?;
+                let mut client = LinodeClient::from_env(&l.api_url, cfg.timeouts.api())?;
+                client.retry_deadline = cfg.timeouts.api_retry();
                 Box::new(LinodeProvider::new(client, l, cfg.tag(), &cfg.state_dir))
             }
         };

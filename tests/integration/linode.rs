@@ -129,6 +129,57 @@ fn rate_limit_is_honoured_with_retry_after() {
 }
 
 #[test]
+fn retry_after_is_honoured_as_sent_within_the_retry_deadline() {
+    let fake = FakeLinode::start(TOKEN);
+    let mut c = client(&fake);
+    let rate_limit = |retry_after| Injection {
+        method: Some("GET".into()),
+        status: 429,
+        retry_after: Some(retry_after),
+    };
+    // More rate limits in a row than attempts for server errors (6): Linode says when to come
+    // back, so they are bounded by the deadline, not by a count.
+    for _ in 0..8 {
+        fake.state.lock().unwrap().inject.push_back(rate_limit(0));
+    }
+    assert!(c.list_instances(&serde_json::json!({})).unwrap().is_empty());
+    assert_eq!(fake.count("GET", "/v4/linode/instances"), 9);
+    // A wait past the deadline is not made at all (nor cut short): one request, and an error
+    // that says how long Linode asked for and what the deadline is. 61 s is compared as sent
+    // (a 60 s cap would have fit the 60 s deadline and slept).
+    c.retry_deadline = Duration::from_secs(60);
+    fake.state.lock().unwrap().inject.push_back(rate_limit(61));
+    let e = c.list_instances(&serde_json::json!({})).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            LinodeError::RateLimited {
+                retry_after: 61,
+                deadline: 60,
+                attempts: 1,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains("retry after 61s") && msg.contains("api_retry_secs"),
+        "{msg}"
+    );
+    assert_eq!(fake.count("GET", "/v4/linode/instances"), 10, "not retried");
+    // Server errors stop at the deadline too, saying so.
+    c.retry_deadline = Duration::ZERO;
+    fake.state.lock().unwrap().inject.push_back(Injection {
+        method: Some("GET".into()),
+        status: 503,
+        retry_after: None,
+    });
+    let e = c.get_instance(1).unwrap_err().to_string();
+    assert!(e.contains("503") && e.contains("retry deadline"), "{e}");
+}
+
+#[test]
 fn server_errors_are_retried_for_reads_but_a_create_is_never_blindly_repeated() {
     let fake = FakeLinode::start(TOKEN);
     let dir = TempDir::new("linode");
