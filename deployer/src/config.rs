@@ -253,6 +253,10 @@ pub struct LinodeConfig {
     /// The SSH user Ansible and `lb ctl` connect as.
     #[serde(default = "default_ssh_user")]
     pub ssh_user: String,
+    /// The ssh client the deployer runs `lb ctl` with (a wrapper, e.g. through a bastion, takes
+    /// ssh's arguments).
+    #[serde(default = "default_ssh_command")]
+    pub ssh_command: String,
 }
 
 /// `[[nameservers]]`.
@@ -346,6 +350,9 @@ fn default_api_url() -> String {
 }
 fn default_ssh_user() -> String {
     "root".into()
+}
+fn default_ssh_command() -> String {
+    "ssh".into()
 }
 fn default_control_socket() -> PathBuf {
     PathBuf::from("/run/lb/control.sock")

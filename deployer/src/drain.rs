@@ -106,22 +106,29 @@ pub fn handoff(d: &Deployer, j: &mut Journal) -> Result<String> {
         "zones": zones,
         "lbs": plan.iter().map(|(n, o, w)| json!({"name": n, "old_address": o, "new_address": w})).collect::<Vec<_>>(),
     });
-    use std::os::unix::process::CommandExt;
-    let mut child = std::process::Command::new(&hook)
-        .args(plan.iter().map(|p| p.2.clone()))
+    let mut cmd = std::process::Command::new(&hook);
+    cmd.args(plan.iter().map(|p| p.2.clone()))
         .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .process_group(0)
-        .spawn()
+        .stdout(std::process::Stdio::null());
+    // Its own process group, SIGTERM if the deployer dies, stopped before the deployer exits
+    // on SIGINT/SIGTERM (see `crate::children`).
+    let mut child = crate::children::spawn(&mut cmd)
         .with_context(|| format!("cannot run delegation_hook {hook}"))?;
-    crate::faults::register_child_group(child.id());
-    if let Some(mut stdin) = child.stdin.take() {
+    if let Some(mut stdin) = child.child.stdin.take() {
         use std::io::Write;
         let _ = stdin.write_all(input.to_string().as_bytes());
     }
-    let status = wait_child(&mut child, d.cfg.timeouts.provision());
-    crate::faults::unregister_child_group(child.id());
-    let status = status.with_context(|| format!("delegation_hook {hook}"))?;
+    let timeout = d.cfg.timeouts.provision();
+    let status = child
+        .wait_deadline(timeout, crate::children::GRACE)
+        .with_context(|| format!("delegation_hook {hook}"))?;
+    drop(child);
+    let Some(status) = status else {
+        bail!(
+            "delegation_hook {hook} timed out after {}s and was stopped; if it changed part of the delegation, restore it",
+            timeout.as_secs()
+        );
+    };
     if !status.success() {
         bail!(
             "delegation_hook {hook} failed ({status}); if it changed part of the delegation, restore it"
@@ -230,28 +237,6 @@ pub fn drain(d: &Deployer, j: &Journal) -> Result<String> {
             );
         }
         std::thread::sleep(poll);
-    }
-}
-
-/// Waits for a child with a deadline, killing its process group when it passes.
-fn wait_child(
-    child: &mut std::process::Child,
-    timeout: Duration,
-) -> Result<std::process::ExitStatus> {
-    let start = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait()? {
-            return Ok(st);
-        }
-        if start.elapsed() >= timeout {
-            // SAFETY: kill(2) on the child's own process group; no memory is involved.
-            unsafe {
-                libc::kill(-(child.id() as i32), libc::SIGKILL);
-            }
-            let _ = child.wait();
-            bail!("timed out after {timeout:?} and was stopped");
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -205,6 +205,11 @@ fn print_status(s: &serde_json::Value) {
 }
 
 fn main() -> ExitCode {
+    // First, before any thread exists: SIGINT/SIGTERM/SIGHUP stop the children before exiting.
+    if let Err(e) = deployer::children::handle_termination() {
+        eprintln!("deployer: cannot set up signal handling: {e}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     let json = cli.json;
     match run(cli) {

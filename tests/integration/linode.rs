@@ -26,6 +26,7 @@ fn provider(fake: &FakeLinode, dir: &TempDir) -> LinodeProvider {
         image: "linode/debian12".into(),
         authorized_keys_files: vec![],
         ssh_user: "root".into(),
+        ssh_command: "ssh".into(),
     };
     LinodeProvider::new(client(fake), cfg, "deployer-t".into(), dir.path())
 }
@@ -308,6 +309,7 @@ fn creates_are_paced_under_the_documented_rate_limit() {
         image: "linode/debian12".into(),
         authorized_keys_files: vec![],
         ssh_user: "root".into(),
+        ssh_command: "ssh".into(),
     };
     let p = LinodeProvider::new(c, cfg, "deployer-t".into(), dir.path());
     let t = Instant::now();
@@ -556,6 +558,7 @@ fn linode_deployer(fake: &FakeLinode, dir: &TempDir, extra: &str) -> deployer::D
         image: "linode/debian12".into(),
         authorized_keys_files: vec![],
         ssh_user: "root".into(),
+        ssh_command: "ssh".into(),
     });
     let c = d.cfg.clone();
     let mut client = client(fake);
@@ -680,4 +683,92 @@ fn the_network_preflight_refuses_before_anything_is_created() {
         1,
         "only the test's own lb"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Before anything is created, and `lb ctl` over SSH.
+
+/// A stand-in for ssh (`[linode] ssh_command`): a shell script with `body`.
+fn fake_ssh(dir: &TempDir, name: &str, body: &str) -> String {
+    let p = dir.path().join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}")).unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&p)
+        .status()
+        .unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn over_ssh_only_an_answer_from_lb_is_a_refusal() {
+    use deployer::lbctl::{CtlError, LbControl};
+    use integration_tests::{bin, lb_config, Lb};
+    let dir = TempDir::new("fake-ssh");
+    let args = dir.path().join("ssh-args");
+    // Records its arguments, drops ssh's options and the target, and runs `lb ctl --json ...`
+    // with the real lb binary, as the lb host would.
+    let relay = fake_ssh(
+        &dir,
+        "ssh-relay",
+        &format!(
+            "echo \"$@\" >> {}\nwhile [ \"$1\" = -o ]; do shift 2; done\nshift\nshift\nexec {} \"$@\"\n",
+            args.display(),
+            bin("lb").display()
+        ),
+    );
+    let ctl = |program: &str, socket: &std::path::Path| LbControl::Ssh {
+        program: program.into(),
+        target: "root@192.0.2.1".into(),
+        socket: socket.into(),
+        known_hosts: dir.path().join("known_hosts"),
+    };
+    let t = Duration::from_secs(2);
+    // `lb ctl` cannot reach lb (exit 2, with its own {"ok":false,...}): lb said nothing.
+    let e = ctl(&relay, &dir.path().join("nothing.sock"))
+        .status(t)
+        .unwrap_err();
+    assert!(matches!(e, CtlError::Transport(_)), "{e:?}");
+    assert!(e.to_string().contains("could not reach lb"), "{e}");
+    // A real lb: its answers, and its refusals.
+    let lb = Lb::start(&lb_config(
+        &["127.0.0.1:9".parse().unwrap()],
+        "first-available",
+        "",
+    ));
+    let c = ctl(&relay, &lb.socket());
+    assert_eq!(c.status(t).unwrap().backends.len(), 1);
+    let e = c
+        .set_backends(&["not-an-address".into()], false, t)
+        .unwrap_err();
+    assert!(matches!(e, CtlError::Refused(_)), "{e:?}");
+    // ssh itself fails (exit 255): no answer.
+    let down = fake_ssh(
+        &dir,
+        "ssh-down",
+        "echo 'ssh: connect to host 192.0.2.1 port 22: Connection timed out' >&2\nexit 255\n",
+    );
+    let e = ctl(&down, &lb.socket()).status(t).unwrap_err();
+    assert!(matches!(e, CtlError::Transport(_)), "{e:?}");
+    assert!(
+        e.to_string().contains("exit 255") && e.to_string().contains("timed out"),
+        "{e}"
+    );
+    // A connection that hangs: killed at its deadline, no answer.
+    let hang = fake_ssh(&dir, "ssh-hang", "exec sleep 300\n");
+    let e = ctl(&hang, &lb.socket())
+        .status(Duration::from_secs(1))
+        .unwrap_err();
+    assert!(matches!(e, CtlError::Transport(_)), "{e:?}");
+    assert!(e.to_string().contains("did not finish within"), "{e}");
+    // Keepalives end a dead connection; host keys are still checked.
+    let sent = std::fs::read_to_string(&args).unwrap();
+    for o in [
+        "ServerAliveInterval=5",
+        "ServerAliveCountMax=2",
+        "BatchMode=yes",
+        "StrictHostKeyChecking=accept-new",
+    ] {
+        assert!(sent.contains(o), "{o}: {sent}");
+    }
 }

@@ -849,6 +849,7 @@ impl Provider for LinodeProvider {
 
     fn lb_control(&self, inst: &Instance, socket: &Path) -> LbControl {
         LbControl::Ssh {
+            program: self.cfg.ssh_command.clone(),
             target: format!("{}@{}", self.cfg.ssh_user, inst.address),
             socket: socket.to_path_buf(),
             known_hosts: self.known_hosts.clone(),
