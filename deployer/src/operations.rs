@@ -206,7 +206,11 @@ impl Deployer {
     }
 
     /// `deployer rollback`: undo an unfinished operation (before its point of no return).
-    pub fn rollback(&mut self) -> Result<()> {
+    ///
+    /// Once roll-lb's hand-off has begun (the hook started, or the operator was asked to change
+    /// the delegation), only `delegation_unchanged` (`--delegation-unchanged`, the operator's
+    /// word that the delegation still points at the old lbs alone) lets it delete the new lbs.
+    pub fn rollback(&mut self, delegation_unchanged: bool) -> Result<()> {
         self.lock()?;
         let mut j = self
             .unfinished()?
@@ -216,6 +220,26 @@ impl Deployer {
                 "past the point of no return (old instances being deleted, or the delegation handed over); only `deployer {} --resume` can finish",
                 j.operation.command()
             );
+        }
+        if j.handoff.blocks_undo() {
+            let plan = crate::drain::handoff_plan(self, &j);
+            if !delegation_unchanged {
+                bail!(
+                    "the delegation hand-off has begun ({}), so the delegation of {} may already point at the new load balancers ({}), and a rollback deletes them. Check it at the registrar: if it points at the old load balancers only, run `deployer rollback --delegation-unchanged`; otherwise finish with `deployer {} --resume`",
+                    match j.handoff {
+                        Handoff::Started => "delegation_hook was started",
+                        _ => "the operator was asked to change it",
+                    },
+                    self.cfg.zones.names.join(", "),
+                    crate::drain::describe_plan(&plan),
+                    j.operation.command()
+                );
+            }
+            self.out.info(
+                "rollback: the operator confirms the delegation still points at the old load balancers (--delegation-unchanged)",
+            );
+            j.handoff = Handoff::NotStarted;
+            self.save(&j)?;
         }
         engine::undo(self, &mut j)?;
         self.out

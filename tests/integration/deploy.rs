@@ -311,6 +311,44 @@ impl Drop for Running {
     }
 }
 
+/// True while process `pid` runs (a zombie, or gone, is not running).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.to_string()))
+        .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
+}
+
+/// Waits (bounded) until `pid` no longer runs; false if it still does after 10 s.
+fn gone(pid: i32) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        if !alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Waits (bounded) for a file holding a PID, written by a hook; returns the PID.
+fn read_pid(path: &Path) -> i32 {
+    let t = Instant::now();
+    loop {
+        if let Some(pid) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(240),
+            "{} was written",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
 fn up(name: &str) -> Deployment {
     let d = Deployment::new(name);
     d.ok(&["up"]);
@@ -711,14 +749,38 @@ fn roll_lb_without_a_hook_waits_for_the_operator_and_never_deletes_a_busy_lb() {
     d.write_config();
     d.ok(&["up"]);
     let old_addrs = d.lb_addrs();
-    let out = d.ok(&["roll-lb"]);
+    // Waiting is neither done nor failed: its own event and exit status.
+    let (code, out, err) = d.run(&["--json", "roll-lb"], &[]);
+    assert_eq!(code, 3, "waiting for the operator:\n{out}\n{err}");
+    let events: Vec<Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let last = events.last().expect("events");
+    assert_eq!(last["event"], "waiting", "{out}");
+    assert!(!events.iter().any(|e| e["event"] == "done"), "{out}");
+    assert_eq!(last["next"], "deployer roll-lb --resume");
+    let msg = last["message"].as_str().unwrap();
     assert!(
-        out.contains("replace") && out.contains("roll-lb --resume"),
-        "{out}"
+        msg.contains("replace") && msg.contains("roll-lb --resume"),
+        "{msg}"
     );
-    assert!(out.contains(&old_addrs[0].to_string()));
+    assert!(msg.contains(&old_addrs[0].to_string()), "{msg}");
     assert_eq!(d.journal_state(), "in-progress");
     assert_eq!(d.instances().len(), 6);
+    // The operator may have changed the delegation already: no rollback without their word.
+    let next = d.status()["unfinished"]["next"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(next.contains("--delegation-unchanged"), "{next}");
+    let (code, _, err) = d.run(&["rollback"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--delegation-unchanged") && err.contains("roll-lb --resume"),
+        "{err}"
+    );
+    assert_eq!(d.instances().len(), 6, "nothing deleted");
     // The old lb1 keeps receiving traffic: the drain gives up and deletes nothing.
     let busy = LoadClient::start(old_addrs[0], 100);
     let (code, _, err) = d.run(&["roll-lb", "--resume"], &[]);
@@ -1121,4 +1183,138 @@ fn roll_lb_crash_after_opening_the_nameservers_rolls_back_and_closes_them() {
     d.ok(&["rollback"]);
     d.assert_rolled_back(&before, &backends, serial);
     assert_eq!(d.run_lbs("rollback-allow-lbs"), vec!["lb1", "lb2"]);
+}
+
+/// Writes the delegation hook's body (after a `#!/bin/sh` line; DIR is replaced by the
+/// deployment's directory).
+fn set_hook(d: &Deployment, body: &str) {
+    let hook = d.dir.path().join("hook.sh");
+    let tmp = d.dir.path().join("hook.sh.tmp");
+    std::fs::write(
+        &tmp,
+        format!(
+            "#!/bin/sh\n{}",
+            body.replace("DIR", &d.dir.path().display().to_string())
+        ),
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&tmp).status().unwrap();
+    std::fs::rename(&tmp, &hook).unwrap();
+    for f in ["hook.pid", "hook-child.pid"] {
+        let _ = std::fs::remove_file(d.dir.path().join(f));
+    }
+}
+
+/// Inside roll-lb's hand-off the delegation may already point at the new lbs: a failing hook,
+/// a SIGTERM, a SIGKILL or a crash there never deletes them by itself. The hook and its
+/// children do not outlive the deployer; `rollback` needs `--delegation-unchanged`, and
+/// `--resume` runs the hook again and finishes.
+#[test]
+fn roll_lb_inside_the_handoff_is_never_undone_by_itself() {
+    let mut d = Deployment::new("dep-handoff");
+    d.extra = format!(
+        "\n[roll_lb]\ndelegation_hook = \"{}\"\nquiet_secs = 1\npoll_secs = 0.2\nmax_drain_secs = 60\n",
+        d.dir.path().join("hook.sh").display()
+    );
+    d.write_config();
+    d.ok(&["up"]);
+    let (before, backends, serial) = (d.instances(), d.lb_backends(), d.serial());
+    let old_addrs = d.lb_addrs();
+
+    // 1. The hook fails (having changed, for all we know, part of the delegation).
+    set_hook(&d, "cat >/dev/null\nexit 3\n");
+    let (code, out, err) = d.run(&["roll-lb"], &[]);
+    eprintln!("{out}\n{err}");
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("delegation_hook")
+            && err.contains("failed")
+            && err.contains("NOT rolled back"),
+        "{err}"
+    );
+    assert!(
+        err.contains("rollback --delegation-unchanged") && err.contains("roll-lb --resume"),
+        "says both ways out: {err}"
+    );
+    assert!(!out.contains("rollback: deleted"), "{out}");
+    assert_eq!(d.instances().len(), 6, "the new lbs are not deleted");
+    let st = d.status();
+    assert_eq!(st["unfinished"]["handoff"], "started", "{st}");
+    let (code, _, err) = d.run(&["rollback"], &[]);
+    assert_eq!(code, 1, "no rollback without the operator's word");
+    assert!(err.contains("--delegation-unchanged"), "{err}");
+    assert_eq!(d.instances().len(), 6);
+    // The operator checked: the delegation still points at the old lbs only.
+    d.ok(&["rollback", "--delegation-unchanged"]);
+    d.assert_rolled_back(&before, &backends, serial);
+
+    // 2. SIGTERM while the hook runs: the hook and its child are stopped, then the deployer
+    // exits (holding the lock until they are gone), and nothing is undone.
+    set_hook(
+        &d,
+        "cat >/dev/null\necho $$ > DIR/hook.pid\nsleep 300 &\necho $! > DIR/hook-child.pid\nwait\n",
+    );
+    // Its stderr (ansible's output too) to a file: a pipe nobody reads would stop it.
+    let stderr_file = d.dir.path().join("roll-lb.stderr");
+    let mut run = Running::spawn(
+        d.command(&["roll-lb"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_file).unwrap()),
+    );
+    let hook = read_pid(&d.dir.path().join("hook.pid"));
+    let hook_child = read_pid(&d.dir.path().join("hook-child.pid"));
+    // SAFETY: kill(2) on the deployer this test started.
+    unsafe {
+        libc::kill(run.pid() as i32, libc::SIGTERM);
+    }
+    let out = run.wait_with_output();
+    let err = std::fs::read_to_string(&stderr_file).unwrap();
+    assert_eq!(out.status.code(), Some(128 + 15), "{err}");
+    assert!(err.contains("SIGTERM received"), "{err}");
+    assert!(gone(hook), "the hook outlived the deployer");
+    assert!(gone(hook_child), "the hook's child outlived the deployer");
+    assert_eq!(d.status()["unfinished"]["handoff"], "started");
+    assert_eq!(d.instances().len(), 6, "nothing deleted");
+
+    // 3. SIGKILL while the hook runs (`roll-lb --resume` runs it again): the kernel stops it.
+    set_hook(
+        &d,
+        "cat >/dev/null\necho $$ > DIR/hook.pid\nexec sleep 300\n",
+    );
+    let mut run = Running::spawn(
+        d.command(&["roll-lb", "--resume"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let hook = read_pid(&d.dir.path().join("hook.pid"));
+    let _ = run.child().kill();
+    let _ = run.child().wait();
+    assert!(gone(hook), "the hook outlived the killed deployer");
+    assert_eq!(d.instances().len(), 6);
+    let (code, _, err) = d.run(&["rollback"], &[]);
+    assert_eq!(code, 1, "{err}");
+
+    // 4. A crash point inside the hand-off, while the hook runs (killed with the deployer).
+    let (code, _, err) = d.run(
+        &["roll-lb", "--resume"],
+        &[("DEPLOYER_CRASH_AT", "handoff:hook-running")],
+    );
+    assert_eq!(code, -1, "{err}");
+    assert!(
+        err.contains("fault injected: handoff:hook-running"),
+        "{err}"
+    );
+    assert_eq!(d.status()["unfinished"]["handoff"], "started");
+    assert_eq!(d.instances().len(), 6);
+
+    // 5. A working hook: `--resume` runs it again and finishes.
+    set_hook(&d, "cat >/dev/null\necho \"$@\" > DIR/new-targets\n");
+    d.ok(&["roll-lb", "--resume"]);
+    assert!(assert_complete(&d, &before));
+    let new_addrs = d.lb_addrs();
+    assert!(new_addrs.iter().all(|a| !old_addrs.contains(a)));
+    let announced = std::fs::read_to_string(d.dir.path().join("new-targets")).unwrap();
+    for a in &new_addrs {
+        assert!(announced.contains(&a.to_string()), "{announced}");
+    }
 }
