@@ -29,6 +29,9 @@ struct Cli {
 enum Cmd {
     /// Build the whole infrastructure from scratch: nameservers, then lbs, then checks.
     Up {
+        /// Finish an unfinished up from where it stopped.
+        #[arg(long)]
+        resume: bool,
         #[arg(long)]
         dry_run: bool,
     },
@@ -84,7 +87,7 @@ fn run(cli: Cli) -> anyhow::Result<Ended> {
     let mut d = Deployer::new(cfg, cli.json)?;
     let t = std::time::Instant::now();
     match cli.command {
-        Cmd::Up { dry_run } => d.up(dry_run)?,
+        Cmd::Up { resume, dry_run } => d.up(resume, dry_run)?,
         Cmd::Roll { resume, dry_run } => d.roll(resume, dry_run)?,
         Cmd::RollLb { resume, dry_run } => d.roll_lb(resume, dry_run)?,
         Cmd::Rollback {

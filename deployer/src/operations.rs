@@ -15,8 +15,24 @@ use crate::status::{BackendView, InstanceView, LastView, LbView, StatusView, Unf
 use crate::steps::{ROLL_LB_STEPS, ROLL_STEPS, UP_STEPS};
 
 impl Deployer {
-    /// `deployer up`.
-    pub fn up(&mut self, dry_run: bool) -> Result<()> {
+    /// `deployer up` (or `--resume`).
+    pub fn up(&mut self, resume: bool, dry_run: bool) -> Result<()> {
+        if resume {
+            if dry_run {
+                let j = self.resumable(Operation::Up)?;
+                self.plan_resume(&j);
+                return Ok(());
+            }
+            self.lock()?;
+            let mut j = self.resumable(Operation::Up)?;
+            self.out.info(&format!(
+                "resuming up: {} of {} steps done",
+                j.steps_done().len(),
+                UP_STEPS.len()
+            ));
+            // Creates adopt what a killed run created (by label); the rest is idempotent.
+            return engine::run_steps(self, &mut j, &UP_STEPS);
+        }
         if !dry_run {
             self.lock()?;
             self.refuse_if_unfinished()?;

@@ -349,6 +349,7 @@ fn read_pid(path: &Path) -> i32 {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
 fn up(name: &str) -> Deployment {
     let d = Deployment::new(name);
     d.ok(&["up"]);
@@ -1183,6 +1184,28 @@ fn roll_lb_crash_after_opening_the_nameservers_rolls_back_and_closes_them() {
     d.ok(&["rollback"]);
     d.assert_rolled_back(&before, &backends, serial);
     assert_eq!(d.run_lbs("rollback-allow-lbs"), vec!["lb1", "lb2"]);
+}
+
+/// `up --resume` finishes an `up` that was killed, and the unfinished `up` says to run it.
+#[test]
+fn an_unfinished_up_is_finished_by_up_resume() {
+    let d = Deployment::new("dep-up-resume");
+    let (code, _, err) = d.run(&["up"], &[("DEPLOYER_CRASH_AT", "provision-lbs:before")]);
+    assert_eq!(code, -1, "{err}");
+    let (code, _, err) = d.run(&["up"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("`deployer up --resume`"), "{err}");
+    let out = d.ok(&["up", "--resume", "--dry-run"]);
+    assert!(
+        out.contains("provision-lbs") && !out.contains("create-lbs"),
+        "{out}"
+    );
+    let out = d.ok(&["up", "--resume"]);
+    assert!(out.contains("resuming up"), "{out}");
+    assert_eq!(d.journal_state(), "done");
+    let labels: Vec<_> = d.instances().into_iter().map(|(l, _)| l).collect();
+    assert_eq!(labels, vec!["lb1", "lb2", "ns1", "ns2"]);
+    d.assert_serving(d.serial());
 }
 
 /// Writes the delegation hook's body (after a `#!/bin/sh` line; DIR is replaced by the
