@@ -45,6 +45,9 @@ pub struct DeployerConfig {
     pub roll_lb: RollLbConfig,
     #[serde(default)]
     pub network: NetworkConfig,
+    /// The file this was read from (for messages).
+    #[serde(skip)]
+    pub source: PathBuf,
 }
 
 /// The DNS port of every VM instance (lbs and nameservers): where the deployer's checks and
@@ -432,6 +435,18 @@ impl DeployerConfig {
                 *p = base.join(&*p);
             }
         }
+        // The lb package is copied from this machine: a relative path is the config's, as
+        // every path here (Ansible would look for it in its role and playbook directories).
+        let vars = std::iter::once(&mut cfg.ansible.extra_vars)
+            .chain(cfg.lbs.iter_mut().map(|l| &mut l.vars));
+        for v in vars {
+            if let Some(serde_json::Value::String(p)) = v.get_mut("lb_package") {
+                if !p.trim().is_empty() && Path::new(p.as_str()).is_relative() {
+                    *p = base.join(p.as_str()).display().to_string();
+                }
+            }
+        }
+        cfg.source = path.to_path_buf();
         if let Some(l) = cfg.linode.as_mut() {
             for f in &mut l.authorized_keys_files {
                 if let (Ok(rest), Some(home)) = (f.strip_prefix("~"), std::env::var_os("HOME")) {
@@ -866,6 +881,23 @@ mod tests {
             "{e}"
         );
         cfg("10.0.0.250").unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_relative_lb_package_is_the_configs() {
+        let dir = std::env::temp_dir().join(format!("dcfg-pkg-{}", std::process::id()));
+        let body = LINODE.replace("REGION2", "")
+            + "[network]\nadmin_networks = [\"198.51.100.0/24\"]\n[ansible]\nextra_vars = { lb_package = \"debs/lb.deb\" }\n";
+        let c = DeployerConfig::read(&write(&dir, &body)).unwrap();
+        let p = c.ansible.extra_vars["lb_package"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            Path::new(&p).is_absolute() && p.ends_with("debs/lb.deb"),
+            "{p}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

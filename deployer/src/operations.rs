@@ -25,6 +25,9 @@ impl Deployer {
             }
             self.lock()?;
             let mut j = self.resumable(Operation::Up)?;
+            if !j.done(Step::ProvisionLbs) {
+                self.lb_package_preflight()?;
+            }
             self.out.info(&format!(
                 "resuming up: {} of {} steps done",
                 j.steps_done().len(),
@@ -38,6 +41,7 @@ impl Deployer {
             self.refuse_if_unfinished()?;
         }
         let serials = self.serials()?;
+        self.lb_package_preflight()?;
         if !self.cfg.lb_binary.exists() {
             bail!(
                 "lb binary {} not found (key lb_binary): build it with `cargo build --release -p lb`",
@@ -66,6 +70,44 @@ impl Deployer {
         let mut j = Journal::new(Operation::Up, serials);
         self.save(&j)?;
         engine::run_steps(self, &mut j, &UP_STEPS)
+    }
+
+    /// On VMs the lb role installs the `lb` Debian package copied from this machine
+    /// (`lb_package`): checked before anything is created, so that a missing package is not
+    /// found only once VMs exist and Ansible runs.
+    fn lb_package_preflight(&self) -> Result<()> {
+        if self.cfg.provider.kind != crate::config::ProviderKind::Linode {
+            return Ok(());
+        }
+        let extra = &self.cfg.ansible.extra_vars;
+        for l in &self.cfg.lbs {
+            let var = |k: &str| extra.get(k).or_else(|| l.vars.get(k));
+            if var("lb_mode").and_then(|m| m.as_str()) == Some("local") {
+                continue;
+            }
+            let missing = || {
+                anyhow!(
+                    "lb {}: `lb_package` is not set: on Linode the lb role installs the lb Debian package from this machine. Build it with `scripts/package.sh` (it prints the path of the .deb) and set `lb_package = \"/path/to/lb_VERSION_ARCH.deb\"` under [ansible] extra_vars (or in the lb's `vars`) in {}; nothing was created",
+                    l.name,
+                    self.cfg.source.display()
+                )
+            };
+            let path = match var("lb_package") {
+                Some(serde_json::Value::String(p)) if !p.trim().is_empty() => p.clone(),
+                Some(serde_json::Value::String(_)) | None => return Err(missing()),
+                Some(other) => bail!(
+                    "lb {}: `lb_package` must be the path of the lb .deb, not {other}; nothing was created",
+                    l.name
+                ),
+            };
+            if !std::path::Path::new(&path).is_file() {
+                bail!(
+                    "lb {}: lb_package {path} does not exist: build it with `scripts/package.sh` (it prints the path of the .deb); nothing was created",
+                    l.name
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The VLAN checks before an operation creates anything (see [`crate::network`]).
@@ -273,6 +315,9 @@ impl Deployer {
             }
             self.lock()?;
             let mut j = self.resumable(Operation::RollLb)?;
+            if !j.done(Step::ProvisionLbsNext) {
+                self.lb_package_preflight()?;
+            }
             if j.handoff == Handoff::WaitingForOperator {
                 // The operator says the delegation now points at the new lbs.
                 j.handoff = Handoff::Done;
@@ -292,6 +337,7 @@ impl Deployer {
             self.refuse_if_unfinished()?;
         }
         let serials = self.serials()?;
+        self.lb_package_preflight()?;
         self.network_preflight(Operation::RollLb, &self.list()?)?;
         let mut old = Vec::new();
         for l in &self.cfg.lbs {

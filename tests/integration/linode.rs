@@ -688,6 +688,36 @@ fn the_network_preflight_refuses_before_anything_is_created() {
 // ---------------------------------------------------------------------------------------------
 // Before anything is created, and `lb ctl` over SSH.
 
+#[test]
+fn a_missing_lb_package_is_refused_before_any_vm_is_created() {
+    let fake = FakeLinode::start(TOKEN);
+    let dir = TempDir::new("linode-pkg");
+    let mut d = linode_deployer(&fake, &dir, "");
+    let e = format!("{:#}", d.up(false, false).unwrap_err());
+    assert!(
+        e.contains("lb lb1")
+            && e.contains("`lb_package` is not set")
+            && e.contains("scripts/package.sh"),
+        "{e}"
+    );
+    let e = format!("{:#}", d.roll_lb(false, false).unwrap_err());
+    assert!(e.contains("`lb_package` is not set"), "{e}");
+    d.cfg.ansible.extra_vars.insert(
+        "lb_package".into(),
+        serde_json::json!("/nonexistent/lb_0.1.0-1_amd64.deb"),
+    );
+    let e = format!("{:#}", d.up(false, false).unwrap_err());
+    assert!(
+        e.contains("/nonexistent/lb_0.1.0-1_amd64.deb does not exist"),
+        "{e}"
+    );
+    assert_eq!(
+        fake.count("POST", "/v4/linode/instances"),
+        0,
+        "nothing created"
+    );
+}
+
 /// A stand-in for ssh (`[linode] ssh_command`): a shell script with `body`.
 fn fake_ssh(dir: &TempDir, name: &str, body: &str) -> String {
     let p = dir.path().join(name);
