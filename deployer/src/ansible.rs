@@ -6,10 +6,9 @@
 //! host keys are accepted on first use into a per-deployment known_hosts file; checking is
 //! never turned off.
 
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
@@ -216,8 +215,7 @@ pub fn run_playbook(
     if let Some(t) = tags {
         cmd.arg("--tags").arg(t);
     }
-    let mut child = cmd
-        .arg("-i")
+    cmd.arg("-i")
         .arg(&inv)
         .arg(cfg.ansible_dir.join(playbook))
         .arg("-e")
@@ -226,64 +224,33 @@ pub fn run_playbook(
         .env("ANSIBLE_FORCE_COLOR", "0")
         .env("ANSIBLE_NOCOLOR", "1")
         .stdin(Stdio::null())
-        .stdout(out)
-        // Its own process group, so a timeout stops ansible and everything it started.
-        .process_group(0)
-        .spawn()
+        .stdout(out);
+    // Its own process group (a timeout stops ansible and everything it started), SIGTERM if
+    // the deployer dies, stopped before the deployer exits on SIGINT/SIGTERM; a crash point
+    // kills the group with the deployer, as a killed process group would be.
+    let mut child = crate::children::spawn(&mut cmd).map_err(|source| AnsibleError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+    let status = child
+        .wait_deadline(timeout, crate::children::GRACE)
         .map_err(|source| AnsibleError::Spawn {
             command: command.clone(),
             source,
         })?;
-    // A crash point kills this group with the deployer, as a killed process group would.
-    crate::faults::register_child_group(child.id());
-    let r = wait_playbook(&mut child, playbook, &command, timeout);
-    crate::faults::unregister_child_group(child.id());
-    r
-}
-
-fn wait_playbook(
-    child: &mut std::process::Child,
-    playbook: &str,
-    command: &str,
-    timeout: Duration,
-) -> Result<(), AnsibleError> {
-    let start = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                let code = status.code().unwrap_or(250);
-                return if code == 0 {
-                    Ok(())
-                } else {
-                    Err(AnsibleError::Failed {
-                        playbook: playbook.into(),
-                        code,
-                        meaning: exit_meaning(code),
-                    })
-                };
-            }
-            Ok(None) if start.elapsed() >= timeout => {
-                let pgid = child.id() as i32;
-                let _ = Command::new("kill")
-                    .args(["-TERM", &format!("-{pgid}")])
-                    .status();
-                std::thread::sleep(Duration::from_secs(2));
-                let _ = Command::new("kill")
-                    .args(["-KILL", &format!("-{pgid}")])
-                    .status();
-                let _ = child.wait();
-                return Err(AnsibleError::Timeout {
-                    playbook: playbook.into(),
-                    timeout,
-                });
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
-            Err(e) => {
-                return Err(AnsibleError::Spawn {
-                    command: command.to_string(),
-                    source: e,
-                })
-            }
+    match status {
+        None => Err(AnsibleError::Timeout {
+            playbook: playbook.into(),
+            timeout,
+        }),
+        Some(st) if st.success() => Ok(()),
+        Some(st) => {
+            let code = st.code().unwrap_or(250);
+            Err(AnsibleError::Failed {
+                playbook: playbook.into(),
+                code,
+                meaning: exit_meaning(code),
+            })
         }
     }
 }

@@ -45,7 +45,16 @@ pub struct DeployerConfig {
     pub roll_lb: RollLbConfig,
     #[serde(default)]
     pub network: NetworkConfig,
+    /// The file this was read from (for messages).
+    #[serde(skip)]
+    pub source: PathBuf,
 }
+
+/// The DNS port of every VM instance (lbs and nameservers): where the deployer's checks and
+/// the lbs send. Not configurable per host (see [`DeployerConfig::validate_ports`]).
+pub const VM_DNS_PORT: u16 = 53;
+/// The metrics port of every VM lb: where the deployer scrapes `/metrics` (the drain).
+pub const VM_METRICS_PORT: u16 = 9153;
 
 /// `[network]`: the private path between lbs and nameservers, who administers the VMs, and
 /// where the deployer's own checks come from.
@@ -247,6 +256,10 @@ pub struct LinodeConfig {
     /// The SSH user Ansible and `lb ctl` connect as.
     #[serde(default = "default_ssh_user")]
     pub ssh_user: String,
+    /// The ssh client the deployer runs `lb ctl` with (a wrapper, e.g. through a bastion, takes
+    /// ssh's arguments).
+    #[serde(default = "default_ssh_command")]
+    pub ssh_command: String,
 }
 
 /// `[[nameservers]]`.
@@ -308,6 +321,10 @@ pub struct TimeoutsConfig {
     pub ctl_secs: u64,
     #[serde(default = "d_api")]
     pub api_secs: u64,
+    /// Longest a Linode API request is retried (rate limits honoured with the `Retry-After`
+    /// Linode sends, server errors with backoff) before the deployer gives up on it.
+    #[serde(default = "d_api_retry")]
+    pub api_retry_secs: u64,
 }
 
 /// `[ansible]`.
@@ -337,6 +354,9 @@ fn default_api_url() -> String {
 fn default_ssh_user() -> String {
     "root".into()
 }
+fn default_ssh_command() -> String {
+    "ssh".into()
+}
 fn default_control_socket() -> PathBuf {
     PathBuf::from("/run/lb/control.sock")
 }
@@ -355,6 +375,9 @@ fn d_ctl() -> u64 {
 fn d_api() -> u64 {
     30
 }
+fn d_api_retry() -> u64 {
+    600
+}
 
 impl Default for TimeoutsConfig {
     fn default() -> Self {
@@ -364,6 +387,7 @@ impl Default for TimeoutsConfig {
             check_secs: d_check(),
             ctl_secs: d_ctl(),
             api_secs: d_api(),
+            api_retry_secs: d_api_retry(),
         }
     }
 }
@@ -383,6 +407,9 @@ impl TimeoutsConfig {
     }
     pub fn api(&self) -> Duration {
         Duration::from_secs(self.api_secs)
+    }
+    pub fn api_retry(&self) -> Duration {
+        Duration::from_secs(self.api_retry_secs)
     }
 }
 
@@ -408,6 +435,18 @@ impl DeployerConfig {
                 *p = base.join(&*p);
             }
         }
+        // The lb package is copied from this machine: a relative path is the config's, as
+        // every path here (Ansible would look for it in its role and playbook directories).
+        let vars = std::iter::once(&mut cfg.ansible.extra_vars)
+            .chain(cfg.lbs.iter_mut().map(|l| &mut l.vars));
+        for v in vars {
+            if let Some(serde_json::Value::String(p)) = v.get_mut("lb_package") {
+                if !p.trim().is_empty() && Path::new(p.as_str()).is_relative() {
+                    *p = base.join(p.as_str()).display().to_string();
+                }
+            }
+        }
+        cfg.source = path.to_path_buf();
         if let Some(l) = cfg.linode.as_mut() {
             for f in &mut l.authorized_keys_files {
                 if let (Ok(rest), Some(home)) = (f.strip_prefix("~"), std::env::var_os("HOME")) {
@@ -502,7 +541,67 @@ impl DeployerConfig {
                 "provider kind \"linode\" needs a [linode] section".into(),
             ));
         }
+        self.validate_ports(path)?;
         self.validate_network(path)
+    }
+
+    /// Host variables that would move an instance's DNS or metrics port away from the one the
+    /// provider reports (and the deployer's checks, the lbs' backends and the drain use) are
+    /// refused: on VMs the ports are [`VM_DNS_PORT`] and [`VM_METRICS_PORT`]; the local
+    /// provider gives every instance ports of its own and sets these variables itself.
+    fn validate_ports(&self, path: &Path) -> Result<(), DeployConfigError> {
+        let invalid = |key: &str, message: String| DeployConfigError::invalid(path, key, message);
+        let port = |s: &str| s.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+        // (variable, the port it must carry on VMs) per role.
+        let lb_vars = [
+            ("lb_listen", VM_DNS_PORT),
+            ("lb_metrics_listen", VM_METRICS_PORT),
+        ];
+        let ns_vars = [("nameserver_port", VM_DNS_PORT)];
+        let check = |key: &str,
+                     vars: &BTreeMap<String, serde_json::Value>,
+                     checked: &[(&str, u16)]|
+         -> Result<(), DeployConfigError> {
+            for &(var, want) in checked {
+                let Some(v) = vars.get(var) else { continue };
+                if self.provider.kind == ProviderKind::Local {
+                    return Err(invalid(
+                        key,
+                        format!("`{var}` cannot be set with the local provider: it gives every instance its own ports on 127.0.0.1 and sets `{var}` itself"),
+                    ));
+                }
+                let values: Vec<&serde_json::Value> = match v {
+                    serde_json::Value::Array(a) => a.iter().collect(),
+                    other => vec![other],
+                };
+                for x in values {
+                    let got = match x {
+                        serde_json::Value::Number(n) => {
+                            n.as_u64().and_then(|p| u16::try_from(p).ok())
+                        }
+                        serde_json::Value::String(s) if var == "nameserver_port" => s.parse().ok(),
+                        serde_json::Value::String(s) => port(s),
+                        _ => None,
+                    };
+                    if got != Some(want) {
+                        return Err(invalid(
+                            key,
+                            format!("`{var}` = {x} would move the port to {}, but on VMs the deployer's checks, the lbs' backends and the drain use port {want}: keep port {want} (the address may change), or remove the override", got.map_or("an unknown one".to_string(), |p| p.to_string())),
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        };
+        let all: Vec<(&str, u16)> = lb_vars.iter().chain(ns_vars.iter()).copied().collect();
+        check("ansible.extra_vars", &self.ansible.extra_vars, &all)?;
+        for l in &self.lbs {
+            check(&format!("lbs.vars ({})", l.name), &l.vars, &lb_vars)?;
+        }
+        for n in &self.nameservers {
+            check(&format!("nameservers.vars ({})", n.name), &n.vars, &ns_vars)?;
+        }
+        Ok(())
     }
 
     fn validate_network(&self, path: &Path) -> Result<(), DeployConfigError> {
@@ -551,6 +650,21 @@ impl DeployerConfig {
                     net.subnet
                 ),
             ));
+        }
+        if let (ProviderKind::Linode, Some(a)) = (self.provider.kind, net.check_address) {
+            let on_vlan = match a {
+                IpAddr::V4(v4) => net.subnet.contains(v4),
+                IpAddr::V6(_) => false,
+            };
+            if !on_vlan {
+                return Err(invalid(
+                    "network.check_address",
+                    format!(
+                        "{a} is not on the VLAN ({}): with [network] vlan the nameservers take DNS only on the VLAN interface, from the lbs and the check address, so direct checks must come from the deployer's address on the VLAN. Remove check_address (the nameservers are then checked from an lb with `lb ctl probe`), or run the deployer on a machine on the VLAN and give its address there",
+                        net.subnet
+                    ),
+                ));
+            }
         }
         if self.provider.kind == ProviderKind::Linode {
             // A VLAN exists in one region only: every instance must land in the same one.
@@ -695,6 +809,94 @@ mod tests {
         assert!(
             e.contains("network.admin_networks") && e.contains("nope"),
             "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn per_host_ports_the_deployer_does_not_use_are_refused() {
+        let dir = std::env::temp_dir().join(format!("dcfg-ports-{}", std::process::id()));
+        let admin = "[network]\nadmin_networks = [\"198.51.100.0/24\"]\n";
+        let linode = |lb_vars: &str, extra: &str| {
+            let body = LINODE.replace("REGION2", "").replace(
+                "fronts = [\"ns1\", \"ns2\"]\n",
+                &format!("fronts = [\"ns1\", \"ns2\"]\n{lb_vars}"),
+            ) + admin
+                + extra;
+            DeployerConfig::read(&write(&dir, &body))
+        };
+        // The address may change, the port may not.
+        linode(
+            "vars = { lb_listen = [\"0.0.0.0:53\", \"[::]:53\"], lb_metrics_listen = \"0.0.0.0:9153\" }\n",
+            "",
+        )
+        .unwrap();
+        let e = linode("vars = { lb_listen = [\"0.0.0.0:5353\"] }\n", "")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("lbs.vars (lb1)") && e.contains("lb_listen") && e.contains("port 53"),
+            "{e}"
+        );
+        let e = linode(
+            "",
+            "[ansible]\nextra_vars = { lb_metrics_listen = \"0.0.0.0:9100\" }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("ansible.extra_vars") && e.contains("9100") && e.contains("9153"),
+            "{e}"
+        );
+        let e = linode("", "[ansible]\nextra_vars = { nameserver_port = 5353 }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nameserver_port") && e.contains("5353"), "{e}");
+        // The local provider sets them itself, per instance.
+        let local = LINODE
+            .replace("REGION2", "")
+            .replace("\"linode\"\n[linode]", "\"local\"\n[linode]")
+            + "[ansible]\nextra_vars = { lb_listen = [\"127.0.0.1:53\"] }\n";
+        let e = DeployerConfig::read(&write(&dir, &local))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("local provider") && e.contains("lb_listen"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn with_a_vlan_the_check_address_must_be_on_it() {
+        let dir = std::env::temp_dir().join(format!("dcfg-check-{}", std::process::id()));
+        let cfg = |check: &str| {
+            let body = LINODE.replace("REGION2", "")
+                + &format!("[network]\nadmin_networks = [\"198.51.100.0/24\"]\nvlan = \"dns\"\ncheck_address = \"{check}\"\n");
+            DeployerConfig::read(&write(&dir, &body))
+        };
+        let e = cfg("198.51.100.7").unwrap_err().to_string();
+        assert!(
+            e.contains("network.check_address") && e.contains("not on the VLAN"),
+            "{e}"
+        );
+        cfg("10.0.0.250").unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_relative_lb_package_is_the_configs() {
+        let dir = std::env::temp_dir().join(format!("dcfg-pkg-{}", std::process::id()));
+        let body = LINODE.replace("REGION2", "")
+            + "[network]\nadmin_networks = [\"198.51.100.0/24\"]\n[ansible]\nextra_vars = { lb_package = \"debs/lb.deb\" }\n";
+        let c = DeployerConfig::read(&write(&dir, &body)).unwrap();
+        let p = c.ansible.extra_vars["lb_package"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            Path::new(&p).is_absolute() && p.ends_with("debs/lb.deb"),
+            "{p}"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::config::{DeployerConfig, LbConfig, ProviderKind};
 use crate::faults::Faults;
-use crate::journal::{Journal, JournalFile, JournalState, Phase};
+use crate::journal::{Handoff, Journal, JournalFile, JournalState, Phase};
 use crate::lbctl::LbControl;
 use crate::lock::DeploymentLock;
 use crate::provider::linode::{LinodeClient, LinodeProvider};
@@ -24,8 +24,9 @@ pub struct Deployer {
     pub faults: Faults,
     /// Held while this process may change the deployment.
     lock: Option<DeploymentLock>,
-    /// Set when the last operation stopped to wait for the operator (not finished, not failed).
-    pub waiting: bool,
+    /// What the operator has to do, when the last operation stopped to wait for them (not
+    /// finished, not failed): `main` reports it with its own event and exit status.
+    pub waiting: Option<String>,
 }
 
 impl Deployer {
@@ -51,7 +52,8 @@ impl Deployer {
                         }
                     }
                 }
-                let client = LinodeClient::from_env(&l.api_url, cfg.timeouts.api())?;
+                let mut client = LinodeClient::from_env(&l.api_url, cfg.timeouts.api())?;
+                client.retry_deadline = cfg.timeouts.api_retry();
                 Box::new(LinodeProvider::new(client, l, cfg.tag(), &cfg.state_dir))
             }
         };
@@ -65,7 +67,7 @@ impl Deployer {
             out: Reporter::new(json),
             faults: Faults::from_env(),
             lock: None,
-            waiting: false,
+            waiting: None,
         })
     }
 
@@ -183,14 +185,19 @@ impl Deployer {
 
 /// What the operator can run to settle an unfinished operation.
 pub fn next_command(j: &Journal) -> String {
-    match j.phase {
-        Phase::Undoable => format!(
-            "run `deployer {} --resume` to finish it or `deployer rollback` to undo it",
-            j.operation.command()
+    let cmd = j.operation.command();
+    match (j.phase, j.handoff) {
+        (Phase::Undoable, Handoff::Started) => format!(
+            "the delegation hand-off has begun (delegation_hook was started; it may have changed part of the delegation), so nothing is undone by itself: run `deployer {cmd} --resume` to run the hook again and finish, or, only if the delegation still points at the old load balancers alone, `deployer rollback --delegation-unchanged` to delete the new ones"
         ),
-        Phase::Forward => format!(
-            "it is past the point of no return: only `deployer {} --resume` can finish it",
-            j.operation.command()
+        (Phase::Undoable, Handoff::WaitingForOperator) => format!(
+            "waiting for the delegation to be changed to the new load balancers: once it is, run `deployer {cmd} --resume`; if you have not changed it and will not, `deployer rollback --delegation-unchanged` deletes the new ones"
+        ),
+        (Phase::Undoable, _) => format!(
+            "run `deployer {cmd} --resume` to finish it or `deployer rollback` to undo it"
+        ),
+        (Phase::Forward, _) => format!(
+            "it is past the point of no return: only `deployer {cmd} --resume` can finish it"
         ),
     }
 }

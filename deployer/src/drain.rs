@@ -56,8 +56,8 @@ fn queries_total(text: &str) -> Option<f64> {
     total
 }
 
-/// What has to change at the registrar: per lb, old and new address.
-fn handoff_plan(d: &Deployer, j: &Journal) -> Vec<(String, String, String)> {
+/// What has to change at the registrar: per lb, its name, old and new address.
+pub fn handoff_plan(d: &Deployer, j: &Journal) -> Vec<(String, String, String)> {
     d.cfg
         .lbs
         .iter()
@@ -76,29 +76,38 @@ fn handoff_plan(d: &Deployer, j: &Journal) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// `lb1 OLD -> NEW, lb2 ...`: the hand-off in one line, for messages.
+pub fn describe_plan(plan: &[(String, String, String)]) -> String {
+    plan.iter()
+        .map(|(n, o, w)| format!("{n}: {o} -> {w}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Points the delegation at the new lbs: through the hook, or by the operator. Success moves
 /// the operation past the point of no return.
+///
+/// The hand-off is recorded as started before the hook runs: from its first moment part of the
+/// delegation may point at the new lbs, so from then on nothing deletes them by itself. A hook
+/// that fails or times out (or a deployer killed while it runs) leaves the operation stopped,
+/// neither undone nor finished; `roll-lb --resume` runs the hook again (hooks must be
+/// idempotent: they set the delegation to the addresses they are given), and only
+/// `rollback --delegation-unchanged`, the operator's word that the delegation still points at
+/// the old lbs alone, undoes it.
 pub fn handoff(d: &Deployer, j: &mut Journal) -> Result<String> {
     let plan = handoff_plan(d, j);
-    let zones: Vec<&String> = d.cfg.zones.names.iter().collect();
+    let zones: Vec<&str> = d.cfg.zones.names.iter().map(|z| z.as_str()).collect();
     let Some(hook) = d.cfg.roll_lb.delegation_hook.clone() else {
         j.handoff = Handoff::WaitingForOperator;
         d.save(j)?;
-        let mut msg = String::from(
-            "hand-off: change the delegation at your registrar (NS glue addresses) for the zones ",
+        let mut msg = format!(
+            "hand-off: change the delegation at your registrar (NS glue addresses) for the zones {}:\n",
+            zones.join(", ")
         );
-        msg.push_str(
-            &zones
-                .iter()
-                .map(|z| z.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        );
-        msg.push_str(":\n");
         for (name, old, new) in &plan {
             msg.push_str(&format!("  {name}: replace {old} by {new}\n"));
         }
-        msg.push_str("then run `deployer roll-lb --resume` (the old load balancers keep serving until they drain)");
+        msg.push_str("then run `deployer roll-lb --resume` (the old load balancers keep serving until they drain). If you decide not to change it, `deployer rollback --delegation-unchanged` deletes the new load balancers");
         return Err(WaitForOperator(msg).into());
     };
     let input = json!({
@@ -106,37 +115,51 @@ pub fn handoff(d: &Deployer, j: &mut Journal) -> Result<String> {
         "zones": zones,
         "lbs": plan.iter().map(|(n, o, w)| json!({"name": n, "old_address": o, "new_address": w})).collect::<Vec<_>>(),
     });
-    use std::os::unix::process::CommandExt;
-    let mut child = std::process::Command::new(&hook)
-        .args(plan.iter().map(|p| p.2.clone()))
+    j.handoff = Handoff::Started;
+    d.save(j)?;
+    d.faults.point("handoff:started");
+    let mut cmd = std::process::Command::new(&hook);
+    cmd.args(plan.iter().map(|p| p.2.clone()))
         .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("cannot run delegation_hook {hook}"))?;
-    crate::faults::register_child_group(child.id());
-    if let Some(mut stdin) = child.stdin.take() {
+        .stdout(std::process::Stdio::null());
+    let mut child = match crate::children::spawn(&mut cmd) {
+        Ok(c) => c,
+        Err(e) => {
+            // It never ran: the delegation is untouched, and undoing is safe.
+            j.handoff = Handoff::NotStarted;
+            d.save(j)?;
+            return Err(anyhow!(e).context(format!("cannot run delegation_hook {hook}")));
+        }
+    };
+    if let Some(mut stdin) = child.child.stdin.take() {
         use std::io::Write;
         let _ = stdin.write_all(input.to_string().as_bytes());
     }
-    let status = wait_child(&mut child, d.cfg.timeouts.provision());
-    crate::faults::unregister_child_group(child.id());
-    let status = status.with_context(|| format!("delegation_hook {hook}"))?;
-    if !status.success() {
+    d.faults.point("handoff:hook-running");
+    let timeout = d.cfg.timeouts.provision();
+    let outcome = match child.wait_deadline(timeout, crate::children::GRACE) {
+        Ok(Some(st)) if st.success() => None,
+        Ok(Some(st)) => Some(format!("delegation_hook {hook} failed ({st})")),
+        Ok(None) => Some(format!(
+            "delegation_hook {hook} did not finish within {}s (timeouts.provision_secs) and was stopped",
+            timeout.as_secs()
+        )),
+        Err(e) => Some(format!("delegation_hook {hook}: cannot wait for it: {e}")),
+    };
+    drop(child);
+    if let Some(what) = outcome {
         bail!(
-            "delegation_hook {hook} failed ({status}); if it changed part of the delegation, restore it"
+            "{what}. It may have changed part of the delegation, so nothing was undone: the new load balancers stay and the old ones keep serving ({}). Check the delegation (NS and glue) of {} at the registrar, then either point it at the new load balancers (fix the hook, then `deployer roll-lb --resume` runs it again), or make sure it points at the old ones only and run `deployer rollback --delegation-unchanged`",
+            describe_plan(&plan),
+            zones.join(", ")
         );
     }
-    // Recorded at once: from here the delegation may point at the new lbs, so nothing may
-    // undo them, even if the deployer dies before this step is recorded as done.
+    // Recorded at once: from here the delegation points at the new lbs, so nothing may undo
+    // them, even if the deployer dies before this step is recorded as done.
     j.handoff = Handoff::Done;
     j.phase = Phase::Forward;
     d.save(j)?;
-    Ok(plan
-        .iter()
-        .map(|(n, o, w)| format!("{n}: {o} -> {w}"))
-        .collect::<Vec<_>>()
-        .join(", "))
+    Ok(describe_plan(&plan))
 }
 
 /// Waits until every old lb's query rate stays below the threshold for the quiet period.
@@ -230,28 +253,6 @@ pub fn drain(d: &Deployer, j: &Journal) -> Result<String> {
             );
         }
         std::thread::sleep(poll);
-    }
-}
-
-/// Waits for a child with a deadline, killing its process group when it passes.
-fn wait_child(
-    child: &mut std::process::Child,
-    timeout: Duration,
-) -> Result<std::process::ExitStatus> {
-    let start = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait()? {
-            return Ok(st);
-        }
-        if start.elapsed() >= timeout {
-            // SAFETY: kill(2) on the child's own process group; no memory is involved.
-            unsafe {
-                libc::kill(-(child.id() as i32), libc::SIGKILL);
-            }
-            let _ = child.wait();
-            bail!("timed out after {timeout:?} and was stopped");
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

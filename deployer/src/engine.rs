@@ -8,6 +8,12 @@
 //! (or when the delegation is handed to the new lbs); from then on ([`Phase::Forward`]) only
 //! going forward restores a complete set, so a failure stops and `--resume` finishes.
 //!
+//! roll-lb's hand-off sits between the two: once the delegation hook has started (or the
+//! operator was asked to change the delegation), the delegation may point at the new lbs in
+//! part, and only the operator knows. Nothing is undone by itself then
+//! ([`crate::journal::Handoff::blocks_undo`]): a failure stops, and `rollback` needs
+//! `--delegation-unchanged`.
+//!
 //! Resume converges before it continues: every lb with a recorded flip is read and brought to
 //! the target, whatever the journal says was sent.
 
@@ -125,9 +131,10 @@ pub fn run_steps(d: &mut Deployer, j: &mut Journal, steps: &[Step]) -> Result<()
         };
         if let Err(e) = &r {
             if let Some(w) = e.downcast_ref::<WaitForOperator>() {
-                d.out.info(&w.0);
+                // Not finished and not failed: the caller reports it (its own event and exit
+                // status), and the journal stays unfinished for `--resume`.
                 d.save(j)?;
-                d.waiting = true;
+                d.waiting = Some(w.0.clone());
                 return Ok(());
             }
         }
@@ -148,6 +155,15 @@ pub fn run_steps(d: &mut Deployer, j: &mut Journal, steps: &[Step]) -> Result<()
         j.steps.push(rec);
         d.save(j)?;
         if let Err(e) = r {
+            if j.handoff.blocks_undo() {
+                // The delegation hook ran (in part, perhaps): undoing would delete lbs the
+                // delegation may already point at. Stop; the operator decides.
+                j.error = Some(format!("{e:#}"));
+                d.save(j)?;
+                return Err(e.context(format!(
+                    "step {step} failed during the delegation hand-off; NOT rolled back (the delegation may already point at the new load balancers)"
+                )));
+            }
             if j.phase == Phase::Undoable {
                 return Err(match undo(d, j) {
                     Ok(()) => e.context(format!(
@@ -182,7 +198,7 @@ pub fn run_steps(d: &mut Deployer, j: &mut Journal, steps: &[Step]) -> Result<()
 /// undo before anything is deleted: deleting the new instances would leave that lb pointing at
 /// nothing. The journal stays unfinished so that `deployer rollback` can be run again.
 pub fn undo(d: &Deployer, j: &mut Journal) -> Result<()> {
-    if j.phase == Phase::Forward {
+    if j.phase == Phase::Forward || j.handoff.blocks_undo() {
         bail!("{}", next_command(j));
     }
     if !j.flips.is_empty() {

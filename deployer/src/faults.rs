@@ -13,27 +13,9 @@
 //!
 //! Each injected crash or fault first prints `fault injected: POINT` on stderr.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::steps::Step;
-
-/// Process groups of running children, killed with the deployer at a crash point.
-static CHILD_GROUPS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
-
-/// Records a child's process group (the child was spawned with `process_group(0)`).
-pub fn register_child_group(pgid: u32) {
-    if let Ok(mut g) = CHILD_GROUPS.lock() {
-        g.push(pgid as i32);
-    }
-}
-
-/// Forgets a child's process group once it has been waited for.
-pub fn unregister_child_group(pgid: u32) {
-    if let Ok(mut g) = CHILD_GROUPS.lock() {
-        g.retain(|p| *p != pgid as i32);
-    }
-}
 
 /// The hooks read once from the environment.
 #[derive(Debug, Default, Clone)]
@@ -92,14 +74,9 @@ impl Faults {
 /// Kills the children's process groups, then this process, with SIGKILL.
 fn crash(point: &str) -> ! {
     eprintln!("fault injected: {point}");
-    let groups = CHILD_GROUPS.lock().map(|g| g.clone()).unwrap_or_default();
-    // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
+    crate::children::kill_all_now();
+    // SAFETY: kill(2) on this process; no memory is involved.
     unsafe {
-        for pgid in groups {
-            if pgid > 1 {
-                libc::kill(-pgid, libc::SIGKILL);
-            }
-        }
         libc::kill(libc::getpid(), libc::SIGKILL);
     }
     // SIGKILL cannot be caught; should it not be delivered at once, end without cleanup.

@@ -92,9 +92,21 @@ impl LbFlip {
 pub enum Handoff {
     #[default]
     NotStarted,
+    /// Recorded before the delegation hook is started: it may have changed the delegation in
+    /// part (it ran, failed, timed out, or the deployer died while it ran).
+    Started,
     /// The instructions were printed; `roll-lb --resume` confirms the operator made the change.
     WaitingForOperator,
     Done,
+}
+
+impl Handoff {
+    /// The delegation may point at the new lbs, and only the operator knows whether it does:
+    /// nothing undoes the operation by itself (`rollback --delegation-unchanged` confirms it
+    /// does not).
+    pub fn blocks_undo(self) -> bool {
+        matches!(self, Handoff::Started | Handoff::WaitingForOperator)
+    }
 }
 
 /// One step's outcome.

@@ -1,8 +1,9 @@
 //! Driving an `lb` through its control socket: directly on this machine, or through SSH running
 //! `lb ctl --json` on the lb host. Both speak [`lb::control_protocol`], so they cannot drift.
 
+use std::io::Read;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use lb::control_protocol::{
@@ -51,6 +52,8 @@ pub enum LbControl {
         socket: PathBuf,
     },
     Ssh {
+        /// The ssh client to run (`[linode] ssh_command`, default `ssh`).
+        program: String,
         /// `user@host`.
         target: String,
         socket: PathBuf,
@@ -69,11 +72,11 @@ impl LbControl {
             LbControl::Local { socket } => send_request(socket, cmd, timeout)
                 .map_err(|e| CtlError::Transport(e.to_string()))?,
             LbControl::Ssh {
+                program,
                 target,
                 socket,
                 known_hosts,
-            } => ssh_request(target, socket, known_hosts, cmd, timeout)
-                .map_err(CtlError::Transport)?,
+            } => ssh_request(program, target, socket, known_hosts, cmd, timeout)?,
         };
         if resp.ok {
             resp.result
@@ -123,13 +126,112 @@ impl LbControl {
     }
 }
 
+/// Seconds added to the `lb ctl` timeout and ssh's connect timeout before an `lb ctl` over SSH
+/// is killed: the remote side's own timeouts should fire first.
+const SSH_MARGIN: Duration = Duration::from_secs(5);
+/// The most output kept from one `lb ctl` over SSH (stdout and stderr each); the rest is read
+/// and dropped.
+const MAX_SSH_OUTPUT: u64 = 4 << 20;
+
+/// `lb ctl --json ...` on the lb host over SSH.
+///
+/// Only an answer from lb itself is a refusal: `lb ctl` exits 1 ([`lb::ctl::EXIT_REFUSED`])
+/// after printing lb's `{"ok":false,...}`. Everything else is a transport failure (lb may or may
+/// not have acted): ssh's own failures (exit 255), `lb ctl` unable to reach or hear lb (exit 2,
+/// [`lb::ctl::EXIT_UNREACHABLE`], with its own `{"ok":false,...}` line), any other exit or
+/// output, and an exchange that outlives its deadline (`timeout` for lb ctl, as much for ssh's
+/// connect, plus [`SSH_MARGIN`]; keepalives every 5 s end a dead connection within 10 s), when
+/// ssh is killed.
 fn ssh_request(
+    program: &str,
     target: &str,
     socket: &std::path::Path,
     known_hosts: &std::path::Path,
     cmd: ControlCommand,
     timeout: Duration,
-) -> Result<ControlResponse, String> {
+) -> Result<ControlResponse, CtlError> {
+    let transport = |m: String| CtlError::Transport(m);
+    let connect = Duration::from_secs(timeout.as_secs().max(1));
+    let mut ssh = Command::new(program);
+    ssh.args([
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        &format!("UserKnownHostsFile={}", known_hosts.display()),
+        "-o",
+        "StrictHostKeyChecking=accept-new",
+        "-o",
+        &format!("ConnectTimeout={}", connect.as_secs()),
+        "-o",
+        "ServerAliveInterval=5",
+        "-o",
+        "ServerAliveCountMax=2",
+        target,
+    ])
+    .args(ctl_args(socket, cmd, timeout))
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = crate::children::spawn(&mut ssh)
+        .map_err(|e| transport(format!("cannot run {program} to {target}: {e}")))?;
+    let stdout = read_bounded(child.child.stdout.take());
+    let stderr = read_bounded(child.child.stderr.take());
+    let deadline = timeout + connect + SSH_MARGIN;
+    let status = child
+        .wait_deadline(deadline, Duration::from_secs(1))
+        .map_err(|e| transport(format!("waiting for {program} to {target}: {e}")))?;
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    let Some(status) = status else {
+        return Err(transport(format!(
+            "`lb ctl` over ssh to {target} did not finish within {}s and was stopped",
+            deadline.as_secs()
+        )));
+    };
+    let stderr = String::from_utf8_lossy(&stderr).trim().to_string();
+    let stdout = String::from_utf8_lossy(&stdout);
+    let answer: Option<ControlResponse> = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok());
+    let code = status.code();
+    let lb_said = |a: &Option<ControlResponse>| {
+        a.as_ref()
+            .and_then(|r| r.error.clone())
+            .unwrap_or_else(|| stderr.clone())
+    };
+    match (code, answer) {
+        (Some(0), Some(r)) if r.ok => Ok(r),
+        (Some(c), Some(r)) if i32::from(lb::ctl::EXIT_REFUSED) == c && !r.ok => Ok(r),
+        (Some(255), _) => Err(transport(format!(
+            "ssh to {target} failed (exit 255): {stderr}"
+        ))),
+        (Some(c), a) if i32::from(lb::ctl::EXIT_UNREACHABLE) == c => Err(transport(format!(
+            "`lb ctl` on {target} could not reach lb (exit {c}): {}",
+            lb_said(&a)
+        ))),
+        (c, a) => Err(transport(format!(
+            "`lb ctl` over ssh to {target} failed ({}): {}",
+            c.map_or("killed by a signal".to_string(), |c| format!("exit {c}")),
+            lb_said(&a)
+        ))),
+    }
+}
+
+/// Reads a pipe to its end on a thread, keeping at most [`MAX_SSH_OUTPUT`] bytes.
+fn read_bounded<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut r) = r {
+            let _ = (&mut r).take(MAX_SSH_OUTPUT).read_to_end(&mut buf);
+            let _ = std::io::copy(&mut r, &mut std::io::sink());
+        }
+        buf
+    })
+}
+
+/// The `lb ctl --json` command line for `cmd`.
+fn ctl_args(socket: &std::path::Path, cmd: ControlCommand, timeout: Duration) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "lb".into(),
         "ctl".into(),
@@ -172,28 +274,5 @@ fn ssh_request(
             args.push(backend);
         }
     }
-    let out = Command::new("ssh")
-        .args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            &format!("UserKnownHostsFile={}", known_hosts.display()),
-            "-o",
-            "StrictHostKeyChecking=accept-new",
-            "-o",
-            &format!("ConnectTimeout={}", timeout.as_secs().max(1)),
-            target,
-        ])
-        .args(&args)
-        .output()
-        .map_err(|e| format!("cannot run ssh to {target}: {e}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or("");
-    serde_json::from_str(line).map_err(|_| {
-        format!(
-            "`lb ctl` over ssh to {target} failed (exit {:?}): {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-    })
+    args
 }

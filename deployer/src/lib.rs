@@ -5,6 +5,8 @@
 //! - [`config`] — the `deployer.toml` file. [`zones`] — facts read from zone files.
 //! - [`provider`] — where instances come from (local processes or Linode), behind one trait.
 //! - [`lbctl`] — driving `lb` through its control socket, locally or over SSH.
+//! - [`children`] — child processes (ansible-playbook, the hook, ssh) that never outlive the
+//!   deployer, and SIGINT/SIGTERM stopping them first.
 //! - [`journal`] — the resumable record of the running operation; [`lock`] — one deployer at
 //!   a time; [`faults`] — crash points and injected faults for tests; [`report`] — terminal
 //!   output.
@@ -19,6 +21,7 @@
 
 pub mod ansible;
 pub mod checks;
+pub mod children;
 pub mod config;
 pub mod context;
 pub mod drain;

@@ -247,7 +247,9 @@ pub fn check_new(d: &Deployer, j: &Journal, role: Role) -> Result<String> {
     for i in created(j, role) {
         match d.cfg.network.check_address {
             Some(from) => {
-                check_serving(i.dns_addr(), &j.serials, d.cfg.timeouts.check())
+                // The address lbs use: on a VLAN the nameservers take DNS there only (and the
+                // config check makes sure `from` is on it).
+                check_serving(i.backend_addr(), &j.serials, d.cfg.timeouts.check())
                     .map_err(|e| anyhow!("{} does not serve the zones: {e}", i.label))?;
                 done.push(format!(
                     "{} authoritative (checked directly from {from})",

@@ -1,7 +1,11 @@
 //! One deployer at a time per state directory: an exclusive `flock` on `STATE_DIR/deployer.lock`.
 //!
 //! The lock is held by an open file, so the kernel releases it when the holder exits, however it
-//! exits (SIGKILL included): a crashed deployer never leaves a stale lock. The holder writes its
+//! exits (SIGKILL included): a crashed deployer never leaves a stale lock. Children do not
+//! inherit it (close-on-exec), so they must not outlive the holder: on SIGINT, SIGTERM and
+//! SIGHUP the deployer stops them before it exits, and on SIGKILL the kernel sends each its
+//! death signal ([`crate::children`]) as the lock is released; what they started themselves
+//! (ansible's workers) may take a moment longer to stop. The holder writes its
 //! PID into the file so that a refused second deployer can name it. Commands that only read
 //! (`status`, `--dry-run`) do not take it.
 

@@ -29,6 +29,9 @@ struct Cli {
 enum Cmd {
     /// Build the whole infrastructure from scratch: nameservers, then lbs, then checks.
     Up {
+        /// Finish an unfinished up from where it stopped.
+        #[arg(long)]
+        resume: bool,
         #[arg(long)]
         dry_run: bool,
     },
@@ -51,7 +54,12 @@ enum Cmd {
         dry_run: bool,
     },
     /// Undo an unfinished operation: flip lbs back, delete what it created.
-    Rollback,
+    Rollback {
+        /// Confirm that the delegation still points at the old load balancers only: needed once
+        /// roll-lb's hand-off has begun (the hook started, or the deployer waits for you).
+        #[arg(long)]
+        delegation_unchanged: bool,
+    },
     /// Instances, each lb's backends and generation, and any unfinished operation.
     Status,
     /// Delete everything this deployment owns.
@@ -64,15 +72,27 @@ enum Cmd {
     },
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// Exit status when the operation stopped to wait for the operator (roll-lb without a
+/// delegation hook): not finished, not failed; the journal keeps it for `--resume`.
+const EXIT_WAITING: u8 = 3;
+
+/// How a command ended, when it did not fail.
+enum Ended {
+    Done,
+    Waiting,
+}
+
+fn run(cli: Cli) -> anyhow::Result<Ended> {
     let cfg = DeployerConfig::read(&cli.config)?;
     let mut d = Deployer::new(cfg, cli.json)?;
     let t = std::time::Instant::now();
     match cli.command {
-        Cmd::Up { dry_run } => d.up(dry_run)?,
+        Cmd::Up { resume, dry_run } => d.up(resume, dry_run)?,
         Cmd::Roll { resume, dry_run } => d.roll(resume, dry_run)?,
         Cmd::RollLb { resume, dry_run } => d.roll_lb(resume, dry_run)?,
-        Cmd::Rollback => d.rollback()?,
+        Cmd::Rollback {
+            delegation_unchanged,
+        } => d.rollback(delegation_unchanged)?,
         Cmd::Status => {
             let s = serde_json::to_value(d.status()?)?;
             if cli.json {
@@ -80,7 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print_status(&s);
             }
-            return Ok(());
+            return Ok(Ended::Done);
         }
         Cmd::Down { yes, dry_run } => {
             let all = d.list()?;
@@ -96,7 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if all.is_empty() {
                     d.out.info("nothing to delete");
                 }
-                return Ok(());
+                return Ok(Ended::Done);
             }
             // Before asking: a second deployer refuses at once, not after the question.
             d.lock()?;
@@ -119,15 +139,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             d.down(false)?;
         }
     }
+    let elapsed_ms = t.elapsed().as_millis() as u64;
+    if let Some(message) = d.waiting.take() {
+        let j = d.unfinished()?;
+        let operation = j.as_ref().map_or("roll-lb", |j| j.operation.command());
+        let next = format!("deployer {operation} --resume");
+        if cli.json {
+            println!(
+                "{}",
+                serde_json::json!({"event": "waiting", "operation": operation, "step": "handoff",
+                                   "message": message, "next": next, "exit_code": EXIT_WAITING,
+                                   "elapsed_ms": elapsed_ms})
+            );
+        } else {
+            println!("{message}");
+            println!(
+                "waiting for the operator after {:.1}s (exit status {EXIT_WAITING}): run `{next}` once the change is made",
+                t.elapsed().as_secs_f64()
+            );
+        }
+        return Ok(Ended::Waiting);
+    }
     if cli.json {
         println!(
             "{}",
-            serde_json::json!({"event": "done", "ok": true, "elapsed_ms": t.elapsed().as_millis() as u64})
+            serde_json::json!({"event": "done", "ok": true, "elapsed_ms": elapsed_ms})
         );
     } else {
         println!("done in {:.1}s", t.elapsed().as_secs_f64());
     }
-    Ok(())
+    Ok(Ended::Done)
 }
 
 fn print_status(s: &serde_json::Value) {
@@ -206,10 +247,16 @@ fn print_status(s: &serde_json::Value) {
 }
 
 fn main() -> ExitCode {
+    // First, before any thread exists: SIGINT/SIGTERM/SIGHUP stop the children before exiting.
+    if let Err(e) = deployer::children::handle_termination() {
+        eprintln!("deployer: cannot set up signal handling: {e}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     let json = cli.json;
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Ended::Done) => ExitCode::SUCCESS,
+        Ok(Ended::Waiting) => ExitCode::from(EXIT_WAITING),
         Err(e) => {
             if json {
                 println!(

@@ -45,6 +45,10 @@ pub fn attachment(d: &Deployer, j: &mut Journal, label: &str) -> Result<Option<V
         return Ok(attach(a.address));
     }
     let mut used: Vec<Ipv4Addr> = j.vlan_addresses.iter().map(|a| a.address).collect();
+    // The deployer's own address on the VLAN, when it checks from there.
+    if let Some(IpAddr::V4(a)) = d.cfg.network.check_address {
+        used.push(a);
+    }
     used.extend(
         d.provider
             .list()?

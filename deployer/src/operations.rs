@@ -15,13 +15,33 @@ use crate::status::{BackendView, InstanceView, LastView, LbView, StatusView, Unf
 use crate::steps::{ROLL_LB_STEPS, ROLL_STEPS, UP_STEPS};
 
 impl Deployer {
-    /// `deployer up`.
-    pub fn up(&mut self, dry_run: bool) -> Result<()> {
+    /// `deployer up` (or `--resume`).
+    pub fn up(&mut self, resume: bool, dry_run: bool) -> Result<()> {
+        if resume {
+            if dry_run {
+                let j = self.resumable(Operation::Up)?;
+                self.plan_resume(&j);
+                return Ok(());
+            }
+            self.lock()?;
+            let mut j = self.resumable(Operation::Up)?;
+            if !j.done(Step::ProvisionLbs) {
+                self.lb_package_preflight()?;
+            }
+            self.out.info(&format!(
+                "resuming up: {} of {} steps done",
+                j.steps_done().len(),
+                UP_STEPS.len()
+            ));
+            // Creates adopt what a killed run created (by label); the rest is idempotent.
+            return engine::run_steps(self, &mut j, &UP_STEPS);
+        }
         if !dry_run {
             self.lock()?;
             self.refuse_if_unfinished()?;
         }
         let serials = self.serials()?;
+        self.lb_package_preflight()?;
         if !self.cfg.lb_binary.exists() {
             bail!(
                 "lb binary {} not found (key lb_binary): build it with `cargo build --release -p lb`",
@@ -50,6 +70,44 @@ impl Deployer {
         let mut j = Journal::new(Operation::Up, serials);
         self.save(&j)?;
         engine::run_steps(self, &mut j, &UP_STEPS)
+    }
+
+    /// On VMs the lb role installs the `lb` Debian package copied from this machine
+    /// (`lb_package`): checked before anything is created, so that a missing package is not
+    /// found only once VMs exist and Ansible runs.
+    fn lb_package_preflight(&self) -> Result<()> {
+        if self.cfg.provider.kind != crate::config::ProviderKind::Linode {
+            return Ok(());
+        }
+        let extra = &self.cfg.ansible.extra_vars;
+        for l in &self.cfg.lbs {
+            let var = |k: &str| extra.get(k).or_else(|| l.vars.get(k));
+            if var("lb_mode").and_then(|m| m.as_str()) == Some("local") {
+                continue;
+            }
+            let missing = || {
+                anyhow!(
+                    "lb {}: `lb_package` is not set: on Linode the lb role installs the lb Debian package from this machine. Build it with `scripts/package.sh` (it prints the path of the .deb) and set `lb_package = \"/path/to/lb_VERSION_ARCH.deb\"` under [ansible] extra_vars (or in the lb's `vars`) in {}; nothing was created",
+                    l.name,
+                    self.cfg.source.display()
+                )
+            };
+            let path = match var("lb_package") {
+                Some(serde_json::Value::String(p)) if !p.trim().is_empty() => p.clone(),
+                Some(serde_json::Value::String(_)) | None => return Err(missing()),
+                Some(other) => bail!(
+                    "lb {}: `lb_package` must be the path of the lb .deb, not {other}; nothing was created",
+                    l.name
+                ),
+            };
+            if !std::path::Path::new(&path).is_file() {
+                bail!(
+                    "lb {}: lb_package {path} does not exist: build it with `scripts/package.sh` (it prints the path of the .deb); nothing was created",
+                    l.name
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The VLAN checks before an operation creates anything (see [`crate::network`]).
@@ -206,7 +264,11 @@ impl Deployer {
     }
 
     /// `deployer rollback`: undo an unfinished operation (before its point of no return).
-    pub fn rollback(&mut self) -> Result<()> {
+    ///
+    /// Once roll-lb's hand-off has begun (the hook started, or the operator was asked to change
+    /// the delegation), only `delegation_unchanged` (`--delegation-unchanged`, the operator's
+    /// word that the delegation still points at the old lbs alone) lets it delete the new lbs.
+    pub fn rollback(&mut self, delegation_unchanged: bool) -> Result<()> {
         self.lock()?;
         let mut j = self
             .unfinished()?
@@ -216,6 +278,26 @@ impl Deployer {
                 "past the point of no return (old instances being deleted, or the delegation handed over); only `deployer {} --resume` can finish",
                 j.operation.command()
             );
+        }
+        if j.handoff.blocks_undo() {
+            let plan = crate::drain::handoff_plan(self, &j);
+            if !delegation_unchanged {
+                bail!(
+                    "the delegation hand-off has begun ({}), so the delegation of {} may already point at the new load balancers ({}), and a rollback deletes them. Check it at the registrar: if it points at the old load balancers only, run `deployer rollback --delegation-unchanged`; otherwise finish with `deployer {} --resume`",
+                    match j.handoff {
+                        Handoff::Started => "delegation_hook was started",
+                        _ => "the operator was asked to change it",
+                    },
+                    self.cfg.zones.names.join(", "),
+                    crate::drain::describe_plan(&plan),
+                    j.operation.command()
+                );
+            }
+            self.out.info(
+                "rollback: the operator confirms the delegation still points at the old load balancers (--delegation-unchanged)",
+            );
+            j.handoff = Handoff::NotStarted;
+            self.save(&j)?;
         }
         engine::undo(self, &mut j)?;
         self.out
@@ -233,6 +315,9 @@ impl Deployer {
             }
             self.lock()?;
             let mut j = self.resumable(Operation::RollLb)?;
+            if !j.done(Step::ProvisionLbsNext) {
+                self.lb_package_preflight()?;
+            }
             if j.handoff == Handoff::WaitingForOperator {
                 // The operator says the delegation now points at the new lbs.
                 j.handoff = Handoff::Done;
@@ -252,6 +337,7 @@ impl Deployer {
             self.refuse_if_unfinished()?;
         }
         let serials = self.serials()?;
+        self.lb_package_preflight()?;
         self.network_preflight(Operation::RollLb, &self.list()?)?;
         let mut old = Vec::new();
         for l in &self.cfg.lbs {

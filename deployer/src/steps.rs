@@ -183,7 +183,8 @@ pub struct PointNames<'a> {
 /// for each step, and inside the steps that touch several instances `flip:LB:before-swap`,
 /// `flip:LB:after-swap`, `delete-old:NAME:before` (the old instance's label) and
 /// `rename:NAME:before` (the label being renamed, `NAME-next`); likewise
-/// `delete-old-lbs:NAME:before` and `rename-lbs:NAME:before` for `roll-lb`.
+/// `delete-old-lbs:NAME:before` and `rename-lbs:NAME:before` for `roll-lb`, whose hand-off
+/// with a delegation hook also has `handoff:started` and `handoff:hook-running`.
 pub fn crash_points(op: Operation, names: &PointNames) -> Vec<String> {
     let mut out = Vec::new();
     for &step in op.steps() {
@@ -204,6 +205,12 @@ pub fn crash_points(op: Operation, names: &PointNames) -> Vec<String> {
                 for n in names.nameservers {
                     out.push(format!("rename:{n}-next:before"));
                 }
+            }
+            Step::Handoff => {
+                // With a delegation hook: the hand-off recorded as started, the hook not yet
+                // run; and the hook running (a crash kills it with the deployer).
+                out.push("handoff:started".into());
+                out.push("handoff:hook-running".into());
             }
             Step::DeleteOldLbs => {
                 for n in names.lbs {
@@ -276,6 +283,16 @@ mod tests {
             },
         );
         assert_eq!(p[2], "allow-lbs-next:before");
+        let h = p.iter().position(|x| x == "handoff:before").unwrap();
+        assert_eq!(
+            p[h..h + 4],
+            [
+                "handoff:before",
+                "handoff:started",
+                "handoff:hook-running",
+                "handoff:after"
+            ]
+        );
         assert_eq!(p.last().unwrap(), "disallow-old-lbs:after");
     }
 }

@@ -614,6 +614,13 @@ fn nameserver_firewall_admits_dns_from_the_lbs_on_the_vlan_only() {
         &outside,
         &["ip", "addr", "add", "10.0.0.2/32", "dev", "eth0"],
     );
+    // The deployer checks from its own address on the VLAN (10.0.0.9, here in the lb's
+    // namespace); the spoofer holds that one too.
+    in_ns(&lb, &["ip", "addr", "add", "10.0.0.9/24", "dev", "eth0"]);
+    in_ns(
+        &outside,
+        &["ip", "addr", "add", "10.0.0.9/32", "dev", "eth0"],
+    );
     for k in ["all", "default", "pub0"] {
         in_ns(
             &host,
@@ -638,7 +645,7 @@ fn nameserver_firewall_admits_dns_from_the_lbs_on_the_vlan_only() {
             "nameserver_firewall_enabled": true,
             "nameserver_firewall_netns": host.name,
             "nameserver_admin_networks": ["10.1.3.0/24", "fd00:99::/64"],
-            "nameserver_check_addresses": ["10.1.3.2"],
+            "nameserver_check_addresses": ["10.0.0.9"],
             "nameserver_vlan_interface": "vlan0",
         }}},
         "lbs": {"hosts": {"lb1": {"ansible_host": "198.51.100.7", "vlan_address": "10.0.0.2"}}},
@@ -654,7 +661,7 @@ fn nameserver_firewall_admits_dns_from_the_lbs_on_the_vlan_only() {
     let access = std::fs::read_to_string(dir.path().join("ns/access.conf")).unwrap();
     assert!(access.contains(r#"acl "lbs" { 10.0.0.2; };"#), "{access}");
     assert!(
-        access.contains("10.1.3.2;") && !access.contains("198.51.100.7"),
+        access.contains("10.0.0.9;") && !access.contains("198.51.100.7"),
         "{access}"
     );
 
@@ -689,8 +696,16 @@ fn nameserver_firewall_admits_dns_from_the_lbs_on_the_vlan_only() {
         "ssh from the admin network"
     );
     assert!(
-        l.udp_reaches(&admin, "10.1.3.2", at("10.1.3.1", 53)),
-        "the check address"
+        l.udp_reaches(&lb, "10.0.0.9", at(vlan_ip, 53)),
+        "the check address on the VLAN"
+    );
+    assert!(
+        !l.udp_reaches(&outside, "10.0.0.9", at("192.0.2.1", 53)),
+        "the check address from the public side is dropped (DNS only on the VLAN)"
+    );
+    assert!(
+        !l.udp_reaches(&admin, "10.1.3.2", at("10.1.3.1", 53)),
+        "DNS from the admin network is dropped (SSH only)"
     );
 
     let (code, out) = playbook_inventory("nameserver.yml", inv, &args, dir.path());

@@ -259,6 +259,94 @@ impl Deployment {
 impl Drop for Deployment {
     fn drop(&mut self) {
         let _ = self.run(&["down", "--yes"], &[]);
+        // Whatever `down` could not delete (a deployer that still held the lock, a broken
+        // registry): the instances' own processes, by their PID files.
+        let local = self.dir.path().join("state/local");
+        for dir in std::fs::read_dir(local).into_iter().flatten().flatten() {
+            for pidfile in ["named.pid", "lb.pid"] {
+                let pid = std::fs::read_to_string(dir.path().join(pidfile))
+                    .ok()
+                    .and_then(|t| t.trim().parse::<i32>().ok());
+                if let Some(pid) = pid.filter(|p| *p > 1) {
+                    // SAFETY: kill(2) on a PID this test's deployment started; no memory.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A spawned deployer, killed and reaped on drop: a failed assertion must not leave one running
+/// (it would hold the deployment's lock, `down` in [`Deployment`]'s drop would refuse, and every
+/// instance would leak). Declared after the [`Deployment`], it is dropped first.
+struct Running(Option<std::process::Child>);
+
+impl Running {
+    fn spawn(c: &mut Command) -> Running {
+        Running(Some(c.spawn().expect("deployer starts")))
+    }
+    fn child(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().expect("not yet waited for")
+    }
+    fn pid(&mut self) -> u32 {
+        self.child().id()
+    }
+    fn wait_with_output(mut self) -> std::process::Output {
+        self.0
+            .take()
+            .expect("not yet waited for")
+            .wait_with_output()
+            .unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// True while process `pid` runs (a zombie, or gone, is not running).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.to_string()))
+        .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
+}
+
+/// Waits (bounded) until `pid` no longer runs; false if it still does after 10 s.
+fn gone(pid: i32) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        if !alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Waits (bounded) for a file holding a PID, written by a hook; returns the PID.
+fn read_pid(path: &Path) -> i32 {
+    let t = Instant::now();
+    loop {
+        if let Some(pid) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(240),
+            "{} was written",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -435,24 +523,29 @@ fn injected_failures_roll_back_before_deletion_and_resume_after() {
 
 /// Starts `deployer roll` paused after `step`, waits for the pause, and kills it with SIGKILL.
 fn kill_roll_after(d: &Deployment, step: &str) {
+    let stderr_file = d.dir.path().join("roll.stderr");
     let mut c = d.command(&["roll"]);
     c.env("DEPLOYER_PAUSE_AFTER", step)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = c.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
+        .stderr(std::fs::File::create(&stderr_file).unwrap());
+    let mut child = Running::spawn(&mut c);
+    let stdout = child.child().stdout.take().unwrap();
     let marker = format!("pausing after {step}");
-    let mut seen = false;
+    let mut seen = String::new();
     for line in std::io::BufReader::new(stdout).lines() {
         let Ok(line) = line else { break };
+        seen.push_str(&line);
+        seen.push('\n');
         if line.contains(&marker) {
-            seen = true;
             break;
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(seen, "deployer reached {step}");
+    drop(child);
+    assert!(
+        seen.contains(&marker),
+        "deployer reached {step}:\n{seen}\n{}",
+        std::fs::read_to_string(&stderr_file).unwrap_or_default()
+    );
 }
 
 #[test]
@@ -571,12 +664,11 @@ fn roll_lb_under_load_with_a_delegation_hook_loses_nothing() {
         .iter()
         .map(|a| LoadClient::start(*a, 200))
         .collect();
-    let child = d
-        .command(&["roll-lb"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Running::spawn(
+        d.command(&["roll-lb"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
     let targets = d.dir.path().join("new-targets");
     let t0 = Instant::now();
     while !targets.exists() {
@@ -610,7 +702,7 @@ fn roll_lb_under_load_with_a_delegation_hook_loses_nothing() {
         sent += r.sent;
         lost += r.lost();
     }
-    let out = child.wait_with_output().unwrap();
+    let out = child.wait_with_output();
     let waited_after_switch = switched.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
@@ -658,14 +750,38 @@ fn roll_lb_without_a_hook_waits_for_the_operator_and_never_deletes_a_busy_lb() {
     d.write_config();
     d.ok(&["up"]);
     let old_addrs = d.lb_addrs();
-    let out = d.ok(&["roll-lb"]);
+    // Waiting is neither done nor failed: its own event and exit status.
+    let (code, out, err) = d.run(&["--json", "roll-lb"], &[]);
+    assert_eq!(code, 3, "waiting for the operator:\n{out}\n{err}");
+    let events: Vec<Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let last = events.last().expect("events");
+    assert_eq!(last["event"], "waiting", "{out}");
+    assert!(!events.iter().any(|e| e["event"] == "done"), "{out}");
+    assert_eq!(last["next"], "deployer roll-lb --resume");
+    let msg = last["message"].as_str().unwrap();
     assert!(
-        out.contains("replace") && out.contains("roll-lb --resume"),
-        "{out}"
+        msg.contains("replace") && msg.contains("roll-lb --resume"),
+        "{msg}"
     );
-    assert!(out.contains(&old_addrs[0].to_string()));
+    assert!(msg.contains(&old_addrs[0].to_string()), "{msg}");
     assert_eq!(d.journal_state(), "in-progress");
     assert_eq!(d.instances().len(), 6);
+    // The operator may have changed the delegation already: no rollback without their word.
+    let next = d.status()["unfinished"]["next"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(next.contains("--delegation-unchanged"), "{next}");
+    let (code, _, err) = d.run(&["rollback"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--delegation-unchanged") && err.contains("roll-lb --resume"),
+        "{err}"
+    );
+    assert_eq!(d.instances().len(), 6, "nothing deleted");
     // The old lb1 keeps receiving traffic: the drain gives up and deletes nothing.
     let busy = LoadClient::start(old_addrs[0], 100);
     let (code, _, err) = d.run(&["roll-lb", "--resume"], &[]);
@@ -839,15 +955,14 @@ fn window_verify_compares_each_lbs_live_set_with_the_plan() {
                 .to_string(),
         )
         .join("control.sock");
-    let mut child = d
-        .command(&["roll"])
-        .env("DEPLOYER_PAUSE_AFTER", "flip")
-        .env("DEPLOYER_PAUSE_SECS", "3")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let mut child = Running::spawn(
+        d.command(&["roll"])
+            .env("DEPLOYER_PAUSE_AFTER", "flip")
+            .env("DEPLOYER_PAUSE_SECS", "3")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let stdout = child.child().stdout.take().unwrap();
     let mut lines = std::io::BufReader::new(stdout).lines();
     let mut seen = String::new();
     for line in lines.by_ref() {
@@ -873,7 +988,7 @@ fn window_verify_compares_each_lbs_live_set_with_the_plan() {
         seen.push_str(&line);
         seen.push('\n');
     }
-    let out = child.wait_with_output().unwrap();
+    let out = child.wait_with_output();
     let err = String::from_utf8_lossy(&out.stderr);
     eprintln!("{seen}\n{err}");
     assert_eq!(out.status.code(), Some(1), "verify must fail");
@@ -887,16 +1002,15 @@ fn window_verify_compares_each_lbs_live_set_with_the_plan() {
 fn lock_refuses_a_second_deployer_naming_the_first() {
     let d = up("dep-lock");
     let before = d.instances();
-    let mut child = d
-        .command(&["roll"])
-        .env("DEPLOYER_PAUSE_AFTER", "create")
-        .env("DEPLOYER_PAUSE_SECS", "60")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let stdout = child.stdout.take().unwrap();
+    let mut child = Running::spawn(
+        d.command(&["roll"])
+            .env("DEPLOYER_PAUSE_AFTER", "create")
+            .env("DEPLOYER_PAUSE_SECS", "60")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
+    let pid = child.pid();
+    let stdout = child.child().stdout.take().unwrap();
     let mut seen = false;
     for line in std::io::BufReader::new(stdout).lines() {
         let Ok(line) = line else { break };
@@ -914,20 +1028,22 @@ fn lock_refuses_a_second_deployer_naming_the_first() {
         &["roll-lb"],
         &["down", "--yes"],
     ] {
-        let t = Instant::now();
         let (code, _, err) = d.run(args, &[]);
         assert_eq!(code, 1, "{args:?} must refuse: {err}");
         assert!(
             err.contains(&format!("PID {pid}")),
             "{args:?} names the running deployer: {err}"
         );
-        assert!(t.elapsed() < Duration::from_secs(5), "refuses at once");
+        // At once: it refused while the first one still holds the lock (it did not wait for it).
+        assert!(
+            child.child().try_wait().unwrap().is_none(),
+            "{args:?} refused while the first deployer still runs"
+        );
     }
     assert_eq!(d.status()["unfinished"]["operation"], "roll");
     let out = d.ok(&["roll", "--dry-run"]);
     assert!(out.contains("dry run"), "{out}");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     // The lock dies with its holder: the unfinished roll can be undone at once.
     d.ok(&["rollback"]);
     assert!(assert_complete(&d, &before));
@@ -1068,4 +1184,160 @@ fn roll_lb_crash_after_opening_the_nameservers_rolls_back_and_closes_them() {
     d.ok(&["rollback"]);
     d.assert_rolled_back(&before, &backends, serial);
     assert_eq!(d.run_lbs("rollback-allow-lbs"), vec!["lb1", "lb2"]);
+}
+
+/// `up --resume` finishes an `up` that was killed, and the unfinished `up` says to run it.
+#[test]
+fn an_unfinished_up_is_finished_by_up_resume() {
+    let d = Deployment::new("dep-up-resume");
+    let (code, _, err) = d.run(&["up"], &[("DEPLOYER_CRASH_AT", "provision-lbs:before")]);
+    assert_eq!(code, -1, "{err}");
+    let (code, _, err) = d.run(&["up"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("`deployer up --resume`"), "{err}");
+    let out = d.ok(&["up", "--resume", "--dry-run"]);
+    assert!(
+        out.contains("provision-lbs") && !out.contains("create-lbs"),
+        "{out}"
+    );
+    let out = d.ok(&["up", "--resume"]);
+    assert!(out.contains("resuming up"), "{out}");
+    assert_eq!(d.journal_state(), "done");
+    let labels: Vec<_> = d.instances().into_iter().map(|(l, _)| l).collect();
+    assert_eq!(labels, vec!["lb1", "lb2", "ns1", "ns2"]);
+    d.assert_serving(d.serial());
+}
+
+/// Writes the delegation hook's body (after a `#!/bin/sh` line; DIR is replaced by the
+/// deployment's directory).
+fn set_hook(d: &Deployment, body: &str) {
+    let hook = d.dir.path().join("hook.sh");
+    let tmp = d.dir.path().join("hook.sh.tmp");
+    std::fs::write(
+        &tmp,
+        format!(
+            "#!/bin/sh\n{}",
+            body.replace("DIR", &d.dir.path().display().to_string())
+        ),
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&tmp).status().unwrap();
+    std::fs::rename(&tmp, &hook).unwrap();
+    for f in ["hook.pid", "hook-child.pid"] {
+        let _ = std::fs::remove_file(d.dir.path().join(f));
+    }
+}
+
+/// Inside roll-lb's hand-off the delegation may already point at the new lbs: a failing hook,
+/// a SIGTERM, a SIGKILL or a crash there never deletes them by itself. The hook and its
+/// children do not outlive the deployer; `rollback` needs `--delegation-unchanged`, and
+/// `--resume` runs the hook again and finishes.
+#[test]
+fn roll_lb_inside_the_handoff_is_never_undone_by_itself() {
+    let mut d = Deployment::new("dep-handoff");
+    d.extra = format!(
+        "\n[roll_lb]\ndelegation_hook = \"{}\"\nquiet_secs = 1\npoll_secs = 0.2\nmax_drain_secs = 60\n",
+        d.dir.path().join("hook.sh").display()
+    );
+    d.write_config();
+    d.ok(&["up"]);
+    let (before, backends, serial) = (d.instances(), d.lb_backends(), d.serial());
+    let old_addrs = d.lb_addrs();
+
+    // 1. The hook fails (having changed, for all we know, part of the delegation).
+    set_hook(&d, "cat >/dev/null\nexit 3\n");
+    let (code, out, err) = d.run(&["roll-lb"], &[]);
+    eprintln!("{out}\n{err}");
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("delegation_hook")
+            && err.contains("failed")
+            && err.contains("NOT rolled back"),
+        "{err}"
+    );
+    assert!(
+        err.contains("rollback --delegation-unchanged") && err.contains("roll-lb --resume"),
+        "says both ways out: {err}"
+    );
+    assert!(!out.contains("rollback: deleted"), "{out}");
+    assert_eq!(d.instances().len(), 6, "the new lbs are not deleted");
+    let st = d.status();
+    assert_eq!(st["unfinished"]["handoff"], "started", "{st}");
+    let (code, _, err) = d.run(&["rollback"], &[]);
+    assert_eq!(code, 1, "no rollback without the operator's word");
+    assert!(err.contains("--delegation-unchanged"), "{err}");
+    assert_eq!(d.instances().len(), 6);
+    // The operator checked: the delegation still points at the old lbs only.
+    d.ok(&["rollback", "--delegation-unchanged"]);
+    d.assert_rolled_back(&before, &backends, serial);
+
+    // 2. SIGTERM while the hook runs: the hook and its child are stopped, then the deployer
+    // exits (holding the lock until they are gone), and nothing is undone.
+    set_hook(
+        &d,
+        "cat >/dev/null\necho $$ > DIR/hook.pid\nsleep 300 &\necho $! > DIR/hook-child.pid\nwait\n",
+    );
+    // Its stderr (ansible's output too) to a file: a pipe nobody reads would stop it.
+    let stderr_file = d.dir.path().join("roll-lb.stderr");
+    let mut run = Running::spawn(
+        d.command(&["roll-lb"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_file).unwrap()),
+    );
+    let hook = read_pid(&d.dir.path().join("hook.pid"));
+    let hook_child = read_pid(&d.dir.path().join("hook-child.pid"));
+    // SAFETY: kill(2) on the deployer this test started.
+    unsafe {
+        libc::kill(run.pid() as i32, libc::SIGTERM);
+    }
+    let out = run.wait_with_output();
+    let err = std::fs::read_to_string(&stderr_file).unwrap();
+    assert_eq!(out.status.code(), Some(128 + 15), "{err}");
+    assert!(err.contains("SIGTERM received"), "{err}");
+    assert!(gone(hook), "the hook outlived the deployer");
+    assert!(gone(hook_child), "the hook's child outlived the deployer");
+    assert_eq!(d.status()["unfinished"]["handoff"], "started");
+    assert_eq!(d.instances().len(), 6, "nothing deleted");
+
+    // 3. SIGKILL while the hook runs (`roll-lb --resume` runs it again): the kernel stops it.
+    set_hook(
+        &d,
+        "cat >/dev/null\necho $$ > DIR/hook.pid\nexec sleep 300\n",
+    );
+    let mut run = Running::spawn(
+        d.command(&["roll-lb", "--resume"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let hook = read_pid(&d.dir.path().join("hook.pid"));
+    let _ = run.child().kill();
+    let _ = run.child().wait();
+    assert!(gone(hook), "the hook outlived the killed deployer");
+    assert_eq!(d.instances().len(), 6);
+    let (code, _, err) = d.run(&["rollback"], &[]);
+    assert_eq!(code, 1, "{err}");
+
+    // 4. A crash point inside the hand-off, while the hook runs (killed with the deployer).
+    let (code, _, err) = d.run(
+        &["roll-lb", "--resume"],
+        &[("DEPLOYER_CRASH_AT", "handoff:hook-running")],
+    );
+    assert_eq!(code, -1, "{err}");
+    assert!(
+        err.contains("fault injected: handoff:hook-running"),
+        "{err}"
+    );
+    assert_eq!(d.status()["unfinished"]["handoff"], "started");
+    assert_eq!(d.instances().len(), 6);
+
+    // 5. A working hook: `--resume` runs it again and finishes.
+    set_hook(&d, "cat >/dev/null\necho \"$@\" > DIR/new-targets\n");
+    d.ok(&["roll-lb", "--resume"]);
+    assert!(assert_complete(&d, &before));
+    let new_addrs = d.lb_addrs();
+    assert!(new_addrs.iter().all(|a| !old_addrs.contains(a)));
+    let announced = std::fs::read_to_string(d.dir.path().join("new-targets")).unwrap();
+    for a in &new_addrs {
+        assert!(announced.contains(&a.to_string()), "{announced}");
+    }
 }

@@ -26,6 +26,7 @@ fn provider(fake: &FakeLinode, dir: &TempDir) -> LinodeProvider {
         image: "linode/debian12".into(),
         authorized_keys_files: vec![],
         ssh_user: "root".into(),
+        ssh_command: "ssh".into(),
     };
     LinodeProvider::new(client(fake), cfg, "deployer-t".into(), dir.path())
 }
@@ -61,12 +62,14 @@ fn lifecycle_with_slow_boot_pagination_and_tag_filter() {
         assert_eq!(i.dns_port, 53);
         ids.push(i.id);
     }
-    // A slow boot is waited for.
-    let t = Instant::now();
+    // A slow boot is waited for: polled until it runs (the fake says `running` at the 4th
+    // GET), and not once more.
     let running = p.wait_running(ids[0], Duration::from_secs(10)).unwrap();
     assert_eq!(running.status, "running");
-    assert!(fake.count("GET", &format!("/v4/linode/instances/{}", ids[0])) >= 4);
-    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        fake.count("GET", &format!("/v4/linode/instances/{}", ids[0])),
+        4
+    );
     // Pagination (2 per page) and the tag filter: only ours, all of them.
     let mine = p.list().unwrap();
     let mut labels: Vec<_> = mine.iter().map(|i| i.label.clone()).collect();
@@ -124,6 +127,57 @@ fn rate_limit_is_honoured_with_retry_after() {
     let dir = TempDir::new("linode");
     provider(&fake, &dir).create(&spec("ns1")).unwrap();
     assert_eq!(fake.count("POST", "/v4/linode/instances"), 2);
+}
+
+#[test]
+fn retry_after_is_honoured_as_sent_within_the_retry_deadline() {
+    let fake = FakeLinode::start(TOKEN);
+    let mut c = client(&fake);
+    let rate_limit = |retry_after| Injection {
+        method: Some("GET".into()),
+        status: 429,
+        retry_after: Some(retry_after),
+    };
+    // More rate limits in a row than attempts for server errors (6): Linode says when to come
+    // back, so they are bounded by the deadline, not by a count.
+    for _ in 0..8 {
+        fake.state.lock().unwrap().inject.push_back(rate_limit(0));
+    }
+    assert!(c.list_instances(&serde_json::json!({})).unwrap().is_empty());
+    assert_eq!(fake.count("GET", "/v4/linode/instances"), 9);
+    // A wait past the deadline is not made at all (nor cut short): one request, and an error
+    // that says how long Linode asked for and what the deadline is. 61 s is compared as sent
+    // (a 60 s cap would have fit the 60 s deadline and slept).
+    c.retry_deadline = Duration::from_secs(60);
+    fake.state.lock().unwrap().inject.push_back(rate_limit(61));
+    let e = c.list_instances(&serde_json::json!({})).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            LinodeError::RateLimited {
+                retry_after: 61,
+                deadline: 60,
+                attempts: 1,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains("retry after 61s") && msg.contains("api_retry_secs"),
+        "{msg}"
+    );
+    assert_eq!(fake.count("GET", "/v4/linode/instances"), 10, "not retried");
+    // Server errors stop at the deadline too, saying so.
+    c.retry_deadline = Duration::ZERO;
+    fake.state.lock().unwrap().inject.push_back(Injection {
+        method: Some("GET".into()),
+        status: 503,
+        retry_after: None,
+    });
+    let e = c.get_instance(1).unwrap_err().to_string();
+    assert!(e.contains("503") && e.contains("retry deadline"), "{e}");
 }
 
 #[test]
@@ -255,6 +309,7 @@ fn creates_are_paced_under_the_documented_rate_limit() {
         image: "linode/debian12".into(),
         authorized_keys_files: vec![],
         ssh_user: "root".into(),
+        ssh_command: "ssh".into(),
     };
     let p = LinodeProvider::new(c, cfg, "deployer-t".into(), dir.path());
     let t = Instant::now();
@@ -503,6 +558,7 @@ fn linode_deployer(fake: &FakeLinode, dir: &TempDir, extra: &str) -> deployer::D
         image: "linode/debian12".into(),
         authorized_keys_files: vec![],
         ssh_user: "root".into(),
+        ssh_command: "ssh".into(),
     });
     let c = d.cfg.clone();
     let mut client = client(fake);
@@ -627,4 +683,122 @@ fn the_network_preflight_refuses_before_anything_is_created() {
         1,
         "only the test's own lb"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Before anything is created, and `lb ctl` over SSH.
+
+#[test]
+fn a_missing_lb_package_is_refused_before_any_vm_is_created() {
+    let fake = FakeLinode::start(TOKEN);
+    let dir = TempDir::new("linode-pkg");
+    let mut d = linode_deployer(&fake, &dir, "");
+    let e = format!("{:#}", d.up(false, false).unwrap_err());
+    assert!(
+        e.contains("lb lb1")
+            && e.contains("`lb_package` is not set")
+            && e.contains("scripts/package.sh"),
+        "{e}"
+    );
+    let e = format!("{:#}", d.roll_lb(false, false).unwrap_err());
+    assert!(e.contains("`lb_package` is not set"), "{e}");
+    d.cfg.ansible.extra_vars.insert(
+        "lb_package".into(),
+        serde_json::json!("/nonexistent/lb_0.1.0-1_amd64.deb"),
+    );
+    let e = format!("{:#}", d.up(false, false).unwrap_err());
+    assert!(
+        e.contains("/nonexistent/lb_0.1.0-1_amd64.deb does not exist"),
+        "{e}"
+    );
+    assert_eq!(
+        fake.count("POST", "/v4/linode/instances"),
+        0,
+        "nothing created"
+    );
+}
+
+/// A stand-in for ssh (`[linode] ssh_command`): a shell script with `body`.
+fn fake_ssh(dir: &TempDir, name: &str, body: &str) -> String {
+    let p = dir.path().join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}")).unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&p)
+        .status()
+        .unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn over_ssh_only_an_answer_from_lb_is_a_refusal() {
+    use deployer::lbctl::{CtlError, LbControl};
+    use integration_tests::{bin, lb_config, Lb};
+    let dir = TempDir::new("fake-ssh");
+    let args = dir.path().join("ssh-args");
+    // Records its arguments, drops ssh's options and the target, and runs `lb ctl --json ...`
+    // with the real lb binary, as the lb host would.
+    let relay = fake_ssh(
+        &dir,
+        "ssh-relay",
+        &format!(
+            "echo \"$@\" >> {}\nwhile [ \"$1\" = -o ]; do shift 2; done\nshift\nshift\nexec {} \"$@\"\n",
+            args.display(),
+            bin("lb").display()
+        ),
+    );
+    let ctl = |program: &str, socket: &std::path::Path| LbControl::Ssh {
+        program: program.into(),
+        target: "root@192.0.2.1".into(),
+        socket: socket.into(),
+        known_hosts: dir.path().join("known_hosts"),
+    };
+    let t = Duration::from_secs(2);
+    // `lb ctl` cannot reach lb (exit 2, with its own {"ok":false,...}): lb said nothing.
+    let e = ctl(&relay, &dir.path().join("nothing.sock"))
+        .status(t)
+        .unwrap_err();
+    assert!(matches!(e, CtlError::Transport(_)), "{e:?}");
+    assert!(e.to_string().contains("could not reach lb"), "{e}");
+    // A real lb: its answers, and its refusals.
+    let lb = Lb::start(&lb_config(
+        &["127.0.0.1:9".parse().unwrap()],
+        "first-available",
+        "",
+    ));
+    let c = ctl(&relay, &lb.socket());
+    assert_eq!(c.status(t).unwrap().backends.len(), 1);
+    let e = c
+        .set_backends(&["not-an-address".into()], false, t)
+        .unwrap_err();
+    assert!(matches!(e, CtlError::Refused(_)), "{e:?}");
+    // ssh itself fails (exit 255): no answer.
+    let down = fake_ssh(
+        &dir,
+        "ssh-down",
+        "echo 'ssh: connect to host 192.0.2.1 port 22: Connection timed out' >&2\nexit 255\n",
+    );
+    let e = ctl(&down, &lb.socket()).status(t).unwrap_err();
+    assert!(matches!(e, CtlError::Transport(_)), "{e:?}");
+    assert!(
+        e.to_string().contains("exit 255") && e.to_string().contains("timed out"),
+        "{e}"
+    );
+    // A connection that hangs: killed at its deadline, no answer.
+    let hang = fake_ssh(&dir, "ssh-hang", "exec sleep 300\n");
+    let e = ctl(&hang, &lb.socket())
+        .status(Duration::from_secs(1))
+        .unwrap_err();
+    assert!(matches!(e, CtlError::Transport(_)), "{e:?}");
+    assert!(e.to_string().contains("did not finish within"), "{e}");
+    // Keepalives end a dead connection; host keys are still checked.
+    let sent = std::fs::read_to_string(&args).unwrap();
+    for o in [
+        "ServerAliveInterval=5",
+        "ServerAliveCountMax=2",
+        "BatchMode=yes",
+        "StrictHostKeyChecking=accept-new",
+    ] {
+        assert!(sent.contains(o), "{o}: {sent}");
+    }
 }

@@ -3,8 +3,10 @@
 //! - Auth: `Authorization: Bearer $LINODE_TOKEN`; the token comes only from the environment and
 //!   is never printed (the client's `Debug` redacts it).
 //! - Lists follow pagination (`page`, `page_size`, `pages`) and filter with `X-Filter`.
-//! - 429 is retried after `Retry-After`; 5xx and network errors are retried with backoff for
-//!   reads, renames and deletes. A create is never retried blindly after a 5xx or a lost
+//! - 429 is retried after `Retry-After`, honoured as sent, as long as the wait ends within the
+//!   request's retry deadline (`[timeouts] api_retry_secs`, default 600 s); one that would end
+//!   later fails at once and says so. 5xx and network errors are retried with backoff (at most 6
+//!   attempts, within the same deadline) for reads, renames and deletes. A create is never retried blindly after a 5xx or a lost
 //!   response (the API has no idempotency key): the caller looks the label up first.
 //! - Errors `{"errors":[{"reason","field"?}]}` are shown with the status code (`field` is
 //!   omitted when the error concerns no single field).
@@ -34,10 +36,11 @@ use super::{Instance, InstanceSpec, Provider, ProviderError, Role, VlanSupport};
 use crate::config::LinodeConfig;
 use crate::lbctl::LbControl;
 
-/// Most attempts for one retryable request.
+/// Most attempts for one request failing with server or network errors (rate limits are
+/// bounded by the retry deadline instead: Linode says how long to wait).
 const MAX_ATTEMPTS: u32 = 6;
-/// Longest wait honoured from a `Retry-After` header.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// Default of [`LinodeClient::retry_deadline`] (`[timeouts] api_retry_secs`).
+pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(600);
 const PAGE_SIZE: u32 = 100;
 /// `page_size` bounds of the API.
 const PAGE_SIZE_RANGE: std::ops::RangeInclusive<u32> = 25..=500;
@@ -110,6 +113,15 @@ pub enum LinodeError {
         path: String,
         attempts: u32,
         last: String,
+    },
+    #[error("Linode API {method} {path}: rate limited (HTTP 429) and Linode asks to retry after {retry_after}s, past this request's retry deadline of {deadline}s ([timeouts] api_retry_secs; {waited}s already spent over {attempts} attempts): not retried. Run the command again later, or raise api_retry_secs")]
+    RateLimited {
+        method: String,
+        path: String,
+        retry_after: u64,
+        deadline: u64,
+        waited: u64,
+        attempts: u32,
     },
 }
 
@@ -282,8 +294,11 @@ pub struct LinodeClient {
     base: String,
     token: String,
     http: Client,
-    /// Base delay of the exponential backoff (tests shorten it).
+    /// Base delay of the exponential backoff, and the least wait after a 429 (tests shorten it).
     pub backoff: Duration,
+    /// How long one request may be retried in all. A `Retry-After` is honoured as sent (no cap)
+    /// while the wait ends within it; one that would end later fails at once, saying so.
+    pub retry_deadline: Duration,
     /// Creates allowed per window (Linode's documented 10 per 30 s; tests shorten it).
     pub create_limit: (usize, Duration),
     /// When the recent creates were sent, to pace the next one.
@@ -329,6 +344,7 @@ impl LinodeClient {
             token: token.to_string(),
             http,
             backoff: Duration::from_millis(500),
+            retry_deadline: DEFAULT_RETRY_DEADLINE,
             create_limit: (CREATE_LIMIT, CREATE_WINDOW),
             recent_creates: Default::default(),
         }
@@ -366,8 +382,13 @@ impl LinodeClient {
         retry: Retry,
     ) -> Result<Value, LinodeError> {
         let url = format!("{}{path}", self.base);
-        let mut last = String::new();
-        for attempt in 1..=MAX_ATTEMPTS {
+        let start = Instant::now();
+        // Attempts in all, and those that failed with server or network errors.
+        let (mut attempts, mut failures) = (0u32, 0u32);
+        loop {
+            attempts += 1;
+            // What went wrong with this attempt (set by every branch that retries).
+            let last: String;
             let mut req = self
                 .http
                 .request(method.clone(), &url)
@@ -397,11 +418,23 @@ impl LinodeClient {
                     }
                     if status == StatusCode::TOO_MANY_REQUESTS {
                         let after = retry_after(&resp);
+                        if start.elapsed() + after > self.retry_deadline {
+                            return Err(LinodeError::RateLimited {
+                                method: method.to_string(),
+                                path: path.into(),
+                                retry_after: after.as_secs(),
+                                deadline: self.retry_deadline.as_secs(),
+                                waited: start.elapsed().as_secs(),
+                                attempts,
+                            });
+                        }
                         last = format!("HTTP 429 (retry after {after:?})");
-                        after
+                        // Not a hot loop on `Retry-After: 0`.
+                        after.max(self.backoff)
                     } else if status.is_server_error() && retry == Retry::Safe {
+                        failures += 1;
                         last = format!("HTTP {}: {}", status.as_u16(), error_message(resp));
-                        self.backoff_for(attempt)
+                        self.backoff_for(failures)
                     } else {
                         return Err(LinodeError::Api {
                             method: method.to_string(),
@@ -412,8 +445,9 @@ impl LinodeClient {
                     }
                 }
                 Err(e) if retry == Retry::Safe => {
+                    failures += 1;
                     last = e.to_string();
-                    self.backoff_for(attempt)
+                    self.backoff_for(failures)
                 }
                 Err(e) => {
                     return Err(LinodeError::Transport {
@@ -425,16 +459,23 @@ impl LinodeClient {
                     })
                 }
             };
-            if attempt < MAX_ATTEMPTS {
-                std::thread::sleep(wait);
+            if failures >= MAX_ATTEMPTS || start.elapsed() + wait > self.retry_deadline {
+                return Err(LinodeError::RetriesExhausted {
+                    method: method.to_string(),
+                    path: path.into(),
+                    attempts,
+                    last: if failures >= MAX_ATTEMPTS {
+                        last
+                    } else {
+                        format!(
+                            "{last}; the next try would pass the retry deadline of {}s ([timeouts] api_retry_secs)",
+                            self.retry_deadline.as_secs()
+                        )
+                    },
+                });
             }
+            std::thread::sleep(wait);
         }
-        Err(LinodeError::RetriesExhausted {
-            method: method.to_string(),
-            path: path.into(),
-            attempts: MAX_ATTEMPTS,
-            last,
-        })
     }
 
     fn backoff_for(&self, attempt: u32) -> Duration {
@@ -585,13 +626,14 @@ fn parse<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// The wait a 429 asks for: `Retry-After` in seconds (as Linode documents it), honoured as sent;
+/// 1 s when it is missing or unreadable.
 fn retry_after(resp: &Response) -> Duration {
     resp.headers()
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.trim().parse::<u64>().ok())
         .map_or(Duration::from_secs(1), Duration::from_secs)
-        .min(MAX_RETRY_AFTER)
 }
 
 /// `field: reason; ...` from the API's error JSON, or the raw body.
@@ -657,8 +699,8 @@ impl LinodeProvider {
             role,
             status: li.status,
             address,
-            dns_port: 53,
-            metrics_port: 9153,
+            dns_port: crate::config::VM_DNS_PORT,
+            metrics_port: crate::config::VM_METRICS_PORT,
             dir: None,
             private_address,
             region: Some(li.region).filter(|r| !r.is_empty()),
@@ -807,6 +849,7 @@ impl Provider for LinodeProvider {
 
     fn lb_control(&self, inst: &Instance, socket: &Path) -> LbControl {
         LbControl::Ssh {
+            program: self.cfg.ssh_command.clone(),
             target: format!("{}@{}", self.cfg.ssh_user, inst.address),
             socket: socket.to_path_buf(),
             known_hosts: self.known_hosts.clone(),
