@@ -7,15 +7,9 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
+use integration_tests::ansible::*;
 use integration_tests::*;
 use serde_json::json;
-
-fn ansible_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../ansible")
-        .canonicalize()
-        .unwrap()
-}
 
 /// Runs a playbook against a one-host local inventory; returns (exit code, output).
 fn playbook(
@@ -25,40 +19,11 @@ fn playbook(
     extra: &[(&str, &str)],
     dir: &Path,
 ) -> (i32, String) {
-    let mut vars = host_vars;
-    vars["ansible_connection"] = json!("local");
-    vars["ansible_python_interpreter"] = json!("{{ ansible_playbook_python }}");
-    let inv = json!({"all": {"children": {group: {"hosts": {"test-host": vars}}}}});
-    let inv_path = dir.join("inventory.json");
-    std::fs::write(&inv_path, inv.to_string()).unwrap();
-    let mut c = Command::new("ansible-playbook");
-    c.arg("-i").arg(&inv_path).arg(ansible_dir().join(playbook));
-    for (k, v) in extra {
-        c.arg("-e").arg(format!("{k}={v}"));
-    }
-    let out = c
-        .env("ANSIBLE_CONFIG", ansible_dir().join("ansible.cfg"))
-        .env("ANSIBLE_NOCOLOR", "1")
-        .output()
-        .expect("ansible-playbook (pip install ansible-core)");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), text)
-}
-
-fn changed(output: &str) -> usize {
-    output
-        .lines()
-        .filter(|l| l.contains("changed="))
-        .filter_map(|l| {
-            l.split("changed=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .sum()
+    let inv =
+        json!({"all": {"children": {group: {"hosts": {"test-host": local_host(&host_vars)}}}}});
+    let extra: Vec<String> = extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let args: Vec<&str> = extra.iter().flat_map(|kv| ["-e", kv.as_str()]).collect();
+    run_playbook(playbook, &inv, &args, dir, None)
 }
 
 /// Kills the process named by a pid file when dropped (the roles start daemons).
@@ -165,7 +130,11 @@ fn nameserver_role_serves_authoritatively_and_is_idempotent() {
 
     let (code, out) = playbook("nameserver.yml", "nameservers", vars, &[], dir.path());
     assert_eq!(code, 0, "{out}");
-    assert_eq!(changed(&out), 0, "a second run changes nothing:\n{out}");
+    assert_eq!(
+        changed_count(&out),
+        0,
+        "a second run changes nothing:\n{out}"
+    );
 }
 
 /// Runs `dig` (a real client) and returns its output.
@@ -307,7 +276,11 @@ fn lb_role_runs_lb_and_is_idempotent() {
     assert_eq!(soa_serial(&m), Some(5));
     let (code, out) = playbook("lb.yml", "lbs", vars, &[], dir.path());
     assert_eq!(code, 0, "{out}");
-    assert_eq!(changed(&out), 0, "a second run changes nothing:\n{out}");
+    assert_eq!(
+        changed_count(&out),
+        0,
+        "a second run changes nothing:\n{out}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -329,38 +302,7 @@ fn playbook_inventory(
     args: &[&str],
     dir: &Path,
 ) -> (i32, String) {
-    playbook_from(playbook, inv, args, dir, None)
-}
-
-/// [`playbook_inventory`] as if the play connected over SSH from `ssh_from` (the firewall
-/// tasks read `SSH_CONNECTION` to refuse rules that would cut off their own connection); never
-/// with the test runner's own SSH session.
-fn playbook_from(
-    playbook: &str,
-    inv: serde_json::Value,
-    args: &[&str],
-    dir: &Path,
-    ssh_from: Option<&str>,
-) -> (i32, String) {
-    let inv_path = dir.join("inventory.json");
-    std::fs::write(&inv_path, inv.to_string()).unwrap();
-    let mut c = Command::new("ansible-playbook");
-    c.env_remove("SSH_CONNECTION");
-    if let Some(from) = ssh_from {
-        c.env("SSH_CONNECTION", format!("{from} 50000 10.1.1.1 22"));
-    }
-    let out = c
-        .arg("-i")
-        .arg(&inv_path)
-        .arg(ansible_dir().join(playbook))
-        .args(args)
-        .env("ANSIBLE_CONFIG", ansible_dir().join("ansible.cfg"))
-        .env("ANSIBLE_NOCOLOR", "1")
-        .output()
-        .expect("ansible-playbook (pip install ansible-core)");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), text)
+    run_playbook(playbook, &inv, args, dir, None)
 }
 
 fn in_ns(ns: &NetNs, args: &[&str]) {
@@ -548,19 +490,23 @@ fn lb_firewall_admits_dns_from_anyone_and_ssh_and_metrics_from_admins_only() {
         dir.path(),
     );
     assert_eq!(code, 0, "{out}");
-    assert_eq!(changed(&out), 0, "a second run changes nothing:\n{out}");
+    assert_eq!(
+        changed_count(&out),
+        0,
+        "a second run changes nothing:\n{out}"
+    );
     // Converges: rules lost (a flush, a reboot) are loaded again by the next run.
     in_ns(&host, &["nft", "flush", "ruleset"]);
     assert!(tcp_reaches(&outside, at(pub_ip, 22)));
     let tags = ["--tags", "lb-firewall"];
     let (code, out) = playbook_inventory("lb.yml", inv.clone(), &tags, dir.path());
     assert_eq!(code, 0, "{out}");
-    assert_eq!(changed(&out), 1, "only the load:\n{out}");
+    assert_eq!(changed_count(&out), 1, "only the load:\n{out}");
     assert!(!tcp_reaches(&outside, at(pub_ip, 22)), "dropped again");
 
     // A play connecting from outside the admin networks would lock itself out: refused.
     in_ns(&host, &["nft", "flush", "ruleset"]);
-    let from = |addr| playbook_from("lb.yml", inv.clone(), &tags, dir.path(), Some(addr));
+    let from = |addr| run_playbook("lb.yml", &inv, &tags, dir.path(), Some(addr));
     let (code, out) = from("198.51.100.9");
     assert_eq!(code, 2, "{out}");
     assert!(
@@ -710,5 +656,9 @@ fn nameserver_firewall_admits_dns_from_the_lbs_on_the_vlan_only() {
 
     let (code, out) = playbook_inventory("nameserver.yml", inv, &args, dir.path());
     assert_eq!(code, 0, "{out}");
-    assert_eq!(changed(&out), 0, "a second run changes nothing:\n{out}");
+    assert_eq!(
+        changed_count(&out),
+        0,
+        "a second run changes nothing:\n{out}"
+    );
 }

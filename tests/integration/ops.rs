@@ -8,7 +8,6 @@
 //! refuse to touch an `lb` package they did not install.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -16,6 +15,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hickory_proto::rr::RecordType;
+use integration_tests::ansible::{changed_count, local_host, run_playbook};
 use integration_tests::*;
 use serde_json::{json, Value};
 
@@ -549,29 +549,6 @@ fn dashboard_and_rules_use_only_families_a_live_lb_exports_from_start() {
     );
 }
 
-/// A GET over HTTP/1.0 (so the body is never chunked); returns (status, body).
-fn http10_get(addr: SocketAddr, path_and_query: &str) -> (u16, String) {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path_and_query} HTTP/1.0\r\nHost: localhost\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -632,7 +609,7 @@ impl Prometheus {
         };
         let end = Instant::now() + Duration::from_secs(30);
         loop {
-            if TcpStream::connect(addr).is_ok() && http10_get(addr, "/-/ready").0 == 200 {
+            if TcpStream::connect(addr).is_ok() && http_get(addr, "/-/ready").0 == 200 {
                 break;
             }
             assert!(p.is_running(), "prometheus exited:\n{}", p.output.text());
@@ -652,7 +629,7 @@ impl Prometheus {
 
     /// `/api/v1/...` as JSON; panics unless the API says success.
     fn api(&self, path_and_query: &str) -> Value {
-        let (status, body) = http10_get(self.addr, path_and_query);
+        let (status, body) = http_get(self.addr, path_and_query);
         let v: Value = serde_json::from_str(&body)
             .unwrap_or_else(|e| panic!("{path_and_query}: {e}: {status} {body}"));
         assert_eq!(v["status"], "success", "{path_and_query}: {body}");
@@ -1179,41 +1156,11 @@ fn lb_package_installs_hands_over_on_upgrade_without_losing_a_query_and_purges()
 
 /// Runs lb.yml against this machine (connection local) with -v; returns (exit code, output).
 fn lb_playbook(vars: &Value, dir: &Path) -> (i32, String) {
-    let mut host = vars.clone();
-    host["ansible_connection"] = json!("local");
-    host["ansible_python_interpreter"] = json!("{{ ansible_playbook_python }}");
+    let mut host = local_host(vars);
     // The tests run as root without sudo.
     host["ansible_become_method"] = json!("su");
     let inv = json!({"all": {"children": {"lbs": {"hosts": {"test-host": host}}}}});
-    let inv_path = dir.join("inventory.json");
-    std::fs::write(&inv_path, inv.to_string()).unwrap();
-    let ansible = repo().join("ansible");
-    let out = Command::new("ansible-playbook")
-        .arg("-v")
-        .arg("-i")
-        .arg(&inv_path)
-        .arg(ansible.join("lb.yml"))
-        .env("ANSIBLE_CONFIG", ansible.join("ansible.cfg"))
-        .env("ANSIBLE_NOCOLOR", "1")
-        .output()
-        .expect("ansible-playbook (pip install ansible-core)");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), text)
-}
-
-fn changed_count(output: &str) -> usize {
-    output
-        .lines()
-        .filter_map(|l| {
-            l.split("changed=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .sum()
+    run_playbook("lb.yml", &inv, &["-v"], dir, None)
 }
 
 #[test]
