@@ -199,5 +199,6 @@ pub fn next_command(j: &Journal) -> String {
         (Phase::Forward, _) => format!(
             "it is past the point of no return: only `deployer {cmd} --resume` can finish it"
         ),
+        (Phase::RollingBack, _) => "a rollback of it has begun deleting what it created: only `deployer rollback` can finish it".to_string(),
     }
 }

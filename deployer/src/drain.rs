@@ -96,6 +96,21 @@ pub fn describe_plan(plan: &[(String, String, String)]) -> String {
 /// the old lbs alone, undoes it.
 pub fn handoff(d: &Deployer, j: &mut Journal) -> Result<String> {
     let plan = handoff_plan(d, j);
+    // Every lb must have its old and its new instance: a rollback that stopped half way (some
+    // `-next` lbs deleted) must not hand the delegation to what is left of the new set.
+    if plan.len() != d.cfg.lbs.len() {
+        let missing: Vec<&str> = d
+            .cfg
+            .lbs
+            .iter()
+            .map(|l| l.name.as_str())
+            .filter(|n| !plan.iter().any(|p| p.0 == *n))
+            .collect();
+        bail!(
+            "hand-off refused: lb {} has no old or no new instance in this deployment (a rollback that stopped half way deletes new lbs); finish it with `deployer rollback`",
+            missing.join(", ")
+        );
+    }
     let zones: Vec<&str> = d.cfg.zones.names.iter().map(|z| z.as_str()).collect();
     let Some(hook) = d.cfg.roll_lb.delegation_hook.clone() else {
         j.handoff = Handoff::WaitingForOperator;
@@ -115,6 +130,7 @@ pub fn handoff(d: &Deployer, j: &mut Journal) -> Result<String> {
         "zones": zones,
         "lbs": plan.iter().map(|(n, o, w)| json!({"name": n, "old_address": o, "new_address": w})).collect::<Vec<_>>(),
     });
+    let before = j.handoff;
     j.handoff = Handoff::Started;
     d.save(j)?;
     d.faults.point("handoff:started");
@@ -125,15 +141,21 @@ pub fn handoff(d: &Deployer, j: &mut Journal) -> Result<String> {
     let mut child = match crate::children::spawn(&mut cmd) {
         Ok(c) => c,
         Err(e) => {
-            // It never ran: the delegation is untouched, and undoing is safe.
-            j.handoff = Handoff::NotStarted;
+            // It never ran this time; an earlier run (a resume) may still have changed the
+            // delegation, so the state goes back to what it was, never further.
+            j.handoff = before;
             d.save(j)?;
             return Err(anyhow!(e).context(format!("cannot run delegation_hook {hook}")));
         }
     };
     if let Some(mut stdin) = child.child.stdin.take() {
-        use std::io::Write;
-        let _ = stdin.write_all(input.to_string().as_bytes());
+        // From a thread: a hook that never reads a large input must not block the deployer
+        // past the deadline below (killing the hook ends the write with EPIPE).
+        let input = input.to_string();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = stdin.write_all(input.as_bytes());
+        });
     }
     d.faults.point("handoff:hook-running");
     let timeout = d.cfg.timeouts.provision();

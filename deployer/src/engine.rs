@@ -230,6 +230,9 @@ pub fn undo(d: &Deployer, j: &mut Journal) -> Result<()> {
             }
         }
     }
+    // From the first delete on, `--resume` could only hand lbs an incomplete new set.
+    j.phase = Phase::RollingBack;
+    d.save(j)?;
     let errors = lifecycle::delete_created(d, j)?;
     if !errors.is_empty() {
         let msg = format!(

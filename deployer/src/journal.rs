@@ -37,6 +37,9 @@ pub enum Phase {
     /// Past it (old instances being deleted, or the delegation handed to the new lbs): only
     /// going forward restores a complete set.
     Forward,
+    /// An undo has begun deleting what the operation created (every lb is back on its previous
+    /// set): the new set is no longer complete, so only finishing the rollback settles it.
+    RollingBack,
 }
 
 /// Which set an lb is being converged to.

@@ -129,6 +129,10 @@ impl LbControl {
 /// Seconds added to the `lb ctl` timeout and ssh's connect timeout before an `lb ctl` over SSH
 /// is killed: the remote side's own timeouts should fire first.
 const SSH_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long the output of an exited ssh may take to reach EOF.
+const PIPE_GRACE: Duration = Duration::from_secs(2);
+
 /// The most output kept from one `lb ctl` over SSH (stdout and stderr each); the rest is read
 /// and dropped.
 const MAX_SSH_OUTPUT: u64 = 4 << 20;
@@ -180,12 +184,20 @@ fn ssh_request(
     let status = child
         .wait_deadline(deadline, Duration::from_secs(1))
         .map_err(|e| transport(format!("waiting for {program} to {target}: {e}")))?;
-    let stdout = stdout.join().unwrap_or_default();
-    let stderr = stderr.join().unwrap_or_default();
     let Some(status) = status else {
         return Err(transport(format!(
             "`lb ctl` over ssh to {target} did not finish within {}s and was stopped",
             deadline.as_secs()
+        )));
+    };
+    // ssh has exited; its pipes close unless something it started (an `ssh_command` wrapper's
+    // child in another process group) still holds them.
+    let (Ok(stdout), Ok(stderr)) = (
+        stdout.recv_timeout(PIPE_GRACE),
+        stderr.recv_timeout(PIPE_GRACE),
+    ) else {
+        return Err(transport(format!(
+            "{program} to {target} exited ({status}) but something it started still holds its output open; no answer read"
         )));
     };
     let stderr = String::from_utf8_lossy(&stderr).trim().to_string();
@@ -219,15 +231,17 @@ fn ssh_request(
 }
 
 /// Reads a pipe to its end on a thread, keeping at most [`MAX_SSH_OUTPUT`] bytes.
-fn read_bounded<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+fn read_bounded<R: Read + Send + 'static>(r: Option<R>) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
     std::thread::spawn(move || {
         let mut buf = Vec::new();
         if let Some(mut r) = r {
             let _ = (&mut r).take(MAX_SSH_OUTPUT).read_to_end(&mut buf);
             let _ = std::io::copy(&mut r, &mut std::io::sink());
         }
-        buf
-    })
+        let _ = tx.send(buf);
+    });
+    rx
 }
 
 /// The `lb ctl --json` command line for `cmd`.

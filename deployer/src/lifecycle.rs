@@ -356,6 +356,7 @@ pub fn delete_created(d: &Deployer, j: &mut Journal) -> Result<Vec<String>> {
     }
     d.save(j)?;
     for i in j.created.clone() {
+        d.faults.point(&format!("rollback:{}:before", i.label));
         match d.delete_instance(&i) {
             Ok(()) => {
                 d.out

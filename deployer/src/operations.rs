@@ -156,6 +156,13 @@ impl Deployer {
                 next_command(&j)
             );
         }
+        if j.phase == Phase::RollingBack {
+            bail!(
+                "cannot resume the unfinished {}: {}",
+                op.command(),
+                next_command(&j)
+            );
+        }
         Ok(j)
     }
 

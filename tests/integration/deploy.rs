@@ -588,6 +588,19 @@ fn kill_9_mid_roll_then_rollback() {
         6,
         "the new instances exist while the roll is unfinished"
     );
+    // The rollback dies after deleting one new nameserver: the new set is incomplete, so
+    // `--resume` must refuse to hand it to the lbs; only finishing the rollback settles it.
+    let (code, _, err) = d.run(
+        &["rollback"],
+        &[("DEPLOYER_CRASH_AT", "rollback:ns2-next:before")],
+    );
+    assert_eq!(code, -1, "{err}");
+    assert_eq!(d.instances().len(), 5, "ns1-next was deleted");
+    let (code, _, err) = d.run(&["roll", "--resume"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("only `deployer rollback` can finish"), "{err}");
+    assert_eq!(d.status()["unfinished"]["phase"], "rolling-back");
+    d.assert_serving(serial);
     d.ok(&["rollback"]);
     d.assert_rolled_back(&before, &backends, serial);
 }
@@ -1330,7 +1343,16 @@ fn roll_lb_inside_the_handoff_is_never_undone_by_itself() {
     assert_eq!(d.status()["unfinished"]["handoff"], "started");
     assert_eq!(d.instances().len(), 6);
 
-    // 5. A working hook: `--resume` runs it again and finishes.
+    // 5. The hook cannot even be started on resume (moved away): the earlier runs may have
+    // changed the delegation, so the hand-off stays started and nothing is undone.
+    std::fs::remove_file(d.dir.path().join("hook.sh")).unwrap();
+    let (code, _, err) = d.run(&["roll-lb", "--resume"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot run delegation_hook"), "{err}");
+    assert_eq!(d.status()["unfinished"]["handoff"], "started");
+    assert_eq!(d.instances().len(), 6, "nothing deleted");
+
+    // 6. A working hook: `--resume` runs it again and finishes.
     set_hook(&d, "cat >/dev/null\necho \"$@\" > DIR/new-targets\n");
     d.ok(&["roll-lb", "--resume"]);
     assert!(assert_complete(&d, &before));

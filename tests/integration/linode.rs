@@ -169,6 +169,23 @@ fn retry_after_is_honoured_as_sent_within_the_retry_deadline() {
         "{msg}"
     );
     assert_eq!(fake.count("GET", "/v4/linode/instances"), 10, "not retried");
+    // Whatever the server sends: the largest value is an error, not an overflow.
+    fake.state
+        .lock()
+        .unwrap()
+        .inject
+        .push_back(rate_limit(u64::MAX));
+    let e = c.list_instances(&serde_json::json!({})).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            LinodeError::RateLimited {
+                retry_after: u64::MAX,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     // Server errors stop at the deadline too, saying so.
     c.retry_deadline = Duration::ZERO;
     fake.state.lock().unwrap().inject.push_back(Injection {

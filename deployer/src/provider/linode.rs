@@ -418,7 +418,8 @@ impl LinodeClient {
                     }
                     if status == StatusCode::TOO_MANY_REQUESTS {
                         let after = retry_after(&resp);
-                        if start.elapsed() + after > self.retry_deadline {
+                        // Saturating: `Retry-After` is whatever the server sent.
+                        if after > self.retry_deadline.saturating_sub(start.elapsed()) {
                             return Err(LinodeError::RateLimited {
                                 method: method.to_string(),
                                 path: path.into(),
@@ -459,7 +460,9 @@ impl LinodeClient {
                     })
                 }
             };
-            if failures >= MAX_ATTEMPTS || start.elapsed() + wait > self.retry_deadline {
+            if failures >= MAX_ATTEMPTS
+                || wait > self.retry_deadline.saturating_sub(start.elapsed())
+            {
                 return Err(LinodeError::RetriesExhausted {
                     method: method.to_string(),
                     path: path.into(),
