@@ -506,6 +506,19 @@ impl RrlConfig {
             ("all_per_second", Some(self.all_per_second)),
         ] {
             range(key, v.unwrap_or(0).into(), 0, 1_000_000)?;
+            // The balance floor, −window×rate, is kept in 32 bits.
+            let debt = u64::from(self.window) * u64::from(v.unwrap_or(0));
+            if debt > i32::MAX as u64 {
+                return Err((
+                    "rrl.window".into(),
+                    format!(
+                        "window {} × {key} {} = {debt} exceeds {} (the most debt a prefix can owe): lower one of them",
+                        self.window,
+                        v.unwrap_or(0),
+                        i32::MAX
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -974,6 +987,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("lb.toml") && e.contains("polcy"), "{e}");
+    }
+
+    #[test]
+    fn rrl_debt_that_does_not_fit_is_refused() {
+        let e = parse(&format!(
+            "{MINIMAL}\n[rrl]\nresponses_per_second = 1000000\nwindow = 3600\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("rrl.window") && e.contains("responses_per_second"),
+            "{e}"
+        );
+        parse(&format!(
+            "{MINIMAL}\n[rrl]\nresponses_per_second = 1000000\nwindow = 2000\n"
+        ))
+        .unwrap();
     }
 
     #[test]

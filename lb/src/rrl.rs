@@ -280,7 +280,7 @@ impl RrlTable {
             // As BIND: the all-per-second limit wins and is never slipped.
             (_, Some(_)) => Action::Drop,
             // The first limited answer slips, then every `slip`th (BIND's rotation).
-            (Some(n), None) if p.slip > 0 && (n - 1) % p.slip == 0 => Action::Slip,
+            (Some(n), None) if p.slip > 0 && n.wrapping_sub(1) % p.slip == 0 => Action::Slip,
             (Some(_), None) => Action::Drop,
         }
     }
@@ -341,7 +341,8 @@ impl RrlTable {
             return None;
         }
         slot.last_limited.store(now + 1, Ordering::Relaxed);
-        Some(slot.limited.fetch_add(1, Ordering::Relaxed) + 1)
+        // Wrapping: only the rotation of slips depends on it.
+        Some(slot.limited.fetch_add(1, Ordering::Relaxed).wrapping_add(1))
     }
 
     /// The slot of `tag`: its own, a free one (claimed), or one reused: the one idle longest
@@ -450,12 +451,16 @@ impl RrlTable {
             if recent != logged {
                 g.started |= recent;
                 g.stopped |= !recent;
+                let old_meta = meta;
                 let meta = if recent {
                     meta | META_LOGGED
                 } else {
                     meta & !META_LOGGED
                 };
-                s.meta.store(meta, Ordering::Relaxed);
+                // Only if the slot was not reused meanwhile (a worker's `init` rewrites it).
+                let _ =
+                    s.meta
+                        .compare_exchange(old_meta, meta, Ordering::Relaxed, Ordering::Relaxed);
             }
         }
         self.limited_now

@@ -99,7 +99,9 @@ pub struct Checker {
 /// The zone serials the backends of the current set served at their last probe.
 #[derive(Debug, Default)]
 struct SerialBook {
-    /// Per zone of the settings in force, the newest serial a backend of the current set
+    /// The zones the serials below are for (those of the settings in force).
+    zones: Vec<Vec<u8>>,
+    /// Per zone of `zones`, the newest serial a backend of the current set
     /// served (`None`: none seen yet).
     highest: Vec<Option<u32>>,
     /// Per backend of the current set, the serials of its last successful probe.
@@ -119,12 +121,21 @@ impl Checker {
     }
 
     /// Applies a (reloaded) `[health]` section from the next round on.
+    ///
+    /// The serials seen are kept while the zone list stays the same: a reload must not forget
+    /// them, or a rise between the reload and the next probe would go unnoticed.
     pub fn reconfigure(&self, c: &HealthConfig) {
         let s = CheckerSettings::from_config(c);
-        *self.serials.lock().unwrap_or_else(|e| e.into_inner()) = SerialBook {
-            highest: vec![None; s.as_ref().map_or(0, |s| s.zones.len())],
-            last: HashMap::new(),
-        };
+        let zones = s.as_ref().map_or_else(Vec::new, |s| s.zones.clone());
+        let mut book = self.serials.lock().unwrap_or_else(|e| e.into_inner());
+        if book.zones != zones || book.highest.len() != zones.len() {
+            *book = SerialBook {
+                highest: vec![None; zones.len()],
+                zones,
+                last: HashMap::new(),
+            };
+        }
+        drop(book);
         self.settings.store(s.map(Arc::new));
     }
 
@@ -133,14 +144,13 @@ impl Checker {
     /// lowers it). When it rises, the zone changed: every backend not known to serve the new
     /// serial (not probed since, or probed on an older one) is marked behind first, so nothing
     /// it answers is cached, and then the packet cache is flushed. A backend stays behind until
-    /// its own probe shows every zone at the newest serial.
+    /// its own probe shows every zone at the newest serial. A backend found behind without a
+    /// rise (probed after the others, e.g. after a start or a swap to nameservers that
+    /// disagree) has had its answers cached until now: that flushes the cache too.
     fn note_serials(&self, b: &Backend, serials: &[u32], s: &CheckerSettings, shared: &Shared) {
         let set = shared.current();
         let mut book = self.serials.lock().unwrap_or_else(|e| e.into_inner());
-        if book.highest.len() != s.zones.len()
-            || serials.len() != s.zones.len()
-            || set.find(b.addr).is_none()
-        {
+        if book.zones != s.zones || serials.len() != s.zones.len() || set.find(b.addr).is_none() {
             return; // settings or the set changed while the probe ran
         }
         book.last.retain(|a, _| set.find(*a).is_some());
@@ -157,6 +167,7 @@ impl Checker {
             }
             book.highest[z] = newest;
         }
+        let mut newly_behind = false;
         for other in &set.backends {
             let behind = book.last.get(&other.addr).is_none_or(|v| {
                 v.iter()
@@ -165,15 +176,23 @@ impl Checker {
             });
             // Unprobed backends are only marked behind once a rise makes it matter.
             if book.last.contains_key(&other.addr) || rose {
+                newly_behind |= behind && !other.state.is_behind();
                 other.state.set_behind(behind);
             }
         }
         drop(book);
-        if rose {
+        // Marked behind first, then flushed: nothing a lagging backend answers after the
+        // flush is cached.
+        if rose || newly_behind {
             if let Some(cache) = &shared.cache {
                 cache.flush_serial();
                 tracing::info!(
-                    "a zone's serial rose (backend {}): packet cache flushed",
+                    "{} (backend {}): packet cache flushed",
+                    if rose {
+                        "a zone's serial rose"
+                    } else {
+                        "a backend is behind the newest serial"
+                    },
                     b.addr
                 );
             }
@@ -352,6 +371,51 @@ mod tests {
         // B catches up: no second flush (nothing new), and it is cached from again.
         checker.note_serials(b, &[2], &s, &shared);
         assert!(!b.state.is_behind());
+        assert_eq!(serial_flushes(&shared), 1);
+    }
+
+    #[test]
+    fn a_backend_found_behind_without_a_rise_flushes_what_it_answered() {
+        // Two nameservers that disagree from the start: A (serial 2) is probed first, so no
+        // rise is ever seen; B's serial-1 answers were cached until its probe.
+        let (shared, checker, s) = setup(&["127.0.0.1:53", "127.0.0.2:53"]);
+        let set = shared.current();
+        let (a, b) = (&set.backends[0], &set.backends[1]);
+        checker.note_serials(a, &[2], &s, &shared);
+        assert_eq!(serial_flushes(&shared), 0);
+        checker.note_serials(b, &[1], &s, &shared);
+        assert!(b.state.is_behind());
+        assert_eq!(serial_flushes(&shared), 1);
+        // Still behind at its next probe: nothing new to flush.
+        checker.note_serials(b, &[1], &s, &shared);
+        assert_eq!(serial_flushes(&shared), 1);
+    }
+
+    #[test]
+    fn a_reload_keeps_the_serials_seen_unless_the_zones_change() {
+        let (shared, checker, s) = setup(&["127.0.0.1:53"]);
+        let a = Arc::clone(&shared.current().backends[0]);
+        checker.note_serials(&a, &[2], &s, &shared);
+        let health = crate::config::HealthConfig {
+            enabled: true,
+            zones: vec!["example.test.".into()],
+            ..crate::config::HealthConfig::default()
+        };
+        checker.reconfigure(&health);
+        checker.note_serials(&a, &[3], &s, &shared);
+        assert_eq!(
+            serial_flushes(&shared),
+            1,
+            "the rise across a reload is seen"
+        );
+        // Other zones: a probe made under the old settings is not taken for them.
+        let other = crate::config::HealthConfig {
+            enabled: true,
+            zones: vec!["other.test.".into()],
+            ..crate::config::HealthConfig::default()
+        };
+        checker.reconfigure(&other);
+        checker.note_serials(&a, &[9], &s, &shared);
         assert_eq!(serial_flushes(&shared), 1);
     }
 

@@ -35,16 +35,17 @@ pub enum Route {
     Drop(DropReason),
 }
 
-/// Routes a query over `set` with its policy; counts the all-down outcomes (drops are counted
-/// by the caller, with every other drop). `avoid` is a backend that just failed this query
-/// (taken only if nothing else is usable).
+/// Routes a query over `set` with its policy; counts the all-down outcomes in `stats` (drops
+/// are counted by the caller, with every other drop; `None` when the same query was already
+/// routed and counted once). `avoid` is a backend that just failed this query (taken only if
+/// nothing else is usable).
 #[inline]
 pub fn route(
     set: &BackendSet,
     msg: &[u8],
     q: Option<&Question>,
     counter: usize,
-    stats: &Stats,
+    stats: Option<&Stats>,
     avoid: Option<SocketAddr>,
 ) -> Route {
     let qname_hash = match q {
@@ -54,7 +55,9 @@ pub fn route(
     match set.choose(qname_hash, counter, avoid) {
         Choice::Backend(i) => Route::Backend(i),
         Choice::AllDown { mode, fallback } => {
-            stats.all_down(mode);
+            if let Some(stats) = stats {
+                stats.all_down(mode);
+            }
             match (mode, fallback) {
                 (_, Some(i)) => Route::Backend(i),
                 (AllDown::Servfail, None) => Route::Servfail,

@@ -382,7 +382,14 @@ fn dispatch(fe: &TcpFrontend, mut q: TcpQuery, peer: SocketAddr, counter: &mut u
         }
     }
     let msg = &q.frame[2..];
-    match route(&set, msg, q.question.as_ref(), *counter, stats, q.avoid) {
+    match route(
+        &set,
+        msg,
+        q.question.as_ref(),
+        *counter,
+        Some(stats),
+        q.avoid,
+    ) {
         Route::Backend(i) => {
             q.timeout = set.timeout;
             match transfer::transfer_kind(&q) {

@@ -53,6 +53,8 @@ use crate::wire::{self, Question};
 
 /// How often in-flight tables are scanned for timeouts and due re-sends.
 const TICK: Duration = Duration::from_millis(10);
+/// How often a worker retries opening upstream sockets it could not open.
+const ROUTE_RETRY: Duration = Duration::from_secs(1);
 /// Largest UDP payload; answers are read into buffers this big.
 const MAX_UDP: usize = 65_535;
 /// The RCODE of lb's own answer to a query the access lists refuse.
@@ -211,6 +213,7 @@ impl Worker {
     fn run(&mut self, lifecycle: &Lifecycle, beats: &Heartbeats, n: usize) {
         let mut events = Events::with_capacity(256);
         let mut last_scan = Instant::now();
+        let mut last_route_retry = last_scan;
         let mut stopping: Option<Instant> = None;
         loop {
             let timeout = if self.hot.is_empty() {
@@ -264,7 +267,12 @@ impl Worker {
             let now = Instant::now();
             if now.duration_since(last_scan) >= TICK {
                 last_scan = now;
-                if set.generation == self.route_generation && self.route.contains(&None) {
+                // Once a second: each failed attempt is counted and logged.
+                if set.generation == self.route_generation
+                    && self.route.contains(&None)
+                    && now.duration_since(last_route_retry) >= ROUTE_RETRY
+                {
+                    last_route_retry = now;
                     self.retry_routes(&set);
                 }
                 self.scan_tables(&set, now);
@@ -560,7 +568,7 @@ impl Worker {
     ) -> Result<(usize, u16), Refusal> {
         self.counter = self.counter.wrapping_add(1);
         let stats = &self.shared.stats;
-        let bi = match route(set, msg, q.as_ref(), self.counter, stats, None) {
+        let bi = match route(set, msg, q.as_ref(), self.counter, Some(stats), None) {
             Route::Backend(i) => i,
             Route::Servfail => return Err(Refusal::Servfail),
             Route::Drop(r) => return Err(Refusal::Drop(r)),
@@ -568,10 +576,10 @@ impl Worker {
         let ui = match self.route.get(bi).copied().flatten() {
             Some(ui) => ui,
             // This worker has no socket to that backend (none could be opened; retried every
-            // tick): route once more, avoiding it.
+            // second): route once more, avoiding it.
             None => {
                 let avoid = Some(set.backends[bi].addr);
-                match route(set, msg, q.as_ref(), self.counter, stats, avoid) {
+                match route(set, msg, q.as_ref(), self.counter, None, avoid) {
                     Route::Backend(i) => self.route.get(i).copied().flatten(),
                     _ => None,
                 }
