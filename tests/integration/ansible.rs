@@ -398,6 +398,17 @@ fn tcp_reaches(from: &NetNs, to: SocketAddr) -> bool {
     })
 }
 
+/// [`tcp_reaches`] from a given source address of `from`.
+fn tcp_reaches_from(from: &NetNs, src: &str, to: SocketAddr) -> bool {
+    let src: SocketAddr = format!("{src}:0").parse().unwrap();
+    run_in(&from.name, || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&src.into()).unwrap();
+        s.connect_timeout(&to.into(), Duration::from_millis(400))
+            .is_ok()
+    })
+}
+
 fn nft_list(ns: &NetNs) -> String {
     let out = ns
         .command("nft")
@@ -567,6 +578,11 @@ fn nameserver_firewall_admits_dns_from_the_lbs_on_the_vlan_only() {
         &outside,
         &["ip", "addr", "add", "10.0.0.9/32", "dev", "eth0"],
     );
+    // A secondary allowed to pull signed transfers directly, on the public side.
+    in_ns(
+        &outside,
+        &["ip", "addr", "add", "192.0.2.3/24", "dev", "eth0"],
+    );
     for k in ["all", "default", "pub0"] {
         in_ns(
             &host,
@@ -593,6 +609,8 @@ fn nameserver_firewall_admits_dns_from_the_lbs_on_the_vlan_only() {
             "nameserver_admin_networks": ["10.1.3.0/24", "fd00:99::/64"],
             "nameserver_check_addresses": ["10.0.0.9"],
             "nameserver_vlan_interface": "vlan0",
+            "nameserver_allow_transfer": ["192.0.2.3"],
+            "nameserver_transfer_key": {"name": "xfr-key", "secret": "c2VjcmV0c2VjcmV0c2VjcmV0"},
         }}},
         "lbs": {"hosts": {"lb1": {"ansible_host": "198.51.100.7", "vlan_address": "10.0.0.2"}}},
     }}});
@@ -632,6 +650,14 @@ fn nameserver_firewall_admits_dns_from_the_lbs_on_the_vlan_only() {
     assert!(
         !tcp_reaches(&outside, at("192.0.2.1", 53)),
         "tcp 53 from outside"
+    );
+    assert!(
+        tcp_reaches_from(&outside, "192.0.2.3", at("192.0.2.1", 53)),
+        "tcp 53 from a secondary in nameserver_allow_transfer (signed transfers)"
+    );
+    assert!(
+        !l.udp_reaches(&outside, "192.0.2.3", at("192.0.2.1", 53)),
+        "but no UDP from it: transfers are TCP"
     );
     assert!(
         !tcp_reaches(&outside, at("192.0.2.1", 22)),
