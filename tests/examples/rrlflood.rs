@@ -36,6 +36,16 @@ fn drain(s: &UdpSocket, buf: &mut [u8]) -> (u64, u64, u64) {
     (full, slipped, bytes)
 }
 
+/// What came back: full answers and slips to the flooded prefix, its bytes, and the good
+/// client's full answers.
+#[derive(Default)]
+struct Counts {
+    full: u64,
+    slipped: u64,
+    bytes_received: u64,
+    good_full: u64,
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, d: &str| args.get(i).cloned().unwrap_or_else(|| d.to_string());
@@ -56,9 +66,18 @@ fn main() {
     let good = UdpSocket::bind(format!("{good_addr}:0")).expect("bind the good client");
     good.set_nonblocking(true).unwrap();
     let mut buf = vec![0u8; 65535];
-    let (mut sent, mut bytes_sent, mut full, mut slipped, mut bytes_received) =
-        (0u64, 0u64, 0, 0, 0);
-    let (mut good_sent, mut good_full) = (0u64, 0u64);
+    let (mut sent, mut bytes_sent, mut good_sent) = (0u64, 0u64, 0u64);
+    let mut counts = Counts::default();
+    // Reads every flood socket and the good client's.
+    let drain_all = |buf: &mut [u8], c: &mut Counts| {
+        for s in &socks {
+            let (f, sl, b) = drain(s, buf);
+            c.full += f;
+            c.slipped += sl;
+            c.bytes_received += b;
+        }
+        c.good_full += drain(&good, buf).0;
+    };
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs(secs);
     let interval = Duration::from_secs_f64(1.0 / rate);
@@ -84,23 +103,17 @@ fn main() {
             good_sent += 1;
             next_good += Duration::from_millis(100);
         }
-        for s in &socks {
-            let (f, sl, b) = drain(s, &mut buf);
-            full += f;
-            slipped += sl;
-            bytes_received += b;
-        }
-        good_full += drain(&good, &mut buf).0;
+        drain_all(&mut buf, &mut counts);
         std::thread::sleep(Duration::from_micros(200));
     }
     std::thread::sleep(Duration::from_millis(500));
-    for s in &socks {
-        let (f, sl, b) = drain(s, &mut buf);
-        full += f;
-        slipped += sl;
-        bytes_received += b;
-    }
-    good_full += drain(&good, &mut buf).0;
+    drain_all(&mut buf, &mut counts);
+    let Counts {
+        full,
+        slipped,
+        bytes_received,
+        good_full,
+    } = counts;
     println!(
         "sent {sent} bytes_sent {bytes_sent} full {full} slipped {slipped} bytes_received {bytes_received} good_sent {good_sent} good_full {good_full}"
     );

@@ -18,8 +18,9 @@ fn client(fake: &FakeLinode) -> LinodeClient {
     c
 }
 
-fn provider(fake: &FakeLinode, dir: &TempDir) -> LinodeProvider {
-    let cfg = LinodeConfig {
+/// The `[linode]` section of a deployer on the fake API.
+fn linode_config(fake: &FakeLinode) -> LinodeConfig {
+    LinodeConfig {
         api_url: fake.base(),
         region: "us-east".into(),
         instance_type: "g6-nanode-1".into(),
@@ -27,7 +28,11 @@ fn provider(fake: &FakeLinode, dir: &TempDir) -> LinodeProvider {
         authorized_keys_files: vec![],
         ssh_user: "root".into(),
         ssh_command: "ssh".into(),
-    };
+    }
+}
+
+fn provider(fake: &FakeLinode, dir: &TempDir) -> LinodeProvider {
+    let cfg = linode_config(fake);
     LinodeProvider::new(client(fake), cfg, "deployer-t".into(), dir.path())
 }
 
@@ -319,15 +324,7 @@ fn creates_are_paced_under_the_documented_rate_limit() {
     let dir = TempDir::new("linode");
     let mut c = client(&fake);
     c.create_limit = (2, Duration::from_secs(1));
-    let cfg = LinodeConfig {
-        api_url: fake.base(),
-        region: "us-east".into(),
-        instance_type: "g6-nanode-1".into(),
-        image: "linode/debian12".into(),
-        authorized_keys_files: vec![],
-        ssh_user: "root".into(),
-        ssh_command: "ssh".into(),
-    };
+    let cfg = linode_config(&fake);
     let p = LinodeProvider::new(c, cfg, "deployer-t".into(), dir.path());
     let t = Instant::now();
     for k in 0..5 {
@@ -568,15 +565,7 @@ fn linode_deployer(fake: &FakeLinode, dir: &TempDir, extra: &str) -> deployer::D
     let c = deployer::config::DeployerConfig::read(&cfg).unwrap();
     let mut d = deployer::Deployer::new(c, true).unwrap();
     d.cfg.provider.kind = deployer::config::ProviderKind::Linode;
-    d.cfg.linode = Some(LinodeConfig {
-        api_url: fake.base(),
-        region: "us-east".into(),
-        instance_type: "g6-nanode-1".into(),
-        image: "linode/debian12".into(),
-        authorized_keys_files: vec![],
-        ssh_user: "root".into(),
-        ssh_command: "ssh".into(),
-    });
+    d.cfg.linode = Some(linode_config(fake));
     let c = d.cfg.clone();
     let mut client = client(fake);
     client.backoff = Duration::from_millis(5);
