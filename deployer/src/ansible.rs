@@ -161,6 +161,14 @@ pub fn run_vars(cfg: &DeployerConfig) -> Value {
     );
     if !cfg.network.admin_networks.is_empty() {
         m.insert("admin_networks".into(), json!(cfg.network.admin_networks));
+    } else if let (crate::config::ProviderKind::Machines, Some(mc)) =
+        (cfg.provider.kind, cfg.machines.as_ref())
+    {
+        // The machines are administered from this host, through its public-bridge address.
+        m.insert(
+            "admin_networks".into(),
+            json!([format!("{}/32", mc.host_address())]),
+        );
     }
     if let Some(a) = cfg.network.check_address {
         m.insert("nameserver_check_addresses".into(), json!([a.to_string()]));

@@ -34,6 +34,8 @@ pub struct DeployerConfig {
     pub provider: ProviderConfig,
     #[serde(default)]
     pub linode: Option<LinodeConfig>,
+    #[serde(default)]
+    pub machines: Option<MachinesConfig>,
     pub nameservers: Vec<NameserverConfig>,
     pub zones: ZonesConfig,
     pub lbs: Vec<LbConfig>,
@@ -238,6 +240,85 @@ pub enum ProviderKind {
     Local,
     /// Linode API v4.
     Linode,
+    /// Debian 12 machines on this host: systemd-nspawn containers booted with systemd, each
+    /// with its own network stack on two host bridges (`[machines]`).
+    Machines,
+}
+
+impl ProviderKind {
+    /// Instances are machines of their own, reached over SSH, with the fixed ports
+    /// [`VM_DNS_PORT`] and [`VM_METRICS_PORT`], the lb Debian package and the firewalls
+    /// (everything but the local provider).
+    pub fn is_vm(self) -> bool {
+        !matches!(self, ProviderKind::Local)
+    }
+}
+
+/// `[machines]`: the machines provider's image, host bridges and SSH key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachinesConfig {
+    /// The base image directory, printed by `scripts/machine-image.sh` (built once, cached).
+    pub image: PathBuf,
+    /// The host bridge standing for the internet: every machine's eth0 is on it, and so is
+    /// this host, with the first address of `public_subnet` (the admin address).
+    #[serde(default = "default_public_bridge")]
+    pub public_bridge: String,
+    /// Public addresses, from this host only: the host takes the first, machines the rest.
+    #[serde(default = "default_public_subnet")]
+    pub public_subnet: Subnet,
+    /// The host bridge standing for the Linode VLAN (`[network] vlan`): the machines' eth1;
+    /// the host has no address on it.
+    #[serde(default = "default_private_bridge")]
+    pub private_bridge: String,
+    /// The deployer's SSH key for root on every machine (generated on first use when missing).
+    /// Default: `STATE_DIR/machines/id_ed25519`.
+    #[serde(default)]
+    pub ssh_key: Option<PathBuf>,
+    /// Where the machines of every deployment on this host lease their public addresses.
+    #[serde(default = "default_machines_run_dir")]
+    pub run_dir: PathBuf,
+}
+
+impl MachinesConfig {
+    /// This host's address on the public bridge (the first of `public_subnet`).
+    pub fn host_address(&self) -> Ipv4Addr {
+        self.public_subnet
+            .hosts()
+            .next()
+            .unwrap_or(self.public_subnet.network)
+    }
+}
+
+fn default_public_bridge() -> String {
+    "lbm-public".into()
+}
+fn default_private_bridge() -> String {
+    "lbm-vlan".into()
+}
+fn default_public_subnet() -> Subnet {
+    Subnet {
+        network: Ipv4Addr::new(10, 231, 0, 0),
+        len: 24,
+    }
+}
+fn default_machines_run_dir() -> PathBuf {
+    PathBuf::from("/run/lb-machines")
+}
+
+/// Why `name` cannot be a network interface (a bridge): 1-15 letters, digits, '-', '_', '.'.
+pub fn interface_name_error(name: &str) -> Option<String> {
+    if name.is_empty()
+        || name.len() > 15
+        || !name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    {
+        return Some(format!(
+            "`{name}` is not an interface name (1-15 letters, digits, '-', '_', '.')"
+        ));
+    }
+    None
 }
 
 /// `[linode]`: defaults for instances; each nameserver may override region/type/image.
@@ -456,6 +537,13 @@ impl DeployerConfig {
                 }
             }
         }
+        if let Some(m) = cfg.machines.as_mut() {
+            for p in std::iter::once(&mut m.image).chain(m.ssh_key.as_mut()) {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -541,6 +629,41 @@ impl DeployerConfig {
                 "provider kind \"linode\" needs a [linode] section".into(),
             ));
         }
+        if self.provider.kind == ProviderKind::Machines {
+            let Some(m) = &self.machines else {
+                return Err(invalid(
+                    "machines",
+                    "provider kind \"machines\" needs a [machines] section with `image` (build the image with scripts/machine-image.sh, which prints its path)".into(),
+                ));
+            };
+            for (key, b) in [
+                ("machines.public_bridge", &m.public_bridge),
+                ("machines.private_bridge", &m.private_bridge),
+            ] {
+                if let Some(e) = interface_name_error(b) {
+                    return Err(invalid(key, e));
+                }
+            }
+            if m.public_bridge == m.private_bridge {
+                return Err(invalid(
+                    "machines.private_bridge",
+                    format!(
+                        "`{}` is also the public bridge: the VLAN needs a bridge of its own",
+                        m.private_bridge
+                    ),
+                ));
+            }
+            if self.network.vlan.is_some() && self.network.subnet.network == m.public_subnet.network
+            {
+                return Err(invalid(
+                    "machines.public_subnet",
+                    format!(
+                        "{} is also [network] subnet, the VLAN's: give them different subnets",
+                        m.public_subnet
+                    ),
+                ));
+            }
+        }
         self.validate_ports(path)?;
         self.validate_network(path)
     }
@@ -564,7 +687,7 @@ impl DeployerConfig {
          -> Result<(), DeployConfigError> {
             for &(var, want) in checked {
                 let Some(v) = vars.get(var) else { continue };
-                if self.provider.kind == ProviderKind::Local {
+                if !self.provider.kind.is_vm() {
                     return Err(invalid(
                         key,
                         format!("`{var}` cannot be set with the local provider: it gives every instance its own ports on 127.0.0.1 and sets `{var}` itself"),
@@ -651,7 +774,7 @@ impl DeployerConfig {
                 ),
             ));
         }
-        if let (ProviderKind::Linode, Some(a)) = (self.provider.kind, net.check_address) {
+        if let (true, Some(a)) = (self.provider.kind.is_vm(), net.check_address) {
             let on_vlan = match a {
                 IpAddr::V4(v4) => net.subnet.contains(v4),
                 IpAddr::V6(_) => false,

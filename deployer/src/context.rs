@@ -11,6 +11,7 @@ use crate::lbctl::LbControl;
 use crate::lock::DeploymentLock;
 use crate::provider::linode::{LinodeClient, LinodeProvider};
 use crate::provider::local::LocalProvider;
+use crate::provider::machines::MachinesProvider;
 use crate::provider::{Instance, Provider, ProviderError, Role};
 use crate::report::Reporter;
 use crate::zones;
@@ -33,6 +34,13 @@ impl Deployer {
     pub fn new(cfg: DeployerConfig, json: bool) -> Result<Deployer> {
         let provider: Box<dyn Provider> = match cfg.provider.kind {
             ProviderKind::Local => Box::new(LocalProvider::new(&cfg.state_dir, &cfg.lb_binary)),
+            ProviderKind::Machines => {
+                let m = cfg
+                    .machines
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("[machines] section missing"))?;
+                Box::new(MachinesProvider::new(m, &cfg.deployment, &cfg.state_dir))
+            }
             ProviderKind::Linode => {
                 let l = cfg
                     .linode
@@ -84,7 +92,7 @@ impl Deployer {
     /// VLANs; the local provider keeps loopback).
     pub fn vlan(&self) -> Option<&str> {
         match self.cfg.provider.kind {
-            ProviderKind::Linode => self.cfg.network.vlan.as_deref(),
+            ProviderKind::Linode | ProviderKind::Machines => self.cfg.network.vlan.as_deref(),
             ProviderKind::Local => None,
         }
     }
@@ -172,14 +180,47 @@ impl Deployer {
         Ok(i.backend_addr().to_string())
     }
 
-    /// Deletes an instance; already gone is success.
+    /// Deletes an instance; already gone is success. Its host key is forgotten: clouds give
+    /// addresses to new instances, whose new keys must not be refused as impostors.
     pub fn delete_instance(&self, i: &Instance) -> Result<()> {
         match self.provider.delete(i.id) {
-            Ok(()) | Err(ProviderError::NotFound(_)) => Ok(()),
+            Ok(()) | Err(ProviderError::NotFound(_)) => {
+                if let Some(t) = self.provider.ssh_target(i) {
+                    if let Err(e) = crate::ssh::forget_host(&t.known_hosts, t.host()) {
+                        self.out.info(&format!("warning: {e}"));
+                    }
+                }
+                Ok(())
+            }
             Err(e) => {
                 Err(anyhow!(e)).with_context(|| format!("deleting {} (id {})", i.label, i.id))
             }
         }
+    }
+
+    /// Waits until a new instance accepts SSH (where the provider reaches instances over
+    /// SSH), within `timeouts.boot_secs`, saying every 10 s that it still waits.
+    pub fn wait_ssh(&self, i: &Instance) -> Result<()> {
+        let Some(t) = self.provider.ssh_target(i) else {
+            return Ok(());
+        };
+        let waited = crate::ssh::wait_ready(&t, self.cfg.timeouts.boot(), |elapsed, last| {
+            self.out.info(&format!(
+                "still waiting for SSH on {} ({}): {}s ({last})",
+                i.label,
+                t.host(),
+                elapsed.as_secs()
+            ))
+        })
+        .map_err(|e| anyhow!("{} (id {}): {e}", i.label, i.id))?;
+        if waited > std::time::Duration::from_secs(2) {
+            self.out.info(&format!(
+                "{} accepts SSH after {:.0}s",
+                i.label,
+                waited.as_secs_f64()
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use lb::control_protocol::{
@@ -52,12 +52,8 @@ pub enum LbControl {
         socket: PathBuf,
     },
     Ssh {
-        /// The ssh client to run (`[linode] ssh_command`, default `ssh`).
-        program: String,
-        /// `user@host`.
-        target: String,
+        ssh: crate::ssh::SshTarget,
         socket: PathBuf,
-        known_hosts: PathBuf,
     },
 }
 
@@ -71,12 +67,7 @@ impl LbControl {
         let resp = match self {
             LbControl::Local { socket } => send_request(socket, cmd, timeout)
                 .map_err(|e| CtlError::Transport(e.to_string()))?,
-            LbControl::Ssh {
-                program,
-                target,
-                socket,
-                known_hosts,
-            } => ssh_request(program, target, socket, known_hosts, cmd, timeout)?,
+            LbControl::Ssh { ssh, socket } => ssh_request(ssh, socket, cmd, timeout)?,
         };
         if resp.ok {
             resp.result
@@ -147,46 +138,30 @@ const MAX_SSH_OUTPUT: u64 = 4 << 20;
 /// connect, plus [`SSH_MARGIN`]; keepalives every 5 s end a dead connection within 10 s), when
 /// ssh is killed.
 fn ssh_request(
-    program: &str,
-    target: &str,
+    target: &crate::ssh::SshTarget,
     socket: &std::path::Path,
-    known_hosts: &std::path::Path,
     cmd: ControlCommand,
     timeout: Duration,
 ) -> Result<ControlResponse, CtlError> {
     let transport = |m: String| CtlError::Transport(m);
+    let (program, target_name) = (target.program.as_str(), target.target.as_str());
     let connect = Duration::from_secs(timeout.as_secs().max(1));
-    let mut ssh = Command::new(program);
-    ssh.args([
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        &format!("UserKnownHostsFile={}", known_hosts.display()),
-        "-o",
-        "StrictHostKeyChecking=accept-new",
-        "-o",
-        &format!("ConnectTimeout={}", connect.as_secs()),
-        "-o",
-        "ServerAliveInterval=5",
-        "-o",
-        "ServerAliveCountMax=2",
-        target,
-    ])
-    .args(ctl_args(socket, cmd, timeout))
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    let mut ssh = target.command(connect);
+    ssh.args(ctl_args(socket, cmd, timeout))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = crate::children::spawn(&mut ssh)
-        .map_err(|e| transport(format!("cannot run {program} to {target}: {e}")))?;
+        .map_err(|e| transport(format!("cannot run {program} to {target_name}: {e}")))?;
     let stdout = read_bounded(child.child.stdout.take());
     let stderr = read_bounded(child.child.stderr.take());
     let deadline = timeout + connect + SSH_MARGIN;
     let status = child
         .wait_deadline(deadline, Duration::from_secs(1))
-        .map_err(|e| transport(format!("waiting for {program} to {target}: {e}")))?;
+        .map_err(|e| transport(format!("waiting for {program} to {target_name}: {e}")))?;
     let Some(status) = status else {
         return Err(transport(format!(
-            "`lb ctl` over ssh to {target} did not finish within {}s and was stopped",
+            "`lb ctl` over ssh to {target_name} did not finish within {}s and was stopped",
             deadline.as_secs()
         )));
     };
@@ -197,7 +172,7 @@ fn ssh_request(
         stderr.recv_timeout(PIPE_GRACE),
     ) else {
         return Err(transport(format!(
-            "{program} to {target} exited ({status}) but something it started still holds its output open; no answer read"
+            "{program} to {target_name} exited ({status}) but something it started still holds its output open; no answer read"
         )));
     };
     let stderr = String::from_utf8_lossy(&stderr).trim().to_string();
@@ -216,14 +191,14 @@ fn ssh_request(
         (Some(0), Some(r)) if r.ok => Ok(r),
         (Some(c), Some(r)) if i32::from(lb::ctl::EXIT_REFUSED) == c && !r.ok => Ok(r),
         (Some(255), _) => Err(transport(format!(
-            "ssh to {target} failed (exit 255): {stderr}"
+            "ssh to {target_name} failed (exit 255): {stderr}"
         ))),
         (Some(c), a) if i32::from(lb::ctl::EXIT_UNREACHABLE) == c => Err(transport(format!(
-            "`lb ctl` on {target} could not reach lb (exit {c}): {}",
+            "`lb ctl` on {target_name} could not reach lb (exit {c}): {}",
             lb_said(&a)
         ))),
         (c, a) => Err(transport(format!(
-            "`lb ctl` over ssh to {target} failed ({}): {}",
+            "`lb ctl` over ssh to {target_name} failed ({}): {}",
             c.map_or("killed by a signal".to_string(), |c| format!("exit {c}")),
             lb_said(&a)
         ))),

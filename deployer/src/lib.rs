@@ -3,7 +3,9 @@
 //! From the bottom up (imports only point down):
 //! - [`steps`] — the typed steps of every operation and the crash points inside them.
 //! - [`config`] — the `deployer.toml` file. [`zones`] — facts read from zone files.
-//! - [`provider`] — where instances come from (local processes or Linode), behind one trait.
+//! - [`ssh`] — reaching instances over SSH (waiting for it, forgetting deleted host keys).
+//! - [`provider`] — where instances come from (local processes, Linode, or machines on this
+//!   host), behind one trait.
 //! - [`lbctl`] — driving `lb` through its control socket, locally or over SSH.
 //! - [`children`] — child processes (ansible-playbook, the hook, ssh) that never outlive the
 //!   deployer, and SIGINT/SIGTERM stopping them first.
@@ -36,6 +38,7 @@ pub mod network;
 pub mod operations;
 pub mod provider;
 pub mod report;
+pub mod ssh;
 pub mod status;
 pub mod steps;
 pub mod zones;

@@ -90,6 +90,8 @@ pub fn create(d: &Deployer, j: &mut Journal, role: Role, next: bool) -> Result<S
             .provider
             .wait_running(j.created[i].id, d.cfg.timeouts.boot())
             .with_context(|| format!("waiting for {} to boot", j.created[i].label))?;
+        // "Running" at a cloud comes well before sshd listens; provisioning needs SSH.
+        d.wait_ssh(&running)?;
         j.created[i] = running;
         made.push(format!(
             "{} (id {}, {})",

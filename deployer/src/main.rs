@@ -62,6 +62,12 @@ enum Cmd {
     },
     /// Instances, each lb's backends and generation, and any unfinished operation.
     Status,
+    /// The machines provider's machines: extra machines beside the deployment's instances
+    /// (the rehearsal's parent zone server and resolver), and every machine's state.
+    Machines {
+        #[command(subcommand)]
+        command: MachinesCmd,
+    },
     /// Delete everything this deployment owns.
     Down {
         /// Do not ask for confirmation.
@@ -70,6 +76,23 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum MachinesCmd {
+    /// Create extra machines (on the public bridge only, not part of the deployment) and wait
+    /// until they accept SSH; prints each one's label and address.
+    Create {
+        #[arg(required = true)]
+        labels: Vec<String>,
+    },
+    /// Delete extra machines.
+    Delete {
+        #[arg(required = true)]
+        labels: Vec<String>,
+    },
+    /// Every machine of the deployment, extras included: status, addresses, memory.
+    List,
 }
 
 /// Exit status when the operation stopped to wait for the operator (roll-lb without a
@@ -102,8 +125,64 @@ fn run(cli: Cli) -> anyhow::Result<Ended> {
             }
             return Ok(Ended::Done);
         }
+        Cmd::Machines { command } => {
+            let m = d.machines_provider()?;
+            match command {
+                MachinesCmd::Create { labels } => {
+                    d.lock()?;
+                    for label in labels {
+                        let v = m.create_extra(&label, d.cfg.timeouts.boot())?;
+                        if cli.json {
+                            println!("{}", serde_json::to_string(&v)?);
+                        } else {
+                            println!("{} {}", v.label, v.address);
+                        }
+                    }
+                }
+                MachinesCmd::Delete { labels } => {
+                    d.lock()?;
+                    for label in labels {
+                        m.delete_extra(&label)?;
+                        d.out.info(&format!("deleted {label}"));
+                    }
+                }
+                MachinesCmd::List => {
+                    let all = m.machines()?;
+                    if cli.json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"ssh_key": m.ssh_key(), "machines": all})
+                        );
+                    } else {
+                        println!(
+                            "{:<12} {:>4} {:<10} {:<8} {:<15} {:<15} {:>8} MACHINE",
+                            "LABEL", "ID", "KIND", "STATUS", "ADDRESS", "VLAN", "MEM(MiB)"
+                        );
+                        for v in all {
+                            println!(
+                                "{:<12} {:>4} {:<10} {:<8} {:<15} {:<15} {:>8.1} {}",
+                                v.label,
+                                v.id,
+                                v.kind,
+                                v.status,
+                                v.address,
+                                v.private_address.map(|a| a.to_string()).unwrap_or_default(),
+                                v.memory_bytes as f64 / 1048576.0,
+                                v.machine
+                            );
+                        }
+                    }
+                }
+            }
+            return Ok(Ended::Done);
+        }
         Cmd::Down { yes, dry_run } => {
             let all = d.list()?;
+            if all.is_empty() && !dry_run {
+                // No instance, but a provider may still hold machines or bridges.
+                d.lock()?;
+                d.provider.teardown()?;
+            }
             if dry_run || all.is_empty() {
                 for i in &all {
                     d.out.info(&format!(

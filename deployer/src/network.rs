@@ -85,6 +85,10 @@ pub fn preflight(d: &Deployer, op: Operation, existing: &[Instance]) -> Result<O
             "[network] vlan = \"{vlan}\" is not used by the local provider: every instance is a process on 127.0.0.1, and loopback is their private network"
         )));
     }
+    if d.cfg.provider.kind == ProviderKind::Machines {
+        // Every machine is on this host's private bridge: one "region".
+        return Ok(None);
+    }
     let region = d
         .cfg
         .vlan_region()

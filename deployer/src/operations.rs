@@ -10,7 +10,7 @@ use crate::context::{next_command, Deployer};
 use crate::engine;
 use crate::journal::{Handoff, Journal, JournalState, Operation, Phase, Step, StepRecord};
 use crate::lifecycle::fmt_serials;
-use crate::provider::{Instance, ProviderError};
+use crate::provider::Instance;
 use crate::status::{BackendView, InstanceView, LastView, LbView, StatusView, UnfinishedView};
 use crate::steps::{ROLL_LB_STEPS, ROLL_STEPS, UP_STEPS};
 
@@ -76,7 +76,7 @@ impl Deployer {
     /// (`lb_package`): checked before anything is created, so that a missing package is not
     /// found only once VMs exist and Ansible runs.
     fn lb_package_preflight(&self) -> Result<()> {
-        if self.cfg.provider.kind != crate::config::ProviderKind::Linode {
+        if !self.cfg.provider.kind.is_vm() {
             return Ok(());
         }
         let extra = &self.cfg.ansible.extra_vars;
@@ -454,11 +454,14 @@ impl Deployer {
         self.lock()?;
         let mut errors = Vec::new();
         for i in &all {
-            match self.provider.delete(i.id) {
-                Ok(()) | Err(ProviderError::NotFound(_)) => {
-                    self.out.info(&format!("deleted {} (id {})", i.label, i.id))
-                }
-                Err(e) => errors.push(format!("{} (id {}): {e}", i.label, i.id)),
+            match self.delete_instance(i) {
+                Ok(()) => self.out.info(&format!("deleted {} (id {})", i.label, i.id)),
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        if errors.is_empty() {
+            if let Err(e) = self.provider.teardown() {
+                errors.push(e.to_string());
             }
         }
         // An old-format journal must not stop a teardown: it is replaced below.
@@ -476,5 +479,22 @@ impl Deployer {
 
     pub fn list(&self) -> Result<Vec<Instance>> {
         Ok(self.provider.list()?)
+    }
+
+    /// The machines provider of this deployment (`deployer machines ...`).
+    pub fn machines_provider(&self) -> Result<crate::provider::machines::MachinesProvider> {
+        match (&self.cfg.provider.kind, &self.cfg.machines) {
+            (crate::config::ProviderKind::Machines, Some(m)) => Ok(
+                crate::provider::machines::MachinesProvider::new(
+                    m,
+                    &self.cfg.deployment,
+                    &self.cfg.state_dir,
+                ),
+            ),
+            _ => bail!(
+                "`deployer machines` needs the machines provider: [provider] kind = \"machines\" in {}",
+                self.cfg.source.display()
+            ),
+        }
     }
 }

@@ -11,7 +11,7 @@
 //!
 //! | layer | modules |
 //! | --- | --- |
-//! | 0 | wire, mmsg, sockets, systemd, control_protocol, lifecycle, fdpass, prefix, zeroed |
+//! | 0 | wire, mmsg, sockets, systemd, control_protocol, lifecycle, fdpass, prefix, zeroed, logging |
 //! | 1 | policy, probe, inflight, xfr |
 //! | 2 | config |
 //! | 3 | stats, state |
@@ -24,7 +24,7 @@
 //!
 //! - Leaves (0): DNS wire format, batched datagram I/O, socket construction, systemd
 //!   notifications, the control protocol, the process lifecycle, descriptor passing, IP
-//!   prefixes, zeroed fixed tables.
+//!   prefixes, zeroed fixed tables, journal log priorities.
 //! - Pure policy and data (1-4): selection policies, the health probe, the UDP in-flight table,
 //!   where a zone transfer's stream ends, every config type, counters and histograms, the
 //!   persisted state, the response-rate-limiting table, the access lists, the packet cache.
@@ -44,6 +44,7 @@ pub mod dataplane;
 pub mod fdpass;
 pub mod inflight;
 pub mod lifecycle;
+pub mod logging;
 pub mod mmsg;
 pub mod policy;
 pub mod prefix;

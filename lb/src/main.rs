@@ -153,17 +153,35 @@ enum LogFormat {
 }
 
 fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Under systemd (`JOURNAL_STREAM` set) the journal stamps each line itself and reads its
+    // priority from a `<N>` prefix (sd-daemon(3)); colour codes only where a person reads a
+    // terminal.
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let ansi = !journal && std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .with_target(false);
-    // Under systemd the journal stamps each line itself.
-    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     match (format, journal) {
-        (LogFormat::Json, _) => builder.json().init(),
-        (LogFormat::Text, true) => builder.without_time().init(),
+        (LogFormat::Json, false) => builder.json().init(),
+        (LogFormat::Json, true) => builder
+            .event_format(lb::logging::JournalPriority(
+                tracing_subscriber::fmt::format().json().without_time(),
+            ))
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .init(),
+        (LogFormat::Text, true) => builder
+            .event_format(lb::logging::JournalPriority(
+                tracing_subscriber::fmt::format()
+                    .with_target(false)
+                    .with_ansi(false)
+                    .without_time(),
+            ))
+            .init(),
         (LogFormat::Text, false) => builder.init(),
     }
 }

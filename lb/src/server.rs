@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -373,10 +374,8 @@ pub fn run(
         for s in servers {
             let _ = s.await;
         }
-        let deadline = tokio::time::Instant::now() + drain_timeout;
-        while frontend.limits.open() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let handed_over = lifecycle.successor().is_some();
+        wait_for_clients(&frontend, &shared, drain_timeout, handed_over).await;
         anyhow::Ok((workers, frontend))
     })?;
     drop(frontend);
@@ -391,6 +390,39 @@ pub fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Waits for the TCP client connections to finish what they were sent: up to `drain_timeout`
+/// for queries, and, after an upgrade handed the sockets over, for every zone transfer in
+/// progress too (each bounded by `tcp.transfer_timeout_ms`), so that an upgrade never cuts an
+/// AXFR. A SIGTERM stop does not wait for transfers: systemd's `TimeoutStopSec` would kill
+/// the process first.
+async fn wait_for_clients(
+    frontend: &TcpFrontend,
+    shared: &Shared,
+    drain_timeout: Duration,
+    handed_over: bool,
+) {
+    let start = tokio::time::Instant::now();
+    let mut deadline = start + drain_timeout;
+    let transfers_end = start + frontend.settings.transfer.timeout;
+    let mut waited_for_transfers = false;
+    while frontend.limits.open() > 0 {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            let transfers = shared.stats.transfers_active.load(Ordering::Relaxed);
+            if !(handed_over && transfers > 0 && now < transfers_end) {
+                break;
+            }
+            if !waited_for_transfers {
+                tracing::info!("waiting for {transfers} zone transfer(s) in progress");
+                waited_for_transfers = true;
+            }
+            // Once the last transfer ends, its last message still has to be written.
+            deadline = now + frontend.settings.write_timeout;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Duplicates of every listening socket, kept for a later upgrade's hand-over.

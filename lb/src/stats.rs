@@ -140,6 +140,8 @@ pub struct Stats {
     pub swap_failures: AtomicU64,
     /// Upstream UDP sockets that could not be opened (e.g. at `RLIMIT_NOFILE`).
     pub upstream_socket_failures: AtomicU64,
+    /// Zone transfers being relayed now (an upgrade's old process waits for them).
+    pub transfers_active: AtomicU64,
 }
 
 /// Why the access lists refused a query (`lb_access_denied_total{reason}`).

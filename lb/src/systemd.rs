@@ -59,8 +59,16 @@ pub fn notify_stopping() {
 }
 
 /// Tells systemd that `pid` (the process this one upgraded to) is the service's main process.
+///
+/// A watchdog ping goes in the same message, sent while this process is still the main one
+/// (`NotifyAccess=main`): the new process's pings count only from now on, and its first one
+/// may be up to half the watchdog interval away.
 pub fn notify_main_pid(pid: u32) {
-    let _ = sd_notify::notify(&[NotifyState::MainPid(pid), NotifyState::Status("upgraded")]);
+    let _ = sd_notify::notify(&[
+        NotifyState::MainPid(pid),
+        NotifyState::Watchdog,
+        NotifyState::Status("upgraded"),
+    ]);
 }
 
 /// Tells systemd a reload is done (also fine without `Type=notify-reload`).

@@ -754,10 +754,13 @@ fn over_ssh_only_an_answer_from_lb_is_a_refusal() {
         ),
     );
     let ctl = |program: &str, socket: &std::path::Path| LbControl::Ssh {
-        program: program.into(),
-        target: "root@192.0.2.1".into(),
+        ssh: deployer::ssh::SshTarget {
+            program: program.into(),
+            target: "root@192.0.2.1".into(),
+            known_hosts: dir.path().join("known_hosts"),
+            identity: None,
+        },
         socket: socket.into(),
-        known_hosts: dir.path().join("known_hosts"),
     };
     let t = Duration::from_secs(2);
     // `lb ctl` cannot reach lb (exit 2, with its own {"ok":false,...}): lb said nothing.

@@ -34,7 +34,7 @@ use serde_json::{json, Map, Value};
 
 use super::{Instance, InstanceSpec, Provider, ProviderError, Role, VlanSupport};
 use crate::config::LinodeConfig;
-use crate::lbctl::LbControl;
+use crate::ssh::SshTarget;
 
 /// Most attempts for one request failing with server or network errors (rate limits are
 /// bounded by the retry deadline instead: Linode says how long to wait).
@@ -850,13 +850,13 @@ impl Provider for LinodeProvider {
         m
     }
 
-    fn lb_control(&self, inst: &Instance, socket: &Path) -> LbControl {
-        LbControl::Ssh {
+    fn ssh_target(&self, inst: &Instance) -> Option<SshTarget> {
+        Some(SshTarget {
             program: self.cfg.ssh_command.clone(),
             target: format!("{}@{}", self.cfg.ssh_user, inst.address),
-            socket: socket.to_path_buf(),
             known_hosts: self.known_hosts.clone(),
-        }
+            identity: None,
+        })
     }
 
     fn vlan_support(&self, region: &str) -> Result<VlanSupport, ProviderError> {

@@ -233,6 +233,10 @@ impl Provider for LocalProvider {
         m
     }
 
+    fn ssh_target(&self, _inst: &Instance) -> Option<crate::ssh::SshTarget> {
+        None
+    }
+
     fn lb_control(&self, inst: &Instance, _socket: &Path) -> LbControl {
         LbControl::Local {
             socket: inst.dir.clone().unwrap_or_default().join("control.sock"),

@@ -1,10 +1,11 @@
-//! Where instances come from: one trait, two implementations ([`local::LocalProvider`] and
-//! [`linode::LinodeProvider`]).
+//! Where instances come from: one trait, three implementations ([`local::LocalProvider`],
+//! [`linode::LinodeProvider`] and [`machines::MachinesProvider`]).
 //!
 //! Every provider lists and touches only instances carrying the deployment's tag.
 
 pub mod linode;
 pub mod local;
+pub mod machines;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -136,8 +137,26 @@ pub trait Provider {
     fn wait_running(&self, id: u64, timeout: Duration) -> Result<Instance, ProviderError>;
     /// Ansible host variables to reach and configure this instance.
     fn host_vars(&self, inst: &Instance) -> serde_json::Map<String, serde_json::Value>;
-    /// How to run `lb ctl` against an lb instance.
-    fn lb_control(&self, inst: &Instance, socket: &std::path::Path) -> crate::lbctl::LbControl;
+    /// How the deployer reaches the instance over SSH (`None`: it is not a machine of its own,
+    /// as with the local provider).
+    fn ssh_target(&self, inst: &Instance) -> Option<crate::ssh::SshTarget>;
+    /// How to run `lb ctl` against an lb instance: over SSH where the instance has it.
+    fn lb_control(&self, inst: &Instance, socket: &std::path::Path) -> crate::lbctl::LbControl {
+        match self.ssh_target(inst) {
+            Some(ssh) => crate::lbctl::LbControl::Ssh {
+                ssh,
+                socket: socket.to_path_buf(),
+            },
+            None => crate::lbctl::LbControl::Local {
+                socket: socket.to_path_buf(),
+            },
+        }
+    }
     /// Whether instances in `region` can be put on a VLAN.
     fn vlan_support(&self, region: &str) -> Result<VlanSupport, ProviderError>;
+    /// Removes what the provider keeps besides the instances (the machines provider's extra
+    /// machines and bridges); `deployer down` calls it once every instance is deleted.
+    fn teardown(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
 }

@@ -158,6 +158,11 @@ pub fn hand_over(
         .arg(config)
         .args(["--log-format", if log_json { "json" } else { "text" }])
         .env(ENV_UPGRADE_FD, their_fd.to_string())
+        // systemd names this process in WATCHDOG_PID; inherited as is, the new process would
+        // take the watchdog for someone else's and never ping, and systemd would kill it once
+        // it is the main process. Without the variable the watchdog is the new process's
+        // (WATCHDOG_USEC stays).
+        .env_remove("WATCHDOG_PID")
         .stdin(Stdio::null());
     let spawned = cmd.spawn();
     drop(theirs);

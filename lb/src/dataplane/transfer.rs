@@ -63,6 +63,7 @@ pub async fn run(
     s: TransferSettings,
     stats: Arc<Stats>,
 ) {
+    let _active = ActiveTransfer::new(&stats);
     backend.state.in_flight_add(1);
     if !q.retried {
         backend.state.queries.fetch_add(1, Ordering::Relaxed);
@@ -99,6 +100,23 @@ pub async fn run(
     };
     if q.client.stream.send(last).await.is_err() {
         stats.dropped(DropReason::ClientGone);
+    }
+}
+
+/// Counts a transfer in [`Stats::transfers_active`] from its start until its last message is
+/// with the client connection's writer: an upgrade's old process waits for these.
+struct ActiveTransfer(Arc<Stats>);
+
+impl ActiveTransfer {
+    fn new(stats: &Arc<Stats>) -> Self {
+        stats.transfers_active.fetch_add(1, Ordering::Relaxed);
+        ActiveTransfer(Arc::clone(stats))
+    }
+}
+
+impl Drop for ActiveTransfer {
+    fn drop(&mut self) {
+        self.0.transfers_active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
