@@ -130,6 +130,9 @@ impl CacheConfig {
     }
 }
 
+/// The smallest answer queue budget: twice the largest TCP answer frame (2 + 65,535 bytes).
+pub const MIN_QUEUED_BYTES: usize = 2 * (2 + 65_535);
+
 /// The largest packet cache lb agrees to allocate.
 const MAX_CACHE_BYTES: u64 = 16 << 30;
 
@@ -290,9 +293,20 @@ pub struct TcpConfig {
     /// Client connections open at once; more are accepted and closed at once, counted.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// Client connections open at once from one source address.
-    #[serde(default = "default_max_connections_per_ip")]
-    pub max_connections_per_ip: usize,
+    /// Client connections open at once from one client network (`ipv4_prefix_length`,
+    /// `ipv6_prefix_length`). `max_connections_per_ip`, its name before it counted networks,
+    /// is accepted too.
+    #[serde(
+        default = "default_max_connections_per_prefix",
+        alias = "max_connections_per_ip"
+    )]
+    pub max_connections_per_prefix: usize,
+    /// The IPv4 network `max_connections_per_prefix` counts by (32: each address).
+    #[serde(default = "default_tcp_ipv4_prefix_length")]
+    pub ipv4_prefix_length: u8,
+    /// The IPv6 network `max_connections_per_prefix` counts by (128: each address).
+    #[serde(default = "default_ipv6_prefix_length")]
+    pub ipv6_prefix_length: u8,
     /// Queries one client connection may have in flight; the proxy stops reading it at the cap.
     #[serde(default = "default_max_in_flight_per_connection")]
     pub max_in_flight_per_connection: usize,
@@ -305,6 +319,23 @@ pub struct TcpConfig {
     /// An answer must be written to the client within this time.
     #[serde(default = "default_write_timeout_ms")]
     pub write_timeout_ms: u64,
+    /// A client connection stops reading this long after it opened, answers what it has
+    /// read, then closes (0: no limit).
+    #[serde(default = "default_max_connection_age_ms")]
+    pub max_connection_age_ms: u64,
+    /// A client connection stops reading after this many queries, answers them, then closes
+    /// (0: no limit).
+    #[serde(default)]
+    pub max_queries_per_connection: u64,
+    /// Bytes of answers one client connection may have waiting for its writer (beyond what the
+    /// kernel's socket buffer took): from half of it the connection reads no new query; an
+    /// answer that does not fit closes the connection.
+    #[serde(default = "default_max_queued_per_connection_bytes")]
+    pub max_queued_per_connection_bytes: usize,
+    /// The same for every client connection together: from half of it a connection with
+    /// answers waiting reads no new query; an answer that does not fit closes its connection.
+    #[serde(default = "default_max_queued_bytes")]
+    pub max_queued_bytes: usize,
     /// Largest query frame accepted from a client; longer ones close the connection, counted.
     #[serde(default = "default_max_query_size")]
     pub max_query_size: usize,
@@ -364,8 +395,20 @@ fn default_socket_buffer() -> usize {
 fn default_max_connections() -> usize {
     1024
 }
-fn default_max_connections_per_ip() -> usize {
+fn default_max_connections_per_prefix() -> usize {
     64
+}
+fn default_tcp_ipv4_prefix_length() -> u8 {
+    24
+}
+fn default_max_connection_age_ms() -> u64 {
+    120_000
+}
+fn default_max_queued_per_connection_bytes() -> usize {
+    256 << 10
+}
+fn default_max_queued_bytes() -> usize {
+    32 << 20
 }
 fn default_max_in_flight_per_connection() -> usize {
     100
@@ -528,11 +571,17 @@ impl Default for TcpConfig {
     fn default() -> Self {
         TcpConfig {
             max_connections: default_max_connections(),
-            max_connections_per_ip: default_max_connections_per_ip(),
+            max_connections_per_prefix: default_max_connections_per_prefix(),
+            ipv4_prefix_length: default_tcp_ipv4_prefix_length(),
+            ipv6_prefix_length: default_ipv6_prefix_length(),
             max_in_flight_per_connection: default_max_in_flight_per_connection(),
             idle_timeout_ms: default_idle_timeout_ms(),
             read_timeout_ms: default_read_timeout_ms(),
             write_timeout_ms: default_write_timeout_ms(),
+            max_connection_age_ms: default_max_connection_age_ms(),
+            max_queries_per_connection: 0,
+            max_queued_per_connection_bytes: default_max_queued_per_connection_bytes(),
+            max_queued_bytes: default_max_queued_bytes(),
             max_query_size: default_max_query_size(),
             pool_size: default_pool_size(),
             connect_timeout_ms: default_connect_timeout_ms(),
@@ -810,7 +859,7 @@ impl LbConfig {
                 return Err(invalid(key, "must be greater than 0".into()));
             }
         }
-        let ranges: [(&str, usize, usize, usize); 10] = [
+        let ranges: [(&str, usize, usize, usize); 14] = [
             (
                 "backends.upstream_sockets",
                 self.backends.upstream_sockets,
@@ -832,10 +881,36 @@ impl LbConfig {
             ("udp.max_datagram", self.udp.max_datagram, 512, 65_535),
             ("tcp.max_connections", self.tcp.max_connections, 1, 1 << 20),
             (
-                "tcp.max_connections_per_ip",
-                self.tcp.max_connections_per_ip,
+                "tcp.max_connections_per_prefix",
+                self.tcp.max_connections_per_prefix,
                 1,
                 1 << 20,
+            ),
+            (
+                "tcp.ipv4_prefix_length",
+                self.tcp.ipv4_prefix_length.into(),
+                1,
+                32,
+            ),
+            (
+                "tcp.ipv6_prefix_length",
+                self.tcp.ipv6_prefix_length.into(),
+                1,
+                128,
+            ),
+            // Room for the largest answer (64 KiB) at the half where reading pauses, so any
+            // answer to a query that was read fits.
+            (
+                "tcp.max_queued_per_connection_bytes",
+                self.tcp.max_queued_per_connection_bytes,
+                MIN_QUEUED_BYTES,
+                1 << 30,
+            ),
+            (
+                "tcp.max_queued_bytes",
+                self.tcp.max_queued_bytes,
+                MIN_QUEUED_BYTES,
+                1 << 40,
             ),
             (
                 "tcp.max_in_flight_per_connection",
@@ -856,6 +931,15 @@ impl LbConfig {
             if v < lo || v > hi {
                 return Err(invalid(key, format!("{v} is outside {lo}..={hi}")));
             }
+        }
+        if self.tcp.max_queued_bytes < self.tcp.max_queued_per_connection_bytes {
+            return Err(invalid(
+                "tcp.max_queued_bytes",
+                format!(
+                    "{} is less than tcp.max_queued_per_connection_bytes {}",
+                    self.tcp.max_queued_bytes, self.tcp.max_queued_per_connection_bytes
+                ),
+            ));
         }
         self.health.validate().map_err(|(k, m)| invalid(&k, m))?;
         self.rrl.validate().map_err(|(k, m)| invalid(&k, m))?;
@@ -973,6 +1057,35 @@ mod tests {
         assert_eq!(c.backends.servers[1].0, "127.0.0.2:53".parse().unwrap());
         assert_eq!(c.backends.timeout_ms, 2000);
         assert_eq!(c.tcp, TcpConfig::default());
+    }
+
+    #[test]
+    fn the_per_prefix_limit_keeps_its_old_name_and_budgets_are_checked() {
+        let c = parse(&format!("{MINIMAL}\n[tcp]\nmax_connections_per_ip = 7\n")).unwrap();
+        assert_eq!(c.tcp.max_connections_per_prefix, 7);
+        assert_eq!((c.tcp.ipv4_prefix_length, c.tcp.ipv6_prefix_length), (24, 56));
+        let e = parse(&format!(
+            "{MINIMAL}\n[tcp]\nmax_connections_per_ip = 7\nmax_connections_per_prefix = 8\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("max_connections_per_prefix"), "{e}");
+        let e = parse(&format!(
+            "{MINIMAL}\n[tcp]\nmax_queued_per_connection_bytes = 65536\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tcp.max_queued_per_connection_bytes"), "{e}");
+        let e = parse(&format!(
+            "{MINIMAL}\n[tcp]\nmax_queued_per_connection_bytes = 1048576\nmax_queued_bytes = 524288\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tcp.max_queued_bytes"), "{e}");
+        let e = parse(&format!("{MINIMAL}\n[tcp]\nipv6_prefix_length = 129\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tcp.ipv6_prefix_length"), "{e}");
     }
 
     #[test]

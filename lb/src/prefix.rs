@@ -27,6 +27,15 @@ impl Prefix {
         }
     }
 
+    /// The client network `ip` belongs to: its first `ipv4_len` bits for an IPv4 address
+    /// (including one in IPv6 form, from a dual-stack socket), its first `ipv6_len` bits for
+    /// an IPv6 address. How rate limiting and the TCP connection limit count clients.
+    pub fn network(ip: IpAddr, ipv4_len: u8, ipv6_len: u8) -> Prefix {
+        let ip = canonical(ip);
+        let len = if ip.is_ipv4() { ipv4_len } else { ipv6_len };
+        Prefix::of(ip, len)
+    }
+
     /// True if `ip` is in this prefix. An IPv4 address in IPv6 form (`::ffff:a.b.c.d`) counts
     /// as the IPv4 address.
     #[inline]
@@ -187,6 +196,22 @@ mod tests {
         assert_ne!(
             Prefix::of(ip("10.0.0.0"), 8).key(),
             Prefix::of(ip("10.0.0.0"), 16).key()
+        );
+    }
+
+    #[test]
+    fn network_takes_the_length_of_the_family() {
+        assert_eq!(
+            Prefix::network(ip("192.0.2.77"), 24, 56).to_string(),
+            "192.0.2.0/24"
+        );
+        assert_eq!(
+            Prefix::network(ip("::ffff:192.0.2.77"), 24, 56).to_string(),
+            "192.0.2.0/24"
+        );
+        assert_eq!(
+            Prefix::network(ip("2001:db8:1:2ff::9"), 24, 56).to_string(),
+            "2001:db8:1:200::/56"
         );
     }
 

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::config::RrlConfig;
-use crate::prefix::{any_contains, canonical, Prefix};
+use crate::prefix::{any_contains, Prefix};
 use crate::wire::{self, Section, TYPE_NS, TYPE_SOA};
 use crate::zeroed::{zeroed_slice, Zeroable};
 
@@ -150,13 +150,7 @@ impl RrlPolicy {
 
     /// The client's network as RRL counts it (an IPv4 client on a dual-stack socket as IPv4).
     pub fn prefix_of(&self, ip: IpAddr) -> Prefix {
-        let ip = canonical(ip);
-        let len = if ip.is_ipv4() {
-            self.ipv4_prefix_length
-        } else {
-            self.ipv6_prefix_length
-        };
-        Prefix::of(ip, len)
+        Prefix::network(ip, self.ipv4_prefix_length, self.ipv6_prefix_length)
     }
 }
 

@@ -175,11 +175,19 @@ fn tcp_settings(cfg: &LbConfig) -> TcpSettings {
     let t = &cfg.tcp;
     TcpSettings {
         max_connections: t.max_connections,
-        max_connections_per_ip: t.max_connections_per_ip,
+        max_connections_per_prefix: t.max_connections_per_prefix,
+        ipv4_prefix_length: t.ipv4_prefix_length,
+        ipv6_prefix_length: t.ipv6_prefix_length,
         max_in_flight_per_connection: t.max_in_flight_per_connection,
         idle_timeout: Duration::from_millis(t.idle_timeout_ms),
         read_timeout: Duration::from_millis(t.read_timeout_ms),
         write_timeout: Duration::from_millis(t.write_timeout_ms),
+        max_connection_age: (t.max_connection_age_ms > 0)
+            .then(|| Duration::from_millis(t.max_connection_age_ms)),
+        max_queries_per_connection: (t.max_queries_per_connection > 0)
+            .then_some(t.max_queries_per_connection),
+        max_queued_per_connection: t.max_queued_per_connection_bytes,
+        max_queued_total: t.max_queued_bytes,
         max_query_size: t.max_query_size,
         pool: PoolSettings {
             size: t.pool_size,

@@ -39,12 +39,25 @@ pub enum DropReason {
     TcpOversized,
     /// A TCP client that sent nothing for `tcp.idle_timeout_ms`.
     TcpIdleTimeout,
-    /// A TCP client that started a frame and stalled past `tcp.read_timeout_ms`.
+    /// A TCP client that started a frame and did not complete it within `tcp.read_timeout_ms`
+    /// of its first byte.
     TcpReadTimeout,
     /// A TCP client that did not read its answers within `tcp.write_timeout_ms`.
     TcpWriteTimeout,
-    /// A TCP connection refused by `tcp.max_connections` or `tcp.max_connections_per_ip`.
+    /// A TCP connection refused by `tcp.max_connections`.
     TcpConnectionLimit,
+    /// A TCP connection refused by `tcp.max_connections_per_prefix` (its client network has
+    /// that many open).
+    TcpPrefixLimit,
+    /// A TCP connection closed (after answering what it had read) at
+    /// `tcp.max_connection_age_ms`.
+    TcpMaxAge,
+    /// A TCP connection closed (after answering what it had read) at
+    /// `tcp.max_queries_per_connection`.
+    TcpMaxQueries,
+    /// An answer for a TCP client whose queued answers would go past
+    /// `tcp.max_queued_per_connection_bytes` or `tcp.max_queued_bytes`; the connection closes.
+    TcpAnswerQueueFull,
     /// A query lost because its backend TCP connection failed.
     TcpBackendError,
     /// An answer for a TCP client that had already gone.
@@ -56,7 +69,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 24] = [
         DropReason::ShortHeader,
         DropReason::QrSet,
         DropReason::OversizedDatagram,
@@ -73,6 +86,10 @@ impl DropReason {
         DropReason::TcpReadTimeout,
         DropReason::TcpWriteTimeout,
         DropReason::TcpConnectionLimit,
+        DropReason::TcpPrefixLimit,
+        DropReason::TcpMaxAge,
+        DropReason::TcpMaxQueries,
+        DropReason::TcpAnswerQueueFull,
         DropReason::TcpBackendError,
         DropReason::ClientGone,
         DropReason::TransferTimeout,
@@ -98,6 +115,10 @@ impl DropReason {
             DropReason::TcpReadTimeout => "tcp-read-timeout",
             DropReason::TcpWriteTimeout => "tcp-write-timeout",
             DropReason::TcpConnectionLimit => "tcp-connection-limit",
+            DropReason::TcpPrefixLimit => "tcp-prefix-limit",
+            DropReason::TcpMaxAge => "tcp-max-age",
+            DropReason::TcpMaxQueries => "tcp-max-queries",
+            DropReason::TcpAnswerQueueFull => "tcp-answer-queue-full",
             DropReason::TcpBackendError => "tcp-backend-error",
             DropReason::ClientGone => "client-gone",
             DropReason::TransferTimeout => "transfer-timeout",
@@ -126,6 +147,9 @@ pub struct Stats {
     pub tcp_open: AtomicU64,
     /// TCP client connections accepted since start.
     pub tcp_total: AtomicU64,
+    /// Bytes of answers waiting for TCP clients' writers, every connection together (bounded
+    /// by `tcp.max_queued_bytes`).
+    pub tcp_queued_bytes: AtomicU64,
     /// Queries that found every backend down, by the all-down behaviour applied.
     all_down: [AtomicU64; 3],
     /// UDP system calls (recvmmsg, sendmmsg) and the datagrams they moved: their ratio is

@@ -105,7 +105,7 @@ impl Family {
 }
 
 /// Family names, help texts, types and label names; also the collector's descriptors.
-const FAMILIES: [(&str, &str, MetricType, &[&str]); 29] = [
+const FAMILIES: [(&str, &str, MetricType, &[&str]); 30] = [
     (
         "lb_queries_total",
         "Queries received from clients, by protocol.",
@@ -280,6 +280,12 @@ const FAMILIES: [(&str, &str, MetricType, &[&str]); 29] = [
         MetricType::COUNTER,
         &[],
     ),
+    (
+        "lb_tcp_queued_answer_bytes",
+        "Bytes of answers waiting for slow TCP clients, all connections together (at most tcp.max_queued_bytes).",
+        MetricType::GAUGE,
+        &[],
+    ),
 ];
 
 const RCODES: [&str; 16] = [
@@ -409,6 +415,7 @@ impl Collector for LbCollector {
             f[27].counter(&[("reason", r.as_str())], cache.map_or(0, |c| c.flushes(r)));
         }
         f[28].counter(&[], st.upstream_socket_failures.load(Ordering::Relaxed));
+        f[29].gauge(&[], st.tcp_queued_bytes.load(Ordering::Relaxed) as f64);
         f.into_iter()
             .map(|x| x.mf)
             .filter(|mf| !mf.get_metric().is_empty())

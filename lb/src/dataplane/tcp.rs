@@ -2,12 +2,23 @@
 //! order as backends reply.
 //!
 //! Each client connection is a reader (this task) and a writer task joined by channels of
-//! [`Answer`]s. A semaphore caps the queries one connection may have in flight: at the cap the
+//! [`Answer`]s. A semaphore caps the queries one connection may have in flight, and an
+//! [`AnswerQueue`] the bytes of answers waiting for a client that reads slowly: at either cap the
 //! reader stops reading, which pushes back on the client through TCP flow control instead of
 //! buffering. Queries go to the chosen backend's pool ([`TcpPools`]); zone transfers get a
 //! backend connection of their own ([`transfer`]); a query whose backend connection failed
 //! comes back to the reader and is routed once more over the current set, avoiding that
 //! backend.
+//!
+//! The reader waits for everything in one `select!`: the client's bytes, a permit for a query
+//! already read, queries handed back, its deadlines, the stop signal and the writer's end. It
+//! never waits on one of them alone, so a connection whose permits are all held by handed-back
+//! queries still routes them, times out and stops.
+//!
+//! What a connection may hold: `tcp.max_connections` in all and `tcp.max_connections_per_prefix`
+//! per client network; a frame must be whole within `tcp.read_timeout_ms` of its first byte;
+//! at `tcp.max_connection_age_ms` or `tcp.max_queries_per_connection` it reads no more, answers
+//! what it read, and closes.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -17,27 +28,40 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::access::Verdict;
 use crate::backend::Shared;
 use crate::cache;
 use crate::dataplane::query::{check_query, route, Route};
-use crate::dataplane::tcp_msg::{Answer, ClientHandle, TcpQuery};
+use crate::dataplane::tcp_msg::{Answer, AnswerQueue, ClientHandle, TcpQuery};
 use crate::dataplane::tcp_pool::{PoolSettings, TcpPools};
 use crate::dataplane::transfer::{self, TransferSettings};
 use crate::lifecycle::Lifecycle;
-use crate::stats::{DropReason, Proto};
+use crate::prefix::Prefix;
+use crate::stats::{DropReason, Proto, Stats};
 
 /// Client-side TCP limits and timeouts, fixed at start.
 #[derive(Debug, Clone, Copy)]
 pub struct TcpSettings {
     pub max_connections: usize,
-    pub max_connections_per_ip: usize,
+    /// Connections open at once from one client network.
+    pub max_connections_per_prefix: usize,
+    pub ipv4_prefix_length: u8,
+    pub ipv6_prefix_length: u8,
     pub max_in_flight_per_connection: usize,
     pub idle_timeout: Duration,
+    /// A started frame must be whole within this time of its first byte.
     pub read_timeout: Duration,
     pub write_timeout: Duration,
+    /// Reading stops this long after the connection opened (`None`: no limit).
+    pub max_connection_age: Option<Duration>,
+    /// Reading stops after this many queries (`None`: no limit).
+    pub max_queries_per_connection: Option<u64>,
+    /// [`AnswerQueue`] budgets: one connection's, and all connections' together.
+    pub max_queued_per_connection: usize,
+    pub max_queued_total: usize,
     pub max_query_size: usize,
     pub pool: PoolSettings,
     pub transfer: TransferSettings,
@@ -47,13 +71,19 @@ pub struct TcpSettings {
 const STREAM_QUEUE: usize = 4;
 /// Once the process stops, a client connection closes after this long without a query.
 const DRAIN_IDLE: Duration = Duration::from_millis(50);
+/// How long a connection closed at a limit waits for the client to close its side.
+const LINGER: Duration = Duration::from_secs(2);
+/// How often a connection that stopped reading for others' backlog looks again (nothing wakes
+/// it when other connections' writers drain).
+const BACKLOG_RECHECK: Duration = Duration::from_millis(10);
 
-/// Open client connections, in total and per source address.
+/// Open client connections, in total and per client network.
 #[derive(Debug, Default)]
 pub struct ConnLimits {
     open: AtomicUsize,
-    /// Touched once per accepted and per closed connection, never per query.
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Touched once per accepted and per closed connection, never per query; an entry per
+    /// network with a connection open, so at most `max_connections` entries.
+    per_prefix: Mutex<HashMap<Prefix, usize>>,
 }
 
 impl ConnLimits {
@@ -62,22 +92,24 @@ impl ConnLimits {
         self.open.load(Ordering::Relaxed)
     }
 
-    fn admit(self: &Arc<Self>, ip: IpAddr, s: &TcpSettings) -> Option<ConnGuard> {
+    /// A place for a connection from `ip`, or the limit that refuses it.
+    fn admit(self: &Arc<Self>, ip: IpAddr, s: &TcpSettings) -> Result<ConnGuard, DropReason> {
         if self.open.fetch_add(1, Ordering::AcqRel) >= s.max_connections {
             self.open.fetch_sub(1, Ordering::AcqRel);
-            return None;
+            return Err(DropReason::TcpConnectionLimit);
         }
-        let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if *n >= s.max_connections_per_ip {
+        let prefix = Prefix::network(ip, s.ipv4_prefix_length, s.ipv6_prefix_length);
+        let mut map = self.per_prefix.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(prefix).or_insert(0);
+        if *n >= s.max_connections_per_prefix {
             drop(map);
             self.open.fetch_sub(1, Ordering::AcqRel);
-            return None;
+            return Err(DropReason::TcpPrefixLimit);
         }
         *n += 1;
-        Some(ConnGuard {
+        Ok(ConnGuard {
             limits: Arc::clone(self),
-            ip,
+            prefix,
         })
     }
 }
@@ -85,16 +117,20 @@ impl ConnLimits {
 /// Releases a connection's place in [`ConnLimits`] when dropped.
 struct ConnGuard {
     limits: Arc<ConnLimits>,
-    ip: IpAddr,
+    prefix: Prefix,
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        let mut map = self.limits.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
+        let mut map = self
+            .limits
+            .per_prefix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.prefix) {
             *n -= 1;
             if *n == 0 {
-                map.remove(&self.ip);
+                map.remove(&self.prefix);
             }
         }
         drop(map);
@@ -144,10 +180,13 @@ pub async fn serve(listener: TcpListener, fe: Arc<TcpFrontend>) {
             }
         };
         let stats = &fe.shared.stats;
-        let Some(guard) = fe.limits.admit(peer.ip(), &fe.settings) else {
-            stats.dropped(DropReason::TcpConnectionLimit);
-            drop(stream);
-            continue;
+        let guard = match fe.limits.admit(peer.ip(), &fe.settings) {
+            Ok(g) => g,
+            Err(reason) => {
+                stats.dropped(reason);
+                drop(stream);
+                continue;
+            }
         };
         stats.tcp_total.fetch_add(1, Ordering::Relaxed);
         let fe = Arc::clone(&fe);
@@ -188,37 +227,63 @@ pub fn next_frame(buf: &[u8], max_query_size: usize) -> Frame {
     }
 }
 
-/// Serves one client connection until it closes, misbehaves, idles out or the process stops;
-/// answers to queries already read are still written before the connection closes.
+/// Serves one client connection until it closes, misbehaves, idles out, reaches a limit or
+/// the process stops; answers to queries already read are still written before the connection
+/// closes.
 async fn handle_client(stream: TcpStream, peer: SocketAddr, fe: &TcpFrontend) {
     let s = fe.settings;
     let stats = &fe.shared.stats;
     let _ = stream.set_nodelay(true);
     let (mut rd, wr) = stream.into_split();
+    let opened = Instant::now();
+    let permits_max = s.max_in_flight_per_connection;
     // One place per permit in each: a single answer or a handed-back query always fits.
-    let (answers, answers_rx) = mpsc::channel::<Answer>(s.max_in_flight_per_connection);
+    let (answers, answers_rx) = mpsc::channel::<Answer>(permits_max);
     let (stream_tx, stream_rx) = mpsc::channel::<Answer>(STREAM_QUEUE);
-    let (retry_tx, mut retry_rx) = mpsc::channel::<TcpQuery>(s.max_in_flight_per_connection);
+    let (retry_tx, mut retry_rx) = mpsc::channel::<TcpQuery>(permits_max);
+    let queue = Arc::new(AnswerQueue::new(
+        s.max_queued_per_connection,
+        s.max_queued_total,
+        Arc::clone(stats),
+    ));
     let client = ClientHandle {
         answers,
         stream: stream_tx,
         retry: retry_tx,
+        queue: Arc::clone(&queue),
     };
-    let permits = Arc::new(Semaphore::new(s.max_in_flight_per_connection));
-    let writer = tokio::spawn(write_answers(
+    let permits = Arc::new(Semaphore::new(permits_max));
+    let mut writer = tokio::spawn(write_answers(
         wr,
         answers_rx,
         stream_rx,
+        Arc::clone(&queue),
         Arc::clone(stats),
         s.write_timeout,
     ));
+    let mut writer_done = false;
 
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut counter = 0usize;
+    let mut queries: u64 = 0;
+    // A permit that came while a whole frame waited for one; the frame takes it next.
+    let mut spare: Option<OwnedSemaphorePermit> = None;
+    // When the first byte of the frame at the head of `buf` arrived (or reading resumed after
+    // a pause that was not the client's doing): the whole frame is due `read_timeout` later.
+    let mut frame_since = opened;
+    let mut was_reading = true;
+    // The last query read or byte received, or the last time answers were found due.
+    let mut last_active = opened;
+    let age_limit = s.max_connection_age.map(|a| opened + a);
+    // A limit was reached: nothing more is read, what was read is answered, then the
+    // connection closes, counted under this reason.
+    let mut finishing: Option<DropReason> = None;
     let mut stopping = false;
     'conn: loop {
-        // Take every complete frame out of the buffer.
-        loop {
+        // Take every whole frame out of the buffer while there is a permit and room for its
+        // answer.
+        let mut frame_waits = false;
+        while finishing.is_none() && !queue.backlogged() {
             let len = match next_frame(&buf, s.max_query_size) {
                 Frame::Incomplete => break,
                 Frame::Complete(len) => len,
@@ -227,83 +292,165 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, fe: &TcpFrontend) {
                     break 'conn;
                 }
             };
+            let permit = match spare.take() {
+                Some(p) => p,
+                None => match Arc::clone(&permits).try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        // Every permit is out: answers, or queries handed back to be routed
+                        // again, return them (the `select!` below takes both).
+                        frame_waits = true;
+                        break;
+                    }
+                },
+            };
             let frame: Vec<u8> = buf[..2 + len].to_vec();
             buf.drain(..2 + len);
+            let now = Instant::now();
+            frame_since = now;
+            last_active = now;
+            queries += 1;
             stats.query(Proto::Tcp);
-            let q = match check_query(&frame[2..]) {
-                Ok(q) => q,
-                Err(r) => {
-                    stats.dropped(r);
-                    continue;
+            match check_query(&frame[2..]) {
+                Ok(q) => {
+                    let query = TcpQuery {
+                        frame,
+                        question: q,
+                        client: client.clone(),
+                        permit,
+                        timeout: Duration::ZERO,
+                        retried: false,
+                        avoid: None,
+                        cache_epoch: 0,
+                    };
+                    dispatch(fe, query, peer, &mut counter);
                 }
-            };
-            // Answers return permits whatever the process is doing, so this wait ends.
-            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-                break 'conn;
-            };
-            let query = TcpQuery {
-                frame,
-                question: q,
-                client: client.clone(),
-                permit,
-                timeout: Duration::ZERO,
-                retried: false,
-                avoid: None,
-                cache_epoch: 0,
-            };
-            dispatch(fe, query, peer, &mut counter);
+                Err(r) => stats.dropped(r),
+            }
+            if s.max_queries_per_connection.is_some_and(|m| queries >= m) {
+                finishing = Some(DropReason::TcpMaxQueries);
+            }
         }
-        let partial = !buf.is_empty();
-        let wait = if partial {
-            s.read_timeout
-        } else if stopping {
+        if let Some(reason) = finishing {
+            // Nothing more is read, so no frame will take it.
+            spare = None;
+            if permits.available_permits() == permits_max {
+                stats.dropped(reason);
+                break;
+            }
+        }
+        let free = permits.available_permits() + usize::from(spare.is_some());
+        let in_flight = free < permits_max;
+        let backlogged = queue.backlogged();
+        let reading = finishing.is_none() && !frame_waits && !backlogged;
+        if reading && !was_reading {
+            // Not reading was lb's doing (permits, backlog): the frame's time starts again.
+            frame_since = Instant::now();
+        }
+        was_reading = reading;
+        // While reading, the buffer holds no whole frame: anything in it is a frame started.
+        let partial = reading && !buf.is_empty();
+        let idle_wait = if stopping {
             DRAIN_IDLE
         } else {
             s.idle_timeout
         };
+        let mut deadline = if partial {
+            frame_since + s.read_timeout
+        } else {
+            last_active + idle_wait
+        };
+        if let (None, Some(age)) = (finishing, age_limit) {
+            deadline = deadline.min(age);
+        }
+        if backlogged && finishing.is_none() {
+            deadline = deadline.min(Instant::now() + BACKLOG_RECHECK);
+        }
         tokio::select! {
-            r = rd.read_buf(&mut buf) => match r {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+            r = rd.read_buf(&mut buf), if reading => {
+                match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let now = Instant::now();
+                        if buf.len() == n {
+                            // The buffer was empty: a frame starts with these bytes.
+                            frame_since = now;
+                        }
+                        last_active = now;
+                    }
+                }
             },
             Some(q) = retry_rx.recv() => dispatch(fe, q, peer, &mut counter),
-            _ = tokio::time::sleep(wait) => {
-                if partial {
+            p = Arc::clone(&permits).acquire_owned(), if frame_waits => spare = p.ok(),
+            // Every answer written (no other acquire runs while finishing): closes above.
+            _ = permits.acquire_many(permits_max as u32), if finishing.is_some() && in_flight => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                let now = Instant::now();
+                if finishing.is_none() && age_limit.is_some_and(|a| now >= a) {
+                    // Answer what was read, then close.
+                    finishing = Some(DropReason::TcpMaxAge);
+                } else if partial && now >= frame_since + s.read_timeout {
                     stats.dropped(DropReason::TcpReadTimeout);
                     break;
-                }
-                if permits.available_permits() == s.max_in_flight_per_connection {
-                    if !stopping {
-                        stats.dropped(DropReason::TcpIdleTimeout);
+                } else if !partial && now >= last_active + idle_wait {
+                    if !in_flight {
+                        if !stopping {
+                            stats.dropped(DropReason::TcpIdleTimeout);
+                        }
+                        break;
                     }
-                    break;
+                    // Answers are still due: the client is waiting, not idle.
+                    last_active = now;
                 }
-                // Answers are still due: the client is waiting, not idle.
             }
             // Stopping (SIGTERM, or an upgrade handed the sockets over): keep serving this
             // client until it pauses, then close between its queries, so a client querying
             // steadily is not cut off with a query in the air (it reconnects to whoever
             // serves now). The process's drain deadline bounds this.
-            _ = fe.lifecycle.stopped(), if !stopping => stopping = true,
+            _ = fe.lifecycle.stopped(), if !stopping => {
+                stopping = true;
+                last_active = Instant::now();
+            }
+            // The writer gave up (write timeout, the client reset, a transfer broke off, an
+            // answer that did not fit): nothing more can reach this client.
+            _ = &mut writer, if !writer_done => {
+                writer_done = true;
+                break;
+            }
         }
     }
     tracing::debug!("tcp client {peer} done");
+    drop(spare);
     // Queries still in flight may come back for another route; the channel closes once every
     // query is answered or given up (each holds a sender), and then the writer ends too.
     drop(client);
     while let Some(q) = retry_rx.recv().await {
         dispatch(fe, q, peer, &mut counter);
     }
-    let _ = writer.await;
+    if !writer_done {
+        let _ = writer.await;
+    }
+    if finishing.is_some() {
+        // A clean close at a limit: the client may have sent more than was read, and closing
+        // a socket with unread bytes resets it, which can destroy answers it has not read yet.
+        // Read and discard until the client closes too (it has our FIN), for a bounded time.
+        let _ = tokio::time::timeout(LINGER, async {
+            let mut scratch = [0u8; 512];
+            while let Ok(1..) = rd.read(&mut scratch).await {}
+        })
+        .await;
+    }
 }
 
 /// Writes answers and transfer streams to the client until both channels close, a write
-/// stalls past `timeout`, or a broken transfer asks to close the connection.
+/// stalls past `timeout`, a broken transfer asks to close the connection, or an answer did not
+/// fit the connection's [`AnswerQueue`].
 async fn write_answers(
     mut wr: tokio::net::tcp::OwnedWriteHalf,
     mut answers: mpsc::Receiver<Answer>,
     mut stream: mpsc::Receiver<Answer>,
-    stats: Arc<crate::stats::Stats>,
+    queue: Arc<AnswerQueue>,
+    stats: Arc<Stats>,
     timeout: Duration,
 ) {
     let (mut answers_open, mut stream_open) = (true, true);
@@ -317,9 +464,15 @@ async fn write_answers(
                 Some(a) => a,
                 None => { stream_open = false; continue; }
             },
+            _ = queue.aborted() => break,
         };
         if !a.frame.is_empty() {
-            match tokio::time::timeout(timeout, wr.write_all(&a.frame)).await {
+            let write = tokio::time::timeout(timeout, wr.write_all(&a.frame));
+            let written = tokio::select! {
+                w = write => w,
+                _ = queue.aborted() => break,
+            };
+            match written {
                 Ok(Ok(())) => stats.response(&a.frame[2..]),
                 Ok(Err(_)) => break,
                 Err(_) => {
@@ -332,6 +485,7 @@ async fn write_answers(
             break;
         }
     }
+    // Answers still queued are dropped with the channel: their bytes and permits return.
     let _ = tokio::time::timeout(timeout, wr.shutdown()).await;
 }
 
@@ -349,7 +503,7 @@ fn dispatch(fe: &TcpFrontend, mut q: TcpQuery, peer: SocketAddr, counter: &mut u
         Verdict::Drop(why) => return stats.denied(why),
         Verdict::Refuse(why) => {
             stats.denied(why);
-            return answer_self(q, RCODE_REFUSED);
+            return answer_self(q, RCODE_REFUSED, stats);
         }
     }
     // The packet cache, shared with the UDP path: a hit is answered here.
@@ -369,13 +523,7 @@ fn dispatch(fe: &TcpFrontend, mut q: TcpQuery, peer: SocketAddr, counter: &mut u
             });
             if let Some(frame) = hit {
                 cache.count(1, 0);
-                // One place per permit: never full.
-                let _ = q.client.answers.try_send(Answer {
-                    frame,
-                    permit: Some(q.permit),
-                    close: false,
-                });
-                return;
+                return q.client.answer(frame, q.permit, stats);
             }
             cache.count(0, 1);
             q.cache_epoch = if q.retried { 0 } else { epoch };
@@ -406,7 +554,7 @@ fn dispatch(fe: &TcpFrontend, mut q: TcpQuery, peer: SocketAddr, counter: &mut u
             }
         }
         Route::Drop(r) => stats.dropped(r),
-        Route::Servfail => answer_self(q, RCODE_SERVFAIL),
+        Route::Servfail => answer_self(q, RCODE_SERVFAIL, stats),
     }
 }
 
@@ -419,17 +567,12 @@ const RCODE_SERVFAIL: u8 = 2;
 const RCODE_REFUSED: u8 = 5;
 
 /// Answers a query with `rcode` from lb itself.
-fn answer_self(q: TcpQuery, rcode: u8) {
+fn answer_self(q: TcpQuery, rcode: u8, stats: &Stats) {
     let mut frame = q.frame;
     let n = crate::wire::make_error(&mut frame[2..], q.question.as_ref(), rcode);
     frame.truncate(2 + n);
     frame[..2].copy_from_slice(&(n as u16).to_be_bytes());
-    // One place per permit: never full.
-    let _ = q.client.answers.try_send(Answer {
-        frame,
-        permit: Some(q.permit),
-        close: false,
-    });
+    q.client.answer(frame, q.permit, stats);
 }
 
 #[cfg(test)]

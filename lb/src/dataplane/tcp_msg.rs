@@ -4,12 +4,15 @@
 //! A query travels with a [`ClientHandle`]: where its answer goes, where a transfer's stream of
 //! messages goes, and where the query goes back if its backend connection fails. Every query
 //! holds one of the connection's in-flight permits until its (last) answer is written, which
-//! bounds what a connection can have queued whatever its backends and its client do.
+//! bounds how many answers a connection can have queued whatever its backends and its client
+//! do; [`AnswerQueue`] bounds their bytes, per connection and for all connections together.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 
 use crate::backend::Backend;
 use crate::stats::{DropReason, Stats};
@@ -25,6 +28,116 @@ pub struct Answer {
     /// Close the client connection after this (a transfer that broke off midway: the client
     /// must see the stream fail, not wait for the rest).
     pub close: bool,
+    /// Its bytes in the connection's [`AnswerQueue`], given back when the answer is dropped
+    /// (written, or thrown away with the connection). `None` for transfer streams, which wait
+    /// for their client instead.
+    pub queued: Option<Queued>,
+}
+
+/// The bytes of single answers waiting for one client connection's writer, counted against
+/// that connection's budget and the budget of every connection together
+/// ([`Stats::tcp_queued_bytes`]).
+///
+/// The kernel's socket buffer takes answers as fast as they come while the client reads; only
+/// a client that stops reading (or reads slower than it asks) makes answers wait here. At half
+/// its budget, or with answers waiting while every connection's together are at half the total
+/// budget, the connection reads no new query ([`AnswerQueue::backlogged`]): TCP flow control
+/// pushes back on the client. The other half is room for answers to queries already in flight;
+/// an answer that would still take either count past its budget is refused, and the connection
+/// is closed ([`AnswerQueue::aborted`]): a pooled backend connection never waits for a client,
+/// so refusing is the only bound that holds whatever the client does.
+#[derive(Debug)]
+pub struct AnswerQueue {
+    bytes: AtomicUsize,
+    limit: usize,
+    total_limit: usize,
+    stats: Arc<Stats>,
+    /// An answer did not fit: the connection is closing.
+    overflowed: AtomicBool,
+    /// Wakes the writer when `overflowed` is set.
+    abort: Notify,
+}
+
+impl AnswerQueue {
+    /// A connection's queue with a budget of `limit` bytes, in a total of `total_limit`.
+    pub fn new(limit: usize, total_limit: usize, stats: Arc<Stats>) -> AnswerQueue {
+        AnswerQueue {
+            bytes: AtomicUsize::new(0),
+            limit,
+            total_limit,
+            stats,
+            overflowed: AtomicBool::new(false),
+            abort: Notify::new(),
+        }
+    }
+
+    /// Bytes waiting now on this connection.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    /// Takes `len` bytes from both budgets, or nothing (and `None`) if either would go past
+    /// its limit.
+    pub fn reserve(self: &Arc<Self>, len: usize) -> Option<Queued> {
+        let before = self.bytes.fetch_add(len, Ordering::AcqRel);
+        if before + len > self.limit {
+            self.bytes.fetch_sub(len, Ordering::AcqRel);
+            return None;
+        }
+        let total = &self.stats.tcp_queued_bytes;
+        let before = total.fetch_add(len as u64, Ordering::AcqRel);
+        if before + len as u64 > self.total_limit as u64 {
+            total.fetch_sub(len as u64, Ordering::AcqRel);
+            self.bytes.fetch_sub(len, Ordering::AcqRel);
+            return None;
+        }
+        Some(Queued {
+            queue: Arc::clone(self),
+            len,
+        })
+    }
+
+    /// True while the connection should read no new query: its answers waiting reach half its
+    /// budget, or it has answers waiting while all connections' together reach half the total.
+    /// A client that keeps up with its answers is never held back by others' backlog.
+    pub fn backlogged(&self) -> bool {
+        let mine = self.bytes();
+        mine >= self.limit / 2
+            || (mine > 0
+                && self.stats.tcp_queued_bytes.load(Ordering::Acquire)
+                    >= (self.total_limit / 2) as u64)
+    }
+
+    /// Marks the connection for closing (an answer did not fit) and wakes its writer.
+    pub fn overflow(&self) {
+        self.overflowed.store(true, Ordering::Release);
+        self.abort.notify_one();
+    }
+
+    /// Completes once an answer did not fit (at once if one already did).
+    pub async fn aborted(&self) {
+        if self.overflowed.load(Ordering::Acquire) {
+            return;
+        }
+        self.abort.notified().await;
+    }
+}
+
+/// One answer's bytes in an [`AnswerQueue`], given back when dropped.
+#[derive(Debug)]
+pub struct Queued {
+    queue: Arc<AnswerQueue>,
+    len: usize,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.queue.bytes.fetch_sub(self.len, Ordering::AcqRel);
+        self.queue
+            .stats
+            .tcp_queued_bytes
+            .fetch_sub(self.len as u64, Ordering::AcqRel);
+    }
 }
 
 /// Where a query's results go back to its client connection.
@@ -38,6 +151,33 @@ pub struct ClientHandle {
     pub stream: mpsc::Sender<Answer>,
     /// Queries whose backend connection failed, to be routed once more. One place per permit.
     pub retry: mpsc::Sender<TcpQuery>,
+    /// The bytes of answers waiting in `answers`.
+    pub queue: Arc<AnswerQueue>,
+}
+
+impl ClientHandle {
+    /// Queues a single answer (`frame`, length first) for the client, giving back `permit`
+    /// once it is written. Never waits: an answer that does not fit the connection's
+    /// [`AnswerQueue`] is dropped (counted) and the connection closed; one for a client that
+    /// has gone is dropped (counted).
+    pub fn answer(&self, frame: Vec<u8>, permit: OwnedSemaphorePermit, stats: &Stats) {
+        let Some(queued) = self.queue.reserve(frame.len()) else {
+            stats.dropped(DropReason::TcpAnswerQueueFull);
+            self.queue.overflow();
+            return;
+        };
+        let answer = Answer {
+            frame,
+            permit: Some(permit),
+            close: false,
+            queued: Some(queued),
+        };
+        // The channel has one place per permit, so it is never full; it is closed only when
+        // the client has gone.
+        if self.answers.try_send(answer).is_err() {
+            stats.dropped(DropReason::ClientGone);
+        }
+    }
 }
 
 /// A client query bound for a backend over TCP.

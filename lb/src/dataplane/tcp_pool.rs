@@ -28,7 +28,7 @@ use tokio::sync::mpsc::error::TrySendError;
 
 use crate::backend::{Backend, BackendSet};
 use crate::cache::{self, PacketCache};
-use crate::dataplane::tcp_msg::{hand_back, Answer, TcpQuery};
+use crate::dataplane::tcp_msg::{hand_back, TcpQuery};
 use crate::stats::{DropReason, Stats};
 use crate::wire;
 
@@ -369,16 +369,9 @@ fn handle_answers(
         let mut frame = Vec::with_capacity(len + 2);
         frame.extend_from_slice(&(len as u16).to_be_bytes());
         frame.extend_from_slice(msg);
-        let answer = Answer {
-            frame,
-            permit: Some(p.query.permit),
-            close: false,
-        };
-        // The channel has one place per permit, so it is never full; it is closed only when
-        // the client has gone.
-        if p.query.client.answers.try_send(answer).is_err() {
-            stats.dropped(DropReason::ClientGone);
-        }
+        // Never waits for the client: queued, or dropped and counted.
+        let TcpQuery { client, permit, .. } = p.query;
+        client.answer(frame, permit, stats);
     }
     off
 }

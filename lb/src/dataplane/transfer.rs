@@ -78,6 +78,7 @@ pub async fn run(
             frame: last.unwrap_or_default(),
             permit: Some(q.permit),
             close: false,
+            queued: None,
         },
         Err(Cut::BeforeFirst) => return hand_back(&backend, [q], &stats),
         Err(Cut::ClientGone) => {
@@ -95,6 +96,7 @@ pub async fn run(
                 frame: Vec::new(),
                 permit: Some(q.permit),
                 close: true,
+                queued: None,
             }
         }
     };
@@ -187,6 +189,7 @@ async fn relay(
             frame,
             permit: None,
             close: false,
+            queued: None,
         };
         if q.client.stream.send(answer).await.is_err() {
             return Err(Cut::ClientGone);
