@@ -130,8 +130,10 @@ impl CacheConfig {
     }
 }
 
-/// The smallest answer queue budget: twice the largest TCP answer frame (2 + 65,535 bytes).
-pub const MIN_QUEUED_BYTES: usize = 2 * (2 + 65_535);
+/// The smallest answer queue budget, 128 KiB: below half of it (reading pauses at half) a
+/// queue holds at most 65,535 bytes, and the largest TCP answer frame (2 + 65,535 bytes) still
+/// fits on top.
+pub const MIN_QUEUED_BYTES: usize = 128 << 10;
 
 /// The largest packet cache lb agrees to allocate.
 const MAX_CACHE_BYTES: u64 = 16 << 30;
@@ -898,8 +900,7 @@ impl LbConfig {
                 1,
                 128,
             ),
-            // Room for the largest answer (64 KiB) at the half where reading pauses, so any
-            // answer to a query that was read fits.
+            // Room for the largest answer (64 KiB) above the half where reading pauses.
             (
                 "tcp.max_queued_per_connection_bytes",
                 self.tcp.max_queued_per_connection_bytes,
@@ -1063,7 +1064,10 @@ mod tests {
     fn the_per_prefix_limit_keeps_its_old_name_and_budgets_are_checked() {
         let c = parse(&format!("{MINIMAL}\n[tcp]\nmax_connections_per_ip = 7\n")).unwrap();
         assert_eq!(c.tcp.max_connections_per_prefix, 7);
-        assert_eq!((c.tcp.ipv4_prefix_length, c.tcp.ipv6_prefix_length), (24, 56));
+        assert_eq!(
+            (c.tcp.ipv4_prefix_length, c.tcp.ipv6_prefix_length),
+            (24, 56)
+        );
         let e = parse(&format!(
             "{MINIMAL}\n[tcp]\nmax_connections_per_ip = 7\nmax_connections_per_prefix = 8\n"
         ))

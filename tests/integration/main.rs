@@ -13,4 +13,5 @@ mod observe;
 mod ops;
 mod proxy;
 mod spoof;
+mod tcp;
 mod upgrade;

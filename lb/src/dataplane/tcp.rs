@@ -350,11 +350,7 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, fe: &TcpFrontend) {
         was_reading = reading;
         // While reading, the buffer holds no whole frame: anything in it is a frame started.
         let partial = reading && !buf.is_empty();
-        let idle_wait = if stopping {
-            DRAIN_IDLE
-        } else {
-            s.idle_timeout
-        };
+        let idle_wait = if stopping { DRAIN_IDLE } else { s.idle_timeout };
         let mut deadline = if partial {
             frame_since + s.read_timeout
         } else {
