@@ -219,3 +219,52 @@ pub fn hand_back(backend: &Backend, queries: impl IntoIterator<Item = TcpQuery>,
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answer_queue_bounds_bytes_per_connection_and_in_total() {
+        let stats = Arc::new(Stats::default());
+        let a = Arc::new(AnswerQueue::new(1000, 1500, Arc::clone(&stats)));
+        let b = Arc::new(AnswerQueue::new(1000, 1500, Arc::clone(&stats)));
+        let first = a.reserve(400).unwrap();
+        assert!(!a.backlogged(), "under half of its budget");
+        let second = a.reserve(200).unwrap();
+        assert!(a.backlogged(), "at half of its budget reading pauses");
+        assert!(a.reserve(401).is_none(), "past its budget: refused");
+        let c = b.reserve(800).unwrap();
+        assert!(b.backlogged());
+        assert_eq!(stats.tcp_queued_bytes.load(Ordering::Relaxed), 1400);
+        assert!(b.reserve(101).is_none(), "past the total: refused");
+        assert_eq!(b.bytes(), 800, "a refusal takes nothing");
+        drop((first, second));
+        assert_eq!(a.bytes(), 0);
+        // Nothing waiting on `a`: others' backlog does not hold it back.
+        assert!(!a.backlogged());
+        let d = a.reserve(10).unwrap();
+        assert!(
+            a.backlogged(),
+            "with answers waiting, the total at half holds it back"
+        );
+        drop((c, d));
+        assert_eq!(stats.tcp_queued_bytes.load(Ordering::Relaxed), 0);
+        assert!(!a.backlogged() && !b.backlogged());
+    }
+
+    #[tokio::test]
+    async fn an_overflow_wakes_the_writer() {
+        let q = Arc::new(AnswerQueue::new(1000, 1000, Arc::new(Stats::default())));
+        let q2 = Arc::clone(&q);
+        let waiter = tokio::spawn(async move { q2.aborted().await });
+        tokio::task::yield_now().await;
+        q.overflow();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        // And at once afterwards.
+        q.aborted().await;
+    }
+}
