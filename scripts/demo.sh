@@ -1,89 +1,367 @@
 #!/usr/bin/env bash
-# The main job, end to end on one machine with the local provider:
-#   1. installs what it needs (apt: bind9, dnsutils, dnsperf; pip: ansible-core),
-#   2. builds lb and deployer,
-#   3. `deployer up`: two BIND nameservers and two lb load balancers (one in front of each),
-#   4. starts a steady dnsperf load through both load balancers,
-#   5. bumps the zone's SOA serial and runs `deployer roll` (new nameservers, provisioned by
-#      Ansible, checked, lbs flipped with a verified swap, old ones deleted, renamed),
-#   6. prints the steps and times, the serial before and after, and
-#      `queries sent: N, lost: M`; exits non-zero if any query was lost.
-# Everything runs on 127.0.0.1 and is torn down at the end (DEMO_KEEP=1 keeps it running).
+# The main job: a production rehearsal on this one host. Everything runs the way production
+# runs, on Debian 12 machines (systemd-nspawn containers booted with systemd, each with its own
+# network stack, on a "public" bridge and a private one standing for the Linode VLAN), made by
+# the deployer's `machines` provider:
+#   1. installs what it needs (apt, pip), builds lb, the deployer and the load generator, and
+#      two lb Debian packages (OLD and NEW versions); builds the machine image once (cached);
+#   2. `deployer up`: two nameservers (BIND) and two lbs, the lb from its .deb under systemd
+#      (lb.socket + lb.service), provisioned by the Ansible roles over SSH, both firewalls on;
+#   3. a parent zone server (BIND) delegating the zone to the lbs (NS + addresses) and a
+#      recursive resolver (Unbound) on two more machines; a steady load (phaseload) asks the
+#      resolver, and what the resolver returns is the measure;
+#   4. phases under that load: steady; a zone change + `deployer roll`; `deployer roll-lb`
+#      whose delegation hook changes the delegation at the parent with nsupdate (TSIG); an lb
+#      package upgrade (`apt install ./lb_NEW.deb` through the role: `deployer provision-lbs`);
+#      then a settle period (60 s) in which systemd's watchdog would have struck;
+#   5. prints per phase the queries sent, answered, SERVFAIL and timeouts at the resolver,
+#      each lb's MainPID/NRestarts before and after the upgrade, machine memory, the time of
+#      each phase, then `rehearsal: lost N, servfail N, restarts N, leftovers N`; tears
+#      everything down and checks that nothing is left (containers, bridges, mounts, veths).
+# Exits non-zero on any lost query, SERVFAIL, restart or leftover. Needs root.
 #
-# Usage: scripts/demo.sh [QPS_PER_LB] [SECONDS]      (defaults 2000 and 25)
+# Usage: scripts/demo.sh [--qps N] [--steady SECS] [--settle SECS] [--keep]
+#        scripts/demo.sh --local [QPS_PER_LB] [SECONDS]     (the quick loopback demo)
+# Environment: REHEARSAL_NAME (deployment, bridge and machine names; default "rehearsal"),
+# REHEARSAL_NET (second octet of its 10.N.x.0 subnets; default 231), CARGO_PROFILE
+# (default "rehearsal": release without LTO, to build in minutes).
 set -euo pipefail
+if [ "${1:-}" = "--local" ]; then
+  shift
+  exec "$(dirname "$0")/demo-local.sh" "$@"
+fi
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
-QPS="${1:-2000}"
-SECS="${2:-25}"
+QPS=200
+STEADY=20
+SETTLE=60
+KEEP=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --qps) QPS="$2"; shift 2 ;;
+    --steady) STEADY="$2"; shift 2 ;;
+    --settle) SETTLE="$2"; shift 2 ;;
+    --keep) KEEP=1; shift ;;
+    -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "demo.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+[ "$(id -u)" -eq 0 ] || { echo "demo.sh: the rehearsal needs root (containers, bridges); scripts/demo.sh --local runs without" >&2; exit 1; }
+NAME="${REHEARSAL_NAME:-rehearsal}"
+NET="${REHEARSAL_NET:-231}"
+PROFILE="${CARGO_PROFILE:-rehearsal}"
+T_START=$(date +%s.%N)
+now() { date +%s.%N; }
+since() { printf '%.1f' "$(echo "$(now) - $1" | bc)"; }
 
 source scripts/install-deps.sh
-cargo build --release -q -p lb -p deployer
+echo "== building lb, deployer and the load generator (profile $PROFILE)"
+t=$(now)
+cargo build -q --profile "$PROFILE" -p lb -p deployer -p integration-tests --example phaseload
+OUT="$ROOT/target/$PROFILE"
+[ "$PROFILE" = dev ] && OUT="$ROOT/target/debug"
+T_BUILD=$(since "$t")
 
-WORK="$(mktemp -d /tmp/lb-demo.XXXXXX)"
-cp -r ansible "$WORK/ansible"
-ZONE="$WORK/ansible/zones/example.test.zone"
+WORK="$(mktemp -d "/tmp/lb-$NAME.XXXXXX")"
+chmod 700 "$WORK"
+DEPLOYER="$OUT/deployer"
 CFG="$WORK/deployer.toml"
-sed -e "s#^state_dir = .*#state_dir = \"$WORK/state\"#" \
-    -e "s#^ansible_dir = .*#ansible_dir = \"$WORK/ansible\"#" \
-    -e "s#^lb_binary = .*#lb_binary = \"$ROOT/target/release/lb\"#" \
-    -e "s#^deployment = .*#deployment = \"demo\"#" \
-    deployer/examples/local.toml >"$CFG"
-DEPLOYER="$ROOT/target/release/deployer"
-PERF_PIDS=()
+LOAD_PID=
 cleanup() {
-  for p in "${PERF_PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  if [ -z "${DEMO_KEEP:-}" ]; then
-    "$DEPLOYER" -c "$CFG" down --yes >/dev/null 2>&1 || true
-    rm -rf "$WORK"
-  else
+  local rc=$?
+  [ -n "$LOAD_PID" ] && kill "$LOAD_PID" 2>/dev/null || true
+  if [ -n "$KEEP" ]; then
     echo "kept: config $CFG (tear down with: $DEPLOYER -c $CFG down --yes)"
+    exit $rc
   fi
+  "$DEPLOYER" -c "$CFG" down --yes >"$WORK/down.log" 2>&1 || cat "$WORK/down.log" >&2
+  local left
+  left=$(leftovers)
+  if [ -n "$left" ]; then
+    echo "LEFTOVERS after teardown: $left" >&2
+    rc=1
+  fi
+  rm -rf "$WORK"
+  exit $rc
+}
+# What this rehearsal could leave behind on the host: its containers, network namespaces,
+# bridges, veths, overlay mounts.
+leftovers() {
+  {
+    ip netns list 2>/dev/null | awk '{ print $1 }' | grep "^lbm-$NAME-" || true
+    for b in "$NAME-pub" "$NAME-vlan"; do [ -e "/sys/class/net/$b" ] && echo "bridge $b"; done
+    grep " $WORK/" /proc/mounts | awk '{ print "mount " $2 }' || true
+    pgrep -af "systemd-nspawn.*lbm-$NAME-" | awk '{ print "nspawn pid " $1 }' || true
+  } | tr '\n' ' '
 }
 trap cleanup EXIT
 
-echo "== deployer up"
-"$DEPLOYER" -c "$CFG" up 2>"$WORK/up.log" || { cat "$WORK/up.log"; exit 1; }
+echo "== packaging lb: two versions, OLD installed by up, NEW by the upgrade"
+VERSION=$(awk -F'"' '/^version/ { print $2; exit }' Cargo.toml)
+scripts/package.sh --profile "$PROFILE" --no-build --fast --deb-version "$VERSION-1~rehearsal1" \
+  --output "$WORK/debs-old" >"$WORK/pkg-old.txt"
+scripts/package.sh --profile "$PROFILE" --no-build --fast --deb-version "$VERSION-1~rehearsal2" \
+  --output "$WORK/debs-new" >"$WORK/pkg-new.txt"
+LB_OLD=$(grep '/lb_' "$WORK/pkg-old.txt")
+LB_NEW=$(grep '/lb_' "$WORK/pkg-new.txt")
 
-lb_addrs=$("$DEPLOYER" -c "$CFG" --json status | python3 -c '
+echo "== machine image (built once, then cached)"
+t=$(now)
+IMAGE=$(scripts/machine-image.sh)
+T_IMAGE=$(since "$t")
+
+# The zone: its nameservers are the lbs, under names the parent zone holds (lbN.ns.test), so
+# a change of the lbs' addresses is one update at the parent. A wildcard gives the load an
+# endless supply of names no cache holds.
+cp -r ansible "$WORK/ansible"
+ZONE="$WORK/ansible/zones/example.test.zone"
+cat >"$ZONE" <<'EOF'
+; example.test for the rehearsal. Bump the serial on every change.
+$TTL 10
+@       IN SOA  lb1.ns.test. hostmaster.example.test. (
+                2026120501 ; serial
+                3600       ; refresh
+                600        ; retry
+                86400      ; expire
+                10 )       ; negative TTL
+        IN NS   lb1.ns.test.
+        IN NS   lb2.ns.test.
+        IN MX   10 mail.example.test.
+www     IN A    192.0.2.1
+www     IN AAAA 2001:db8::1
+mail    IN A    192.0.2.25
+*.w     IN A    192.0.2.80
+@       IN TXT  "v=spf1 mx -all"
+EOF
+{
+  printf 'www.example.test A\nwww.example.test AAAA\nexample.test MX\nexample.test SOA\nmail.example.test A\nnope.example.test A NXDOMAIN\n'
+  for i in $(seq 1 3000); do echo "n$i.w.example.test A"; done
+} >"$WORK/queries.txt"
+
+tsig-keygen -a hmac-sha256 rehearsal-update >"$WORK/update.key"
+SECRET=$(awk -F'"' '/secret/ { print $2 }' "$WORK/update.key")
+cat >"$WORK/delegation-hook.sh" <<EOF
+#!/bin/sh
+# roll-lb's delegation hook: point lbN.ns.test at the new lbs at the parent (nsupdate, TSIG).
+export NSUPDATE_SERVER="\$(cat $WORK/parent-address)" NSUPDATE_KEY_FILE="$WORK/update.key" NSUPDATE_SUFFIX=ns.test NSUPDATE_TTL=10
+exec python3 "$ROOT/scripts/delegation-hook-nsupdate.py" "\$@"
+EOF
+chmod +x "$WORK/delegation-hook.sh"
+
+cat >"$CFG" <<EOF
+deployment = "$NAME"
+state_dir = "$WORK/state"
+ansible_dir = "$WORK/ansible"
+lb_binary = "$OUT/lb"
+
+[provider]
+kind = "machines"
+
+[machines]
+image = "$IMAGE"
+public_bridge = "$NAME-pub"
+private_bridge = "$NAME-vlan"
+public_subnet = "10.$NET.0.0/24"
+
+[network]
+vlan = "$NAME-backplane"
+subnet = "10.$NET.1.0/24"
+
+[[nameservers]]
+name = "ns1"
+
+[[nameservers]]
+name = "ns2"
+
+[zones]
+names = ["example.test"]
+
+[[lbs]]
+name = "lb1"
+fronts = ["ns1"]
+
+[[lbs]]
+name = "lb2"
+fronts = ["ns2"]
+
+[roll_lb]
+delegation_hook = "$WORK/delegation-hook.sh"
+drain_threshold_qps = 1.0
+poll_secs = 1.0
+max_drain_secs = 300
+
+[timeouts]
+boot_secs = 120
+provision_secs = 600
+check_secs = 60
+ctl_secs = 20
+
+[ansible]
+extra_vars = { lb_package = "$LB_OLD" }
+EOF
+
+declare -A PHASE_SECS
+run_phase() {
+  local name=$1; shift
+  local t
+  t=$(now)
+  echo "== $name: $*"
+  if ! "$@" >"$WORK/$name.log" 2>&1; then
+    sed 's/^/  /' "$WORK/$name.log" | tail -60
+    echo "demo.sh: $name failed" >&2
+    exit 1
+  fi
+  grep -E '^\[[0-9]+/[0-9]+\]|^done in|provisioned in' "$WORK/$name.log" | sed 's/^/  /' || true
+  PHASE_SECS[$name]=$(since "$t")
+}
+
+run_phase up "$DEPLOYER" -c "$CFG" up
+SSH=(ssh -i "$WORK/state/machines/id_ed25519" -o IdentitiesOnly=yes -o BatchMode=yes
+  -o UserKnownHostsFile="$WORK/state/known_hosts" -o StrictHostKeyChecking=accept-new)
+addr_of() { "$DEPLOYER" -c "$CFG" --json machines list | python3 -c "
 import json, sys
-s = json.load(sys.stdin)
-print(" ".join(l["address"] for l in s["lbs"]))')
-first_lb=${lb_addrs%% *}
-serial_of() { dig +short +norec -p "${1##*:}" @"${1%:*}" example.test SOA | awk '{ print $3 }'; }
-serial_before=$(serial_of "$first_lb")
+print(next(m['address'] for m in json.load(sys.stdin)['machines'] if m['label'] == '$1'))"; }
 
-printf 'example.test SOA\nwww.example.test A\nwww.example.test AAAA\nexample.test MX\nmail.example.test A\nnope.example.test A\n' >"$WORK/queries.txt"
-echo "== steady load: $QPS qps through each of: $lb_addrs for ${SECS}s"
-i=0
-for a in $lb_addrs; do
-  dnsperf -s "${a%:*}" -p "${a##*:}" -d "$WORK/queries.txt" -Q "$QPS" -l "$SECS" -c 4 -t 2 >"$WORK/perf-$i.out" 2>&1 &
-  PERF_PIDS+=("$!")
-  i=$((i + 1))
+echo "== the DNS hierarchy: parent zone server and resolver"
+t=$(now)
+"$DEPLOYER" -c "$CFG" machines create parent resolver >"$WORK/extras.txt"
+PARENT=$(awk '$1 == "parent" { print $2 }' "$WORK/extras.txt")
+RESOLVER=$(awk '$1 == "resolver" { print $2 }' "$WORK/extras.txt")
+echo "$PARENT" >"$WORK/parent-address"
+LB1=$(addr_of lb1)
+LB2=$(addr_of lb2)
+python3 - "$WORK" "$PARENT" "$RESOLVER" "$LB1" "$LB2" "$SECRET" "10.$NET.0.1/32" <<'EOF'
+import json, sys
+work, parent, resolver, lb1, lb2, secret, admin = sys.argv[1:]
+common = {
+    "ansible_user": "root",
+    "ansible_ssh_private_key_file": f"{work}/state/machines/id_ed25519",
+    "ansible_ssh_common_args": f"-o UserKnownHostsFile={work}/state/known_hosts -o StrictHostKeyChecking=accept-new",
+    "ansible_python_interpreter": "/usr/bin/python3",
+}
+inv = {"all": {"children": {
+    "parent": {"hosts": {"parent": dict(common, ansible_host=parent)}},
+    "resolver": {"hosts": {"resolver": dict(common, ansible_host=resolver)}},
+}}}
+json.dump(inv, open(f"{work}/rehearsal-inventory.json", "w"))
+json.dump({
+    "dns_zones": [{"name": "example.test", "file": "example.test.zone"}],
+    "admin_networks": [admin],
+    "rehearsal_parent_delegation": [
+        {"name": "lb1.ns.test", "address": lb1},
+        {"name": "lb2.ns.test", "address": lb2},
+    ],
+    "rehearsal_parent_update_key": {"name": "rehearsal-update", "algorithm": "hmac-sha256", "secret": secret},
+}, open(f"{work}/rehearsal-vars.json", "w"))
+EOF
+chmod 600 "$WORK/rehearsal-vars.json"
+ANSIBLE_CONFIG="$WORK/ansible/ansible.cfg" ansible-playbook -i "$WORK/rehearsal-inventory.json" \
+  -e "@$WORK/rehearsal-vars.json" "$WORK/ansible/rehearsal.yml" >"$WORK/hierarchy.log" 2>&1 \
+  || { tail -40 "$WORK/hierarchy.log"; exit 1; }
+for _ in $(seq 1 100); do
+  [ "$(dig +short +time=1 +tries=1 @"$RESOLVER" www.example.test A)" = "192.0.2.1" ] && break
+  sleep 0.2
 done
-sleep 3
+echo "  parent $PARENT serves test. (example.test -> lb1.ns.test $LB1, lb2.ns.test $LB2); resolver $RESOLVER: www.example.test -> $(dig +short @"$RESOLVER" www.example.test A)"
+PHASE_SECS[hierarchy]=$(since "$t")
 
-new_serial=$(( $(awk '/; serial/ { print $1 }' "$ZONE") + 1 ))
-sed -i "s/^\( *\)[0-9]\+ ; serial/\1$new_serial ; serial/" "$ZONE"
-echo "== deployer roll (zone serial bumped to $new_serial)"
-t0=$(date +%s.%N)
-"$DEPLOYER" -c "$CFG" roll 2>"$WORK/roll.log" || { cat "$WORK/roll.log"; echo "roll failed"; }
-t1=$(date +%s.%N)
+echo "== firewalls between machines"
+NS1=$(addr_of ns1)
+NS1_VLAN=$("$DEPLOYER" -c "$CFG" --json machines list | python3 -c "
+import json, sys
+print(next(m['private_address'] for m in json.load(sys.stdin)['machines'] if m['label'] == 'ns1'))")
+fw_ok=1
+# A machine that is not an lb (the resolver on the public network; ns2 on the VLAN) gets no
+# answer from a nameserver; an lb does.
+if "${SSH[@]}" "root@$RESOLVER" "dig +time=2 +tries=1 @$NS1 example.test SOA" >/dev/null 2>&1; then
+  echo "  FAIL: the resolver got an answer from ns1 ($NS1)"; fw_ok=0
+else echo "  resolver -> ns1 $NS1:53: no answer (firewall)"; fi
+NS2=$(addr_of ns2)
+if "${SSH[@]}" "root@$NS2" "dig +time=2 +tries=1 @$NS1_VLAN example.test SOA" >/dev/null 2>&1; then
+  echo "  FAIL: ns2 got an answer from ns1 on the VLAN ($NS1_VLAN)"; fw_ok=0
+else echo "  ns2 -> ns1 $NS1_VLAN:53 (VLAN): no answer (firewall)"; fi
+if "${SSH[@]}" "root@$LB1" "dig +time=2 +tries=1 +short @$NS1_VLAN example.test SOA" | grep -q .; then
+  echo "  lb1 -> ns1 $NS1_VLAN:53 (VLAN): answered"
+else echo "  FAIL: lb1 got no answer from ns1 on the VLAN"; fw_ok=0; fi
+# Metrics only from the admin network (this host).
+if "${SSH[@]}" "root@$RESOLVER" "python3 -c \"import urllib.request; urllib.request.urlopen('http://$LB1:9153/metrics', timeout=2)\"" >/dev/null 2>&1; then
+  echo "  FAIL: the resolver read lb1's metrics"; fw_ok=0
+else echo "  resolver -> lb1 $LB1:9153 (metrics): refused (firewall)"; fi
+if python3 -c "import urllib.request; urllib.request.urlopen('http://$LB1:9153/metrics', timeout=2)"; then
+  echo "  host (admin network) -> lb1 $LB1:9153 (metrics): served"
+else echo "  FAIL: this host cannot read lb1's metrics"; fw_ok=0; fi
 
-echo "== waiting for the load to finish"
-for p in "${PERF_PIDS[@]}"; do wait "$p" || true; done
-PERF_PIDS=()
-serial_after=$(serial_of "$first_lb")
+lb_state() {
+  for lb in lb1 lb2; do
+    local a
+    a=$(addr_of "$lb")
+    printf '%s %s %s\n' "$lb" "$a" "$("${SSH[@]}" "root@$a" \
+      "echo \$(systemctl show -p MainPID --value lb.service) \$(systemctl show -p NRestarts --value lb.service) \$(dpkg-query -W -f '\${Version}' lb)")"
+  done
+}
 
-sent=0; lost=0
-for f in "$WORK"/perf-*.out; do
-  s=$(awk '/Queries sent:/ { print $3 }' "$f"); l=$(awk '/Queries lost:/ { print $3 }' "$f")
-  sent=$((sent + ${s:-0})); lost=$((lost + ${l:-0}))
-done
+echo "== steady load: $QPS qps of the resolver's clients to $RESOLVER"
+"$OUT/examples/phaseload" "$RESOLVER:53" "$WORK/queries.txt" "$QPS" steady,roll,roll-lb,upgrade,settle 8000 3600 \
+  >"$WORK/load.txt" 2>"$WORK/load.err" &
+LOAD_PID=$!
+next_phase() { kill -USR1 "$LOAD_PID"; }
+sleep "$STEADY"
+
+next_phase
+serial=$(awk '/; serial/ { print $1 }' "$ZONE")
+sed -i -e "s/^\( *\)$serial ; serial/\1$((serial + 1)) ; serial/" -e 's/^www     IN A    192.0.2.1$/www     IN A    192.0.2.2/' "$ZONE"
+echo "   (zone: serial $serial -> $((serial + 1)), www A 192.0.2.1 -> 192.0.2.2)"
+run_phase roll "$DEPLOYER" -c "$CFG" roll
+answer=$(dig +short @"$RESOLVER" www.example.test A)
+sleep 1
+
+next_phase
+run_phase roll-lb "$DEPLOYER" -c "$CFG" roll-lb
+echo "  delegation now: $(dig +short +norec @"$PARENT" lb1.ns.test A) $(dig +short +norec @"$PARENT" lb2.ns.test A)"
+
+next_phase
+lb_state >"$WORK/lbs-before.txt"
+run_phase upgrade "$DEPLOYER" -c "$CFG" provision-lbs --var "lb_package=$LB_NEW"
+
+next_phase
+echo "== settle: ${SETTLE}s under load after the upgrade (the watchdog interval is 10 s)"
+sleep "$SETTLE"
+lb_state >"$WORK/lbs-after.txt"
+kill -TERM "$LOAD_PID"
+wait "$LOAD_PID" || true
+LOAD_PID=
+
 echo
 echo "== summary"
-"$DEPLOYER" -c "$CFG" status | sed 's/^/  /'
-printf '  roll took %.1fs\n' "$(echo "$t1 - $t0" | bc)"
-echo "  serial before: $serial_before, after: $serial_after"
-echo "queries sent: $sent, lost: $lost"
-[ "$lost" -eq 0 ] && [ "$serial_after" = "$new_serial" ]
+printf '  %-8s %7s %9s %9s %9s %9s %9s %7s\n' phase sent answered servfail timeouts wrong max_ms secs
+while read -r _ name _ sent _ answered _ _ _ _ _ servfail _ _ _ _ _ timeouts _ max_ms _ wrong; do
+  name=${name%:}
+  printf '  %-8s %7s %9s %9s %9s %9s %9s %7s\n' "$name" "$sent" "$answered" "$servfail" "$timeouts" "$wrong" "$max_ms" "${PHASE_SECS[$name]:-}"
+done <"$WORK/load.txt"
+echo "  www.example.test through the resolver after the roll: $answer (zone says 192.0.2.2)"
+restarts=0
+while read -r lb a pid n ver; do
+  read -r _ a2 pid2 n2 ver2 < <(grep "^$lb " "$WORK/lbs-after.txt")
+  echo "  $lb ($a2): MainPID $pid -> $pid2, NRestarts $n -> $n2, lb $ver -> $ver2"
+  [ "$n" = "$n2" ] || restarts=$((restarts + n2 - n))
+  [ "$ver2" = "$VERSION-1~rehearsal2" ] || { echo "  FAIL: $lb runs lb $ver2 after the upgrade"; fw_ok=0; }
+  [ "$pid" != "$pid2" ] || { echo "  FAIL: $lb's MainPID did not change: no hand-over happened"; fw_ok=0; }
+done <"$WORK/lbs-before.txt"
+if "${SSH[@]}" "root@$(addr_of lb1)" "journalctl -u lb --no-pager" | grep -q 'Watchdog timeout'; then
+  echo "  FAIL: systemd's watchdog killed lb"; restarts=$((restarts + 1))
+fi
+echo "  machines (memory is each one's processes, proportional set size):"
+"$DEPLOYER" -c "$CFG" machines list | sed 's/^/    /'
+echo "  times: build ${T_BUILD}s, image ${T_IMAGE}s, up ${PHASE_SECS[up]}s (machines boot: $(grep -Eo 'create-(nameservers|lbs) +ok \([0-9.]+s' "$WORK/up.log" | grep -Eo '[0-9.]+s' | tr '\n' ' ')), hierarchy ${PHASE_SECS[hierarchy]}s, roll ${PHASE_SECS[roll]}s, roll-lb ${PHASE_SECS[roll-lb]}s, upgrade ${PHASE_SECS[upgrade]}s, whole run $(since "$T_START")s"
+read -r _ _ _ sent _ _ _ _ _ _ _ servfail _ _ _ _ _ lost _ _ _ wrong < <(grep '^phase total:' "$WORK/load.txt")
+[ "$answer" = "192.0.2.2" ] || { echo "  FAIL: the resolver answers $answer for www.example.test after the roll"; fw_ok=0; }
+nleft=0
+if [ -z "$KEEP" ]; then
+  "$DEPLOYER" -c "$CFG" down --yes >"$WORK/down.log" 2>&1 || cat "$WORK/down.log" >&2
+  left=$(leftovers)
+  nleft=$(echo "$left" | wc -w)
+  [ -n "$left" ] && echo "  leftovers: $left"
+fi
+echo "rehearsal: sent $sent, lost $lost, servfail $servfail, wrong $wrong, restarts $restarts, leftovers $nleft"
+[ "$sent" -gt 0 ] && [ "$lost" -eq 0 ] && [ "$servfail" -eq 0 ] && [ "$wrong" -eq 0 ] && [ "$restarts" -eq 0 ] \
+  && [ "$nleft" -eq 0 ] && [ "$fw_ok" -eq 1 ]

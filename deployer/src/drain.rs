@@ -76,6 +76,13 @@ pub fn handoff_plan(d: &Deployer, j: &Journal) -> Vec<(String, String, String)> 
         .collect()
 }
 
+/// The address part of `IP:PORT` or `[IPv6]:PORT` (glue is an address, without the port).
+pub fn ip_of(addr: &str) -> String {
+    addr.parse::<std::net::SocketAddr>()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|_| addr.to_string())
+}
+
 /// `lb1 OLD -> NEW, lb2 ...`: the hand-off in one line, for messages.
 pub fn describe_plan(plan: &[(String, String, String)]) -> String {
     plan.iter()
@@ -120,7 +127,11 @@ pub fn handoff(d: &Deployer, j: &mut Journal) -> Result<String> {
             zones.join(", ")
         );
         for (name, old, new) in &plan {
-            msg.push_str(&format!("  {name}: replace {old} by {new}\n"));
+            msg.push_str(&format!(
+                "  {name}: replace {} by {}\n",
+                ip_of(old),
+                ip_of(new)
+            ));
         }
         msg.push_str("then run `deployer roll-lb --resume` (the old load balancers keep serving until they drain). If you decide not to change it, `deployer rollback --delegation-unchanged` deletes the new load balancers");
         return Err(WaitForOperator(msg).into());
@@ -128,14 +139,22 @@ pub fn handoff(d: &Deployer, j: &mut Journal) -> Result<String> {
     let input = json!({
         "deployment": d.cfg.deployment,
         "zones": zones,
-        "lbs": plan.iter().map(|(n, o, w)| json!({"name": n, "old_address": o, "new_address": w})).collect::<Vec<_>>(),
+        // Glue is an address, not an address and port: `old_ip`/`new_ip` are what a registrar
+        // takes; `*_address` (with the DNS port) stay for hooks written against them.
+        "lbs": plan.iter().map(|(n, o, w)| json!({
+            "name": n,
+            "old_address": o,
+            "new_address": w,
+            "old_ip": ip_of(o),
+            "new_ip": ip_of(w),
+        })).collect::<Vec<_>>(),
     });
     let before = j.handoff;
     j.handoff = Handoff::Started;
     d.save(j)?;
     d.faults.point("handoff:started");
     let mut cmd = std::process::Command::new(&hook);
-    cmd.args(plan.iter().map(|p| p.2.clone()))
+    cmd.args(plan.iter().map(|p| ip_of(&p.2)))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null());
     let mut child = match crate::children::spawn(&mut cmd) {
@@ -287,5 +306,12 @@ mod tests {
         let text = "# HELP lb_queries_total q\n# TYPE lb_queries_total counter\nlb_queries_total{proto=\"udp\"} 10\nlb_queries_total{proto=\"tcp\"} 2.5\nlb_queries_total_other 99\n";
         assert_eq!(queries_total(text), Some(12.5));
         assert_eq!(queries_total("lb_answers_total 3\n"), None);
+    }
+
+    #[test]
+    fn glue_is_the_address_without_the_port() {
+        assert_eq!(ip_of("192.0.2.7:53"), "192.0.2.7");
+        assert_eq!(ip_of("[2001:db8::7]:53"), "2001:db8::7");
+        assert_eq!(ip_of("192.0.2.7"), "192.0.2.7");
     }
 }

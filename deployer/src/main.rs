@@ -62,6 +62,14 @@ enum Cmd {
     },
     /// Instances, each lb's backends and generation, and any unfinished operation.
     Status,
+    /// Apply the lb role again to the running lbs, one at a time, each checked before the next
+    /// (a new lb package: `--var lb_package=lb_NEW.deb`; the running lb hands over to the new
+    /// binary without a restart). Each lb keeps the backends it serves.
+    ProvisionLbs {
+        /// KEY=VALUE, an Ansible variable over every other (repeatable).
+        #[arg(long = "var", value_parser = parse_var)]
+        vars: Vec<(String, String)>,
+    },
     /// The machines provider's machines: extra machines beside the deployment's instances
     /// (the rehearsal's parent zone server and resolver), and every machine's state.
     Machines {
@@ -76,6 +84,16 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+fn parse_var(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))?;
+    if k.is_empty() || !k.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
+        return Err(format!("`{k}` is not an Ansible variable name"));
+    }
+    Ok((k.to_string(), v.to_string()))
 }
 
 #[derive(Subcommand)]
@@ -125,6 +143,7 @@ fn run(cli: Cli) -> anyhow::Result<Ended> {
             }
             return Ok(Ended::Done);
         }
+        Cmd::ProvisionLbs { vars } => d.provision_lbs(&vars)?,
         Cmd::Machines { command } => {
             let m = d.machines_provider()?;
             match command {

@@ -4,7 +4,7 @@
 //! at once), then builds or loads the journal and hands the steps to the [`engine`]. `status`
 //! and `--dry-run` take no lock and change nothing.
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use crate::context::{next_command, Deployer};
 use crate::engine;
@@ -479,6 +479,82 @@ impl Deployer {
 
     pub fn list(&self) -> Result<Vec<Instance>> {
         Ok(self.provider.list()?)
+    }
+
+    /// `deployer provision-lbs`: applies the lb role again to the running lbs, one at a time,
+    /// each checked before the next (the lbs are the mutable part of the deployment: a new lb
+    /// package, a changed setting). Each lb keeps the backends it serves now (read from it),
+    /// so that the rendered lb.toml cannot flip it. `vars` override every other variable (an
+    /// upgrade: `lb_package=/path/lb_NEW.deb`; the package's postinst hands the running lb over
+    /// to the new binary, with no restart and no query lost).
+    pub fn provision_lbs(&mut self, vars: &[(String, String)]) -> Result<()> {
+        self.lock()?;
+        self.refuse_if_unfinished()?;
+        let serials = self.serials()?;
+        let known_hosts = self.cfg.state_dir.join("known_hosts");
+        let mut run_vars = crate::ansible::run_vars(&self.cfg);
+        for (k, v) in vars {
+            let value = if k == "lb_package" && std::path::Path::new(v).is_relative() {
+                // Relative to where the command runs, as a shell user expects.
+                serde_json::json!(std::env::current_dir()?.join(v))
+            } else {
+                serde_json::json!(v)
+            };
+            run_vars[k.as_str()] = value;
+        }
+        if let Some(p) = run_vars.get("lb_package").and_then(|p| p.as_str()) {
+            if self.cfg.provider.kind.is_vm() && !std::path::Path::new(p).is_file() {
+                bail!("lb_package {p} does not exist: build it with `scripts/package.sh`; nothing was changed");
+            }
+        }
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for l in self.cfg.lbs.clone() {
+            let t = std::time::Instant::now();
+            let (inst, ctl) = self.lb_control(&l.name)?;
+            let status = ctl
+                .status(self.cfg.timeouts.ctl())
+                .map_err(|e| anyhow!("lb {}: cannot read its backends: {e}", l.name))?;
+            let backends: Vec<String> = status.backends.iter().map(|b| b.address.clone()).collect();
+            let mut inv = crate::ansible::inventory(
+                self.provider.as_ref(),
+                std::slice::from_ref(&inst),
+                &[],
+                &self.cfg,
+                &known_hosts,
+            );
+            if let Some(serde_json::Value::Object(h)) =
+                inv["all"]["children"]["lbs"]["hosts"].get_mut(&inst.label)
+            {
+                h.insert("lb_backends".into(), serde_json::json!(backends));
+            }
+            crate::ansible::run_playbook(
+                &self.cfg,
+                "lb.yml",
+                &format!("{started}-provision-{}", l.name),
+                &inv,
+                &run_vars,
+                None,
+                self.cfg.timeouts.provision(),
+            )
+            .with_context(|| format!("provisioning lb {}", l.name))?;
+            let after = ctl
+                .status(self.cfg.timeouts.ctl())
+                .map_err(|e| anyhow!("lb {} does not answer after provisioning: {e}", l.name))?;
+            crate::checks::check_serving(inst.dns_addr(), &serials, self.cfg.timeouts.check())
+                .map_err(|e| anyhow!("lb {} does not serve the zones after provisioning: {e}; the next lbs were not touched", l.name))?;
+            self.out.info(&format!(
+                "lb {} provisioned in {:.1}s: pid {} -> {}, generation {}, backends {}",
+                l.name,
+                t.elapsed().as_secs_f64(),
+                status.pid,
+                after.pid,
+                after.generation,
+                backends.join(", ")
+            ));
+        }
+        Ok(())
     }
 
     /// The machines provider of this deployment (`deployer machines ...`).

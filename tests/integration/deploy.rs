@@ -688,19 +688,26 @@ fn roll_lb_under_load_with_a_delegation_hook_loses_nothing() {
         assert!(t0.elapsed() < Duration::from_secs(120), "the hook ran");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let new_addrs: Vec<SocketAddr> = std::fs::read_to_string(&targets)
-        .unwrap()
-        .split_whitespace()
-        .map(|a| a.parse().unwrap())
-        .collect();
-    assert_eq!(new_addrs.len(), 2);
-    assert!(new_addrs.iter().all(|a| !old_addrs.contains(a)));
     let input: Value = serde_json::from_str(
         &std::fs::read_to_string(d.dir.path().join("hook-input.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(input["lbs"][0]["name"], "lb1");
     assert_eq!(input["lbs"][0]["old_address"], old_addrs[0].to_string());
+    // The local provider's lbs differ by port, which only the JSON carries: glue (arguments,
+    // `*_ip`) is an address alone.
+    let new_addrs: Vec<SocketAddr> = input["lbs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["new_address"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(new_addrs.len(), 2);
+    assert!(new_addrs.iter().all(|a| !old_addrs.contains(a)));
+    let args = std::fs::read_to_string(&targets).unwrap();
+    assert_eq!(args.split_whitespace().collect::<Vec<_>>(), ["127.0.0.1"; 2], "{args}");
+    assert_eq!(input["lbs"][1]["new_ip"], "127.0.0.1");
+    assert_eq!(input["lbs"][1]["old_ip"], "127.0.0.1");
     let new_loads: Vec<_> = new_addrs
         .iter()
         .map(|a| LoadClient::start(*a, 200))
@@ -1359,7 +1366,9 @@ fn roll_lb_inside_the_handoff_is_never_undone_by_itself() {
     let new_addrs = d.lb_addrs();
     assert!(new_addrs.iter().all(|a| !old_addrs.contains(a)));
     let announced = std::fs::read_to_string(d.dir.path().join("new-targets")).unwrap();
+    // Glue: the new lbs' addresses without the port.
     for a in &new_addrs {
-        assert!(announced.contains(&a.to_string()), "{announced}");
+        assert!(announced.contains(&a.ip().to_string()), "{announced}");
+        assert!(!announced.contains(&a.to_string()), "{announced}");
     }
 }
