@@ -398,7 +398,9 @@ impl PacketCache {
     /// How long `answer` may be cached, if at all.
     fn ttl_of(&self, answer: &[u8]) -> Option<u32> {
         let h = wire::header(answer).ok()?;
-        if !h.qr || h.tc || !(h.rcode == 0 || h.rcode == 3) {
+        // One question, the query's (checked by the caller's answer matching): an answer
+        // without one is never stored, whatever its RCODE.
+        if !h.qr || h.tc || h.qdcount != 1 || !(h.rcode == 0 || h.rcode == 3) {
             return None;
         }
         let mut walk = wire::records(answer);
@@ -661,6 +663,14 @@ mod tests {
         }
         c.insert(&key(&q), e, &answer(&q, 0));
         c.insert(&key(&q), c.epoch(0), &answer(&q, 300));
+        // An answer without a question is never stored, whatever its RCODE.
+        let mut bare = answer(&q, 300);
+        bare[5] = 0;
+        let qq = wire::question(&q).unwrap();
+        bare.drain(12..qq.end);
+        bare.splice(12..14, [0]); // the record's owner: the root, not a pointer to the question
+        assert_eq!(wire::records(&bare).count(), 1);
+        c.insert(&key(&q), e, &bare);
         let mut out = [0u8; 512];
         assert!(c
             .lookup(
