@@ -38,7 +38,7 @@ use rand::Rng;
 
 use crate::access::Verdict;
 use crate::backend::{BackendSet, Shared};
-use crate::cache::{self, PacketCache};
+use crate::cache::{self, PacketCache, Transport};
 use crate::dataplane::query::{check_query, route, Route};
 use crate::dataplane::upstream::{Enqueue, UpstreamSettings, Upstreams};
 use crate::inflight::Origin;
@@ -407,7 +407,8 @@ impl Worker {
         // was forwarded in (its answer is stored only if that epoch is still current).
         let mut cache_epoch = 0;
         if let Some(cache) = &self.cache {
-            if let (Some(key), Some(question)) = (cache::key_of(msg, q.as_ref()), q.as_ref()) {
+            let key = cache::key_for(msg, q.as_ref(), Transport::Udp);
+            if let (Some(key), Some(question)) = (key, q.as_ref()) {
                 let epoch = cache.epoch(set.generation);
                 // Stale answers only while no backend can answer.
                 let stale = cache.serves_stale() && !set.backends.iter().any(|b| b.is_usable());
@@ -536,7 +537,8 @@ impl Worker {
             if let (Some(cache), Some(up)) = (&self.cache, self.up.get(ui)) {
                 // Not from a backend whose zones lag: its answer may be the old zone's.
                 if !up.backend.state.is_behind() {
-                    if let Some(key) = cache::key_of(&slot.query, slot.question.as_ref()) {
+                    let q = slot.question.as_ref();
+                    if let Some(key) = cache::key_for(&slot.query, q, Transport::Udp) {
                         cache.insert(&key, slot.cache_epoch, msg);
                     }
                 }
