@@ -621,9 +621,7 @@ mod tests {
         let (a, b) = (RrlTable::new(1 << 16), RrlTable::new(1 << 16));
         let p = policy(1, 15, 0).prefix_of(ip("192.0.2.7"));
         let tags = |t: &RrlTable| -> Vec<u64> {
-            (0..64)
-                .map(|k| t.tag_of(&p, Class::Positive, k))
-                .collect()
+            (0..64).map(|k| t.tag_of(&p, Class::Positive, k)).collect()
         };
         let (ta, tb) = (tags(&a), tags(&b));
         assert_eq!(ta, tags(&a), "stable within a process");

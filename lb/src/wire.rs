@@ -672,7 +672,14 @@ mod tests {
         assert!(answer_matches(&[0; 13], None, &answer_to(&bare, 1)));
         // BIND echoes the question in NXDOMAIN, SERVFAIL and REFUSED: without it, an answer
         // with those (or any RCODE but FORMERR, NOTIMP, BADVERS, BADCOOKIE) is not the answer.
-        for (rcode, ok) in [(1, true), (2, false), (3, false), (4, true), (5, false), (9, false)] {
+        for (rcode, ok) in [
+            (1, true),
+            (2, false),
+            (3, false),
+            (4, true),
+            (5, false),
+            (9, false),
+        ] {
             bare[3] = rcode;
             assert_eq!(
                 answer_matches(&a, Some(&qa), &bare),

@@ -142,8 +142,7 @@ fn cached_answers_are_binds_with_the_clients_id_and_spelling_over_udp_and_tcp() 
         // second, in the other spelling, a hit.
         let direct_tcp = tcp_exchange(ns.addr, q, 1, T).messages.remove(0);
         let mut stored_tcp = direct_tcp.clone();
-        stored_tcp[qq.name_start..qq.name_end]
-            .copy_from_slice(&again[qq.name_start..qq.name_end]);
+        stored_tcp[qq.name_start..qq.name_end].copy_from_slice(&again[qq.name_start..qq.name_end]);
         for (query, want) in [(q, &direct_tcp), (&again, &stored_tcp)] {
             let tcp = tcp_exchange(lb.tcp(), query, 1, T);
             assert_eq!(
@@ -186,15 +185,21 @@ fn an_answer_fetched_over_tcp_never_goes_over_udp_larger_than_bind_sends() {
     // (1232) even for a client advertising 4096; over TCP it sends it whole. Fetched over TCP
     // first (and cached), it must still reach a UDP client as BIND's TC=1, byte for byte.
     let ns = Named::start(ZoneSpec::new(1, "a"));
-    let lb = cached_lb(&[ns.addr], "max_answer_size = 4096
-");
+    let lb = cached_lb(
+        &[ns.addr],
+        "max_answer_size = 4096
+",
+    );
     let q = QueryBuilder::new(30, "big.example.test.", 16)
         .edns(4096)
         .build();
     let direct_udp = udp_exchange(ns.addr, &q, T).expect("BIND answers over UDP");
     let direct_tcp = tcp_exchange(ns.addr, &q, 16, T);
     assert_ne!(direct_udp[2] & 0x02, 0, "BIND truncates it over UDP");
-    assert!(direct_tcp.messages[0].len() > 1232, "and sends it whole over TCP");
+    assert!(
+        direct_tcp.messages[0].len() > 1232,
+        "and sends it whole over TCP"
+    );
     let hits0 = counter(&lb, "lb_cache_hits_total");
     for round in 0..2 {
         let tcp = tcp_exchange(lb.tcp(), &q, 16, T);

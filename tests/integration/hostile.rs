@@ -323,7 +323,11 @@ fn a_questionless_answer_passes_only_for_the_rcodes_bind_sends_that_way() {
             assert_eq!(h.rcode, code, "RCODE {code}: relayed");
             assert_eq!(h.qdcount, 0);
         } else {
-            assert_eq!((h.rcode, h.qdcount, h.ancount), (0, 1, 1), "RCODE {code}: BIND's answer");
+            assert_eq!(
+                (h.rcode, h.qdcount, h.ancount),
+                (0, 1, 1),
+                "RCODE {code}: BIND's answer"
+            );
             assert_eq!(lb.drops("mismatched-question"), before + 1, "RCODE {code}");
         }
         assert_eq!(&a[..2], &q[..2]);

@@ -198,6 +198,7 @@ impl ControlContext {
                         queries: s.queries.load(Ordering::Relaxed),
                         answers: s.answers.load(Ordering::Relaxed),
                         timeouts: s.timeouts.load(Ordering::Relaxed),
+                        port_unreachable: s.port_unreachable.load(Ordering::Relaxed),
                     }
                 })
                 .collect(),

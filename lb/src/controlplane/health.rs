@@ -14,20 +14,30 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use tokio::sync::Notify;
 
-use crate::backend::{Backend, Shared};
+use crate::backend::{Backend, Shared, Suspicion};
 use crate::config::HealthConfig;
 pub use crate::probe::{check_answer, probe_backend, probe_serials, ProbeError, ProbeFailure};
 
 /// Applies one probe result to a backend: up after `rise` successes (or the first success of a
 /// never-checked backend), down after `fall` failures, or at once when passive detection
-/// suspected it (timeouts on live traffic, now confirmed); every failure is counted by reason.
+/// suspected it (timeouts or a port unreachable on live traffic, now confirmed by the probe);
+/// every failure is counted by reason. A suspicion the probe does not confirm is dropped.
 pub fn record_result(backend: &Backend, result: &Result<u32, ProbeError>, rise: u32, fall: u32) {
     let st = &backend.state;
     let never_checked = st.reason() == ProbeFailure::NotChecked;
-    if st.take_suspicion() {
+    if let Some(why) = st.take_suspicion() {
         if let Err(e) = result {
-            let detail = format!("queries on live traffic timed out and a probe failed: {e}");
-            if backend.mark_down(ProbeFailure::PassiveTimeouts, &detail) {
+            let (reason, detail) = match why {
+                Suspicion::Timeouts => (
+                    ProbeFailure::PassiveTimeouts,
+                    format!("queries on live traffic timed out and a probe failed: {e}"),
+                ),
+                Suspicion::PortUnreachable => (
+                    e.reason,
+                    format!("port unreachable on live traffic and a probe failed: {e}"),
+                ),
+            };
+            if backend.mark_down(reason, &detail) {
                 st.health_ok.store(0, std::sync::atomic::Ordering::Relaxed);
                 return;
             }
@@ -60,6 +70,9 @@ pub fn record_result(backend: &Backend, result: &Result<u32, ProbeError>, rise: 
         }
     }
 }
+
+/// The shortest time between two probe rounds asked for by passive detection.
+pub const MIN_REQUESTED_GAP: Duration = Duration::from_millis(50);
 
 /// Settings the active checker reads each round (rebuilt on reload).
 #[derive(Debug, Clone)]
@@ -224,8 +237,11 @@ impl Checker {
     }
 
     /// Runs forever: probes the current set every interval, and at once when woken (a swap) or
-    /// asked (passive detection suspects a backend).
+    /// asked (passive detection suspects a backend). Rounds asked for by passive detection
+    /// start at most every [`MIN_REQUESTED_GAP`]: forged ICMP errors can ask for probes, but
+    /// not make the checker probe the backends faster than that.
     pub async fn run(self: Arc<Self>, shared: Arc<Shared>) {
+        let mut last_requested: Option<tokio::time::Instant> = None;
         loop {
             let s = self.settings();
             let interval = s.as_ref().map_or(Duration::from_secs(1), |s| s.interval);
@@ -237,7 +253,12 @@ impl Checker {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = self.wake.notified() => {}
-                _ = shared.probe_requested() => {}
+                _ = shared.probe_requested() => {
+                    if let Some(t) = last_requested {
+                        tokio::time::sleep_until(t + MIN_REQUESTED_GAP).await;
+                    }
+                    last_requested = Some(tokio::time::Instant::now());
+                }
             }
         }
     }
@@ -313,7 +334,24 @@ mod tests {
         let e = Backend::new("127.0.0.4:53".parse().unwrap());
         assert!(e.passive_timeout(1));
         record_result(&e, &ok, 2, 3);
-        assert!(e.state.is_up() && !e.state.take_suspicion());
+        assert!(e.state.is_up() && e.state.take_suspicion().is_none());
+        // A port unreachable (perhaps forged): a passed probe keeps the backend up, a failed
+        // one takes it down at once, with the probe's own reason.
+        let f = Backend::new("127.0.0.5:53".parse().unwrap());
+        assert!(f.port_unreachable());
+        record_result(&f, &ok, 2, 3);
+        assert!(f.state.is_up() && f.state.take_suspicion().is_none());
+        let network: Result<u32, ProbeError> = Err(ProbeError {
+            reason: ProbeFailure::Network,
+            detail: "connection refused".into(),
+        });
+        assert!(f.port_unreachable());
+        record_result(&f, &network, 2, 3);
+        assert!(
+            !f.state.is_up(),
+            "confirmed at the first failure, not after fall = 3"
+        );
+        assert_eq!(f.state.reason(), ProbeFailure::Network);
     }
 
     /// A set of backends at the given addresses with a packet cache, and checker settings
