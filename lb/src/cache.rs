@@ -13,8 +13,9 @@
 //! `negative_ttl` and the zone's SOA minimum).
 //!
 //! Never the old zone: every entry is valid for one *epoch*, the backend set's generation and
-//! the count of serial rises the health checker has seen. A swap or a reload makes a new
-//! generation and a serial rise bumps the count, which invalidates every entry at once (a
+//! the count of serial changes the health checker has seen. A swap or a reload makes a new
+//! generation and a serial change (up or down) bumps the count, which invalidates every entry
+//! at once (a
 //! flush is one atomic add). A query carries the epoch it was forwarded in and its answer is
 //! stored only if that epoch is still current, so an answer from the old set still in flight
 //! during a flush is never stored after it; answers from a backend whose serial lags are not
@@ -46,7 +47,7 @@ pub enum FlushReason {
     Swap,
     /// A reload (a new backend set generation).
     Reload,
-    /// A health probe saw a zone's serial rise.
+    /// A health probe saw a zone's serial change (up or down).
     Serial,
 }
 
@@ -132,7 +133,7 @@ pub struct PacketCache {
     negative_ttl: u32,
     stale_ttl: u32,
     started: Instant,
-    /// Serial rises seen (part of the epoch).
+    /// Serial changes seen (part of the epoch).
     serial_flushes: AtomicU64,
     /// The backend set generation in force (told by [`crate::backend::Shared`] on a swap).
     generation: AtomicU64,
@@ -263,7 +264,7 @@ impl PacketCache {
         self.flushes[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Invalidates every entry (a zone's serial rose).
+    /// Invalidates every entry (a zone's serial changed).
     pub fn flush_serial(&self) {
         self.serial_flushes.fetch_add(1, Ordering::AcqRel);
         self.count_flush(FlushReason::Serial);

@@ -264,6 +264,11 @@ pub fn run(
         )
         .with_cache(PacketCache::new(&cfg.cache)),
     );
+    match cfg.cache_zones_note() {
+        Some((note, true)) => tracing::warn!("{note}"),
+        Some((note, false)) => tracing::info!("{note}"),
+        None => {}
+    }
     for b in &shared.current().backends {
         if drained.contains(&BackendAddr(b.addr)) {
             b.state.set_draining(true);

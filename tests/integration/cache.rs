@@ -224,6 +224,85 @@ fn an_answer_fetched_over_tcp_never_goes_over_udp_larger_than_bind_sends() {
     );
 }
 
+#[test]
+fn a_serial_that_goes_down_flushes_the_cache_too() {
+    // The zone is restored from a backup on its one nameserver: serial 5 -> 4. The cache held
+    // serial 5's SOA (TTL 300): once the probe saw 4, nothing of 5 is served.
+    let mut ns = Named::start(ZoneSpec::new(5, "a"));
+    let lb = cached_lb(
+        &[ns.addr],
+        "\n[health]\nzones = [\"example.test.\"]\ninterval_ms = 200\ntimeout_ms = 300\n",
+    );
+    let load = LoadClient::start(lb.udp(), 300);
+    std::thread::sleep(Duration::from_millis(600));
+    let hits = counter(&lb, "lb_cache_hits_total");
+    assert!(hits > 50.0, "served from the cache ({hits})");
+    let flushes = counter(&lb, "lb_cache_flushes_total{reason=\"serial\"}");
+    ns.set_zone(ZoneSpec::new(4, "a"));
+    let t0 = Instant::now();
+    while counter(&lb, "lb_cache_flushes_total{reason=\"serial\"}") <= flushes
+        && t0.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let probed = load.started.elapsed();
+    assert!(
+        counter(&lb, "lb_cache_flushes_total{reason=\"serial\"}") > flushes,
+        "the probe saw the serial go down and flushed"
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    let report = load.finish();
+    let after = serials_after(&report, probed);
+    assert!(after.len() > 50, "{} answers after the probe", after.len());
+    assert!(
+        after.iter().all(|s| *s == 4),
+        "answers of serial 5 after the probe saw 4: {}",
+        after.iter().filter(|s| **s != 4).count()
+    );
+    assert!(counter(&lb, "lb_cache_hits_total") > hits, "cached again");
+}
+
+#[test]
+fn lb_check_and_the_start_log_say_which_zones_the_cache_protects() {
+    let dir = TempDir::new("cachecheck");
+    let check = |text: &str| -> String {
+        let p = dir.path().join("lb.toml");
+        std::fs::write(&p, text).unwrap();
+        let out = std::process::Command::new(bin("lb"))
+            .args(["check", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let base = lb_config(&["127.0.0.1:5301".parse().unwrap()], "round-robin", "");
+    let off = check(&base);
+    assert!(!off.contains("packet cache"), "{off}");
+    let unprotected = format!("{base}\n[cache]\nentries = 64\n");
+    let out = check(&unprotected);
+    assert!(
+        out.contains("warning: packet cache on, but no health.zones"),
+        "{out}"
+    );
+    let out = check(&format!(
+        "{unprotected}\n[health]\nzones = [\"example.test.\", \"other.test.\"]\n"
+    ));
+    assert!(
+        out.contains("example.test., other.test. change") && !out.contains("warning"),
+        "{out}"
+    );
+    // lb run says the same at start: a warning when no zone is protected.
+    let ns = Named::start(ZoneSpec::new(1, "a"));
+    let lb = cached_lb(&[ns.addr], "");
+    let t0 = Instant::now();
+    while !lb.proc.output.text().contains("no health.zones") {
+        assert!(t0.elapsed() < T, "{}", lb.proc.output.text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(lb.proc.output.text().contains("WARN"));
+}
+
 /// The answers a steady load got, as (sent at, serial) for queries sent after `after`.
 fn serials_after(r: &LoadReport, after: Duration) -> Vec<u32> {
     r.answers
