@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use crate::backend::{SetParams, Shared};
 use crate::cache::PacketCache;
 use crate::config::{BackendAddr, LbConfig};
-use crate::controlplane::commands::{ControlContext, UpgradeHooks};
+use crate::controlplane::commands::{Caller, ControlContext, UpgradeHooks};
 use crate::controlplane::upgrade::{self, HandoffSockets};
 use crate::controlplane::{metrics, rrl_watch, socket};
 use crate::dataplane::tcp::{self, TcpFrontend, TcpSettings};
@@ -488,7 +488,7 @@ async fn wait_for_stop_signal(ctx: &Arc<ControlContext>) {
             _ = usr2.recv() => {
                 let ctx = Arc::clone(ctx);
                 tokio::spawn(async move {
-                    if let Err(e) = ctx.upgrade(None).await {
+                    if let Err(e) = ctx.upgrade(None, Caller::PROCESS).await {
                         tracing::warn!("{e}");
                     }
                 });
