@@ -11,9 +11,12 @@
 //! in-flight entries and worker upstreams that still hold it, until its last answer is in.
 //!
 //! Whether a backend is up is written in one place only: [`Backend::mark_down`] and
-//! [`Backend::mark_up`], called by the active checker, by passive detection on live traffic and
-//! by the UDP path when the backend's port is closed. The snapshot holds no connections: the
-//! data plane keeps its sockets and pools itself, keyed by the snapshot's backends.
+//! [`Backend::mark_up`], called by the active checker (and by [`Shared::replace`] when checks
+//! are turned off, bringing every backend back). Live traffic (timeouts, an ICMP
+//! "port unreachable") can only make a backend *suspect*, which asks the checker for a probe
+//! now: anyone can send queries a backend will not answer, or forge an ICMP error, so only a
+//! probe's verdict decides. The snapshot holds no connections: the data plane keeps its
+//! sockets and pools itself, keyed by the snapshot's backends.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -59,8 +62,12 @@ pub struct BackendState {
     pub health_fail: AtomicU32,
     /// Consecutive UDP timeouts on live traffic (reset by any answer).
     passive_timeouts: AtomicU32,
-    /// Passive detection suspects the backend and asked for a probe to confirm.
-    suspect: AtomicBool,
+    /// Why passive detection suspects the backend and asked for a probe to confirm
+    /// ([`Suspicion`] as u8; 0 = not suspect).
+    suspect: AtomicU8,
+    /// ICMP "port unreachable" reports on the UDP path's connected sockets to this backend
+    /// (a closed port, or a forgery).
+    pub port_unreachable: AtomicU64,
     /// Its last probe saw a zone serial lower than another backend's: its answers are not
     /// cached (written by the checker only).
     behind: AtomicBool,
@@ -84,7 +91,8 @@ impl BackendState {
             health_ok: AtomicU32::new(0),
             health_fail: AtomicU32::new(0),
             passive_timeouts: AtomicU32::new(0),
-            suspect: AtomicBool::new(false),
+            suspect: AtomicU8::new(0),
+            port_unreachable: AtomicU64::new(0),
             behind: AtomicBool::new(false),
             probe_running: AtomicBool::new(false),
             health_failures: Default::default(),
@@ -150,8 +158,16 @@ impl BackendState {
     }
 
     /// Clears and returns the passive suspicion (the checker, when a probe result is in).
-    pub fn take_suspicion(&self) -> bool {
-        self.suspect.swap(false, Ordering::AcqRel)
+    pub fn take_suspicion(&self) -> Option<Suspicion> {
+        Suspicion::from_u8(self.suspect.swap(0, Ordering::AcqRel))
+    }
+
+    /// Makes the backend suspect for `why` unless it is already; true if it was not (the
+    /// caller then asks for a probe, once per suspicion).
+    fn suspect(&self, why: Suspicion) -> bool {
+        self.suspect
+            .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
     }
 
     /// `up`, `down` or `draining`, as `lb ctl status` shows it.
@@ -300,10 +316,41 @@ impl Backend {
     /// ([`crate::controlplane::health`] takes a suspect backend down at its first failure).
     pub fn passive_timeout(&self, limit: u32) -> bool {
         let n = self.state.passive_timeouts.fetch_add(1, Ordering::Relaxed) + 1;
-        limit > 0
-            && n >= limit
-            && self.state.is_up()
-            && !self.state.suspect.swap(true, Ordering::AcqRel)
+        limit > 0 && n >= limit && self.state.is_up() && self.state.suspect(Suspicion::Timeouts)
+    }
+
+    /// Records an ICMP "port unreachable" on a connected upstream socket to this backend. An
+    /// up backend becomes suspect and the caller must ask for a probe at once: returns true
+    /// then, once per suspicion.
+    ///
+    /// The report alone never takes a backend down: an off-path attacker can forge it (it
+    /// needs only the addresses and ports, not the query's ID), and would otherwise take the
+    /// backends down one after another. A closed port fails the probe within its round trip
+    /// (the probe sees the same refusal), and the suspect backend goes down at that first
+    /// failure; one whose probe passes stays up.
+    pub fn port_unreachable(&self) -> bool {
+        self.state.port_unreachable.fetch_add(1, Ordering::Relaxed);
+        self.state.is_up() && self.state.suspect(Suspicion::PortUnreachable)
+    }
+}
+
+/// What made passive detection suspect a backend (and ask for a probe to confirm).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Suspicion {
+    /// `passive_timeouts` live queries in a row went unanswered.
+    Timeouts = 1,
+    /// ICMP "port unreachable" on the UDP path (genuine or forged).
+    PortUnreachable = 2,
+}
+
+impl Suspicion {
+    fn from_u8(v: u8) -> Option<Suspicion> {
+        match v {
+            1 => Some(Suspicion::Timeouts),
+            2 => Some(Suspicion::PortUnreachable),
+            _ => None,
+        }
     }
 }
 
@@ -758,7 +805,16 @@ mod tests {
         assert!(b.passive_timeout(3), "suspect: ask for a probe");
         assert!(!b.passive_timeout(3), "once per suspicion");
         assert!(b.state.is_up(), "timeouts alone never take it down");
-        assert!(b.state.take_suspicion());
-        assert!(!b.state.take_suspicion());
+        assert_eq!(b.state.take_suspicion(), Some(Suspicion::Timeouts));
+        assert_eq!(b.state.take_suspicion(), None);
+        // A port unreachable report (perhaps forged) only makes it suspect, once.
+        assert!(b.port_unreachable(), "suspect: ask for a probe");
+        assert!(!b.port_unreachable() && !b.passive_timeout(3));
+        assert!(b.state.is_up(), "an ICMP error alone never takes it down");
+        assert_eq!(b.state.port_unreachable.load(Ordering::Relaxed), 2);
+        assert_eq!(b.state.take_suspicion(), Some(Suspicion::PortUnreachable));
+        // A backend already down is not suspected (its probes run anyway).
+        b.mark_down(ProbeFailure::Refused, &"test");
+        assert!(!b.port_unreachable());
     }
 }

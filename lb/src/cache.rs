@@ -2,7 +2,9 @@
 //!
 //! Answers are stored as the backend sent them, keyed by everything that can change an answer:
 //! the name (case-insensitively; a hit carries the asking client's own spelling), type, class,
-//! the RD, CD and DO bits, whether EDNS was used and the UDP payload size class. A hit is the
+//! the RD, CD and DO bits, whether EDNS was used, the UDP payload size class and the transport
+//! the answer was fetched over ([`Transport`]: BIND's answer to the same question differs
+//! between UDP and TCP once it passes BIND's `max-udp-size`). A hit is the
 //! stored answer with the client's ID and its TTLs aged. Only plain queries are looked up or
 //! stored: opcode QUERY, one question, not AXFR/IXFR, no TSIG, EDNS version 0 without options
 //! (a query with a DNS cookie bypasses the cache: a stored answer's server cookie was minted by
@@ -11,8 +13,9 @@
 //! `negative_ttl` and the zone's SOA minimum).
 //!
 //! Never the old zone: every entry is valid for one *epoch*, the backend set's generation and
-//! the count of serial rises the health checker has seen. A swap or a reload makes a new
-//! generation and a serial rise bumps the count, which invalidates every entry at once (a
+//! the count of serial changes the health checker has seen. A swap or a reload makes a new
+//! generation and a serial change (up or down) bumps the count, which invalidates every entry
+//! at once (a
 //! flush is one atomic add). A query carries the epoch it was forwarded in and its answer is
 //! stored only if that epoch is still current, so an answer from the old set still in flight
 //! during a flush is never stored after it; answers from a backend whose serial lags are not
@@ -44,7 +47,7 @@ pub enum FlushReason {
     Swap,
     /// A reload (a new backend set generation).
     Reload,
-    /// A health probe saw a zone's serial rise.
+    /// A health probe saw a zone's serial change (up or down).
     Serial,
 }
 
@@ -60,11 +63,28 @@ impl FlushReason {
     }
 }
 
+/// The transport a query came over, part of its [`CacheKey`].
+///
+/// An answer is served from the cache only over the transport it was fetched over. BIND sends
+/// an answer over UDP only up to its `max-udp-size` (1232 bytes by default) and the client's
+/// payload size, leaving out additional records that do not fit and setting TC when the answer
+/// itself does not; over TCP it sends the whole answer. One entry for both would hand a UDP
+/// client an answer fetched over TCP that BIND would have truncated (a datagram larger than
+/// BIND sends, fragmented on the way), or a TCP client an answer trimmed to fit a datagram.
+/// Keyed apart, a hit is always what BIND sent over that very transport, whatever BIND's
+/// `max-udp-size` and `minimal-responses` settings; the cost is a second entry for a name
+/// asked over both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
 /// The part of the key taken from a query: its name hash and the bits that change an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheKey {
     hash: u64,
-    /// qtype << 16 | RD << 0 | CD << 1 | DO << 2 | EDNS << 3 | size class << 4.
+    /// qtype << 16 | RD << 0 | CD << 1 | DO << 2 | EDNS << 3 | size class << 4 | TCP << 6.
     bits: u64,
     qclass: u16,
     /// The largest answer the client takes over UDP: 512 without EDNS, else its payload size
@@ -113,7 +133,7 @@ pub struct PacketCache {
     negative_ttl: u32,
     stale_ttl: u32,
     started: Instant,
-    /// Serial rises seen (part of the epoch).
+    /// Serial changes seen (part of the epoch).
     serial_flushes: AtomicU64,
     /// The backend set generation in force (told by [`crate::backend::Shared`] on a swap).
     generation: AtomicU64,
@@ -122,9 +142,16 @@ pub struct PacketCache {
     flushes: [AtomicU64; 3],
 }
 
-/// Whether and how a query may use the cache.
+/// Whether and how a query that came over TCP may use the cache: [`key_for`] with
+/// [`Transport::Tcp`].
 #[inline]
 pub fn key_of(msg: &[u8], q: Option<&Question>) -> Option<CacheKey> {
+    key_for(msg, q, Transport::Tcp)
+}
+
+/// Whether and how a query that came over `transport` may use the cache.
+#[inline]
+pub fn key_for(msg: &[u8], q: Option<&Question>, transport: Transport) -> Option<CacheKey> {
     let q = q.filter(|q| q.count == 1)?;
     let h = wire::header(msg).ok()?;
     if h.opcode != 0 || matches!(q.qtype, TYPE_AXFR | TYPE_IXFR) {
@@ -167,7 +194,8 @@ pub fn key_of(msg: &[u8], q: Option<&Question>) -> Option<CacheKey> {
             | cd << 1
             | dnssec_ok << 2
             | edns << 3
-            | size_class << 4,
+            | size_class << 4
+            | u64::from(transport == Transport::Tcp) << 6,
         qclass: q.qclass,
         udp_limit,
     })
@@ -236,7 +264,7 @@ impl PacketCache {
         self.flushes[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Invalidates every entry (a zone's serial rose).
+    /// Invalidates every entry (a zone's serial changed).
     pub fn flush_serial(&self) {
         self.serial_flushes.fetch_add(1, Ordering::AcqRel);
         self.count_flush(FlushReason::Serial);
@@ -398,7 +426,9 @@ impl PacketCache {
     /// How long `answer` may be cached, if at all.
     fn ttl_of(&self, answer: &[u8]) -> Option<u32> {
         let h = wire::header(answer).ok()?;
-        if !h.qr || h.tc || !(h.rcode == 0 || h.rcode == 3) {
+        // One question, the query's (checked by the caller's answer matching): an answer
+        // without one is never stored, whatever its RCODE.
+        if !h.qr || h.tc || h.qdcount != 1 || !(h.rcode == 0 || h.rcode == 3) {
             return None;
         }
         let mut walk = wire::records(answer);
@@ -515,7 +545,7 @@ mod tests {
     }
 
     fn key(m: &[u8]) -> CacheKey {
-        key_of(m, wire::question(m).ok().as_ref()).unwrap()
+        key_for(m, wire::question(m).ok().as_ref(), Transport::Udp).unwrap()
     }
 
     #[test]
@@ -607,10 +637,54 @@ mod tests {
         assert_eq!(
             c.lookup(&k, &q, &qq, e, false, &mut out),
             Some(900),
-            "over TCP"
+            "a UDP client with room for it"
         );
         assert_eq!(key(&query("a.", 1, Some(1232))).udp_limit(), 1232);
         assert_eq!(key(&query("a.", 1, Some(100))).udp_limit(), 512);
+    }
+
+    #[test]
+    fn an_answer_fetched_over_one_transport_is_never_served_over_the_other() {
+        let c = PacketCache::new(&CacheConfig {
+            entries: 64,
+            max_answer_size: 4096,
+            ..CacheConfig::default()
+        })
+        .unwrap();
+        c.set_generation(1);
+        let e = c.epoch(1);
+        // A 2,000-byte answer to a client advertising 4096, fetched over TCP (BIND truncated
+        // it over UDP at its max-udp-size).
+        let q = query("big.example.test.", 16, Some(4096));
+        let qq = wire::question(&q).unwrap();
+        let mut a = answer(&q, 300);
+        let pad = 2000 - a.len();
+        a[11] = 1;
+        a.extend_from_slice(&[0xc0, 12, 0xff, 0x00, 0, 1, 0, 0, 1, 44]);
+        a.extend_from_slice(&((pad - 12) as u16).to_be_bytes());
+        a.resize(2000, 7);
+        let tcp = key_for(&q, Some(&qq), Transport::Tcp).unwrap();
+        let udp = key_for(&q, Some(&qq), Transport::Udp).unwrap();
+        assert_ne!(tcp, udp);
+        assert_eq!(tcp, key_of(&q, Some(&qq)).unwrap(), "key_of is the TCP key");
+        c.insert(&tcp, e, &a);
+        let mut out = [0u8; 4096];
+        assert!(
+            c.lookup(&udp, &q, &qq, e, false, &mut out[..udp.udp_limit()])
+                .is_none(),
+            "over UDP the backend answers (TC=1, as BIND)"
+        );
+        assert_eq!(c.lookup(&tcp, &q, &qq, e, false, &mut out), Some(2000));
+        // And the other way: an answer fetched over UDP is not a TCP hit.
+        c.flush_serial();
+        let e = c.epoch(1);
+        let small = answer(&q, 300);
+        c.insert(&udp, e, &small);
+        assert!(c.lookup(&tcp, &q, &qq, e, false, &mut out).is_none());
+        assert_eq!(
+            c.lookup(&udp, &q, &qq, e, false, &mut out[..udp.udp_limit()]),
+            Some(small.len())
+        );
     }
 
     #[test]
@@ -661,6 +735,14 @@ mod tests {
         }
         c.insert(&key(&q), e, &answer(&q, 0));
         c.insert(&key(&q), c.epoch(0), &answer(&q, 300));
+        // An answer without a question is never stored, whatever its RCODE.
+        let mut bare = answer(&q, 300);
+        bare[5] = 0;
+        let qq = wire::question(&q).unwrap();
+        bare.drain(12..qq.end);
+        bare.splice(12..14, [0]); // the record's owner: the root, not a pointer to the question
+        assert_eq!(wire::records(&bare).count(), 1);
+        c.insert(&key(&q), e, &bare);
         let mut out = [0u8; 512];
         assert!(c
             .lookup(

@@ -743,6 +743,41 @@ impl HealthConfig {
     }
 }
 
+impl LbConfig {
+    /// Which zones the packet cache keeps from serving old answers after a change on the same
+    /// nameservers, as `lb check` prints it and `lb run` logs it at start; `None` when the
+    /// cache is off. The second value is true when no zone is protected (a warning).
+    ///
+    /// Only the zones in `health.zones` are probed, so only their serial changes are seen and
+    /// flush the cache; any other zone the nameservers serve is flushed only by swaps and
+    /// reloads, and until then a hit may be the zone as it was, up to `cache.max_ttl`.
+    pub fn cache_zones_note(&self) -> Option<(String, bool)> {
+        if self.cache.entries == 0 {
+            return None;
+        }
+        Some(if self.health.active() {
+            (
+                format!(
+                    "packet cache on: flushed when a probe sees the SOA serial of {} change (up \
+                     or down); other zones these nameservers serve are flushed only by \
+                     set-backends and reloads (list them in health.zones)",
+                    self.health.zones.join(", ")
+                ),
+                false,
+            )
+        } else {
+            (
+                "packet cache on, but no health.zones are probed: a zone changed on the same \
+                 nameservers is served from the cache as it was until its answers expire (up to \
+                 cache.max_ttl); only set-backends and reloads flush it. List every zone the \
+                 nameservers serve in [health] zones"
+                    .to_string(),
+                true,
+            )
+        })
+    }
+}
+
 /// A backend's address: `IP:PORT`, `[IPv6]:PORT`, or a bare IP meaning port 53.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendAddr(pub SocketAddr);
@@ -1162,5 +1197,26 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn the_cache_note_names_the_protected_zones_or_warns() {
+        assert_eq!(
+            parse(MINIMAL).unwrap().cache_zones_note(),
+            None,
+            "cache off"
+        );
+        let (note, warn) = parse(&format!("{MINIMAL}\n[cache]\nentries = 64\n"))
+            .unwrap()
+            .cache_zones_note()
+            .unwrap();
+        assert!(warn && note.contains("no health.zones"), "{note}");
+        let (note, warn) = parse(&format!(
+            "{MINIMAL}\n[cache]\nentries = 64\n[health]\nzones = [\"a.test.\", \"b.test.\"]\n"
+        ))
+        .unwrap()
+        .cache_zones_note()
+        .unwrap();
+        assert!(!warn && note.contains("a.test., b.test."), "{note}");
     }
 }

@@ -137,6 +137,10 @@ pub struct BackendStatus {
     pub queries: u64,
     pub answers: u64,
     pub timeouts: u64,
+    /// ICMP "port unreachable" reports on the UDP path (each asks for a probe at once; only
+    /// the probe's verdict changes the state). Absent from older lbs.
+    #[serde(default)]
+    pub port_unreachable: u64,
 }
 
 impl ControlResponse {

@@ -77,6 +77,18 @@ pub fn format_status(s: &StatusReport) -> String {
             b.reason.as_deref().unwrap_or("")
         ));
     }
+    let unreachable: Vec<String> = s
+        .backends
+        .iter()
+        .filter(|b| b.port_unreachable > 0)
+        .map(|b| format!("{} {}", b.address, b.port_unreachable))
+        .collect();
+    if !unreachable.is_empty() {
+        out.push_str(&format!(
+            "port unreachable reports (each probed at once): {}\n",
+            unreachable.join(", ")
+        ));
+    }
     out.push_str(&format!(
         "queries: udp {}, tcp {}; responses {}; swaps {}; tcp connections open {}\n",
         s.queries_udp, s.queries_tcp, s.responses, s.swaps, s.tcp_connections_open

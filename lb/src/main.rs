@@ -190,8 +190,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match LbConfig::read(&config) {
-            Ok(_) => {
+            Ok(cfg) => {
                 println!("{}: ok", config.display());
+                // Which zones the cache protects from old answers (or that none does).
+                if let Some((note, warn)) = cfg.cache_zones_note() {
+                    println!("{}{note}", if warn { "warning: " } else { "" });
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -1,7 +1,8 @@
 //! Response rate limiting with BIND's semantics (the Vixie/Schryver design), for UDP answers.
 //!
-//! Every answer lb is about to send over UDP (relayed, or its own SERVFAIL/REFUSED) is put in
-//! a class by [`classify`], as BIND's RRL does: positive answers per (name, type), NODATA per
+//! Every answer to a QUERY lb is about to send over UDP (relayed, or its own SERVFAIL/REFUSED)
+//! is put in a class by [`classify`], as BIND's RRL does (BIND limits only its answers to
+//! queries: NOTIFY, UPDATE and other opcodes are never limited, nor are they here): positive answers per (name, type), NODATA per
 //! name whatever the type, NXDOMAIN per zone (the SOA owner in the authority section),
 //! referrals per delegation point (the NS owner), errors per client. Each (client prefix,
 //! class, key) has a balance of credits: it gains `rate` per second up to `rate` (one second's
@@ -18,7 +19,9 @@
 //!
 //! One [`RrlTable`] is shared by all UDP workers (with `SO_REUSEPORT` one prefix's traffic
 //! spreads over the workers, so per-worker tables would multiply the limit). It has a fixed
-//! number of slots, chosen by hash and probed over a short run; when every slot of the run is
+//! number of slots, chosen by a hash keyed with a secret drawn at start (SipHash, as std's
+//! `HashMap`), so a client cannot choose names or addresses that land on the slots of a prefix
+//! it wants to push out or share a balance with; slots are probed over a short run; when every slot of the run is
 //! taken, one whose balance has recovered is reused (the one idle longest), and only when the
 //! whole run is in debt the one idle longest of those: a flood of new keys cannot push out a
 //! prefix being limited. Slots are
@@ -26,6 +29,7 @@
 //! per packet. Concurrent first uses of one slot by two keys may let one answer through that
 //! BIND would have counted; the limit holds in aggregate.
 
+use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
@@ -229,6 +233,8 @@ pub struct Transition {
 #[derive(Debug)]
 pub struct RrlTable {
     slots: Box<[Slot]>,
+    /// The secret key of the slot hash ([`RrlTable::tag_of`]), random per process.
+    secret: RandomState,
     epoch: Instant,
     /// Answers by [`Action`]: sent, dropped, slipped, logged.
     actions: [AtomicU64; 4],
@@ -243,6 +249,7 @@ impl RrlTable {
         RrlTable {
             // Zeroed: resident only as prefixes use slots (64 Ki slots are 3 MiB).
             slots: zeroed_slice(n),
+            secret: RandomState::new(),
             epoch: Instant::now(),
             actions: Default::default(),
             limited_now: AtomicU64::new(0),
@@ -255,9 +262,11 @@ impl RrlTable {
     }
 
     /// Decides what happens to `answer` for `client` at second `now`. Pure accounting: the
-    /// caller counts the action ([`RrlTable::count`]) and builds a slip.
+    /// caller counts the action ([`RrlTable::count`]) and builds a slip. Only answers to
+    /// queries (opcode QUERY) are limited, as BIND's RRL: answers to NOTIFY, UPDATE and other
+    /// opcodes are sent and charge nothing.
     pub fn decide(&self, p: &RrlPolicy, client: IpAddr, answer: &[u8], now: u32) -> Action {
-        if any_contains(&p.exempt, client) {
+        if wire::opcode(answer) != 0 || any_contains(&p.exempt, client) {
             return Action::Send;
         }
         let prefix = p.prefix_of(client);
@@ -309,7 +318,7 @@ impl RrlTable {
         window: u32,
         now: u32,
     ) -> Option<u32> {
-        let tag = tag_of(prefix, class, key);
+        let tag = self.tag_of(prefix, class, key);
         let slot = self.slot_for(tag, prefix, (class, rate, window), now);
         let rate = rate as i64;
         let floor = -(window as i64) * rate;
@@ -498,19 +507,13 @@ fn unpack(v: u64) -> (u32, i64) {
     ((v >> 32) as u32, i64::from(v as u32 as i32))
 }
 
-#[inline]
-fn mix(mut x: u64) -> u64 {
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// The slot tag of (prefix, class, key); never 0 (the free mark).
-#[inline]
-fn tag_of(prefix: &Prefix, class: Class, key: u64) -> u64 {
-    let k = prefix.key();
-    let h = mix((k as u64) ^ mix(((k >> 64) as u64) ^ mix(key ^ ((class as u64) << 59))));
-    h | 1
+impl RrlTable {
+    /// The slot tag of (prefix, class, key) under this process's secret; never 0 (the free
+    /// mark). It also chooses the slots probed, so without the secret neither can be aimed.
+    #[inline]
+    fn tag_of(&self, prefix: &Prefix, class: Class, key: u64) -> u64 {
+        self.secret.hash_one((prefix.key(), class as u8, key)) | 1
+    }
 }
 
 #[cfg(test)]
@@ -585,6 +588,40 @@ mod tests {
         servfail[3] = 2;
         assert_eq!(classify(&servfail), (Class::Error, 0));
         assert_eq!(classify(&[1, 2]).0, Class::Error);
+    }
+
+    #[test]
+    fn answers_to_notify_update_and_other_opcodes_are_never_limited() {
+        let p = policy(1, 15, 0);
+        let t = RrlTable::new(1024);
+        let c = ip("192.0.2.7");
+        for opcode in [4u8, 5, 1, 2, 6, 15] {
+            let mut a = negative("example.test.", 0, "example.test.");
+            a[2] = (a[2] & 0x87) | opcode << 3;
+            for _ in 0..100 {
+                assert_eq!(t.decide(&p, c, &a, 10), Action::Send, "opcode {opcode}");
+            }
+        }
+        // The same answer to a QUERY is limited after one second's credit.
+        let q = negative("example.test.", 0, "example.test.");
+        assert_eq!(t.decide(&p, c, &q, 10), Action::Send);
+        assert_eq!(t.decide(&p, c, &q, 10), Action::Drop);
+    }
+
+    #[test]
+    fn slots_are_chosen_with_a_secret_of_each_process() {
+        // Two tables stand for two processes: the same (prefix, class, key) gets unrelated
+        // tags, and so unrelated slots; a client cannot work out which keys collide.
+        let (a, b) = (RrlTable::new(1 << 16), RrlTable::new(1 << 16));
+        let p = policy(1, 15, 0).prefix_of(ip("192.0.2.7"));
+        let tags = |t: &RrlTable| -> Vec<u64> {
+            (0..64).map(|k| t.tag_of(&p, Class::Positive, k)).collect()
+        };
+        let (ta, tb) = (tags(&a), tags(&b));
+        assert_eq!(ta, tags(&a), "stable within a process");
+        assert!(ta.iter().all(|t| t & 1 == 1), "never the free mark");
+        let same = ta.iter().zip(&tb).filter(|(x, y)| x == y).count();
+        assert_eq!(same, 0, "{ta:?} {tb:?}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use crate::backend::{SetParams, Shared};
 use crate::cache::PacketCache;
 use crate::config::{BackendAddr, LbConfig};
-use crate::controlplane::commands::{ControlContext, UpgradeHooks};
+use crate::controlplane::commands::{Caller, ControlContext, UpgradeHooks};
 use crate::controlplane::upgrade::{self, HandoffSockets};
 use crate::controlplane::{metrics, rrl_watch, socket};
 use crate::dataplane::tcp::{self, TcpFrontend, TcpSettings};
@@ -272,6 +272,11 @@ pub fn run(
         )
         .with_cache(PacketCache::new(&cfg.cache)),
     );
+    match cfg.cache_zones_note() {
+        Some((note, true)) => tracing::warn!("{note}"),
+        Some((note, false)) => tracing::info!("{note}"),
+        None => {}
+    }
     for b in &shared.current().backends {
         if drained.contains(&BackendAddr(b.addr)) {
             b.state.set_draining(true);
@@ -491,7 +496,7 @@ async fn wait_for_stop_signal(ctx: &Arc<ControlContext>) {
             _ = usr2.recv() => {
                 let ctx = Arc::clone(ctx);
                 tokio::spawn(async move {
-                    if let Err(e) = ctx.upgrade(None).await {
+                    if let Err(e) = ctx.upgrade(None, Caller::PROCESS).await {
                         tracing::warn!("{e}");
                     }
                 });

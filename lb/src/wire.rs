@@ -239,14 +239,16 @@ pub fn names_identical(a_msg: &[u8], a_pos: usize, b_msg: &[u8], b_pos: usize) -
 /// An answer that carries a question must carry the query's first question exactly: name
 /// bytes (case included: servers echo them, so a resolver's 0x20 case randomisation holds
 /// through the proxy), type and class. An answer without a question is accepted when the
-/// query had none (or none that parses), or when its RCODE is not NOERROR: servers answer
-/// opcodes they do not implement and messages they cannot parse (NOTIMP, FORMERR) that way.
+/// query had none (or none that parses), or when its RCODE is one BIND may send without the
+/// question ([`rcode_may_omit_question`]: FORMERR, NOTIMP, BADVERS, BADCOOKIE). BIND echoes
+/// the question in NXDOMAIN, SERVFAIL and REFUSED, so a forged answer without one cannot pass
+/// for those.
 pub fn answer_matches(query: &[u8], q: Option<&Question>, resp: &[u8]) -> bool {
     let Ok(h) = header(resp) else {
         return false;
     };
     if h.qdcount == 0 {
-        return q.is_none_or(|q| q.count == 0) || extended_rcode(resp) != 0;
+        return q.is_none_or(|q| q.count == 0) || rcode_may_omit_question(extended_rcode(resp));
     }
     let (Some(q), Ok(r)) = (q, question(resp)) else {
         return false;
@@ -255,6 +257,27 @@ pub fn answer_matches(query: &[u8], q: Option<&Question>, resp: &[u8]) -> bool {
         && r.qtype == q.qtype
         && r.qclass == q.qclass
         && names_identical(query, q.name_start, resp, r.name_start)
+}
+
+/// FORMERR: the query could not be parsed.
+pub const RCODE_FORMERR: u16 = 1;
+/// NOTIMP: an opcode the server does not implement.
+pub const RCODE_NOTIMP: u16 = 4;
+/// BADVERS: an EDNS version the server does not speak (extended RCODE, RFC 6891).
+pub const RCODE_BADVERS: u16 = 16;
+/// BADCOOKIE: a bad or missing server cookie (extended RCODE, RFC 7873).
+pub const RCODE_BADCOOKIE: u16 = 23;
+
+/// True for the (extended) RCODEs a server may answer without echoing the question: what it
+/// could not parse (FORMERR), an opcode it does not implement (NOTIMP), an EDNS version it does
+/// not speak (BADVERS) and a cookie-only or bad-cookie exchange (BADCOOKIE). Every other
+/// answer BIND sends carries the question.
+#[inline]
+pub fn rcode_may_omit_question(rcode: u16) -> bool {
+    matches!(
+        rcode,
+        RCODE_FORMERR | RCODE_NOTIMP | RCODE_BADVERS | RCODE_BADCOOKIE
+    )
 }
 
 /// A stable 64-bit hash of the question name, case-folded (FNV-1a over lowercased labels).
@@ -627,7 +650,8 @@ mod tests {
         assert!(!answer_matches(&a, Some(&qa), &answer_to(&c, 0)));
         let d = query(&["WwW", "Example", "TEST"], 28);
         assert!(!answer_matches(&a, Some(&qa), &answer_to(&d, 0)));
-        // No question in the answer: relayed for an error, or for a query without one.
+        // No question in the answer: relayed for the errors BIND sends that way, or for a
+        // query without one.
         let mut bare = answer_to(&a, 4);
         bare[5] = 0;
         bare.truncate(HEADER_LEN);
@@ -646,6 +670,24 @@ mod tests {
         assert!(answer_matches(&cookie_only, Some(&q0), &bare));
         assert!(!answer_matches(&cookie_only, Some(&q0), &answer_to(&a, 0)));
         assert!(answer_matches(&[0; 13], None, &answer_to(&bare, 1)));
+        // BIND echoes the question in NXDOMAIN, SERVFAIL and REFUSED: without it, an answer
+        // with those (or any RCODE but FORMERR, NOTIMP, BADVERS, BADCOOKIE) is not the answer.
+        for (rcode, ok) in [
+            (1, true),
+            (2, false),
+            (3, false),
+            (4, true),
+            (5, false),
+            (9, false),
+        ] {
+            bare[3] = rcode;
+            assert_eq!(
+                answer_matches(&a, Some(&qa), &bare),
+                ok,
+                "RCODE {rcode} without a question"
+            );
+        }
+        bare[3] = 0;
         // BADVERS (16): NOERROR in the header's bits, 1 in the OPT record's extended RCODE.
         let mut badvers = bare.clone();
         badvers[11] = 1; // ARCOUNT
@@ -655,6 +697,14 @@ mod tests {
             answer_matches(&a, Some(&qa), &badvers),
             "BADVERS without a question"
         );
+        // BADCOOKIE (23): 7 in the header's bits, 1 in the OPT record's; BADTRUNC (22) is not
+        // one BIND sends without the question.
+        let mut badcookie = badvers.clone();
+        badcookie[3] = 7;
+        assert_eq!(extended_rcode(&badcookie), 23);
+        assert!(answer_matches(&a, Some(&qa), &badcookie));
+        badcookie[3] = 6;
+        assert!(!answer_matches(&a, Some(&qa), &badcookie), "BADTRUNC");
         assert!(!answer_matches(&a, Some(&qa), &[1, 2, 3]));
     }
 

@@ -1,6 +1,6 @@
 //! The packet cache (issue #19): cached answers are BIND's (ID and spelling the client's, TTLs
-//! aged), shared by UDP and TCP, and never the old zone once a swap returned or a probe saw the
-//! serial rise.
+//! aged) over the transport they were fetched over, and never the old zone once a swap
+//! returned or a probe saw the serial change.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -138,18 +138,24 @@ fn cached_answers_are_binds_with_the_clients_id_and_spelling_over_udp_and_tcp() 
                 "{name}: TTL {got} of {full}"
             );
         }
-        // The same over TCP: one cache for both.
-        let tcp = tcp_exchange(lb.tcp(), &again, 1, T);
-        assert_eq!(
-            without_id_and_ttls(&tcp.messages[0]),
-            without_id_and_ttls(&stored),
-            "{name} over TCP"
-        );
+        // The same over TCP, from entries of its own: the first a miss (BIND's answer), the
+        // second, in the other spelling, a hit.
+        let direct_tcp = tcp_exchange(ns.addr, q, 1, T).messages.remove(0);
+        let mut stored_tcp = direct_tcp.clone();
+        stored_tcp[qq.name_start..qq.name_end].copy_from_slice(&again[qq.name_start..qq.name_end]);
+        for (query, want) in [(q, &direct_tcp), (&again, &stored_tcp)] {
+            let tcp = tcp_exchange(lb.tcp(), query, 1, T);
+            assert_eq!(
+                without_id_and_ttls(&tcp.messages[0]),
+                without_id_and_ttls(want),
+                "{name} over TCP"
+            );
+        }
     }
     let hits = counter(&lb, "lb_cache_hits_total") - hits0;
     assert!(
         hits >= 2.0 * shapes.len() as f64,
-        "every second UDP query and every TCP one was a hit ({hits})"
+        "every second query over each transport was a hit ({hits})"
     );
     assert!(counter(&lb, "lb_cache_entries") >= shapes.len() as f64);
     // Never cached: TC answers, a query with a cookie, other opcodes.
@@ -171,6 +177,130 @@ fn cached_answers_are_binds_with_the_clients_id_and_spelling_over_udp_and_tcp() 
             dnsmsg::summary(&q)
         );
     }
+}
+
+#[test]
+fn an_answer_fetched_over_tcp_never_goes_over_udp_larger_than_bind_sends() {
+    // `big` is a TXT of about 1,600 bytes: over UDP BIND truncates it at its max-udp-size
+    // (1232) even for a client advertising 4096; over TCP it sends it whole. Fetched over TCP
+    // first (and cached), it must still reach a UDP client as BIND's TC=1, byte for byte.
+    let ns = Named::start(ZoneSpec::new(1, "a"));
+    let lb = cached_lb(
+        &[ns.addr],
+        "max_answer_size = 4096
+",
+    );
+    let q = QueryBuilder::new(30, "big.example.test.", 16)
+        .edns(4096)
+        .build();
+    let direct_udp = udp_exchange(ns.addr, &q, T).expect("BIND answers over UDP");
+    let direct_tcp = tcp_exchange(ns.addr, &q, 16, T);
+    assert_ne!(direct_udp[2] & 0x02, 0, "BIND truncates it over UDP");
+    assert!(
+        direct_tcp.messages[0].len() > 1232,
+        "and sends it whole over TCP"
+    );
+    let hits0 = counter(&lb, "lb_cache_hits_total");
+    for round in 0..2 {
+        let tcp = tcp_exchange(lb.tcp(), &q, 16, T);
+        assert_eq!(
+            without_id_and_ttls(&tcp.messages[0]),
+            without_id_and_ttls(&direct_tcp.messages[0]),
+            "over TCP, round {round}"
+        );
+        let udp = udp_exchange(lb.udp(), &q, T).expect("answered over UDP");
+        assert_eq!(
+            dnsmsg::mask(&udp).bytes,
+            dnsmsg::mask(&direct_udp).bytes,
+            "over UDP, round {round}: BIND's TC=1 answer\n{}",
+            dnsmsg::diff(&direct_udp, &udp).unwrap_or_default()
+        );
+        assert_eq!(&udp[..2], &q[..2]);
+    }
+    assert_eq!(
+        counter(&lb, "lb_cache_hits_total") - hits0,
+        1.0,
+        "the second TCP query is the one hit"
+    );
+}
+
+#[test]
+fn a_serial_that_goes_down_flushes_the_cache_too() {
+    // The zone is restored from a backup on its one nameserver: serial 5 -> 4. The cache held
+    // serial 5's SOA (TTL 300): once the probe saw 4, nothing of 5 is served.
+    let mut ns = Named::start(ZoneSpec::new(5, "a"));
+    let lb = cached_lb(
+        &[ns.addr],
+        "\n[health]\nzones = [\"example.test.\"]\ninterval_ms = 200\ntimeout_ms = 300\n",
+    );
+    let load = LoadClient::start(lb.udp(), 300);
+    std::thread::sleep(Duration::from_millis(600));
+    let hits = counter(&lb, "lb_cache_hits_total");
+    assert!(hits > 50.0, "served from the cache ({hits})");
+    let flushes = counter(&lb, "lb_cache_flushes_total{reason=\"serial\"}");
+    ns.set_zone(ZoneSpec::new(4, "a"));
+    let t0 = Instant::now();
+    while counter(&lb, "lb_cache_flushes_total{reason=\"serial\"}") <= flushes
+        && t0.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let probed = load.started.elapsed();
+    assert!(
+        counter(&lb, "lb_cache_flushes_total{reason=\"serial\"}") > flushes,
+        "the probe saw the serial go down and flushed"
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    let report = load.finish();
+    let after = serials_after(&report, probed);
+    assert!(after.len() > 50, "{} answers after the probe", after.len());
+    assert!(
+        after.iter().all(|s| *s == 4),
+        "answers of serial 5 after the probe saw 4: {}",
+        after.iter().filter(|s| **s != 4).count()
+    );
+    assert!(counter(&lb, "lb_cache_hits_total") > hits, "cached again");
+}
+
+#[test]
+fn lb_check_and_the_start_log_say_which_zones_the_cache_protects() {
+    let dir = TempDir::new("cachecheck");
+    let check = |text: &str| -> String {
+        let p = dir.path().join("lb.toml");
+        std::fs::write(&p, text).unwrap();
+        let out = std::process::Command::new(bin("lb"))
+            .args(["check", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let base = lb_config(&["127.0.0.1:5301".parse().unwrap()], "round-robin", "");
+    let off = check(&base);
+    assert!(!off.contains("packet cache"), "{off}");
+    let unprotected = format!("{base}\n[cache]\nentries = 64\n");
+    let out = check(&unprotected);
+    assert!(
+        out.contains("warning: packet cache on, but no health.zones"),
+        "{out}"
+    );
+    let out = check(&format!(
+        "{unprotected}\n[health]\nzones = [\"example.test.\", \"other.test.\"]\n"
+    ));
+    assert!(
+        out.contains("example.test., other.test. change") && !out.contains("warning"),
+        "{out}"
+    );
+    // lb run says the same at start: a warning when no zone is protected.
+    let ns = Named::start(ZoneSpec::new(1, "a"));
+    let lb = cached_lb(&[ns.addr], "");
+    let t0 = Instant::now();
+    while !lb.proc.output.text().contains("no health.zones") {
+        assert!(t0.elapsed() < T, "{}", lb.proc.output.text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(lb.proc.output.text().contains("WARN"));
 }
 
 /// The answers a steady load got, as (sent at, serial) for queries sent after `after`.

@@ -244,11 +244,14 @@ fn rate_limiting_caps_a_spoofed_flood_and_serves_other_clients() {
 fn rate_limiting_is_applied_by_a_reload_and_exempts_listed_clients() {
     let ns = bind();
     let lb = Lb::start(&lb_config(&[ns.addr], "round-robin", ""));
-    // n queries back to back from one address, then the answers that come within 500 ms.
-    let count = |from: &str, n: u16| -> u16 {
+    // n messages (opcode `op`) back to back from one address, then the answers that come
+    // within 500 ms.
+    let count_op = |from: &str, n: u16, op: u8| -> u16 {
         let s = UdpSocket::bind(format!("{from}:0")).unwrap();
         for id in 0..n {
-            let q = query_bytes(id, "www.example.test.", RecordType::A);
+            let q = QueryBuilder::new(id, "www.example.test.", 1)
+                .opcode(op)
+                .build();
             s.send_to(&q, lb.udp()).unwrap();
         }
         s.set_read_timeout(Some(Duration::from_millis(500)))
@@ -262,6 +265,7 @@ fn rate_limiting_is_applied_by_a_reload_and_exempts_listed_clients() {
         }
         full
     };
+    let count = |from: &str, n: u16| count_op(from, n, 0);
     assert_eq!(count("127.0.5.1", 30), 30, "no [rrl]: nothing limited");
     let mut text = std::fs::read_to_string(&lb.config).unwrap();
     text.push_str("\n[rrl]\nresponses_per_second = 5\nslip = 0\nexempt = [\"127.0.6.0/24\"]\n");
@@ -274,6 +278,11 @@ fn rate_limiting_is_applied_by_a_reload_and_exempts_listed_clients() {
         "{limited} full answers of 30 at 5/s"
     );
     assert_eq!(count("127.0.6.1", 30), 30, "exempt");
+    // Only answers to queries are limited, as in BIND: NOTIFY and UPDATE (REFUSED by lb's
+    // access lists here) all get their answer.
+    for op in [4, 5] {
+        assert_eq!(count_op("127.0.7.1", 30, op), 30, "opcode {op}");
+    }
     // rrl.entries is fixed at start.
     let text = std::fs::read_to_string(&lb.config).unwrap() + "entries = 4096\n";
     std::fs::write(&lb.config, text).unwrap();

@@ -271,3 +271,136 @@ fn a_killed_backend_is_detected_from_port_unreachable_and_its_queries_re_sent() 
     );
     assert_eq!(r.lost(), 0);
 }
+
+/// The local ends of the connected UDP sockets on this host whose peer is `remote`
+/// (`/proc/net/udp`): a proxy's upstream sockets to that backend.
+fn udp_sockets_connected_to(remote: std::net::SocketAddr) -> Vec<std::net::SocketAddrV4> {
+    let hex = |a: &str| -> Option<std::net::SocketAddrV4> {
+        let (ip, port) = a.split_once(':')?;
+        let ip = u32::from_str_radix(ip, 16).ok()?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        // The address is in network order read as a little-endian word.
+        Some(std::net::SocketAddrV4::new(
+            std::net::Ipv4Addr::from(ip.swap_bytes()),
+            port,
+        ))
+    };
+    let text = std::fs::read_to_string("/proc/net/udp").unwrap();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (local, rem) = (hex(f.get(1)?)?, hex(f.get(2)?)?);
+            (std::net::SocketAddr::V4(rem) == remote).then_some(local)
+        })
+        .collect()
+}
+
+fn checksum(b: &[u8]) -> u16 {
+    let mut sum: u32 = b
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Sends, from a raw socket, the ICMP "port unreachable" the kernel would send if `to` had
+/// been closed when `from` sent it a UDP datagram: what an off-path attacker forges (it needs
+/// the addresses and ports only). Delivered to the socket connected from `from` to `to`.
+fn forge_port_unreachable(from: std::net::SocketAddrV4, to: std::net::SocketAddrV4) {
+    // The offending datagram's IPv4 header and the first 8 bytes of its UDP header.
+    let mut inner = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    inner.extend_from_slice(&from.ip().octets());
+    inner.extend_from_slice(&to.ip().octets());
+    let c = checksum(&inner);
+    inner[10..12].copy_from_slice(&c.to_be_bytes());
+    inner.extend_from_slice(&from.port().to_be_bytes());
+    inner.extend_from_slice(&to.port().to_be_bytes());
+    inner.extend_from_slice(&[0, 20, 0, 0]);
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&inner);
+    let c = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let raw = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::ICMPV4),
+    )
+    .expect("a raw socket (the tests run as root)");
+    let dst = std::net::SocketAddr::from((*from.ip(), 0));
+    raw.send_to(&icmp, &dst.into()).unwrap();
+}
+
+#[test]
+fn a_forged_port_unreachable_asks_for_a_probe_and_the_backend_stays_up() {
+    // An off-path attacker who knows (or guesses) the proxy's upstream ports forges ICMP "port
+    // unreachable" for each: the backend becomes suspect and is probed at once, the probe
+    // passes, and it stays up. (Before, one forged ICMP took a backend down until its next
+    // probes brought it back: with a 60 s interval, a minute per forgery.)
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let b = Named::start(ZoneSpec::new(1, "b"));
+    let lb = Lb::start(&format!(
+        "{}{}",
+        lb_config(&[a.addr, b.addr], "round-robin", ""),
+        "\n[health]\nzones = [\"example.test.\"]\ninterval_ms = 60000\n"
+    ));
+    assert!(lb.wait_state(b.addr, "up", T).is_some());
+    assert!(lb.answers_udp());
+    // The forgery works here: a socket of this test connected to the backend gets the error.
+    let own = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    own.connect(b.addr).unwrap();
+    let std::net::SocketAddr::V4(own_addr) = own.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let std::net::SocketAddr::V4(backend) = b.addr else {
+        unreachable!()
+    };
+    forge_port_unreachable(own_addr, backend);
+    own.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let err = own
+        .recv(&mut [0u8; 16])
+        .expect_err("the forged ICMP arrived");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    drop(own);
+
+    let sockets = udp_sockets_connected_to(b.addr);
+    assert!(!sockets.is_empty(), "lb's upstream sockets to {}", b.addr);
+    for round in 0..5 {
+        for s in &sockets {
+            forge_port_unreachable(*s, backend);
+        }
+        // Never down, while its probes pass.
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(300) {
+            assert_eq!(
+                lb.backend_state(b.addr).unwrap().0,
+                "up",
+                "round {round}: a forged ICMP took the backend down"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let reports = lb
+        .status()
+        .backends
+        .iter()
+        .find(|x| x.address == b.addr.to_string())
+        .unwrap()
+        .port_unreachable;
+    assert!(reports >= 1, "lb saw the forged ICMP ({reports} reports)");
+    let hits = (0..20)
+        .filter(|i| {
+            udp_query(
+                lb.udp(),
+                &format!("q{i}.who.example.test."),
+                RecordType::TXT,
+                T,
+            )
+            .is_some()
+        })
+        .count();
+    assert_eq!(hits, 20, "both backends answer");
+}

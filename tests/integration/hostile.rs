@@ -280,3 +280,58 @@ fn spoofed_and_garbage_answers_never_reach_the_client() {
     assert!(peak_rss_kb(lb.proc.pid()) < RSS_BOUND_KB);
     stop.store(true, Ordering::Relaxed);
 }
+
+/// A backend that answers each query first with a bare header (the query's ID, QR=1, the RCODE
+/// in `rcode`, no question, no records), as an off-path forger who guessed the ID and the port
+/// would, then with BIND's real answer.
+fn questionless_backend(real: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicU8>) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = s.local_addr().unwrap();
+    let rcode = Arc::new(std::sync::atomic::AtomicU8::new(2));
+    let rc = rcode.clone();
+    std::thread::spawn(move || {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 4096];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let q = buf[..n].to_vec();
+            let mut bare = q[..12].to_vec();
+            bare[2] |= 0x80;
+            bare[3] = rc.load(Ordering::Relaxed);
+            bare[4..12].copy_from_slice(&[0; 8]);
+            let _ = s.send_to(&bare, from);
+            if let Some(r) = udp_exchange(real, &q, Duration::from_secs(1)) {
+                let _ = s.send_to(&r, from);
+            }
+        }
+    });
+    (addr, rcode)
+}
+
+#[test]
+fn a_questionless_answer_passes_only_for_the_rcodes_bind_sends_that_way() {
+    // BIND echoes the question in NXDOMAIN, SERVFAIL and REFUSED: a question-less one is
+    // forged, dropped, and the real answer reaches the client. FORMERR and NOTIMP may come
+    // without it and are relayed.
+    let ns = Named::start(ZoneSpec::new(1, "a"));
+    let (backend, rcode) = questionless_backend(ns.addr);
+    let lb = Lb::start(&hostile_config(backend));
+    for (code, relayed) in [(2u8, false), (3, false), (5, false), (1, true), (4, true)] {
+        rcode.store(code, Ordering::Relaxed);
+        let before = lb.drops("mismatched-question");
+        let q = query_bytes(0x4242, "www.example.test.", RecordType::A);
+        let a = udp_exchange(lb.udp(), &q, Duration::from_secs(3)).expect("an answer");
+        let h = lb::wire::header(&a).unwrap();
+        if relayed {
+            assert_eq!(h.rcode, code, "RCODE {code}: relayed");
+            assert_eq!(h.qdcount, 0);
+        } else {
+            assert_eq!(
+                (h.rcode, h.qdcount, h.ancount),
+                (0, 1, 1),
+                "RCODE {code}: BIND's answer"
+            );
+            assert_eq!(lb.drops("mismatched-question"), before + 1, "RCODE {code}");
+        }
+        assert_eq!(&a[..2], &q[..2]);
+    }
+}

@@ -211,3 +211,93 @@ fn sigusr2_upgrades_to_the_binary_at_the_same_path() {
         .arg(st.pid.to_string())
         .status();
 }
+
+/// `lb ctl ARGS` run as user `uid` in group 0 (root's group: the control socket's group here,
+/// standing for the service's group), as a member of that group who is not root would.
+fn ctl_as(uid: u32, lb_bin: &std::path::Path, lb: &Lb, args: &[&str]) -> (i32, String) {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new(lb_bin)
+        .args(["ctl", "--socket"])
+        .arg(lb.socket())
+        .args(args)
+        .uid(uid)
+        .gid(0)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn only_root_may_upgrade_to_a_binary_of_its_choice() {
+    // A member of the control socket's group who is not root names a binary of its own: lb
+    // must not start it (it would run as lb's user, holding the DNS sockets). This lb's own
+    // binary, at the path it was started from, it may still upgrade to.
+    const NOBODY: u32 = 65534;
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let bins = TempDir::new("bins");
+    let path = copy_binary(&bins, "lb");
+    let dir = TempDir::new("lb");
+    let cfg = dir.path().join("lb.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}\n[control]\nsocket = \"{}/control.sock\"\n",
+            lb_config(&[a.addr], "round-robin", ""),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let lb = Lb::start_binary(&path, dir, cfg, &[]);
+    let old = lb.proc.pid();
+    // The would-be binary leaves a mark if it is ever started.
+    let mark = bins.path().join("started");
+    let evil = bins.path().join("evil");
+    std::fs::write(
+        &evil,
+        format!("#!/bin/sh\ntouch {}\nexit 1\n", mark.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&evil, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (code, out) = ctl_as(
+        NOBODY,
+        &path,
+        &lb,
+        &["upgrade", "--binary", evil.to_str().unwrap()],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("only root") && out.contains("uid 65534"),
+        "{out}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!mark.exists(), "lb started a binary named by uid {NOBODY}");
+    assert_eq!(lb.status().pid, old);
+    assert!(lb.answers_udp());
+    // Root may (here it fails, and the old process keeps serving).
+    let (code, out) = ctl_as(
+        0,
+        &path,
+        &lb,
+        &["upgrade", "--binary", evil.to_str().unwrap()],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("upgrade failed") && out.contains("keeps serving"),
+        "{out}"
+    );
+    assert!(mark.exists(), "root's choice was started");
+    assert_eq!(lb.status().pid, old);
+    // The same user may upgrade to this lb's own binary.
+    let (code, out) = ctl_as(
+        NOBODY,
+        &path,
+        &lb,
+        &["upgrade", "--binary", path.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{out}");
+    let _new = new_pid(&lb, old);
+    assert!(lb.answers_udp());
+}

@@ -3,7 +3,7 @@
 //! snapshot and stored whole (see [`crate::backend::Shared::replace`]). The socket that carries
 //! the commands is [`crate::controlplane::socket`]; `SIGHUP` and `SIGUSR2` call the same methods.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,9 +40,58 @@ pub struct ControlContext {
 pub struct UpgradeHooks {
     /// Duplicates of every listening socket, handed to the new process.
     pub sockets: Arc<HandoffSockets>,
-    /// This binary's path as started (a replaced file at that path is the new binary).
+    /// This binary's path as started (a replaced file at that path is the new binary): the
+    /// only binary a client other than root may upgrade to.
     pub exe: PathBuf,
     pub log_json: bool,
+}
+
+/// Who sent a control command: the user of the process at the other end of the control
+/// connection, from the kernel (`SO_PEERCRED`), not from anything the client says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// `None` when the kernel could not tell (treated as not root).
+    pub uid: Option<u32>,
+}
+
+impl Caller {
+    /// This process itself (SIGUSR2): as trusted as root.
+    pub const PROCESS: Caller = Caller { uid: Some(0) };
+
+    pub fn is_root(&self) -> bool {
+        self.uid == Some(0)
+    }
+}
+
+/// The binary an upgrade may start for `caller` when it names `requested`: root may name any
+/// path; anyone else only this lb's own (`exe`, compared as written or once symbolic links
+/// are resolved), and then `exe` itself is started, never the client's string (a link it
+/// could swap between the check and the start).
+///
+/// The control socket is open to the service's group, and the new binary inherits every
+/// listening socket and runs as lb's user: letting any member name a binary would let it run
+/// code of its choice as that user, on the DNS port.
+fn upgrade_binary(requested: &str, exe: &Path, caller: Caller) -> Result<PathBuf, String> {
+    if caller.is_root() {
+        return Ok(PathBuf::from(requested));
+    }
+    let same = Path::new(requested) == exe
+        || matches!(
+            (std::fs::canonicalize(requested), std::fs::canonicalize(exe)),
+            (Ok(a), Ok(b)) if a == b
+        );
+    if same {
+        return Ok(exe.to_path_buf());
+    }
+    Err(format!(
+        "upgrade refused: only root may start another binary than this lb's own ({}); the \
+         request came from uid {}. Replace the file at that path and run `lb ctl upgrade` \
+         without --binary",
+        exe.display(),
+        caller
+            .uid
+            .map_or_else(|| "unknown".into(), |u| u.to_string())
+    ))
 }
 
 impl ControlContext {
@@ -85,17 +134,25 @@ impl ControlContext {
     }
 
     /// Starts `binary` (default: this one), hands it the sockets and the backend set, and on
-    /// success starts this process's shutdown. On failure this process keeps serving.
-    pub async fn upgrade(&self, binary: Option<String>) -> Result<ControlResult, String> {
+    /// success starts this process's shutdown. On failure this process keeps serving. Only
+    /// root may name another binary than this one's own path ([`upgrade_binary`]).
+    pub async fn upgrade(
+        &self,
+        binary: Option<String>,
+        caller: Caller,
+    ) -> Result<ControlResult, String> {
         let h = self
             .upgrade
             .as_ref()
             .ok_or_else(|| "upgrades are not available in this process".to_string())?;
+        let binary = match binary {
+            Some(b) => upgrade_binary(&b, &h.exe, caller)?,
+            None => h.exe.clone(),
+        };
         let Some(_slot) = self.lifecycle.begin_upgrade() else {
             return Err("an upgrade is already in progress".into());
         };
         let cfg = self.config();
-        let binary = binary.map(PathBuf::from).unwrap_or_else(|| h.exe.clone());
         let _ = self.persist(&cfg);
         let st = self.runtime_state(&cfg);
         let generation = st.generation;
@@ -138,8 +195,8 @@ impl ControlContext {
             .clone()
     }
 
-    /// Handles one command.
-    pub async fn handle(&self, cmd: ControlCommand) -> ControlResponse {
+    /// Handles one command from `caller`.
+    pub async fn handle(&self, cmd: ControlCommand, caller: Caller) -> ControlResponse {
         let t0 = std::time::Instant::now();
         let r = match cmd {
             ControlCommand::Status => Ok(ControlResult::Status(self.status())),
@@ -162,7 +219,7 @@ impl ControlContext {
                         message,
                     })
             }
-            ControlCommand::Upgrade { binary } => self.upgrade(binary).await,
+            ControlCommand::Upgrade { binary } => self.upgrade(binary, caller).await,
             ControlCommand::Probe {
                 backend,
                 zones,
@@ -198,6 +255,7 @@ impl ControlContext {
                         queries: s.queries.load(Ordering::Relaxed),
                         answers: s.answers.load(Ordering::Relaxed),
                         timeouts: s.timeouts.load(Ordering::Relaxed),
+                        port_unreachable: s.port_unreachable.load(Ordering::Relaxed),
                     }
                 })
                 .collect(),
@@ -485,4 +543,40 @@ async fn futures_join<T: Send + 'static>(handles: Vec<tokio::task::JoinHandle<T>
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_root_may_upgrade_to_a_binary_of_its_choice() {
+        let dir = std::env::temp_dir().join(format!("lb-upgrade-binary-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join("lb");
+        std::fs::write(&exe, b"binary").unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&exe, &link).unwrap();
+        let other = "/tmp/evil";
+        let user = Caller { uid: Some(1000) };
+        let nobody_knows = Caller { uid: None };
+        let root = Caller { uid: Some(0) };
+        assert_eq!(upgrade_binary(other, &exe, root), Ok(PathBuf::from(other)));
+        assert_eq!(
+            upgrade_binary(exe.to_str().unwrap(), &exe, user),
+            Ok(exe.clone())
+        );
+        // A link to this lb's binary is allowed, but the binary itself is what starts.
+        assert_eq!(
+            upgrade_binary(link.to_str().unwrap(), &exe, user),
+            Ok(exe.clone())
+        );
+        for caller in [user, nobody_knows] {
+            let e = upgrade_binary(other, &exe, caller).unwrap_err();
+            assert!(e.contains("only root") && e.contains("uid"), "{e}");
+        }
+        assert!(Caller::PROCESS.is_root());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

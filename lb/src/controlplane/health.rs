@@ -14,20 +14,30 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use tokio::sync::Notify;
 
-use crate::backend::{Backend, Shared};
+use crate::backend::{Backend, Shared, Suspicion};
 use crate::config::HealthConfig;
 pub use crate::probe::{check_answer, probe_backend, probe_serials, ProbeError, ProbeFailure};
 
 /// Applies one probe result to a backend: up after `rise` successes (or the first success of a
 /// never-checked backend), down after `fall` failures, or at once when passive detection
-/// suspected it (timeouts on live traffic, now confirmed); every failure is counted by reason.
+/// suspected it (timeouts or a port unreachable on live traffic, now confirmed by the probe);
+/// every failure is counted by reason. A suspicion the probe does not confirm is dropped.
 pub fn record_result(backend: &Backend, result: &Result<u32, ProbeError>, rise: u32, fall: u32) {
     let st = &backend.state;
     let never_checked = st.reason() == ProbeFailure::NotChecked;
-    if st.take_suspicion() {
+    if let Some(why) = st.take_suspicion() {
         if let Err(e) = result {
-            let detail = format!("queries on live traffic timed out and a probe failed: {e}");
-            if backend.mark_down(ProbeFailure::PassiveTimeouts, &detail) {
+            let (reason, detail) = match why {
+                Suspicion::Timeouts => (
+                    ProbeFailure::PassiveTimeouts,
+                    format!("queries on live traffic timed out and a probe failed: {e}"),
+                ),
+                Suspicion::PortUnreachable => (
+                    e.reason,
+                    format!("port unreachable on live traffic and a probe failed: {e}"),
+                ),
+            };
+            if backend.mark_down(reason, &detail) {
                 st.health_ok.store(0, std::sync::atomic::Ordering::Relaxed);
                 return;
             }
@@ -60,6 +70,9 @@ pub fn record_result(backend: &Backend, result: &Result<u32, ProbeError>, rise: 
         }
     }
 }
+
+/// The shortest time between two probe rounds asked for by passive detection.
+pub const MIN_REQUESTED_GAP: Duration = Duration::from_millis(50);
 
 /// Settings the active checker reads each round (rebuilt on reload).
 #[derive(Debug, Clone)]
@@ -101,9 +114,10 @@ pub struct Checker {
 struct SerialBook {
     /// The zones the serials below are for (those of the settings in force).
     zones: Vec<Vec<u8>>,
-    /// Per zone of `zones`, the newest serial a backend of the current set
-    /// served (`None`: none seen yet).
-    highest: Vec<Option<u32>>,
+    /// Per zone of `zones`, the serial the zone is at now (`None`: none seen yet): the one a
+    /// backend last changed to (up or down), else the newest a backend of the current set
+    /// serves. A backend serving another is behind.
+    current: Vec<Option<u32>>,
     /// Per backend of the current set, the serials of its last successful probe.
     last: HashMap<SocketAddr, Vec<u32>>,
 }
@@ -128,9 +142,9 @@ impl Checker {
         let s = CheckerSettings::from_config(c);
         let zones = s.as_ref().map_or_else(Vec::new, |s| s.zones.clone());
         let mut book = self.serials.lock().unwrap_or_else(|e| e.into_inner());
-        if book.zones != zones || book.highest.len() != zones.len() {
+        if book.zones != zones || book.current.len() != zones.len() {
             *book = SerialBook {
-                highest: vec![None; zones.len()],
+                current: vec![None; zones.len()],
                 zones,
                 last: HashMap::new(),
             };
@@ -139,43 +153,62 @@ impl Checker {
         self.settings.store(s.map(Arc::new));
     }
 
-    /// Takes in the serials a probe of `b` saw (per zone of `s`). The newest serial of each
-    /// zone is taken over the backends of the current set (so a swap back to older nameservers
-    /// lowers it). When it rises, the zone changed: every backend not known to serve the new
-    /// serial (not probed since, or probed on an older one) is marked behind first, so nothing
-    /// it answers is cached, and then the packet cache is flushed. A backend stays behind until
-    /// its own probe shows every zone at the newest serial. A backend found behind without a
-    /// rise (probed after the others, e.g. after a start or a swap to nameservers that
-    /// disagree) has had its answers cached until now: that flushes the cache too.
+    /// Takes in the serials a probe of `b` saw (per zone of `s`), and flushes the packet cache
+    /// when a zone changed.
+    ///
+    /// A zone's serial *changes* when a backend's own probe shows another serial than its
+    /// last one: a reload, or a restore from backup (the serial goes down, which RFC 1982
+    /// order would call old, but the zone served is the new one). The zone is then taken to
+    /// be at that serial. A backend first probed on a serial newer than the zone's (after a
+    /// start, or a swap that added it) changes it too. When backends leave the set, the zone
+    /// is taken afresh at the newest serial of those that stay (so a swap back to older
+    /// nameservers, a rollback, is cached from again).
+    ///
+    /// On a change, every backend not known to serve the zone's new serial (not probed since,
+    /// or probed on another) is marked behind first, so nothing it answers is cached, and then
+    /// the cache is flushed. A backend stays behind until its own probe shows every zone at
+    /// the zone's serial. A backend found behind without a change (probed after the others,
+    /// e.g. after a start or a swap to nameservers that disagree) has had its answers cached
+    /// until now: that flushes the cache too. Only the zones in `health.zones` are probed:
+    /// others on the same nameservers are flushed by swaps and reloads only.
     fn note_serials(&self, b: &Backend, serials: &[u32], s: &CheckerSettings, shared: &Shared) {
         let set = shared.current();
         let mut book = self.serials.lock().unwrap_or_else(|e| e.into_inner());
         if book.zones != s.zones || serials.len() != s.zones.len() || set.find(b.addr).is_none() {
             return; // settings or the set changed while the probe ran
         }
+        let before = book.last.len();
         book.last.retain(|a, _| set.find(*a).is_some());
-        book.last.insert(b.addr, serials.to_vec());
-        let mut rose = false;
+        let left = book.last.len() != before;
+        let prev = book.last.insert(b.addr, serials.to_vec());
+        let mut changed = false;
         for z in 0..s.zones.len() {
-            let newest = book
-                .last
-                .values()
-                .map(|v| v[z])
-                .reduce(|a, x| if newer(x, a) { x } else { a });
-            if let (Some(prev), Some(now)) = (book.highest[z], newest) {
-                rose |= newer(now, prev);
-            }
-            book.highest[z] = newest;
+            let was = book.current[z];
+            let own_change = prev.as_ref().is_some_and(|p| p[z] != serials[z]);
+            let now = if own_change {
+                Some(serials[z])
+            } else if left || was.is_none() {
+                book.last
+                    .values()
+                    .map(|v| v[z])
+                    .reduce(|a, x| if newer(x, a) { x } else { a })
+            } else if prev.is_none() && was.is_some_and(|w| newer(serials[z], w)) {
+                Some(serials[z])
+            } else {
+                was
+            };
+            changed |= was.is_some() && now != was;
+            book.current[z] = now;
         }
         let mut newly_behind = false;
         for other in &set.backends {
             let behind = book.last.get(&other.addr).is_none_or(|v| {
                 v.iter()
-                    .zip(&book.highest)
-                    .any(|(serial, h)| Some(*serial) != *h)
+                    .zip(&book.current)
+                    .any(|(serial, c)| Some(*serial) != *c)
             });
-            // Unprobed backends are only marked behind once a rise makes it matter.
-            if book.last.contains_key(&other.addr) || rose {
+            // Unprobed backends are only marked behind once a change makes it matter.
+            if book.last.contains_key(&other.addr) || changed {
                 newly_behind |= behind && !other.state.is_behind();
                 other.state.set_behind(behind);
             }
@@ -183,15 +216,15 @@ impl Checker {
         drop(book);
         // Marked behind first, then flushed: nothing a lagging backend answers after the
         // flush is cached.
-        if rose || newly_behind {
+        if changed || newly_behind {
             if let Some(cache) = &shared.cache {
                 cache.flush_serial();
                 tracing::info!(
                     "{} (backend {}): packet cache flushed",
-                    if rose {
-                        "a zone's serial rose"
+                    if changed {
+                        "a zone's serial changed"
                     } else {
-                        "a backend is behind the newest serial"
+                        "a backend is behind the zone's serial"
                     },
                     b.addr
                 );
@@ -224,8 +257,11 @@ impl Checker {
     }
 
     /// Runs forever: probes the current set every interval, and at once when woken (a swap) or
-    /// asked (passive detection suspects a backend).
+    /// asked (passive detection suspects a backend). Rounds asked for by passive detection
+    /// start at most every [`MIN_REQUESTED_GAP`]: forged ICMP errors can ask for probes, but
+    /// not make the checker probe the backends faster than that.
     pub async fn run(self: Arc<Self>, shared: Arc<Shared>) {
+        let mut last_requested: Option<tokio::time::Instant> = None;
         loop {
             let s = self.settings();
             let interval = s.as_ref().map_or(Duration::from_secs(1), |s| s.interval);
@@ -237,7 +273,12 @@ impl Checker {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = self.wake.notified() => {}
-                _ = shared.probe_requested() => {}
+                _ = shared.probe_requested() => {
+                    if let Some(t) = last_requested {
+                        tokio::time::sleep_until(t + MIN_REQUESTED_GAP).await;
+                    }
+                    last_requested = Some(tokio::time::Instant::now());
+                }
             }
         }
     }
@@ -313,7 +354,24 @@ mod tests {
         let e = Backend::new("127.0.0.4:53".parse().unwrap());
         assert!(e.passive_timeout(1));
         record_result(&e, &ok, 2, 3);
-        assert!(e.state.is_up() && !e.state.take_suspicion());
+        assert!(e.state.is_up() && e.state.take_suspicion().is_none());
+        // A port unreachable (perhaps forged): a passed probe keeps the backend up, a failed
+        // one takes it down at once, with the probe's own reason.
+        let f = Backend::new("127.0.0.5:53".parse().unwrap());
+        assert!(f.port_unreachable());
+        record_result(&f, &ok, 2, 3);
+        assert!(f.state.is_up() && f.state.take_suspicion().is_none());
+        let network: Result<u32, ProbeError> = Err(ProbeError {
+            reason: ProbeFailure::Network,
+            detail: "connection refused".into(),
+        });
+        assert!(f.port_unreachable());
+        record_result(&f, &network, 2, 3);
+        assert!(
+            !f.state.is_up(),
+            "confirmed at the first failure, not after fall = 3"
+        );
+        assert_eq!(f.state.reason(), ProbeFailure::Network);
     }
 
     /// A set of backends at the given addresses with a packet cache, and checker settings
@@ -417,6 +475,47 @@ mod tests {
         checker.reconfigure(&other);
         checker.note_serials(&a, &[9], &s, &shared);
         assert_eq!(serial_flushes(&shared), 1);
+    }
+
+    #[test]
+    fn a_serial_that_goes_down_flushes_too() {
+        // One nameserver restored from a backup: its serial goes from 5 to 3. What was cached
+        // is serial 5's zone, no longer served: flushed.
+        let (shared, checker, s) = setup(&["127.0.0.1:53"]);
+        let a = Arc::clone(&shared.current().backends[0]);
+        checker.note_serials(&a, &[5], &s, &shared);
+        checker.note_serials(&a, &[5], &s, &shared);
+        assert_eq!(serial_flushes(&shared), 0);
+        checker.note_serials(&a, &[3], &s, &shared);
+        assert_eq!(serial_flushes(&shared), 1, "down is a change too");
+        assert!(!a.state.is_behind());
+        checker.note_serials(&a, &[3], &s, &shared);
+        assert_eq!(serial_flushes(&shared), 1);
+    }
+
+    #[test]
+    fn a_restore_on_one_of_two_nameservers_makes_the_other_behind() {
+        // Both on 5; A is restored to 3 first: the zone is at 3 now, so B (still serving 5,
+        // the zone as it was) is behind and not cached from; once B follows, it is not.
+        let (shared, checker, s) = setup(&["127.0.0.1:53", "127.0.0.2:53"]);
+        let set = shared.current();
+        let (a, b) = (&set.backends[0], &set.backends[1]);
+        checker.note_serials(a, &[5], &s, &shared);
+        checker.note_serials(b, &[5], &s, &shared);
+        checker.note_serials(a, &[3], &s, &shared);
+        assert_eq!(serial_flushes(&shared), 1);
+        assert!(!a.state.is_behind() && b.state.is_behind());
+        // B's next probe, still on 5, is no change of its own: it stays behind.
+        checker.note_serials(b, &[5], &s, &shared);
+        assert!(b.state.is_behind());
+        assert_eq!(serial_flushes(&shared), 1);
+        checker.note_serials(b, &[3], &s, &shared);
+        assert!(!b.state.is_behind());
+        assert_eq!(
+            serial_flushes(&shared),
+            1,
+            "nothing of B's was cached meanwhile"
+        );
     }
 
     #[test]

@@ -270,7 +270,7 @@ const FAMILIES: [(&str, &str, MetricType, &[&str]); 30] = [
     ),
     (
         "lb_cache_flushes_total",
-        "Packet cache flushes, by reason: swap, reload, serial (a zone's serial rose).",
+        "Packet cache flushes, by reason: swap, reload, serial (a zone's serial changed).",
         MetricType::COUNTER,
         &["reason"],
     ),

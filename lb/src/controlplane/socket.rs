@@ -2,7 +2,9 @@
 //! ([`crate::control_protocol`]), each handled by [`ControlContext::handle`].
 //!
 //! The socket is a local Unix socket with mode 0660 (root and the service's group); remote
-//! deployers reach it through SSH running `lb ctl`. Hostile or broken clients are bounded: a
+//! deployers reach it through SSH running `lb ctl`. Each connection's peer credentials
+//! (`SO_PEERCRED`) say who sent its commands: only root may upgrade to a binary of its choice
+//! ([`crate::controlplane::commands::Caller`]). Hostile or broken clients are bounded: a
 //! request line is at most [`MAX_REQUEST_BYTES`], must arrive within [`REQUEST_TIMEOUT`], and
 //! at most [`MAX_CLIENTS`] clients are served at once.
 
@@ -18,7 +20,7 @@ use tokio::sync::Semaphore;
 use crate::control_protocol::{
     ControlRequest, ControlResponse, MAX_REQUEST_BYTES, PROTOCOL_VERSION,
 };
-use crate::controlplane::commands::ControlContext;
+use crate::controlplane::commands::{Caller, ControlContext};
 use crate::lifecycle::Lifecycle;
 
 /// Control clients served at once; more get an error and are closed.
@@ -103,6 +105,9 @@ async fn reply(s: &mut (impl AsyncWriteExt + Unpin), r: &ControlResponse) -> std
 
 /// Serves requests on one connection until EOF, a bad line, or a stall.
 async fn handle_client(stream: UnixStream, ctx: &ControlContext) {
+    let caller = Caller {
+        uid: stream.peer_cred().ok().map(|c| c.uid()),
+    };
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     let mut line = Vec::with_capacity(256);
@@ -136,7 +141,7 @@ async fn handle_client(stream: UnixStream, ctx: &ControlContext) {
                 "protocol version {} is not supported (this lb speaks {PROTOCOL_VERSION})",
                 req.version
             )),
-            Ok(req) => ctx.handle(req.request).await,
+            Ok(req) => ctx.handle(req.request, caller).await,
         };
         if reply(&mut wr, &resp).await.is_err() {
             return;

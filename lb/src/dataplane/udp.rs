@@ -17,8 +17,9 @@
 //! 1. read each ready socket: [`Worker::read_listener`] validates, routes and queues queries,
 //!    [`Worker::read_upstream`] matches answers and queues replies;
 //! 2. [`Worker::flush`] sends what is queued; a backend found closed (ICMP port unreachable)
-//!    is only noted while sending, and then [`Worker::evacuate`]d: marked down, its queries
-//!    queued for the rest of the set, sent in the next bounded round;
+//!    is only noted while sending, and then [`Worker::evacuate`]d: made suspect (a probe is
+//!    asked for at once; only its verdict takes the backend down), its queries queued for the
+//!    rest of the set, sent in the next bounded round;
 //! 3. every tick, [`Worker::scan_tables`] expires old queries and re-sends those stuck on
 //!    removed or down backends.
 //!
@@ -27,6 +28,7 @@
 //! leaves unanswered for `resend_after` is re-sent once to the new set.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -38,13 +40,12 @@ use rand::Rng;
 
 use crate::access::Verdict;
 use crate::backend::{BackendSet, Shared};
-use crate::cache::{self, PacketCache};
+use crate::cache::{self, PacketCache, Transport};
 use crate::dataplane::query::{check_query, route, Route};
 use crate::dataplane::upstream::{Enqueue, UpstreamSettings, Upstreams};
 use crate::inflight::Origin;
 use crate::lifecycle::Lifecycle;
 use crate::mmsg::{RecvBatch, SendBatch, MAX_BATCH};
-use crate::probe::ProbeFailure;
 use crate::rrl::{Action, RrlPolicy};
 use crate::sockets::enable_pktinfo;
 use crate::stats::{BatchOp, DropReason, LocalHistogram, Proto};
@@ -407,7 +408,8 @@ impl Worker {
         // was forwarded in (its answer is stored only if that epoch is still current).
         let mut cache_epoch = 0;
         if let Some(cache) = &self.cache {
-            if let (Some(key), Some(question)) = (cache::key_of(msg, q.as_ref()), q.as_ref()) {
+            let key = cache::key_for(msg, q.as_ref(), Transport::Udp);
+            if let (Some(key), Some(question)) = (key, q.as_ref()) {
                 let epoch = cache.epoch(set.generation);
                 // Stale answers only while no backend can answer.
                 let stale = cache.serves_stale() && !set.backends.iter().any(|b| b.is_usable());
@@ -425,7 +427,7 @@ impl Worker {
                 cache_epoch = epoch;
             }
         }
-        match self.forward(msg, q, origin, set, now) {
+        match self.forward(msg, q, origin, set, now, None) {
             Ok((ui, id)) => {
                 if cache_epoch != 0 {
                     if let Some(slot) = self.up.get_mut(ui).and_then(|u| u.table.get_mut(id)) {
@@ -536,7 +538,8 @@ impl Worker {
             if let (Some(cache), Some(up)) = (&self.cache, self.up.get(ui)) {
                 // Not from a backend whose zones lag: its answer may be the old zone's.
                 if !up.backend.state.is_behind() {
-                    if let Some(key) = cache::key_of(&slot.query, slot.question.as_ref()) {
+                    let q = slot.question.as_ref();
+                    if let Some(key) = cache::key_for(&slot.query, q, Transport::Udp) {
                         cache.insert(&key, slot.cache_epoch, msg);
                     }
                 }
@@ -556,8 +559,8 @@ impl Worker {
 
     // ----- queueing (never sends more than a full batch, never re-sends) -----
 
-    /// Routes a validated query over `set` and queues it for its backend under a fresh random
-    /// ID; returns where it went.
+    /// Routes a validated query over `set` (avoiding the backend at `avoid` while another is
+    /// usable) and queues it for its backend under a fresh random ID; returns where it went.
     fn forward(
         &mut self,
         msg: &mut [u8],
@@ -565,10 +568,11 @@ impl Worker {
         origin: Origin,
         set: &BackendSet,
         now: Instant,
+        avoid: Option<SocketAddr>,
     ) -> Result<(usize, u16), Refusal> {
         self.counter = self.counter.wrapping_add(1);
         let stats = &self.shared.stats;
-        let bi = match route(set, msg, q.as_ref(), self.counter, Some(stats), None) {
+        let bi = match route(set, msg, q.as_ref(), self.counter, Some(stats), avoid) {
             Route::Backend(i) => i,
             Route::Servfail => return Err(Refusal::Servfail),
             Route::Drop(r) => return Err(Refusal::Drop(r)),
@@ -689,10 +693,13 @@ impl Worker {
         }
     }
 
-    /// The backend's port answered ICMP "port unreachable" (nothing listens there any more).
-    /// With health checks on, that is proof enough: mark it down at once and queue what it
-    /// had in flight for the rest of the set instead of letting those queries time out. The
-    /// active probe brings it back. Without health checks nothing would, so timeouts decide.
+    /// An ICMP "port unreachable" came back on a connected socket to the backend of `ui`:
+    /// nothing listens there any more, or an off-path attacker forged it. With health checks
+    /// on, the backend becomes suspect and the checker probes it at once: a closed port fails
+    /// that probe and goes down, a forgery changes nothing (only probes decide). Meanwhile what
+    /// it had in flight is queued for the rest of the set (avoiding it while another backend
+    /// is usable) instead of waiting for the timeout; each query moves once. Without health
+    /// checks nothing would probe it, so timeouts decide.
     fn evacuate(&mut self, ui: usize, set: &BackendSet) {
         let Some(up) = self.up.get(ui) else {
             return;
@@ -700,16 +707,16 @@ impl Worker {
         if set.passive_timeouts == 0 {
             return;
         }
-        if up.backend.state.is_up() {
-            up.backend
-                .mark_down(ProbeFailure::Network, &"port unreachable on live traffic");
+        if up.backend.port_unreachable() {
+            self.shared.request_probe();
         }
+        let avoid = up.backend.addr;
         let mut ids = std::mem::take(&mut self.expired);
         ids.clear();
         let now = Instant::now();
         up.table.older_than(now, Duration::ZERO, &mut ids);
         for &id in &ids {
-            self.resend_once(ui, id, set, now);
+            self.resend_once(ui, id, set, now, Some(avoid));
         }
         self.expired = ids;
     }
@@ -764,11 +771,19 @@ impl Worker {
             }
             return;
         }
-        self.resend_once(ui, id, set, now);
+        self.resend_once(ui, id, set, now, None);
     }
 
-    /// Moves one query from upstream `ui` to a backend of the current set (once per query).
-    fn resend_once(&mut self, ui: usize, id: u16, set: &BackendSet, now: Instant) {
+    /// Moves one query from upstream `ui` to a backend of the current set (once per query),
+    /// other than `avoid` while another is usable.
+    fn resend_once(
+        &mut self,
+        ui: usize,
+        id: u16,
+        set: &BackendSet,
+        now: Instant,
+        avoid: Option<SocketAddr>,
+    ) {
         let Some(up) = self.up.get(ui) else {
             return;
         };
@@ -789,7 +804,7 @@ impl Worker {
         msg.extend_from_slice(&slot.query);
         up.backend.state.in_flight_done();
         self.up.release(ui, id, self.poll.registry());
-        match self.forward(&mut msg, question, origin, set, now) {
+        match self.forward(&mut msg, question, origin, set, now, avoid) {
             Ok((new_ui, new_id)) => {
                 if let Some(slot) = self
                     .up
