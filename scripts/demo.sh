@@ -99,9 +99,9 @@ trap cleanup EXIT
 echo "== packaging lb: two versions, OLD installed by up, NEW by the upgrade"
 VERSION=$(awk -F'"' '/^version/ { print $2; exit }' Cargo.toml)
 scripts/package.sh --profile "$PROFILE" --no-build --fast --deb-version "$VERSION-1~rehearsal1" \
-  --output "$WORK/debs-old" >"$WORK/pkg-old.txt"
+  --output "$WORK/debs-old" >"$WORK/pkg-old.txt" 2>"$WORK/pkg-old.log" || { cat "$WORK/pkg-old.log"; exit 1; }
 scripts/package.sh --profile "$PROFILE" --no-build --fast --deb-version "$VERSION-1~rehearsal2" \
-  --output "$WORK/debs-new" >"$WORK/pkg-new.txt"
+  --output "$WORK/debs-new" >"$WORK/pkg-new.txt" 2>"$WORK/pkg-new.log" || { cat "$WORK/pkg-new.log"; exit 1; }
 LB_OLD=$(grep '/lb_' "$WORK/pkg-old.txt")
 LB_NEW=$(grep '/lb_' "$WORK/pkg-new.txt")
 

@@ -31,6 +31,9 @@ extern "C" fn on_stop(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
+/// Queries awaiting their answer: ID -> (phase, sent at, expected RCODE).
+type Pending = HashMap<u16, (usize, Instant, u8)>;
+
 #[derive(Default, Clone, Copy)]
 struct Counts {
     sent: u64,
@@ -104,7 +107,8 @@ fn main() {
     assert!(!queries.is_empty(), "no `NAME TYPE` lines in {}", args[1]);
     let qps: f64 = args[2].parse().expect("QPS");
     let phases: Vec<String> = args[3].split(',').map(str::to_string).collect();
-    let timeout = Duration::from_millis(args.get(4).map_or(5000, |t| t.parse().expect("TIMEOUT_MS")));
+    let timeout =
+        Duration::from_millis(args.get(4).map_or(5000, |t| t.parse().expect("TIMEOUT_MS")));
     let max = Duration::from_secs(args.get(5).map_or(3600, |t| t.parse().expect("MAX_SECS")));
     // IDs are sequential: at most 60,000 queries may be outstanding at once.
     assert!(
@@ -117,13 +121,17 @@ fn main() {
         libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
     }
-    let sock = UdpSocket::bind(if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
+    let sock = UdpSocket::bind(if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })
+    .unwrap();
     sock.connect(server).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
     let counts = Arc::new(Mutex::new(vec![Counts::default(); phases.len()]));
-    // id -> (phase, sent at, expected RCODE)
-    let pending: Arc<Mutex<HashMap<u16, (usize, Instant, u8)>>> =
-        Arc::new(Mutex::new(HashMap::new()));
+    let pending: Arc<Mutex<Pending>> = Arc::new(Mutex::new(HashMap::new()));
     let done = Arc::new(AtomicBool::new(false));
     let receiver = {
         let (sock, counts, pending, done) = (
@@ -162,7 +170,7 @@ fn main() {
     let mut i = 0usize;
     let mut phase = 0usize;
     eprintln!("phaseload: phase {} started", phases[0]);
-    let sweep = |pending: &Mutex<HashMap<u16, (usize, Instant, u8)>>, all: bool| {
+    let sweep = |pending: &Mutex<Pending>, all: bool| {
         let mut p = pending.lock().unwrap();
         let mut c = counts.lock().unwrap();
         p.retain(|_, (ph, at, _)| {
@@ -195,7 +203,7 @@ fn main() {
             .insert(id, (phase, Instant::now(), *want));
         counts.lock().unwrap()[phase].sent += 1;
         let _ = sock.send(&query(id, name, *t));
-        if i % 64 == 0 {
+        if i.is_multiple_of(64) {
             sweep(&pending, false);
         }
     }
@@ -211,7 +219,8 @@ fn main() {
     let c = counts.lock().unwrap();
     let mut total = Counts::default();
     let line = |name: &str, c: &Counts| {
-        let other: u64 = c.rcodes.iter().sum::<u64>() - c.rcodes[0] - c.rcodes[2] - c.rcodes[3] - c.rcodes[5];
+        let other: u64 =
+            c.rcodes.iter().sum::<u64>() - c.rcodes[0] - c.rcodes[2] - c.rcodes[3] - c.rcodes[5];
         println!(
             "phase {name}: sent {} answered {} noerror {} nxdomain {} servfail {} refused {} other {} timeouts {} max_ms {} wrong {}",
             c.sent, c.answered, c.rcodes[0], c.rcodes[3], c.rcodes[2], c.rcodes[5], other, c.timeouts, c.max_ms, c.wrong

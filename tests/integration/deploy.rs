@@ -705,7 +705,11 @@ fn roll_lb_under_load_with_a_delegation_hook_loses_nothing() {
     assert_eq!(new_addrs.len(), 2);
     assert!(new_addrs.iter().all(|a| !old_addrs.contains(a)));
     let args = std::fs::read_to_string(&targets).unwrap();
-    assert_eq!(args.split_whitespace().collect::<Vec<_>>(), ["127.0.0.1"; 2], "{args}");
+    assert_eq!(
+        args.split_whitespace().collect::<Vec<_>>(),
+        ["127.0.0.1"; 2],
+        "{args}"
+    );
     assert_eq!(input["lbs"][1]["new_ip"], "127.0.0.1");
     assert_eq!(input["lbs"][1]["old_ip"], "127.0.0.1");
     let new_loads: Vec<_> = new_addrs

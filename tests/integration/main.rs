@@ -9,6 +9,7 @@ mod frontdoor;
 mod health;
 mod hostile;
 mod linode;
+mod machines;
 mod observe;
 mod ops;
 mod proxy;

@@ -796,7 +796,7 @@ fn prometheus_evaluates_the_dashboard_and_the_rules_against_a_live_lb() {
 /// The test packages: the debug build packaged by `scripts/package.sh --profile dev --no-build
 /// --fast` (scripts/test.sh does it first); rebuilt here when missing or older than
 /// the binaries.
-fn test_packages() -> &'static (PathBuf, PathBuf) {
+pub(crate) fn test_packages() -> &'static (PathBuf, PathBuf) {
     static PACKAGES: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     PACKAGES.get_or_init(|| {
         let lb_bin = bin("lb");
