@@ -338,6 +338,10 @@ while read -r _ name _ sent _ answered _ _ _ _ _ servfail _ _ _ _ _ timeouts _ m
   name=${name%:}
   printf '  %-8s %7s %9s %9s %9s %9s %9s %7s\n' "$name" "$sent" "$answered" "$servfail" "$timeouts" "$wrong" "$max_ms" "${PHASE_SECS[$name]:-}"
 done <"$WORK/load.txt"
+if grep -q '^failures:' "$WORK/load.txt"; then
+  echo "  phases started at (seconds of the load): $(grep -o 'phase [a-z-]* started at [0-9]*s' "$WORK/load.err" | sed 's/phase //; s/ started at /=/' | paste -sd' ')"
+  echo "  $(grep '^failures:' "$WORK/load.txt") (second of the load:count)"
+fi
 echo "  www.example.test through the resolver after the roll: $answer (zone says 192.0.2.2)"
 restarts=0
 while read -r lb a pid n ver; do

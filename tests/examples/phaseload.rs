@@ -31,6 +31,10 @@ extern "C" fn on_stop(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
+/// Seconds since start at which queries failed (timeout, SERVFAIL, or a wrong RCODE), with
+/// their count: where in the run the failures sit (printed as `failures: SECOND:COUNT ...`).
+type FailTimes = std::collections::BTreeMap<u64, u64>;
+
 /// Queries awaiting their answer: ID -> (phase, sent at, expected RCODE).
 type Pending = HashMap<u16, (usize, Instant, u8)>;
 
@@ -131,14 +135,17 @@ fn main() {
     sock.set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
     let counts = Arc::new(Mutex::new(vec![Counts::default(); phases.len()]));
+    let fails: Arc<Mutex<FailTimes>> = Arc::new(Mutex::new(FailTimes::new()));
+    let start = Instant::now();
     let pending: Arc<Mutex<Pending>> = Arc::new(Mutex::new(HashMap::new()));
     let done = Arc::new(AtomicBool::new(false));
     let receiver = {
-        let (sock, counts, pending, done) = (
+        let (sock, counts, pending, done, fails) = (
             sock.try_clone().unwrap(),
             Arc::clone(&counts),
             Arc::clone(&pending),
             Arc::clone(&done),
+            Arc::clone(&fails),
         );
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -158,12 +165,16 @@ fn main() {
                 c.rcodes[got as usize] += 1;
                 if got != want {
                     c.wrong += 1;
+                    *fails
+                        .lock()
+                        .unwrap()
+                        .entry(start.elapsed().as_secs())
+                        .or_insert(0) += 1;
                 }
                 c.max_ms = c.max_ms.max(at.elapsed().as_millis() as u64);
             }
         })
     };
-    let start = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / qps.max(0.001));
     let mut next = Instant::now();
     let mut id: u16 = 0;
@@ -176,6 +187,9 @@ fn main() {
         p.retain(|_, (ph, at, _)| {
             if all || at.elapsed() >= timeout {
                 c[*ph].timeouts += 1;
+                // Counted at the second the query was sent.
+                let sent = at.saturating_duration_since(start).as_secs();
+                *fails.lock().unwrap().entry(sent).or_insert(0) += 1;
                 false
             } else {
                 true
@@ -186,7 +200,11 @@ fn main() {
         let want = NEXT_PHASE.load(Ordering::SeqCst).min(phases.len() - 1);
         if want != phase {
             phase = want;
-            eprintln!("phaseload: phase {} started", phases[phase]);
+            eprintln!(
+                "phaseload: phase {} started at {}s",
+                phases[phase],
+                start.elapsed().as_secs()
+            );
         }
         let now = Instant::now();
         if now < next {
@@ -238,4 +256,9 @@ fn main() {
         }
     }
     line("total", &total);
+    let f = fails.lock().unwrap();
+    if !f.is_empty() {
+        let list: Vec<String> = f.iter().map(|(s, n)| format!("{s}:{n}")).collect();
+        println!("failures: {}", list.join(" "));
+    }
 }

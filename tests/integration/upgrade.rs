@@ -301,3 +301,90 @@ fn only_root_may_upgrade_to_a_binary_of_its_choice() {
     let _new = new_pid(&lb, old);
     assert!(lb.answers_udp());
 }
+
+/// An upgrade never cuts a zone transfer: the old process keeps relaying an AXFR that began
+/// before the hand-over until its end (bounded by `tcp.transfer_timeout_ms`), although that
+/// takes far longer than the query timeout its drain is otherwise bounded by.
+#[test]
+fn an_upgrade_lets_a_zone_transfer_in_progress_finish() {
+    use std::io::Read;
+    const AXFR: u16 = 252;
+    let ns = Named::start_with(
+        ZoneSpec::new(1, "a"),
+        NamedOptions {
+            big_zone_records: 20_000,
+            ..NamedOptions::default()
+        },
+    );
+    // The old process would stop waiting for its clients 600 ms after the hand-over.
+    let lb = Lb::start(&format!(
+        "{}\n[access]\ntransfer_allow = [\"127.0.0.0/8\"]\n",
+        lb_config(&[ns.addr], "round-robin", "timeout_ms = 500\n")
+    ));
+    let q = integration_tests::dnsmsg::QueryBuilder::new(0x7a01, "big.test.", AXFR).build();
+    let direct = tcp_exchange(ns.addr, &q, AXFR, Duration::from_secs(20));
+    assert!(
+        direct.complete && direct.messages.len() > 10,
+        "{}",
+        direct.describe()
+    );
+    let old = lb::control_protocol::send_request(
+        &lb.socket(),
+        lb::control_protocol::ControlCommand::Status,
+        Duration::from_secs(2),
+    )
+    .ok()
+    .and_then(|r| match r.result {
+        Some(lb::control_protocol::ControlResult::Status(s)) => Some(s.pid),
+        _ => None,
+    })
+    .expect("status");
+    let mut c = TcpStream::connect(lb.tcp()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp_write(&mut c, &q);
+    let mut state = integration_tests::dnsmsg::TransferState::new(AXFR);
+    let mut messages = 0;
+    let mut upgraded = None;
+    let t = Instant::now();
+    while !state.done {
+        let mut len = [0u8; 2];
+        c.read_exact(&mut len).unwrap_or_else(|e| {
+            panic!(
+                "the transfer was cut after {messages} messages ({:?}): {e}",
+                t.elapsed()
+            )
+        });
+        let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+        c.read_exact(&mut buf).expect("a whole message");
+        state.feed(&buf).expect("a valid AXFR stream");
+        messages += 1;
+        if messages == 2 {
+            // Hand over mid-transfer; the new process serves new clients at once.
+            let r = lb::control_protocol::send_request(
+                &lb.socket(),
+                lb::control_protocol::ControlCommand::Upgrade { binary: None },
+                Duration::from_secs(30),
+            )
+            .expect("upgrade");
+            assert!(r.ok, "{r:?}");
+            upgraded = Some(new_pid(&lb, old));
+            let m = udp_query(
+                lb.udp(),
+                "www.example.test.",
+                RecordType::A,
+                Duration::from_secs(3),
+            )
+            .expect("the new process answers");
+            assert_eq!(m.answers.len(), 1);
+        }
+        // A slow secondary: the transfer lasts seconds, well past the old drain bound.
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    assert!(upgraded.is_some());
+    assert_eq!(
+        messages,
+        direct.messages.len(),
+        "the whole transfer arrived"
+    );
+    assert!(t.elapsed() > Duration::from_secs(1), "{:?}", t.elapsed());
+}

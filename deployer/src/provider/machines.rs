@@ -479,6 +479,12 @@ impl MachinesProvider {
         let ns = &rec.machine;
         ip(&["netns", "add", ns])?;
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        // Addresses are reused after a delete, as clouds reuse them: a gratuitous ARP when an
+        // interface comes up replaces the old machine's MAC in its neighbours' caches at once
+        // (arp_notify is copied from `default` to the interfaces made after it).
+        run(Command::new("ip")
+            .args(["netns", "exec", ns, "sysctl", "-qw"])
+            .arg("net.ipv4.conf.default.arp_notify=1"))?;
         let mut nics = vec![(
             rec.veths[0].as_str(),
             "eth0",
