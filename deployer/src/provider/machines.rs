@@ -163,6 +163,15 @@ fn is_our_nspawn(pid: u32, machine: &str) -> bool {
         && args.contains(&machine.as_bytes())
 }
 
+/// True while `pid` exists and has not exited (a zombie has).
+fn is_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .is_some_and(|state| state != "Z")
+    })
+}
+
 /// Direct children of `pid` (read from /proc; bounded by the number of processes).
 fn children_of(pid: u32) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -540,7 +549,9 @@ impl MachinesProvider {
             if leader_of(pid).is_some() {
                 return Ok(pid);
             }
-            if !is_our_nspawn(pid, ns) {
+            // Right after the fork the process may still be the shell or setsid on their
+            // way to exec systemd-nspawn: only a process that is gone (or a zombie) failed.
+            if !is_alive(pid) {
                 return Err(io_err(format!(
                     "systemd-nspawn for {} ({}) exited while starting: {}",
                     rec.label,
