@@ -76,6 +76,10 @@ pub struct BackendState {
     health_failures: [AtomicU64; ProbeFailure::ALL.len()],
     /// Time from forwarding to the matched answer.
     pub latency: LatencyHistogram,
+    /// (zone, SOA serial) of each zone of `health.zones` at the backend's last probe, empty
+    /// while its last probe failed (`lb_backend_zone_serial`). Written by the checker, read
+    /// at scrape time; the per-packet path never touches it.
+    zone_serials: Mutex<Vec<(String, u32)>>,
 }
 
 impl BackendState {
@@ -97,7 +101,26 @@ impl BackendState {
             probe_running: AtomicBool::new(false),
             health_failures: Default::default(),
             latency: LatencyHistogram::default(),
+            zone_serials: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Stores the serials of a probe (zone names and serials in the same order), or forgets
+    /// them when `serials` is `None` (a failed probe).
+    pub fn set_zone_serials(&self, zones: &[String], serials: Option<&[u32]>) {
+        let mut z = self.zone_serials.lock().unwrap_or_else(|e| e.into_inner());
+        z.clear();
+        if let Some(serials) = serials {
+            z.extend(zones.iter().cloned().zip(serials.iter().copied()));
+        }
+    }
+
+    /// (zone, serial) at the last probe, if it passed.
+    pub fn zone_serials(&self) -> Vec<(String, u32)> {
+        self.zone_serials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The last health verdict.
@@ -650,7 +673,7 @@ impl Shared {
         if let Some(c) = &self.cache {
             c.set_generation(generation);
         }
-        self.stats.swaps.fetch_add(1, Ordering::Relaxed);
+        self.stats.swaps.succeeded();
         let current = self.set.load();
         let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
         for b in &old.backends {

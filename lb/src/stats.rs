@@ -2,14 +2,19 @@
 //! latency histograms each backend keeps.
 //!
 //! Plain atomics indexed by enums, so counting costs one relaxed add and the metrics exporter
-//! reads them without touching the per-packet path.
+//! reads them without touching the per-packet path. The control plane's operations (reloads,
+//! upgrades, swaps, state file writes) keep an [`OpRecord`] each: outcomes counted, the time of
+//! the last success, and whether the last attempt failed (a gauge that stays set until fixed).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
 
 use crate::config::AllDown;
 
-/// Every reason a packet, frame or connection is dropped. Each one is counted.
+/// Every reason a packet, frame or connection is dropped. Each one is counted, under the
+/// family of its [`DropKind`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(usize)]
 pub enum DropReason {
@@ -125,6 +130,162 @@ impl DropReason {
             DropReason::TransferTooLarge => "transfer-too-large",
         }
     }
+
+    /// What the drop counts: a packet (a datagram, a frame, a query or an answer) or a TCP
+    /// connection (refused at accept, or closed by lb).
+    ///
+    /// A reason that drops an answer and then closes its connection (`tcp-answer-queue-full`)
+    /// counts the answer; a broken frame (`tcp-zero-length`, `tcp-oversized`) closes the
+    /// connection it came on, which is what is counted, as for a zone transfer cut short.
+    pub fn kind(self) -> DropKind {
+        match self {
+            DropReason::TcpZeroLength
+            | DropReason::TcpOversized
+            | DropReason::TcpIdleTimeout
+            | DropReason::TcpReadTimeout
+            | DropReason::TcpWriteTimeout
+            | DropReason::TcpConnectionLimit
+            | DropReason::TcpPrefixLimit
+            | DropReason::TcpMaxAge
+            | DropReason::TcpMaxQueries
+            | DropReason::TransferTimeout
+            | DropReason::TransferTooLarge => DropKind::Connection,
+            DropReason::ShortHeader
+            | DropReason::QrSet
+            | DropReason::OversizedDatagram
+            | DropReason::NoBackend
+            | DropReason::BackendFull
+            | DropReason::UnmatchedAnswer
+            | DropReason::MismatchedQuestion
+            | DropReason::BadAnswer
+            | DropReason::BackendTimeout
+            | DropReason::SendFailed
+            | DropReason::TcpAnswerQueueFull
+            | DropReason::TcpBackendError
+            | DropReason::ClientGone => DropKind::Packet,
+        }
+    }
+}
+
+/// What a [`DropReason`] counts (`lb_dropped_packets_total` or `lb_dropped_connections_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropKind {
+    /// A datagram, frame, query or answer.
+    Packet,
+    /// A TCP connection refused or closed.
+    Connection,
+}
+
+/// How a control operation ended (the `result` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Outcome {
+    Success,
+    Failure,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 2] = [Outcome::Success, Outcome::Failure];
+
+    /// The `result` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+        }
+    }
+}
+
+/// What became of one kind of control operation: outcomes counted, when it last succeeded, and
+/// whether its last attempt failed.
+///
+/// `last_failed` is the gauge an alert can rely on: it stays set until an attempt succeeds,
+/// whereas an alert on `increase()` of the failure counter resolves by itself once the
+/// failure leaves its window, fixed or not. Control plane only (never the per-packet path).
+#[derive(Debug, Default)]
+pub struct OpRecord {
+    outcomes: [AtomicU64; 2],
+    /// Milliseconds since the Unix epoch of the last success; 0 = never.
+    last_success_ms: AtomicU64,
+    last_failed: AtomicBool,
+}
+
+/// An [`OpRecord`] as handed to the new process of an upgrade.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpSnapshot {
+    pub successes: u64,
+    pub failures: u64,
+    pub last_success_ms: u64,
+    pub last_failed: bool,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl OpRecord {
+    /// Counts a success: the time is now and the failing gauge clears.
+    pub fn succeeded(&self) {
+        self.outcomes[Outcome::Success as usize].fetch_add(1, Ordering::Relaxed);
+        self.last_success_ms.store(unix_now_ms(), Ordering::Relaxed);
+        self.last_failed.store(false, Ordering::Relaxed);
+    }
+
+    /// Counts a failure; the failing gauge stays set until the next success.
+    pub fn failed(&self) {
+        self.outcomes[Outcome::Failure as usize].fetch_add(1, Ordering::Relaxed);
+        self.last_failed.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts `r` as a success or a failure.
+    pub fn record<T, E>(&self, r: &Result<T, E>) {
+        match r {
+            Ok(_) => self.succeeded(),
+            Err(_) => self.failed(),
+        }
+    }
+
+    /// Sets the time of the last success to now without counting one (the config read at
+    /// start is the first successful load, as Prometheus's own
+    /// `prometheus_config_last_reload_success_timestamp_seconds` has it).
+    pub fn mark_success_time(&self) {
+        self.last_success_ms.store(unix_now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn count(&self, o: Outcome) -> u64 {
+        self.outcomes[o as usize].load(Ordering::Relaxed)
+    }
+
+    /// Seconds since the Unix epoch of the last success; 0 if none yet.
+    pub fn last_success_seconds(&self) -> f64 {
+        self.last_success_ms.load(Ordering::Relaxed) as f64 / 1e3
+    }
+
+    /// True from a failure until the next success.
+    pub fn last_failed(&self) -> bool {
+        self.last_failed.load(Ordering::Relaxed)
+    }
+
+    pub fn snapshot(&self) -> OpSnapshot {
+        OpSnapshot {
+            successes: self.count(Outcome::Success),
+            failures: self.count(Outcome::Failure),
+            last_success_ms: self.last_success_ms.load(Ordering::Relaxed),
+            last_failed: self.last_failed(),
+        }
+    }
+
+    /// Continues the record of another process (an upgrade's predecessor).
+    pub fn restore(&self, s: &OpSnapshot) {
+        self.outcomes[Outcome::Success as usize].store(s.successes, Ordering::Relaxed);
+        self.outcomes[Outcome::Failure as usize].store(s.failures, Ordering::Relaxed);
+        self.last_success_ms
+            .store(s.last_success_ms, Ordering::Relaxed);
+        self.last_failed.store(s.last_failed, Ordering::Relaxed);
+    }
 }
 
 /// Transport a query arrived on.
@@ -141,8 +302,19 @@ pub struct Stats {
     drops: [AtomicU64; DropReason::ALL.len()],
     queries: [AtomicU64; 2],
     responses: [AtomicU64; 16],
-    /// Backend set swaps since start.
-    pub swaps: AtomicU64,
+    /// Backend set swaps: successes are every change of the set (set-backends and reloads,
+    /// `lb_backend_set_swaps_total`), failures the refused set-backends
+    /// (`lb_swap_failures_total`, `lb_last_swap_failed`).
+    pub swaps: OpRecord,
+    /// `lb ctl reload` and SIGHUP.
+    pub reloads: OpRecord,
+    /// `lb ctl upgrade` and SIGUSR2, as seen by the process that hands over (failures) and
+    /// continued by the one it hands over to (successes).
+    pub upgrades: OpRecord,
+    /// Writes of the state file: failures are `lb_state_file_write_failures_total`, and
+    /// `lb_state_file_write_failing` stays 1 until a write succeeds (the swap or drain was
+    /// refused meanwhile).
+    pub state_writes: OpRecord,
     /// TCP client connections open now.
     pub tcp_open: AtomicU64,
     /// TCP client connections accepted since start.
@@ -158,14 +330,20 @@ pub struct Stats {
     batched: [AtomicU64; 2],
     /// Queries refused or dropped by the access lists, by [`Denied`].
     denied: [AtomicU64; Denied::ALL.len()],
-    /// Writes of the state file that failed (the swap or drain was refused).
-    pub state_write_failures: AtomicU64,
-    /// Swaps refused: invalid list, failed verification, state not writable.
-    pub swap_failures: AtomicU64,
     /// Upstream UDP sockets that could not be opened (e.g. at `RLIMIT_NOFILE`).
     pub upstream_socket_failures: AtomicU64,
     /// Zone transfers being relayed now (an upgrade's old process waits for them).
     pub transfers_active: AtomicU64,
+}
+
+/// The control operations' records an upgrade carries over, so that the new process
+/// continues the counters and failing gauges instead of starting them afresh (an upgrade's
+/// success would otherwise be counted only by the process that exits).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarriedRecords {
+    pub upgrades: OpSnapshot,
+    pub swaps: OpSnapshot,
+    pub state_writes: OpSnapshot,
 }
 
 /// Why the access lists refused a query (`lb_access_denied_total{reason}`).
@@ -279,6 +457,23 @@ impl Stats {
 
     pub fn drops(&self, reason: DropReason) -> u64 {
         self.drops[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// The records an upgrade hands to the new process: upgrades, swaps and state file
+    /// writes (not reloads: the new process reads the config afresh, a successful load).
+    pub fn carried_records(&self) -> CarriedRecords {
+        CarriedRecords {
+            upgrades: self.upgrades.snapshot(),
+            swaps: self.swaps.snapshot(),
+            state_writes: self.state_writes.snapshot(),
+        }
+    }
+
+    /// Continues the records of the process this one took over from.
+    pub fn restore_records(&self, c: &CarriedRecords) {
+        self.upgrades.restore(&c.upgrades);
+        self.swaps.restore(&c.swaps);
+        self.state_writes.restore(&c.state_writes);
     }
 
     pub fn queries(&self, proto: Proto) -> u64 {
@@ -420,6 +615,42 @@ mod tests {
                 assert_ne!(s.as_str(), r.as_str());
             }
         }
+    }
+
+    #[test]
+    fn every_drop_reason_is_a_packet_or_a_connection() {
+        let conns: Vec<&str> = DropReason::ALL
+            .iter()
+            .filter(|r| r.kind() == DropKind::Connection)
+            .map(|r| r.as_str())
+            .collect();
+        assert!(conns.contains(&"tcp-connection-limit") && conns.contains(&"tcp-idle-timeout"));
+        assert_eq!(DropReason::ShortHeader.kind(), DropKind::Packet);
+        assert_eq!(DropReason::TcpAnswerQueueFull.kind(), DropKind::Packet);
+        assert_eq!(conns.len(), 11);
+    }
+
+    #[test]
+    fn an_op_record_stays_failed_until_a_success_and_carries_over() {
+        let r = OpRecord::default();
+        assert!(!r.last_failed() && r.last_success_seconds() == 0.0);
+        r.record::<(), ()>(&Err(()));
+        r.failed();
+        assert!(r.last_failed());
+        assert_eq!(
+            (r.count(Outcome::Success), r.count(Outcome::Failure)),
+            (0, 2)
+        );
+        r.record::<(), ()>(&Ok(()));
+        assert!(!r.last_failed() && r.last_success_seconds() > 1.6e9);
+        r.failed();
+        let next = OpRecord::default();
+        next.restore(&r.snapshot());
+        assert_eq!(next.snapshot(), r.snapshot());
+        assert!(next.last_failed());
+        let json = serde_json::to_string(&Stats::default().carried_records()).unwrap();
+        let back: CarriedRecords = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, CarriedRecords::default());
     }
 
     #[test]

@@ -190,9 +190,13 @@ fn floods_and_hostile_clients() {
     // answers or not, so no "bad question" reason is expected here.)
     // The connection flood comes from one address: the per-network limit (50) refuses it
     // long before the total (300).
-    for reason in ["short-header", "qr-set", "tcp-prefix-limit"] {
-        let v = sample(&scrape, &format!("lb_dropped_total{{reason=\"{reason}\"}}"));
-        assert!(v > 0.0, "drops for {reason} are counted");
+    for (family, reason) in [
+        ("lb_dropped_packets_total", "short-header"),
+        ("lb_dropped_packets_total", "qr-set"),
+        ("lb_dropped_connections_total", "tcp-prefix-limit"),
+    ] {
+        let v = sample(&scrape, &format!("{family}{{reason=\"{reason}\"}}"));
+        assert!(v > 0.0, "drops for {reason} are counted in {family}");
     }
 }
 
@@ -261,9 +265,19 @@ fn spoofed_and_garbage_answers_never_reach_the_client() {
     );
     assert!(ratio >= 0.95, "{ratio}");
     let scrape = lb.scrape();
-    assert!(sample(&scrape, "lb_dropped_total{reason=\"unmatched-answer\"}") > 100.0);
-    assert!(sample(&scrape, "lb_dropped_total{reason=\"mismatched-question\"}") > 10.0);
-    assert!(sample(&scrape, "lb_dropped_total{reason=\"bad-answer\"}") > 10.0);
+    assert!(
+        sample(
+            &scrape,
+            "lb_dropped_packets_total{reason=\"unmatched-answer\"}"
+        ) > 100.0
+    );
+    assert!(
+        sample(
+            &scrape,
+            "lb_dropped_packets_total{reason=\"mismatched-question\"}"
+        ) > 10.0
+    );
+    assert!(sample(&scrape, "lb_dropped_packets_total{reason=\"bad-answer\"}") > 10.0);
     // TCP to a backend that accepts and never answers: the query times out and is counted;
     // UDP keeps working.
     let mut s = TcpStream::connect(lb.tcp()).unwrap();
@@ -272,7 +286,11 @@ fn spoofed_and_garbage_answers_never_reach_the_client() {
     tcp_write(&mut s, &query_bytes(1, "www.example.test.", RecordType::A));
     assert!(tcp_read(&mut s).is_none());
     let t = Instant::now();
-    while sample(&lb.scrape(), "lb_dropped_total{reason=\"backend-timeout\"}") < 1.0 {
+    while sample(
+        &lb.scrape(),
+        "lb_dropped_packets_total{reason=\"backend-timeout\"}",
+    ) < 1.0
+    {
         assert!(t.elapsed() < Duration::from_secs(3), "timeout counted");
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -57,6 +57,8 @@ fn metrics_pass_promtool_and_count_exactly() {
         "lb_queries_total",
         "lb_responses_total",
         "lb_dropped_total",
+        "lb_dropped_packets_total",
+        "lb_dropped_connections_total",
         "lb_backend_queries_total",
         "lb_backend_answers_total",
         "lb_backend_timeouts_total",
@@ -104,6 +106,11 @@ fn metrics_pass_promtool_and_count_exactly() {
     assert_eq!(delta("lb_queries_total{protocol=\"tcp\"}"), 10.0);
     assert_eq!(delta("lb_responses_total{rcode=\"NOERROR\"}"), 50.0);
     assert_eq!(delta("lb_responses_total{rcode=\"NXDOMAIN\"}"), 5.0);
+    assert_eq!(
+        delta("lb_dropped_packets_total{reason=\"short-header\"}"),
+        3.0
+    );
+    // The deprecated family still counts every drop (one more release).
     assert_eq!(delta("lb_dropped_total{reason=\"short-header\"}"), 3.0);
     let answers = |scrape: &str| {
         sample(
@@ -339,4 +346,144 @@ fn sigterm_answers_in_flight_queries_then_exits_zero() {
     assert!(n > 12 && buf[0..2] == [0, 99]);
     assert_eq!(lb.proc.wait_exit(T), Some(0));
     assert!(lb.proc.output.text().contains("stopped"));
+}
+
+/// Kills the process an upgrade started (not our child) when the test ends, even on failure.
+struct KillPid(u32);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.to_string()).status();
+    }
+}
+
+#[test]
+fn control_operations_keep_failing_gauges_until_fixed_and_upgrades_carry_them_over() {
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let mut b = Named::start(ZoneSpec::new(2, "b"));
+    let lb = Lb::start(&with_metrics(lb_config(
+        &[a.addr, b.addr],
+        "round-robin",
+        "\n[health]\nzones = [\"example.test.\"]\ninterval_ms = 200\ntimeout_ms = 150\nrise = 1\nfall = 1\n",
+    )));
+    let serial = |x: std::net::SocketAddr| {
+        format!("lb_backend_zone_serial{{backend=\"{x}\",zone=\"example.test.\"}}")
+    };
+    let m = lb.scrape();
+    // From the start: the config load counts as the last successful reload; nothing failed.
+    assert!(sample(&m, "lb_last_reload_success_timestamp_seconds") > 1.6e9);
+    for zero in [
+        "lb_reloads_total{result=\"success\"}",
+        "lb_reloads_total{result=\"failure\"}",
+        "lb_upgrades_total{result=\"failure\"}",
+        "lb_last_upgrade_success_timestamp_seconds",
+        "lb_last_swap_success_timestamp_seconds",
+        "lb_state_file_write_failing",
+        "lb_last_swap_failed",
+        "lb_last_reload_failed",
+        "lb_last_upgrade_failed",
+    ] {
+        assert_eq!(sample(&m, zero), 0.0, "{zero}");
+    }
+    let info = m
+        .lines()
+        .find(|l| l.starts_with("lb_build_info{"))
+        .expect("lb_build_info");
+    assert!(
+        info.contains("version=\"")
+            && info.contains("revision=\"")
+            && !info.contains("revision=\"\""),
+        "{info}"
+    );
+    // The serial each backend serves, from the health probes; a backend that stops answering
+    // has none.
+    assert_eq!(
+        sample(&lb.scrape_until(&serial(a.addr), 1.0), &serial(a.addr)),
+        1.0
+    );
+    assert_eq!(
+        sample(&lb.scrape_until(&serial(b.addr), 2.0), &serial(b.addr)),
+        2.0
+    );
+    b.stop();
+    assert!(lb
+        .wait_state(b.addr, "down", Duration::from_secs(5))
+        .is_some());
+    assert!(try_sample(&lb.scrape(), &serial(b.addr)).is_none());
+
+    // A refused reload: failing until a reload succeeds.
+    let good = std::fs::read_to_string(&lb.config).unwrap();
+    std::fs::write(&lb.config, format!("{good}\n[nonsense]\n")).unwrap();
+    assert_ne!(lb.ctl(&["reload"]).0, 0);
+    let m = lb.scrape();
+    assert_eq!(sample(&m, "lb_reloads_total{result=\"failure\"}"), 1.0);
+    assert_eq!(sample(&m, "lb_last_reload_failed"), 1.0);
+    let started = sample(&m, "lb_last_reload_success_timestamp_seconds");
+    std::fs::write(&lb.config, &good).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(lb.ctl(&["reload"]).0, 0);
+    let m = lb.scrape();
+    assert_eq!(sample(&m, "lb_reloads_total{result=\"success\"}"), 1.0);
+    assert_eq!(sample(&m, "lb_last_reload_failed"), 0.0);
+    assert!(sample(&m, "lb_last_reload_success_timestamp_seconds") > started);
+
+    // A refused set-backends, then one refused because the state file cannot be written:
+    // both gauges stay set until a swap succeeds.
+    assert_ne!(lb.ctl(&["set-backends", "not-an-address"]).0, 0);
+    let m = lb.scrape();
+    assert_eq!(sample(&m, "lb_swap_failures_total"), 1.0);
+    assert_eq!(sample(&m, "lb_last_swap_failed"), 1.0);
+    assert_eq!(sample(&m, "lb_state_file_write_failing"), 0.0);
+    let state = lb.dir.path().join("state.json");
+    let _ = std::fs::remove_file(&state);
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("in-the-way"), b"x").unwrap();
+    assert_ne!(lb.ctl(&["set-backends", &a.addr.to_string()]).0, 0);
+    let m = lb.scrape();
+    assert_eq!(sample(&m, "lb_state_file_write_failures_total"), 1.0);
+    assert_eq!(sample(&m, "lb_state_file_write_failing"), 1.0);
+    assert_eq!(sample(&m, "lb_swap_failures_total"), 2.0);
+    assert_eq!(sample(&m, "lb_last_swap_failed"), 1.0);
+    assert_eq!(
+        sample(&m, "lb_backend_set_generation"),
+        2.0,
+        "the reload swapped once"
+    );
+    std::fs::remove_dir_all(&state).unwrap();
+    assert_eq!(lb.ctl(&["set-backends", &a.addr.to_string()]).0, 0);
+    let m = lb.scrape();
+    assert_eq!(sample(&m, "lb_state_file_write_failing"), 0.0);
+    assert_eq!(sample(&m, "lb_last_swap_failed"), 0.0);
+    assert_eq!(sample(&m, "lb_backend_set_swaps_total"), 2.0);
+    let swapped_at = sample(&m, "lb_last_swap_success_timestamp_seconds");
+    assert!(swapped_at > 1.6e9);
+
+    // A failed upgrade (root may name any binary), then a successful one: the new process
+    // continues the upgrade, swap and state file records; its reload record starts afresh.
+    assert_ne!(lb.ctl(&["upgrade", "--binary", "/nonexistent/lb"]).0, 0);
+    let m = lb.scrape();
+    assert_eq!(sample(&m, "lb_upgrades_total{result=\"failure\"}"), 1.0);
+    assert_eq!(sample(&m, "lb_last_upgrade_failed"), 1.0);
+    let old_pid = lb.proc.pid();
+    let (code, out, err) = lb.ctl(&["upgrade"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut old = lb;
+    assert!(old.proc.wait_exit(Duration::from_secs(10)).is_some());
+    let new_pid = old.status().pid;
+    assert_ne!(new_pid, old_pid);
+    let _new = KillPid(new_pid);
+    let m = old.scrape();
+    assert_eq!(sample(&m, "lb_upgrades_total{result=\"success\"}"), 1.0);
+    assert_eq!(sample(&m, "lb_upgrades_total{result=\"failure\"}"), 1.0);
+    assert_eq!(sample(&m, "lb_last_upgrade_failed"), 0.0);
+    assert!(sample(&m, "lb_last_upgrade_success_timestamp_seconds") >= swapped_at);
+    assert_eq!(sample(&m, "lb_swap_failures_total"), 2.0);
+    assert_eq!(sample(&m, "lb_backend_set_swaps_total"), 2.0);
+    assert_eq!(
+        sample(&m, "lb_last_swap_success_timestamp_seconds"),
+        swapped_at
+    );
+    assert_eq!(sample(&m, "lb_state_file_write_failures_total"), 1.0);
+    assert_eq!(sample(&m, "lb_reloads_total{result=\"success\"}"), 0.0);
+    assert_eq!(sample(&m, "lb_backend_set_generation"), 3.0);
 }

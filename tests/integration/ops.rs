@@ -28,6 +28,14 @@ const PENDING_METRICS: &[&str] = &[];
 /// Series Prometheus makes itself for every target (not in `/metrics`).
 const SCRAPE_SERIES: &[&str] = &["up"];
 
+/// Families `lb` still exports for one release but the dashboard and the rules must no longer
+/// use (README, Metrics): `lb_dropped_total` is `lb_dropped_packets_total` and
+/// `lb_dropped_connections_total` together.
+const DEPRECATED_METRICS: &[&str] = &["lb_dropped_total"];
+
+/// Where the rules' `runbook_url`s point: the README the package installs (README, Alerts).
+const RUNBOOK_BASE: &str = "file:///usr/share/doc/lb/README.md";
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
@@ -235,6 +243,22 @@ fn dashboard_exprs(d: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// (annotation name, expr) of every Prometheus annotation of the dashboard.
+fn annotation_exprs(d: &Value) -> Vec<(String, String)> {
+    d["annotations"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["datasource"]["type"] == "prometheus")
+        .map(|a| {
+            (
+                a["name"].as_str().unwrap_or("").to_string(),
+                a["expr"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
 /// A YAML file as JSON, read by the Python YAML module that ansible-core brings (tests/venv).
 fn yaml(path: &Path) -> Value {
     let out = Command::new("python3")
@@ -274,6 +298,13 @@ fn used_metric_names() -> BTreeMap<String, BTreeSet<String>> {
             used.entry(n)
                 .or_default()
                 .insert(format!("panel \"{title}\""));
+        }
+    }
+    for (name, expr) in annotation_exprs(&dashboard()) {
+        for n in metric_names(&expr) {
+            used.entry(n)
+                .or_default()
+                .insert(format!("annotation \"{name}\""));
         }
     }
     for (alert, rule) in alert_rules() {
@@ -387,6 +418,53 @@ fn dashboard_is_grafana_json_with_datasource_and_instance_variables_and_unique_p
             }
         }
     }
+    // Annotations for swaps, upgrades and restarts, narrowed to the chosen instances too.
+    let annotations = annotation_exprs(&d);
+    for (name, needed) in [
+        ("Swaps", "lb_backend_set_generation"),
+        ("Upgrades", "lb_upgrades_total"),
+        ("Restarts", "process_start_time_seconds"),
+    ] {
+        let (_, expr) = annotations
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no annotation {name}"));
+        assert!(metric_names(expr).contains(needed), "{name}: {expr}");
+    }
+    for (name, expr) in &annotations {
+        assert!(!expr.is_empty(), "annotation {name} has no expr");
+        for m in metric_names(expr) {
+            assert!(
+                expr.contains(&format!("{m}{{job=~\"$job\", instance=~\"$instance\"")),
+                "annotation {name}: {m} without the $job/$instance selector in {expr}"
+            );
+        }
+    }
+    // A table by instance of the generation and the live backends (not their maximum).
+    let table = panels
+        .iter()
+        .find(|p| p["type"] == "table" && p["title"].as_str().unwrap().contains("generation"))
+        .expect("a table panel of the generation per instance");
+    let exprs: Vec<&str> = table["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            assert_eq!(t["format"], "table", "{t}");
+            t["expr"].as_str().unwrap()
+        })
+        .collect();
+    for needed in [
+        "lb_backend_set_generation",
+        "lb_backend_up",
+        "lb_backend_draining",
+    ] {
+        let e = exprs
+            .iter()
+            .find(|e| metric_names(e).contains(needed))
+            .unwrap_or_else(|| panic!("the instances table shows no {needed}"));
+        assert!(e.contains("by (job, instance"), "per instance: {e}");
+    }
     // Expanded rows own no panels; collapsed rows carry theirs.
     for p in d["panels"].as_array().unwrap() {
         if p["type"] == "row" && p["collapsed"] == false {
@@ -403,7 +481,14 @@ fn dashboard_is_grafana_json_with_datasource_and_instance_variables_and_unique_p
         "lb_backend_draining",
         "lb_backend_in_flight",
         "lb_backend_timeouts_total",
-        "lb_dropped_total",
+        "lb_dropped_packets_total",
+        "lb_dropped_connections_total",
+        "lb_backend_zone_serial",
+        "lb_build_info",
+        "lb_reloads_total",
+        "lb_upgrades_total",
+        "lb_state_file_write_failing",
+        "lb_last_swap_failed",
         "lb_backend_set_swaps_total",
         "lb_backend_set_generation",
         "lb_tcp_connections_open",
@@ -448,6 +533,13 @@ fn alert_rules_pass_promtool_check_and_every_alert_is_unit_tested_both_ways() {
         "LbRrlLimiting",
         "LbStateFileWriteFailures",
         "LbSwapFailures",
+        "LbCrashLooping",
+        "LbServfailRatioHigh",
+        "LbRefusedRatioHigh",
+        "LbBackendLatencyHigh",
+        "LbZoneSerialDrift",
+        "LbReloadFailed",
+        "LbUpgradeFailed",
     ] {
         assert!(names.contains(issue_alert), "no alert {issue_alert}");
     }
@@ -476,7 +568,7 @@ fn alert_rules_pass_promtool_check_and_every_alert_is_unit_tested_both_ways() {
             fires && quiet,
             "{name}: needs a firing and a not-firing unit test"
         );
-        for key in ["summary", "description", "runbook"] {
+        for key in ["summary", "description", "runbook", "runbook_url"] {
             assert!(
                 rule["annotations"][key]
                     .as_str()
@@ -484,6 +576,12 @@ fn alert_rules_pass_promtool_check_and_every_alert_is_unit_tested_both_ways() {
                 "{name}: no {key} annotation"
             );
         }
+        // The link goes to the README's heading of the alert (GitHub-style anchor).
+        assert_eq!(
+            rule["annotations"]["runbook_url"].as_str().unwrap(),
+            format!("{RUNBOOK_BASE}#{}", name.to_lowercase()),
+            "{name}: runbook_url"
+        );
         assert!(
             ["critical", "warning", "info"].contains(&rule["labels"]["severity"].as_str().unwrap()),
             "{name}: severity"
@@ -536,12 +634,25 @@ fn dashboard_and_rules_use_only_families_a_live_lb_exports_from_start() {
         landed.is_empty(),
         "{landed:?} are exported now: remove them from PENDING_METRICS in tests/integration/ops.rs"
     );
-    // And the other way round: every lb family has a place on the dashboard.
+    // And the other way round: every lb family has a place on the dashboard, except the
+    // deprecated ones, which are still exported but no longer used.
     let used = used_metric_names();
     let used_families: BTreeSet<String> = used.keys().filter_map(|n| family_of(n, &fams)).collect();
+    for old in DEPRECATED_METRICS {
+        assert!(fams.contains_key(*old), "{old} is kept for one release");
+        assert!(
+            !used_families.contains(*old),
+            "{old} is deprecated: used by {:?}",
+            used.get(*old)
+        );
+    }
     let unshown: Vec<&String> = fams
         .keys()
-        .filter(|f| f.starts_with("lb_") && !used_families.contains(*f))
+        .filter(|f| {
+            f.starts_with("lb_")
+                && !used_families.contains(*f)
+                && !DEPRECATED_METRICS.contains(&f.as_str())
+        })
         .collect();
     assert!(
         unshown.is_empty(),
@@ -728,6 +839,16 @@ fn prometheus_evaluates_the_dashboard_and_the_rules_against_a_live_lb() {
         "dashboard queries without data against a live lb:\n  {}",
         empty.join("\n  ")
     );
+    // The annotations' queries are valid PromQL (`query` asserts success); they are empty
+    // while nothing was swapped, upgraded or restarted.
+    for (name, expr) in annotation_exprs(&d) {
+        let r = prom.query(&grafana_to_promql(&expr));
+        assert!(r.is_empty(), "annotation {name} without an event: {r:?}");
+    }
+    // The build's revision is a label of lb_build_info.
+    let info = prom.query("lb_build_info{job=\"lb\"}");
+    let revision = info[0]["metric"]["revision"].as_str().unwrap_or("");
+    assert!(!revision.is_empty(), "{info:?}");
     // The variables' queries too.
     let job_values = prom.api("/api/v1/label/job/values?match[]=lb_build_info");
     assert_eq!(job_values, json!(["lb"]));

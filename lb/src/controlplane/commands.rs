@@ -2,6 +2,10 @@
 //! reload, upgrade. Everything here runs off the per-packet path; a change is built as a new
 //! snapshot and stored whole (see [`crate::backend::Shared::replace`]). The socket that carries
 //! the commands is [`crate::controlplane::socket`]; `SIGHUP` and `SIGUSR2` call the same methods.
+//!
+//! Each operation's outcome is recorded here, in the [`crate::stats::OpRecord`]s of
+//! [`crate::stats::Stats`] (`lb_reloads_total`, `lb_upgrades_total`, the failing gauges and the
+//! last-success timestamps), whichever way it was asked for.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -20,7 +24,7 @@ use crate::controlplane::upgrade::{self, HandoffSockets};
 use crate::lifecycle::Lifecycle;
 use crate::probe::{self, ProbeFailure};
 use crate::state::{self, RuntimeState};
-use crate::stats::{DropReason, Proto};
+use crate::stats::{unix_now_ms, DropReason, Outcome, Proto};
 
 /// What the control plane needs: the shared state, the checker, the process lifecycle, and
 /// the config it was built from.
@@ -101,6 +105,8 @@ impl ControlContext {
         config: LbConfig,
         lifecycle: Arc<Lifecycle>,
     ) -> Self {
+        // The config read at start is the first successful load.
+        shared.stats.reloads.mark_success_time();
         ControlContext {
             shared,
             config_path,
@@ -111,9 +117,13 @@ impl ControlContext {
         }
     }
 
-    /// Enables `upgrade`.
+    /// Enables `upgrade`, and continues the records of the process this one took over from,
+    /// if an upgrade started it ([`upgrade::carried_records`]).
     pub fn with_upgrade(mut self, hooks: UpgradeHooks) -> Self {
         self.upgrade = Some(hooks);
+        if let Some(r) = upgrade::carried_records() {
+            self.shared.stats.restore_records(r);
+        }
         self
     }
 
@@ -141,6 +151,16 @@ impl ControlContext {
         binary: Option<String>,
         caller: Caller,
     ) -> Result<ControlResult, String> {
+        let r = self.try_upgrade(binary, caller).await;
+        self.shared.stats.upgrades.record(&r);
+        r
+    }
+
+    async fn try_upgrade(
+        &self,
+        binary: Option<String>,
+        caller: Caller,
+    ) -> Result<ControlResult, String> {
         let h = self
             .upgrade
             .as_ref()
@@ -158,9 +178,14 @@ impl ControlContext {
         let generation = st.generation;
         let sockets = Arc::clone(&h.sockets);
         let (config_path, log_json, bin) = (self.config_path.clone(), h.log_json, binary.clone());
+        // The new process continues the records, with this upgrade counted as it will be here.
+        let mut records = self.shared.stats.carried_records();
+        records.upgrades.successes += 1;
+        records.upgrades.last_success_ms = unix_now_ms();
+        records.upgrades.last_failed = false;
         tracing::info!("upgrade: starting {}", binary.display());
         let r = tokio::task::spawn_blocking(move || {
-            upgrade::hand_over(&bin, &config_path, log_json, &sockets, st)
+            upgrade::hand_over(&bin, &config_path, log_json, &sockets, st, records)
         })
         .await
         .unwrap_or_else(|e| Err(format!("upgrade task failed: {e}")));
@@ -202,11 +227,9 @@ impl ControlContext {
             ControlCommand::Status => Ok(ControlResult::Status(self.status())),
             ControlCommand::SetBackends { backends, verify } => {
                 let r = self.set_backends(&backends, verify).await;
+                // Successes are counted by the swap itself (reloads swap too).
                 if r.is_err() {
-                    self.shared
-                        .stats
-                        .swap_failures
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.shared.stats.swaps.failed();
                 }
                 r
             }
@@ -271,7 +294,7 @@ impl ControlContext {
                 .iter()
                 .map(|m| (m.as_str().to_string(), st.all_down_count(*m)))
                 .collect(),
-            swaps: st.swaps.load(Ordering::Relaxed),
+            swaps: st.swaps.count(Outcome::Success),
             tcp_connections_open: st.tcp_open.load(Ordering::Relaxed),
             pid: std::process::id(),
         }
@@ -416,6 +439,12 @@ impl ControlContext {
     /// file's `backends.servers` changed since it was last loaded, so a reload never reverts a
     /// swap made through the control socket.
     pub fn reload(&self) -> Result<(u64, String), String> {
+        let r = self.try_reload();
+        self.shared.stats.reloads.record(&r);
+        r
+    }
+
+    fn try_reload(&self) -> Result<(u64, String), String> {
         let new = LbConfig::read(&self.config_path)
             .map_err(|e| format!("reload refused, the running config stays: {e}"))?;
         let old = self.config();
@@ -496,7 +525,9 @@ impl ControlContext {
             return String::new();
         };
         let st = self.runtime_state(cfg);
-        match state::save(path, &st) {
+        let r = state::save(path, &st);
+        self.shared.stats.state_writes.record(&r);
+        match r {
             Ok(()) => String::new(),
             Err(e) => {
                 tracing::warn!("cannot write state file {}: {e}", path.display());
@@ -516,11 +547,9 @@ impl ControlContext {
             p.drained.clone(),
             cfg.backends.servers.clone(),
         );
-        state::save(path, &st).map_err(|e| {
-            self.shared
-                .stats
-                .state_write_failures
-                .fetch_add(1, Ordering::Relaxed);
+        let r = state::save(path, &st);
+        self.shared.stats.state_writes.record(&r);
+        r.map_err(|e| {
             tracing::warn!("cannot write state file {}: {e}", path.display());
             format!("cannot write state file {}: {e}", path.display())
         })

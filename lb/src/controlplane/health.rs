@@ -78,6 +78,8 @@ pub const MIN_REQUESTED_GAP: Duration = Duration::from_millis(50);
 #[derive(Debug, Clone)]
 pub struct CheckerSettings {
     pub zones: Vec<Vec<u8>>,
+    /// The same zones as text (`example.com.`), the `zone` label of `lb_backend_zone_serial`.
+    pub zone_texts: Vec<String>,
     pub interval: Duration,
     pub timeout: Duration,
     pub rise: u32,
@@ -90,6 +92,11 @@ impl CheckerSettings {
     pub fn from_config(c: &HealthConfig) -> Option<CheckerSettings> {
         c.active().then(|| CheckerSettings {
             zones: c.zone_names(),
+            zone_texts: c
+                .zone_names()
+                .iter()
+                .map(|z| crate::probe::zone_to_text(z))
+                .collect(),
             interval: Duration::from_millis(c.interval_ms),
             timeout: Duration::from_millis(c.timeout_ms),
             rise: c.rise,
@@ -306,6 +313,8 @@ impl Checker {
             if let Ok(serials) = &r {
                 checker.note_serials(&b, serials, &s, &shared);
             }
+            b.state
+                .set_zone_serials(&s.zone_texts, r.as_ref().ok().map(Vec::as_slice));
             let r = r.map(|serials| serials.into_iter().min().unwrap_or(0));
             record_result(&b, &r, s.rise, s.fall);
             b.state.end_probe();

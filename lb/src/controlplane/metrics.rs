@@ -6,6 +6,10 @@
 //! the metric families, so a backend's series exist exactly while it is in the current set or
 //! still draining answers after a swap (no unbounded label growth). The `prometheus` crate
 //! (without protobuf) provides the data model, the process collector and the text encoder.
+//!
+//! `lb_build_info{version, revision}`: the version is the crate's, the revision what
+//! `lb/build.rs` found (`LB_BUILD_REVISION` if set, else `git describe --always --dirty`, else
+//! `unknown`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -30,7 +34,13 @@ use crate::config::AllDown;
 use crate::lifecycle::Lifecycle;
 use crate::probe::ProbeFailure;
 use crate::rrl::Action;
-use crate::stats::{BatchOp, Denied, DropReason, HistogramSnapshot, Proto, LATENCY_BUCKETS};
+use crate::stats::{
+    BatchOp, Denied, DropKind, DropReason, HistogramSnapshot, OpRecord, Outcome, Proto,
+    LATENCY_BUCKETS,
+};
+
+/// The git revision lb was built from (see `lb/build.rs`).
+pub const BUILD_REVISION: &str = env!("LB_BUILD_REVISION");
 
 /// The Prometheus form of a latency histogram.
 fn histogram_proto(s: &HistogramSnapshot) -> proto::Histogram {
@@ -105,7 +115,7 @@ impl Family {
 }
 
 /// Family names, help texts, types and label names; also the collector's descriptors.
-const FAMILIES: [(&str, &str, MetricType, &[&str]); 30] = [
+const FAMILIES: [(&str, &str, MetricType, &[&str]); 42] = [
     (
         "lb_queries_total",
         "Queries received from clients, by protocol.",
@@ -120,7 +130,7 @@ const FAMILIES: [(&str, &str, MetricType, &[&str]); 30] = [
     ),
     (
         "lb_dropped_total",
-        "Packets, frames or connections dropped, by reason.",
+        "Deprecated, removed in the next release: lb_dropped_packets_total and lb_dropped_connections_total together.",
         MetricType::COUNTER,
         &["reason"],
     ),
@@ -204,9 +214,9 @@ const FAMILIES: [(&str, &str, MetricType, &[&str]); 30] = [
     ),
     (
         "lb_build_info",
-        "Build information; always 1.",
+        "Build information: the version and the git revision lb was built from; always 1.",
         MetricType::GAUGE,
-        &["version"],
+        &["version", "revision"],
     ),
     (
         "lb_udp_batches_total",
@@ -240,13 +250,13 @@ const FAMILIES: [(&str, &str, MetricType, &[&str]); 30] = [
     ),
     (
         "lb_state_file_write_failures_total",
-        "Writes of the state file that failed (the change was refused).",
+        "Writes of the state file that failed (a swap or drain was refused).",
         MetricType::COUNTER,
         &[],
     ),
     (
         "lb_swap_failures_total",
-        "Backend set changes refused (invalid list, failed verification, state not writable).",
+        "set-backends refused (invalid list, failed verification, state file not writable).",
         MetricType::COUNTER,
         &[],
     ),
@@ -283,6 +293,78 @@ const FAMILIES: [(&str, &str, MetricType, &[&str]); 30] = [
     (
         "lb_tcp_queued_answer_bytes",
         "Bytes of answers waiting for slow TCP clients, all connections together (at most tcp.max_queued_bytes).",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_dropped_packets_total",
+        "Datagrams, frames, queries or answers dropped, by reason.",
+        MetricType::COUNTER,
+        &["reason"],
+    ),
+    (
+        "lb_dropped_connections_total",
+        "TCP client connections refused or closed by lb, by reason.",
+        MetricType::COUNTER,
+        &["reason"],
+    ),
+    (
+        "lb_backend_zone_serial",
+        "SOA serial of each zone of health.zones a backend served at its last probe (absent while its probes fail).",
+        MetricType::GAUGE,
+        &["backend", "zone"],
+    ),
+    (
+        "lb_reloads_total",
+        "Config reloads (lb ctl reload, SIGHUP), by result.",
+        MetricType::COUNTER,
+        &["result"],
+    ),
+    (
+        "lb_upgrades_total",
+        "Binary upgrades (lb ctl upgrade, SIGUSR2), by result; continued across upgrades.",
+        MetricType::COUNTER,
+        &["result"],
+    ),
+    (
+        "lb_last_reload_success_timestamp_seconds",
+        "Time of the last successful config load: a reload, or the start.",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_last_upgrade_success_timestamp_seconds",
+        "Time of the last successful upgrade hand-over; 0 if none.",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_last_swap_success_timestamp_seconds",
+        "Time of the last backend set swap (set-backends, reloads); 0 if none.",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_state_file_write_failing",
+        "1 from a failed write of the state file until the next successful one.",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_last_swap_failed",
+        "1 from a refused set-backends until the next successful swap.",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_last_reload_failed",
+        "1 from a refused reload until the next successful one.",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_last_upgrade_failed",
+        "1 from a failed upgrade until the next successful one.",
         MetricType::GAUGE,
         &[],
     ),
@@ -351,7 +433,13 @@ impl Collector for LbCollector {
             }
         }
         for r in DropReason::ALL {
-            f[2].counter(&[("reason", r.as_str())], st.drops(r));
+            let l = [("reason", r.as_str())];
+            f[2].counter(&l, st.drops(r));
+            let i = match r.kind() {
+                DropKind::Packet => 30,
+                DropKind::Connection => 31,
+            };
+            f[i].counter(&l, st.drops(r));
         }
         for m in [AllDown::FailOpen, AllDown::Servfail, AllDown::Drop] {
             f[3].counter(&[("behaviour", m.as_str())], st.all_down_count(m));
@@ -361,6 +449,15 @@ impl Collector for LbCollector {
         for b in self.shared.draining_retired() {
             if !backends.iter().any(|x| x.addr == b.addr) {
                 backends.push(b);
+            }
+        }
+        for b in &set.backends {
+            let addr = b.addr.to_string();
+            for (zone, serial) in b.state.zone_serials() {
+                f[32].gauge(
+                    &[("backend", addr.as_str()), ("zone", zone.as_str())],
+                    f64::from(serial),
+                );
             }
         }
         for b in &backends {
@@ -385,10 +482,16 @@ impl Collector for LbCollector {
             }
         }
         f[12].gauge(&[], set.generation as f64);
-        f[13].counter(&[], st.swaps.load(Ordering::Relaxed));
+        f[13].counter(&[], st.swaps.count(Outcome::Success));
         f[14].gauge(&[], st.tcp_open.load(Ordering::Relaxed) as f64);
         f[15].counter(&[], st.tcp_total.load(Ordering::Relaxed));
-        f[16].gauge(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+        f[16].gauge(
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("revision", BUILD_REVISION),
+            ],
+            1.0,
+        );
         for op in [BatchOp::Recv, BatchOp::Send] {
             let (calls, datagrams) = st.batches(op);
             f[17].counter(&[("op", op.as_str())], calls);
@@ -402,8 +505,8 @@ impl Collector for LbCollector {
         for d in Denied::ALL {
             f[21].counter(&[("reason", d.as_str())], st.denied_count(d));
         }
-        f[22].counter(&[], st.state_write_failures.load(Ordering::Relaxed));
-        f[23].counter(&[], st.swap_failures.load(Ordering::Relaxed));
+        f[22].counter(&[], st.state_writes.count(Outcome::Failure));
+        f[23].counter(&[], st.swaps.count(Outcome::Failure));
         let cache = self.shared.cache.as_deref();
         f[24].counter(&[], cache.map_or(0, |c| c.hits()));
         f[25].counter(&[], cache.map_or(0, |c| c.misses()));
@@ -416,6 +519,21 @@ impl Collector for LbCollector {
         }
         f[28].counter(&[], st.upstream_socket_failures.load(Ordering::Relaxed));
         f[29].gauge(&[], st.tcp_queued_bytes.load(Ordering::Relaxed) as f64);
+        let outcomes = |f: &mut Family, r: &OpRecord| {
+            for o in Outcome::ALL {
+                f.counter(&[("result", o.as_str())], r.count(o));
+            }
+        };
+        outcomes(&mut f[33], &st.reloads);
+        outcomes(&mut f[34], &st.upgrades);
+        f[35].gauge(&[], st.reloads.last_success_seconds());
+        f[36].gauge(&[], st.upgrades.last_success_seconds());
+        f[37].gauge(&[], st.swaps.last_success_seconds());
+        let flag = |r: &OpRecord| if r.last_failed() { 1.0 } else { 0.0 };
+        f[38].gauge(&[], flag(&st.state_writes));
+        f[39].gauge(&[], flag(&st.swaps));
+        f[40].gauge(&[], flag(&st.reloads));
+        f[41].gauge(&[], flag(&st.upgrades));
         f.into_iter()
             .map(|x| x.mf)
             .filter(|mf| !mf.get_metric().is_empty())
@@ -545,4 +663,145 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let l = crate::sockets::build_tcp_listener(addr)
         .with_context(|| format!("cannot bind metrics listener {addr}"))?;
     Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::SetParams;
+    use crate::config::BackendAddr;
+
+    fn shared(addrs: &[&str]) -> Arc<Shared> {
+        let params = SetParams {
+            policy: crate::policy::Policy::RoundRobin,
+            timeout: Duration::from_secs(1),
+            resend_after: Duration::from_millis(100),
+            all_down: AllDown::FailOpen,
+            passive_timeouts: 0,
+            checked: false,
+            access: Arc::default(),
+            rrl: None,
+        };
+        let list: Vec<BackendAddr> = addrs.iter().map(|a| a.parse().unwrap()).collect();
+        Arc::new(Shared::new(params, &list, 1, 64))
+    }
+
+    /// The value of one sample line (`name{labels} value`) of a scrape.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn every_family_is_exported_from_the_first_scrape() {
+        let text = render(&registry(shared(&["127.0.0.1:53"])));
+        for (name, _, _, _) in FAMILIES {
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} missing:\n{text}"
+            );
+        }
+        assert_eq!(
+            sample(&text, "lb_reloads_total{result=\"failure\"}"),
+            Some(0.0)
+        );
+        assert_eq!(sample(&text, "lb_state_file_write_failing"), Some(0.0));
+        assert_eq!(
+            sample(&text, "lb_last_upgrade_success_timestamp_seconds"),
+            Some(0.0)
+        );
+        let info = format!(
+            "lb_build_info{{version=\"{}\",revision=\"{BUILD_REVISION}\"}}",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(sample(&text, &info), Some(1.0), "{text}");
+        assert!(!BUILD_REVISION.is_empty());
+    }
+
+    #[test]
+    fn drops_are_split_into_packets_and_connections_and_still_summed() {
+        let sh = shared(&["127.0.0.1:53"]);
+        sh.stats.dropped(DropReason::ShortHeader);
+        sh.stats.dropped(DropReason::TcpPrefixLimit);
+        sh.stats.dropped(DropReason::TcpPrefixLimit);
+        let text = render(&registry(Arc::clone(&sh)));
+        let get = |s: &str| sample(&text, s).unwrap_or_else(|| panic!("{s}:\n{text}"));
+        assert_eq!(
+            get("lb_dropped_packets_total{reason=\"short-header\"}"),
+            1.0
+        );
+        assert_eq!(
+            get("lb_dropped_connections_total{reason=\"tcp-prefix-limit\"}"),
+            2.0
+        );
+        assert_eq!(get("lb_dropped_total{reason=\"tcp-prefix-limit\"}"), 2.0);
+        assert!(sample(
+            &text,
+            "lb_dropped_packets_total{reason=\"tcp-prefix-limit\"}"
+        )
+        .is_none());
+        assert!(sample(
+            &text,
+            "lb_dropped_connections_total{reason=\"short-header\"}"
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn failing_gauges_stay_set_until_a_success_and_serials_are_per_backend_and_zone() {
+        let sh = shared(&["127.0.0.1:53", "127.0.0.2:53"]);
+        let st = &sh.stats;
+        st.state_writes.failed();
+        st.swaps.failed();
+        st.reloads.failed();
+        st.upgrades.failed();
+        let text = render(&registry(Arc::clone(&sh)));
+        for g in [
+            "lb_state_file_write_failing",
+            "lb_last_swap_failed",
+            "lb_last_reload_failed",
+            "lb_last_upgrade_failed",
+        ] {
+            assert_eq!(sample(&text, g), Some(1.0), "{g}");
+        }
+        assert_eq!(sample(&text, "lb_swap_failures_total"), Some(1.0));
+        assert_eq!(
+            sample(&text, "lb_state_file_write_failures_total"),
+            Some(1.0)
+        );
+        // A swap clears the swap gauge and dates it; the others stay set.
+        let list: Vec<BackendAddr> = vec!["127.0.0.1:53".parse().unwrap()];
+        sh.replace(Some(&list), None, true, |_| Ok(())).unwrap();
+        st.reloads.succeeded();
+        let set = sh.current();
+        let zones = ["example.test.".to_string(), "other.test.".to_string()];
+        set.backends[0]
+            .state
+            .set_zone_serials(&zones, Some(&[2026010101, 7]));
+        let text = render(&registry(Arc::clone(&sh)));
+        assert_eq!(sample(&text, "lb_last_swap_failed"), Some(0.0));
+        assert_eq!(sample(&text, "lb_last_reload_failed"), Some(0.0));
+        assert_eq!(sample(&text, "lb_state_file_write_failing"), Some(1.0));
+        assert_eq!(sample(&text, "lb_last_upgrade_failed"), Some(1.0));
+        assert_eq!(sample(&text, "lb_backend_set_swaps_total"), Some(1.0));
+        assert!(sample(&text, "lb_last_swap_success_timestamp_seconds").unwrap() > 1.6e9);
+        assert_eq!(
+            sample(
+                &text,
+                "lb_backend_zone_serial{backend=\"127.0.0.1:53\",zone=\"example.test.\"}"
+            ),
+            Some(2026010101.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "lb_backend_zone_serial{backend=\"127.0.0.1:53\",zone=\"other.test.\"}"
+            ),
+            Some(7.0)
+        );
+        // A failed probe forgets the serials.
+        set.backends[0].state.set_zone_serials(&zones, None);
+        let text = render(&registry(Arc::clone(&sh)));
+        assert!(!text.contains("lb_backend_zone_serial{"), "{text}");
+    }
 }

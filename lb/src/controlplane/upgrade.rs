@@ -16,18 +16,26 @@
 //!
 //! Because both processes hold the very same sockets, no datagram or connection queued in
 //! them is lost during the switch.
+//!
+//! The description also carries the control plane's records ([`CarriedRecords`]: upgrades,
+//! swaps, state file writes), with this upgrade already counted as a success, so the new
+//! process's `lb_upgrades_total` and failing gauges continue the old one's. An older binary on
+//! either side ignores or lacks them (the field is optional), and the new process then starts
+//! its records afresh.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::fdpass::{recv_with_fds, send_with_fds, MAX_FDS};
 use crate::state::RuntimeState;
+use crate::stats::CarriedRecords;
 
 /// How long the new process may take to report ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -52,6 +60,21 @@ struct Manifest {
     metrics: bool,
     control: bool,
     state: RuntimeState,
+    /// Absent from an older binary's hand-over.
+    #[serde(default)]
+    records: Option<CarriedRecords>,
+}
+
+/// The records received with the sockets, once per process (set by [`receive_from_env`]).
+///
+/// Process-wide like the `LB_UPGRADE_FD` variable they come with: the sockets are received
+/// before the shared state exists, and the control plane takes the records up when it starts
+/// ([`carried_records`]).
+static CARRIED: OnceLock<CarriedRecords> = OnceLock::new();
+
+/// The records the previous process handed over, if this one was started by an upgrade.
+pub fn carried_records() -> Option<&'static CarriedRecords> {
+    CARRIED.get()
 }
 
 /// The sockets received from the old process.
@@ -110,6 +133,9 @@ pub fn receive_from_env() -> anyhow::Result<Option<Received>> {
         .collect();
     let metrics = m.metrics.then(|| std::net::TcpListener::from(take()));
     let control = m.control.then(|| UnixListener::from(take()));
+    if let Some(r) = m.records {
+        let _ = CARRIED.set(r);
+    }
     Ok(Some(Received {
         udp,
         tcp,
@@ -125,15 +151,16 @@ pub fn report_ready(stream: &mut UnixStream) {
     let _ = writeln!(stream, "ready {}", std::process::id());
 }
 
-/// In the old process: starts `binary` on `config`, hands it the sockets, and waits for it to
-/// report ready. On any failure the new process is killed and the error returned; the caller
-/// keeps serving.
+/// In the old process: starts `binary` on `config`, hands it the sockets, the backend set and
+/// the control plane's `records` (to continue), and waits for it to report ready. On any
+/// failure the new process is killed and the error returned; the caller keeps serving.
 pub fn hand_over(
     binary: &Path,
     config: &Path,
     log_json: bool,
     sockets: &HandoffSockets,
     state: RuntimeState,
+    records: CarriedRecords,
 ) -> Result<u32, String> {
     let mut fds: Vec<BorrowedFd<'_>> = Vec::new();
     fds.extend(sockets.udp.iter().map(|f| f.as_fd()));
@@ -178,6 +205,7 @@ pub fn hand_over(
         metrics: sockets.metrics.is_some(),
         control: sockets.control.is_some(),
         state,
+        records: Some(records),
     };
     let bytes = serde_json::to_vec(&manifest).expect("manifest serialises");
     if let Err(e) = send_with_fds(&ours, &bytes, &fds) {
@@ -210,5 +238,34 @@ pub fn hand_over(
             };
             fail(&mut child, msg)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_binarys_manifest_without_records_is_accepted() {
+        let state = RuntimeState::new(3, vec!["127.0.0.1:53".parse().unwrap()], vec![], vec![]);
+        let mut m = Manifest {
+            udp: 2,
+            tcp: 1,
+            metrics: true,
+            control: false,
+            state,
+            records: None,
+        };
+        let mut v = serde_json::to_value(&m).unwrap();
+        v.as_object_mut().unwrap().remove("records");
+        let old: Manifest = serde_json::from_value(v).unwrap();
+        assert_eq!(old, m);
+        // And the records round-trip when present.
+        let mut r = CarriedRecords::default();
+        r.upgrades.successes = 4;
+        r.state_writes.last_failed = true;
+        m.records = Some(r);
+        let back: Manifest = serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
     }
 }
