@@ -43,7 +43,10 @@ fn leftovers(name: &str, dir: &Path) -> Vec<String> {
         }
     }
     for b in ["pub", "vlan"] {
-        if Path::new("/sys/class/net").join(format!("{name}-{b}")).exists() {
+        if Path::new("/sys/class/net")
+            .join(format!("{name}-{b}"))
+            .exists()
+        {
             left.push(format!("bridge {name}-{b}"));
         }
     }
@@ -102,7 +105,12 @@ impl Machines {
                 "UserKnownHostsFile={}",
                 self.dir.path().join("known_hosts").display()
             ))
-            .args(["-o", "StrictHostKeyChecking=accept-new", "-o", "ConnectTimeout=10"])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=accept-new",
+                "-o",
+                "ConnectTimeout=10",
+            ])
             .arg(format!("root@{addr}"))
             .arg(script)
             .output()
@@ -188,17 +196,26 @@ fn upgraded_lb_keeps_the_watchdog_fed_and_logs_with_priorities() {
         "systemd's watchdog killed the upgraded lb:\n{journal}"
     );
     assert_eq!(restarts2, 0, "lb was restarted:\n{journal}");
-    assert_ne!(pid2, pid, "the upgrade handed over to a new process:\n{journal}");
+    assert_ne!(
+        pid2, pid,
+        "the upgrade handed over to a new process:\n{journal}"
+    );
     assert!(journal.contains("serves now"), "{journal}");
     // Priorities: the backend-down warning is in `journalctl -p warning`, an info line is not.
-    let (_, warnings) = m.ssh(&addr, "journalctl -u lb.service -p warning --no-pager -o cat");
+    let (_, warnings) = m.ssh(
+        &addr,
+        "journalctl -u lb.service -p warning --no-pager -o cat",
+    );
     assert!(
         warnings.contains("WARN") && warnings.contains("127.0.0.1:1"),
         "no lb warning at priority <= 4:\n{warnings}\nwhole journal:\n{journal}"
     );
     assert!(!warnings.contains("lb started"), "{warnings}");
     assert!(!journal.contains('\u{1b}'), "ANSI escapes in the journal");
-    let (_, ident) = m.ssh(&addr, "journalctl -u lb.service -o verbose --no-pager -n 5 | grep SYSLOG_IDENTIFIER= | sort -u");
+    let (_, ident) = m.ssh(
+        &addr,
+        "journalctl -u lb.service -o verbose --no-pager -n 5 | grep SYSLOG_IDENTIFIER= | sort -u",
+    );
     assert!(ident.contains("SYSLOG_IDENTIFIER=lb"), "{ident}");
     drop(m);
     assert_eq!(
@@ -233,7 +250,10 @@ fn rehearsal_loses_nothing_and_leaves_nothing() {
     let field = |k: &str| -> u64 {
         verdict
             .split(", ")
-            .find_map(|p| p.trim_start_matches("rehearsal: ").strip_prefix(&format!("{k} ")))
+            .find_map(|p| {
+                p.trim_start_matches("rehearsal: ")
+                    .strip_prefix(&format!("{k} "))
+            })
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("{k} in {verdict}"))
     };
