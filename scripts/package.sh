@@ -15,7 +15,10 @@
 #                      symbols (the release profile has debug info); by default the binaries
 #                      are stripped and the symbols dropped. lintian is not run on the .ddeb
 #                      (cargo-deb's lack a copyright file and changelog).
-#   --deb-version V    Debian version instead of CARGO_VERSION-1 (e.g. an upgrade test)
+#   --deb-version V    this Debian version instead of the one from git (scripts/deb-version.sh:
+#                      CARGO_VERSION-1 at the release tag v$CARGO_VERSION, else
+#                      CARGO_VERSION-1{~|+}gitN.gHASH[.dirtyTIME], higher for every later
+#                      commit and every build of a changed tree)
 #   --output DIR       where the .debs go (default: target/debian)
 #   --lintian          run lintian on the packages (installs it with apt if missing)
 #
@@ -46,7 +49,7 @@ while [ $# -gt 0 ]; do
     --deb-version) deb_version="$2"; shift 2 ;;
     --output) output="$2"; shift 2 ;;
     --lintian) lintian=1; shift ;;
-    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "package.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -89,13 +92,17 @@ fi
 # --output says, and keeps its scratch files in TARGET/lb, TARGET/deployer. When the packages go
 # elsewhere (the tests), it runs on a scratch target dir holding hard links to the binaries, so
 # the release packages in target/debian survive.
-target_dir=$(cargo metadata --no-deps --format-version 1 \
-  | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+metadata=$(cargo metadata --no-deps --format-version 1)
+target_dir=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])' <<<"$metadata")
+crate_version() {
+  python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == sys.argv[1]))' "$1" <<<"$metadata"
+}
 mkdir -p "$output"
 output="$(cd "$output" && pwd)"
+case "$profile" in dev) profile_dir=debug ;; *) profile_dir="$profile" ;; esac
 deb_env=()
+deb_target="$target_dir"
 if [ "$output" != "$target_dir/debian" ]; then
-  case "$profile" in dev) profile_dir=debug ;; *) profile_dir="$profile" ;; esac
   stage="$(mktemp -d "${TMPDIR:-/tmp}/lb-package.XXXXXX")"
   trap 'rm -rf "$stage"' EXIT
   mkdir -p "$stage/$profile_dir"
@@ -105,21 +112,48 @@ if [ "$output" != "$target_dir/debian" ]; then
       || cp "$target_dir/$profile_dir/$b" "$stage/$profile_dir/$b"
   done
   deb_env=(env CARGO_TARGET_DIR="$stage")
+  deb_target="$stage"
 fi
+
+# The deployer's example configs as installed in /usr/share/doc/deployer/examples: the same
+# files, with the paths of the installed packages instead of the repository's (the Ansible tree
+# in /usr/share/deployer/ansible, /usr/bin/lb, the state next to the copied config), so that a
+# copy works from wherever it is put. Built next to the binaries, where the asset list of
+# deployer/Cargo.toml takes them from (target/release/... is the profile's directory).
+examples="$deb_target/$profile_dir/deployer-examples"
+rm -rf "$examples"
+mkdir -p "$examples"
+for f in deployer/examples/*.toml; do
+  sed -e 's#^ansible_dir = .*#ansible_dir = "/usr/share/deployer/ansible"#' \
+      -e 's#^lb_binary = .*#lb_binary = "/usr/bin/lb"#' \
+      -e 's#^state_dir = "\.\./\.\./\(.*\)"#state_dir = "\1"#' \
+      -e 's#"\.\./\.\./target/debian/lb[^"]*\.deb"#"lb.deb"#' \
+      "$f" >"$examples/$(basename "$f")"
+done
 
 deb_args=(--no-build --profile "$profile" --output "$output")
 [ -n "$fast" ] && deb_args+=(--fast)
 if [ -n "$dbgsym" ]; then deb_args+=(--dbgsym); else deb_args+=(--strip); fi
-[ -n "$deb_version" ] && deb_args+=(--deb-version "$deb_version")
 debs=()
+# One build time for the versions of a dirty tree: lb and deployer get the same version.
+export DEB_VERSION_TIME="${DEB_VERSION_TIME:-$(date +%s)}"
 for pkg in lb deployer; do
+  version="$deb_version"
+  [ -n "$version" ] || version=$("$ROOT/scripts/deb-version.sh" "$(crate_version "$pkg")" "$ROOT")
+  echo "package.sh: $pkg $version" >&2
   # cargo-deb prints the path of each package it wrote (.deb, and .ddeb with --dbgsym).
-  built=$("${deb_env[@]}" "$cargo_deb" deb -p "$pkg" "${deb_args[@]}" | grep -E '\.d?deb$' || true)
+  built=$("${deb_env[@]}" "$cargo_deb" deb -p "$pkg" "${deb_args[@]}" --deb-version "$version" \
+    | grep -E '\.d?deb$' || true)
   case "$built" in
     *.deb*) ;;
     *) echo "package.sh: cargo-deb did not report a package for $pkg" >&2; exit 1 ;;
   esac
   while IFS= read -r path; do debs+=("$path"); done <<<"$built"
+  # A name that stays the same across versions (what deployer/examples/linode.toml and the
+  # lb role's lb_package can name): a link to the package just built.
+  for path in $built; do
+    case "$path" in */"${pkg}_"*.deb) ln -sfn "$(basename "$path")" "$(dirname "$path")/$pkg.deb" ;; esac
+  done
 done
 
 if [ -n "$lintian" ]; then

@@ -145,9 +145,11 @@ fn zones_var(cfg: &DeployerConfig) -> Value {
 }
 
 /// Variables for every host of a run (paths of the zone sources and the lb binary; from
-/// `[network]`, `admin_networks` for both firewalls and the deployer's `check_address` for
-/// the nameservers' allow lists), plus `[ansible] extra_vars`; passed with `-e`, so they win
-/// over everything.
+/// `[network]`, the shared input `admin_networks` for both firewalls and the deployer's
+/// `check_address` for the nameservers' allow lists), plus `[ansible] extra_vars`; passed with
+/// `-e`, so they win over everything. The roles' variables are prefixed with the role's name
+/// (`lb_`, `nameserver_`); the shared inputs without a prefix (`admin_networks`, `dns_zones`,
+/// `vlan_address`) are documented in ansible/group_vars/all.yml.
 pub fn run_vars(cfg: &DeployerConfig) -> Value {
     let mut m = Map::new();
     m.insert(
@@ -155,10 +157,6 @@ pub fn run_vars(cfg: &DeployerConfig) -> Value {
         json!(cfg.ansible_dir.join("zones")),
     );
     m.insert("lb_binary_src".into(), json!(cfg.lb_binary));
-    m.insert(
-        "lb_dist_dir".into(),
-        json!(cfg.ansible_dir.join("../lb/dist")),
-    );
     if !cfg.network.admin_networks.is_empty() {
         m.insert("admin_networks".into(), json!(cfg.network.admin_networks));
     } else if let (crate::config::ProviderKind::Machines, Some(mc)) =

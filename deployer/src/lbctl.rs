@@ -130,8 +130,9 @@ const MAX_SSH_OUTPUT: u64 = 4 << 20;
 
 /// `lb ctl --json ...` on the lb host over SSH.
 ///
-/// Only an answer from lb itself is a refusal: `lb ctl` exits 1 ([`lb::ctl::EXIT_REFUSED`])
-/// after printing lb's `{"ok":false,...}`. Everything else is a transport failure (lb may or may
+/// Only an answer from lb itself is a refusal: `lb ctl` exits 1 ([`lb::ctl::EXIT_REFUSED`]),
+/// or 4 for a reload only a restart applies ([`lb::ctl::EXIT_RESTART_NEEDED`]), after printing
+/// lb's `{"ok":false,...}` (the code matching the answer, [`lb::ctl::exit_code`]). Everything else is a transport failure (lb may or may
 /// not have acted): ssh's own failures (exit 255), `lb ctl` unable to reach or hear lb (exit 2,
 /// [`lb::ctl::EXIT_UNREACHABLE`], with its own `{"ok":false,...}` line), any other exit or
 /// output, and an exchange that outlives its deadline (`timeout` for lb ctl, as much for ssh's
@@ -189,7 +190,7 @@ fn ssh_request(
     };
     match (code, answer) {
         (Some(0), Some(r)) if r.ok => Ok(r),
-        (Some(c), Some(r)) if i32::from(lb::ctl::EXIT_REFUSED) == c && !r.ok => Ok(r),
+        (Some(c), Some(r)) if !r.ok && i32::from(lb::ctl::exit_code(&r)) == c => Ok(r),
         (Some(255), _) => Err(transport(format!(
             "ssh to {target_name} failed (exit 255): {stderr}"
         ))),

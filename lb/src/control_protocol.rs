@@ -69,11 +69,26 @@ pub struct ControlResponse {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What kind of refusal `error` is, where a client acts on the difference (`lb ctl` exits
+    /// with its own code for each). Absent for other refusals, and from older lbs: an optional
+    /// field, so [`PROTOCOL_VERSION`] stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<Refusal>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<ControlResult>,
     /// How long the server took to handle the request, in microseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub elapsed_us: Option<u64>,
+}
+
+/// A refusal a client must tell apart from the others, because what it does next differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Refusal {
+    /// A reload found a valid config that changes settings fixed at start (`[listen]`,
+    /// `[metrics]`, socket buffers...): the running config stays, and a restart applies the
+    /// file. The Ansible role restarts lb.service on exactly this, never on an invalid file.
+    RestartNeeded,
 }
 
 /// The payload of a successful response.
@@ -149,6 +164,7 @@ impl ControlResponse {
             version: PROTOCOL_VERSION,
             ok: true,
             error: None,
+            refusal: None,
             result: Some(result),
             elapsed_us: None,
         }
@@ -158,8 +174,16 @@ impl ControlResponse {
             version: PROTOCOL_VERSION,
             ok: false,
             error: Some(message.into()),
+            refusal: None,
             result: None,
             elapsed_us: None,
+        }
+    }
+    /// A refusal of a kind the client acts on (see [`Refusal`]).
+    pub fn refused(refusal: Refusal, message: impl Into<String>) -> Self {
+        ControlResponse {
+            refusal: Some(refusal),
+            ..ControlResponse::error(message)
         }
     }
 }
@@ -249,6 +273,20 @@ mod tests {
             let _ = serde_json::from_slice::<ControlRequest>(&bytes);
             let _ = serde_json::from_slice::<ControlResponse>(&bytes);
         }
+    }
+
+    #[test]
+    fn refusal_kind_is_optional_on_the_wire() {
+        let r = ControlResponse::refused(Refusal::RestartNeeded, "restart");
+        let s = serde_json::to_string(&r).unwrap();
+        assert!(s.contains(r#""refusal":"restart-needed""#), "{s}");
+        assert_eq!(serde_json::from_str::<ControlResponse>(&s).unwrap(), r);
+        // An older lb's refusal has no kind.
+        let old: ControlResponse =
+            serde_json::from_str(r#"{"version":1,"ok":false,"error":"no"}"#).unwrap();
+        assert_eq!(old.refusal, None);
+        let plain = serde_json::to_string(&ControlResponse::error("no")).unwrap();
+        assert!(!plain.contains("refusal"), "{plain}");
     }
 
     #[test]

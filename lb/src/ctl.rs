@@ -4,13 +4,26 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::control_protocol::{
-    send_request, ControlCommand, ControlResponse, ControlResult, StatusReport,
+    send_request, ControlCommand, ControlResponse, ControlResult, Refusal, StatusReport,
 };
 
 /// Exit code when the command was refused by `lb`.
 pub const EXIT_REFUSED: u8 = 1;
 /// Exit code when `lb` could not be reached.
 pub const EXIT_UNREACHABLE: u8 = 2;
+/// Exit code when a reload was refused because the (valid) file changes settings only a
+/// restart applies ([`Refusal::RestartNeeded`]): what a script restarts on, instead of matching
+/// the message. 3 is left unused, so that it cannot be mistaken for an older meaning.
+pub const EXIT_RESTART_NEEDED: u8 = 4;
+
+/// The exit code for `lb`'s answer.
+pub fn exit_code(resp: &ControlResponse) -> u8 {
+    match (resp.ok, resp.refusal) {
+        (true, _) => 0,
+        (false, Some(Refusal::RestartNeeded)) => EXIT_RESTART_NEEDED,
+        (false, None) => EXIT_REFUSED,
+    }
+}
 
 /// Sends `cmd` and prints the outcome; returns the process exit code.
 pub fn run(socket: &Path, cmd: ControlCommand, json: bool, timeout: Duration) -> u8 {
@@ -48,11 +61,7 @@ pub fn run(socket: &Path, cmd: ControlCommand, json: bool, timeout: Duration) ->
             None => {}
         }
     }
-    if resp.ok {
-        0
-    } else {
-        EXIT_REFUSED
-    }
+    exit_code(&resp)
 }
 
 /// The human form of `lb ctl status`.
@@ -98,4 +107,26 @@ pub fn format_status(s: &StatusReport) -> String {
         out.push_str(&format!("drops: {}\n", d.join(", ")));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_outcome_has_its_exit_code() {
+        let done = ControlResponse::ok(ControlResult::Done {
+            generation: 1,
+            message: String::new(),
+        });
+        assert_eq!(exit_code(&done), 0);
+        assert_eq!(exit_code(&ControlResponse::error("bad")), EXIT_REFUSED);
+        assert_eq!(
+            exit_code(&ControlResponse::refused(Refusal::RestartNeeded, "restart")),
+            EXIT_RESTART_NEEDED
+        );
+        let codes = [0, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_RESTART_NEEDED];
+        let distinct: std::collections::BTreeSet<u8> = codes.into_iter().collect();
+        assert_eq!(distinct.len(), codes.len());
+    }
 }

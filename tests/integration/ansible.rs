@@ -37,16 +37,17 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Every playbook of ansible/.
+const PLAYBOOKS: &[&str] = &["nameserver.yml", "lb.yml", "rehearsal.yml"];
+
+/// Every role of ansible/roles.
+const ROLES: &[&str] = &["lb", "nameserver", "rehearsal_parent", "rehearsal_resolver"];
+
 #[test]
 fn lint_production_profile_and_syntax_check() {
     let out = Command::new("ansible-lint")
-        .args([
-            "--nocolor",
-            "--profile",
-            "production",
-            "nameserver.yml",
-            "lb.yml",
-        ])
+        .args(["--nocolor", "--profile", "production"])
+        .args(PLAYBOOKS)
         .current_dir(ansible_dir())
         .env("ANSIBLE_CONFIG", ansible_dir().join("ansible.cfg"))
         .output()
@@ -54,7 +55,7 @@ fn lint_production_profile_and_syntax_check() {
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    for p in ["nameserver.yml", "lb.yml"] {
+    for p in PLAYBOOKS {
         let out = Command::new("ansible-playbook")
             .args(["--syntax-check", p])
             .current_dir(ansible_dir())
@@ -67,6 +68,108 @@ fn lint_production_profile_and_syntax_check() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+#[test]
+fn roles_declare_every_variable_in_argument_specs_and_support_ansible_2_14() {
+    let roles = ansible_dir().join("roles");
+    for role in ROLES {
+        let specs = crate::ops::yaml(&roles.join(role).join("meta/argument_specs.yml"));
+        let options = specs["argument_specs"]["main"]["options"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{role}: no argument_specs.main.options"));
+        let defaults = crate::ops::yaml(&roles.join(role).join("defaults/main.yml"));
+        for var in defaults.as_object().unwrap().keys() {
+            assert!(
+                options.contains_key(var),
+                "{role}: {var} (defaults/main.yml) is not in meta/argument_specs.yml"
+            );
+        }
+        for (var, spec) in options {
+            assert!(
+                var.starts_with(&format!("{role}_")),
+                "{role}: {var} lacks the role prefix"
+            );
+            assert!(spec["type"].is_string(), "{role}: {var} has no type");
+        }
+        // ansible-core 2.14 is Debian bookworm's.
+        let meta = crate::ops::yaml(&roles.join(role).join("meta/main.yml"));
+        assert_eq!(meta["galaxy_info"]["min_ansible_version"], "2.14", "{role}");
+    }
+}
+
+#[test]
+fn lb_role_listens_dual_stack_and_restarts_on_the_exit_code_of_lb_ctl() {
+    let roles = ansible_dir().join("roles");
+    for file in [
+        roles.join("lb/defaults/main.yml"),
+        ansible_dir().join("group_vars/lbs.yml"),
+    ] {
+        let listen = &crate::ops::yaml(&file)["lb_listen"];
+        assert_eq!(
+            listen,
+            &json!(["0.0.0.0:53", "[::]:53"]),
+            "{}",
+            file.display()
+        );
+    }
+    let vars = crate::ops::yaml(&roles.join("lb/vars/main.yml"));
+    assert_eq!(
+        vars["lb_ctl_exit_restart_needed"],
+        json!(lb::ctl::EXIT_RESTART_NEEDED),
+        "the role's restart code is lb ctl's"
+    );
+    let handlers = std::fs::read_to_string(roles.join("lb/handlers/main.yml")).unwrap();
+    assert!(
+        !handlers.contains("stdout") && !handlers.contains("stderr"),
+        "the handlers read lb ctl's exit code, never its output:\n{handlers}"
+    );
+    let play = crate::ops::yaml(&ansible_dir().join("lb.yml"));
+    assert_eq!(play[0]["serial"], 1, "one lb at a time");
+    assert_eq!(play[0]["max_fail_percentage"], 0);
+}
+
+#[test]
+fn lb_play_stops_at_the_first_failed_lb_and_a_wrong_type_fails_before_any_change() {
+    let dir = TempDir::new("lb-serial");
+    let host = |name: &str, extra: serde_json::Value| {
+        let mut v = json!({
+            "lb_mode": "local",
+            "lb_dir": dir.path().join(name),
+            "lb_listen": [format!("127.0.0.1:{}", free_port())],
+            "lb_metrics_listen": "127.0.0.1:0",
+            "lb_backends": ["127.0.0.1:1"],
+            "lb_binary_src": bin("lb"),
+            "lb_workers": 1,
+        });
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        local_host(&v)
+    };
+    // lb1's config fails `lb check` (a misspelt key): the play stops there, and lb2, next in
+    // line, is never touched.
+    let inv = json!({"all": {"children": {"lbs": {"hosts": {
+        "lb1": host("lb1", json!({"lb_config_extra": {"cache": {"entires": 10}}})),
+        "lb2": host("lb2", json!({})),
+    }}}}});
+    let (code, out) = run_playbook("lb.yml", &inv, &[], dir.path(), None);
+    let _guard = KillOnDrop(dir.path().join("lb2/lb.pid"));
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("entires"), "lb check names the key:\n{out}");
+    assert!(!dir.path().join("lb1/lb.toml").exists());
+    assert!(
+        !dir.path().join("lb2").exists(),
+        "lb2 was touched after lb1 failed:\n{out}"
+    );
+    // A variable of the wrong type: refused by the argument specs, naming it, before any task.
+    let inv = json!({"all": {"children": {"lbs": {"hosts": {
+        "lb3": host("lb3", json!({"lb_workers": "many"})),
+    }}}}});
+    let (code, out) = run_playbook("lb.yml", &inv, &[], dir.path(), None);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("lb_workers"), "{out}");
+    assert!(!dir.path().join("lb3").exists(), "{out}");
 }
 
 #[test]
@@ -261,10 +364,37 @@ fn lb_role_runs_lb_and_is_idempotent() {
         "lb_backends": [ns.addr.to_string()],
         "lb_binary_src": bin("lb"),
         "lb_workers": 1,
+        // Sections and keys no variable of the role sets, merged into lb.toml; null leaves a
+        // key of the role's out.
+        "lb_config_extra": {
+            "cache": {"entries": 1000, "max_ttl": 60},
+            "health": {"interval_ms": 700, "fall": 3},
+            "tcp": {"idle_timeout_ms": 5000},
+            "rrl": {"log_only": null},
+        },
     });
     let (code, out) = playbook("lb.yml", "lbs", vars.clone(), &[], dir.path());
     let _guard = KillOnDrop(dir.path().join("lb/lb.pid"));
     assert_eq!(code, 0, "{out}");
+    let config = std::fs::read_to_string(dir.path().join("lb/lb.toml")).unwrap();
+    for line in [
+        "\n[cache]\n",
+        "\nentries = 1000\n",
+        "\nmax_ttl = 60\n",
+        "\ninterval_ms = 700\n",
+        "\nfall = 3\n",
+        "\n[tcp]\nidle_timeout_ms = 5000\n",
+        "\n[rrl]\nresponses_per_second = 10\n",
+    ] {
+        assert!(config.contains(line), "{line:?} not in:\n{config}");
+    }
+    assert!(!config.contains("log_only"), "{config}");
+    // lb runs on it: the extra keys are lb's.
+    let cfg = lb::config::LbConfig::read(&dir.path().join("lb/lb.toml")).unwrap();
+    assert_eq!(cfg.cache.entries, 1000);
+    assert_eq!(cfg.health.interval_ms, 700);
+    assert_eq!(cfg.health.fall, 3);
+    assert_eq!(cfg.tcp.idle_timeout_ms, 5000);
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let m = udp_query(
         addr,
@@ -427,7 +557,7 @@ fn host_has_table(table: &str) -> bool {
 }
 
 #[test]
-fn lb_firewall_admits_dns_from_anyone_and_ssh_and_metrics_from_admins_only() {
+fn lb_firewall_admits_dns_from_anyone_ssh_from_admins_and_metrics_from_scrapers() {
     let host = NetNs::create("lbhost").unwrap();
     let admin = NetNs::create("admin").unwrap();
     let outside = NetNs::create("outside").unwrap();
@@ -506,6 +636,35 @@ fn lb_firewall_admits_dns_from_anyone_and_ssh_and_metrics_from_admins_only() {
         0,
         "a second run changes nothing:\n{out}"
     );
+    // A scrape-source list of its own: the metrics port from lb_metrics_allow only, SSH still
+    // from the admin networks only.
+    let mut scraped = inv.clone();
+    scraped["all"]["children"]["lbs"]["hosts"]["lbhost"]["lb_metrics_allow"] =
+        json!(["203.0.113.2/32"]);
+    let (code, out) = playbook_inventory("lb.yml", scraped, &["--tags", "lb-firewall"], dir.path());
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        tcp_reaches(&outside, at(pub_ip, 9153)),
+        "metrics from the scraper"
+    );
+    assert!(
+        !tcp_reaches(&admin, at(adm_ip, 9153)),
+        "metrics from an admin network that is not a scraper"
+    );
+    assert!(
+        !tcp_reaches(&outside, at(pub_ip, 22)),
+        "no ssh for the scraper"
+    );
+    assert!(tcp_reaches(&admin, at(adm_ip, 22)), "ssh from admin");
+    let (code, out) = playbook_inventory(
+        "lb.yml",
+        inv.clone(),
+        &["--tags", "lb-firewall"],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(tcp_reaches(&admin, at(adm_ip, 9153)), "back to the default");
+
     // Converges: rules lost (a flush, a reboot) are loaded again by the next run.
     in_ns(&host, &["nft", "flush", "ruleset"]);
     assert!(tcp_reaches(&outside, at(pub_ip, 22)));

@@ -217,10 +217,15 @@ fn reload_refuses_bad_config_and_applies_good_changes() {
     assert!(err.contains("refused") && err.contains("bogus"), "{err}");
     assert!(udp_query(lb.udp(), "www.example.test.", RecordType::A, T).is_some());
 
+    // A valid file that changes what only a restart applies: refused with its own exit code
+    // and kind, which scripts (the Ansible role) restart on; an invalid one above never is.
     std::fs::write(&lb.config, original.replace("workers = 2", "workers = 3")).unwrap();
     let (code, _, err) = lb.ctl(&["reload"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, i32::from(lb::ctl::EXIT_RESTART_NEEDED), "{err}");
     assert!(err.contains("[listen]") && err.contains("restart"), "{err}");
+    let (code, out, _) = lb.ctl(&["--json", "reload"]);
+    assert_eq!(code, i32::from(lb::ctl::EXIT_RESTART_NEEDED));
+    assert!(out.contains(r#""refusal":"restart-needed""#), "{out}");
 
     // Editing the backend list in the file applies it; SIGHUP does the same as `lb ctl reload`.
     std::fs::write(

@@ -260,7 +260,7 @@ fn annotation_exprs(d: &Value) -> Vec<(String, String)> {
 }
 
 /// A YAML file as JSON, read by the Python YAML module that ansible-core brings (tests/venv).
-fn yaml(path: &Path) -> Value {
+pub(crate) fn yaml(path: &Path) -> Value {
     let out = Command::new("python3")
         .args([
             "-c",
@@ -1115,6 +1115,178 @@ fn handed_over_pid(text: &str) -> Option<u32> {
     rest.split(')').next()?.parse().ok()
 }
 
+/// The Version field of a .deb.
+fn deb_version(deb: &Path) -> String {
+    let (code, out) = run("dpkg-deb", &["-f", deb.to_str().unwrap(), "Version"]);
+    assert_eq!(code, 0, "dpkg-deb -f: {out}");
+    out.trim().to_string()
+}
+
+/// A version above `base` (whatever scheme made it): for the upgrade tests.
+fn newer_version(base: &str, tag: &str) -> String {
+    let v = format!("{base}+{tag}");
+    let (code, out) = run("dpkg", &["--compare-versions", &v, "gt", base]);
+    assert_eq!(code, 0, "{v} > {base}: {out}");
+    v
+}
+
+/// `dpkg --compare-versions a lt b`.
+fn version_lt(a: &str, b: &str) -> bool {
+    run("dpkg", &["--compare-versions", a, "lt", b]).0 == 0
+}
+
+/// The user `lb` of the package's earlier versions (which ran lb as `lb`): made for a test when
+/// this machine has none (and removed after), or the one it has, left as it is.
+struct OldLbUser {
+    created: bool,
+}
+
+impl OldLbUser {
+    fn ensure() -> OldLbUser {
+        if run("getent", &["passwd", "lb"]).0 == 0 {
+            return OldLbUser { created: false };
+        }
+        let (code, out) = run(
+            "useradd",
+            &[
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                "lb",
+            ],
+        );
+        assert_eq!(code, 0, "useradd lb: {out}");
+        OldLbUser { created: true }
+    }
+}
+
+impl Drop for OldLbUser {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = run("userdel", &["lb"]);
+        }
+    }
+}
+
+#[test]
+fn package_versions_rise_with_every_commit_and_every_dirty_build() {
+    let script = repo().join("scripts/deb-version.sh");
+    let dir = TempDir::new("deb-version");
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.test"])
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+    };
+    let version = |time: u64| {
+        let out = Command::new(&script)
+            .args(["0.1.0"])
+            .arg(dir.path())
+            .env("DEB_VERSION_TIME", time.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let commit = |n: u32| {
+        std::fs::write(dir.path().join("f"), n.to_string()).unwrap();
+        git(&["add", "f"]);
+        git(&["commit", "-q", "-m", &format!("c{n}")]);
+    };
+    // Not yet a git tree (a source tarball): the plain version.
+    assert_eq!(version(0), "0.1.0-1");
+    git(&["init", "-q"]);
+    commit(1);
+    let v1 = version(0);
+    commit(2);
+    let v2 = version(0);
+    std::fs::write(dir.path().join("f"), "edited").unwrap();
+    let dirty_a = version(1_000_000_000);
+    let dirty_b = version(1_000_000_060);
+    git(&["commit", "-qam", "c3"]);
+    git(&["tag", "v0.1.0"]);
+    let release = version(0);
+    commit(4);
+    let after = version(0);
+    assert!(v1.starts_with("0.1.0-1~git1.g"), "{v1}");
+    assert!(v2.starts_with("0.1.0-1~git2.g"), "{v2}");
+    assert!(dirty_a.starts_with(&format!("{v2}.dirty")), "{dirty_a}");
+    assert_eq!(release, "0.1.0-1");
+    assert!(after.starts_with("0.1.0-1+git4.g"), "{after}");
+    let ordered = [&v1, &v2, &dirty_a, &dirty_b, &release, &after];
+    for w in ordered.windows(2) {
+        assert!(version_lt(w[0], w[1]), "{} < {}", w[0], w[1]);
+    }
+    // package.sh uses it by default: the test packages carry a version of this scheme.
+    let (lb_deb, deployer_deb) = test_packages();
+    let v = deb_version(lb_deb);
+    assert_eq!(
+        v,
+        deb_version(deployer_deb),
+        "one version for both packages"
+    );
+    let rest = v.strip_prefix("0.1.0-1").unwrap_or_else(|| panic!("{v}"));
+    assert!(
+        rest.is_empty() || rest.starts_with("~git") || rest.starts_with("+git"),
+        "{v}"
+    );
+}
+
+#[test]
+fn packaged_examples_work_from_usr_share_doc() {
+    let (lb_deb, deployer_deb) = test_packages();
+    let root = TempDir::new("pkg-examples");
+    for deb in [lb_deb, deployer_deb] {
+        let (code, out) = run(
+            "dpkg-deb",
+            &["-x", deb.to_str().unwrap(), root.path().to_str().unwrap()],
+        );
+        assert_eq!(code, 0, "dpkg-deb -x: {out}");
+    }
+    let installed = |p: &Path| root.path().join(p.strip_prefix("/").unwrap());
+    let lb_example = root.path().join("usr/share/doc/lb/examples/lb.toml");
+    let (code, out) = run(
+        bin("lb").to_str().unwrap(),
+        &["check", "--config", lb_example.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "lb check on the installed example: {out}");
+    let examples = root.path().join("usr/share/doc/deployer/examples");
+    for name in ["local.toml", "linode.toml"] {
+        let cfg: deployer::config::DeployerConfig =
+            lb::config::read_toml(&examples.join(name)).unwrap();
+        assert!(
+            cfg.ansible_dir.is_absolute() && installed(&cfg.ansible_dir).join("lb.yml").exists(),
+            "{name}: ansible_dir {} is not the packaged Ansible tree",
+            cfg.ansible_dir.display()
+        );
+        assert!(
+            installed(&cfg.ansible_dir)
+                .join("zones/example.test.zone")
+                .exists(),
+            "{name}: the example's zone is in the packaged tree"
+        );
+        assert_eq!(cfg.lb_binary, Path::new("/usr/bin/lb"), "{name}");
+        assert!(installed(&cfg.lb_binary).exists());
+        assert!(
+            cfg.state_dir.is_relative() && !cfg.state_dir.starts_with(".."),
+            "{name}: the state goes next to the copied config, not {}",
+            cfg.state_dir.display()
+        );
+        let text = std::fs::read_to_string(examples.join(name)).unwrap();
+        assert!(
+            !text.contains("../"),
+            "{name}: a repository path is left:\n{text}"
+        );
+    }
+}
+
 #[test]
 fn packages_are_lintian_clean() {
     let (lb_deb, deployer_deb) = test_packages();
@@ -1141,6 +1313,10 @@ fn lb_package_installs_hands_over_on_upgrade_without_losing_a_query_and_purges()
     let _lock = dpkg_lock();
     let (lb_deb, _) = test_packages();
     let mut installed = InstalledLb::prepare();
+    // An `lb` account (the earlier versions' user, or a person's) is on the machine.
+    let _old_user = OldLbUser::ensure();
+    let (_, old_lb_user) = run("getent", &["passwd", "lb"]);
+    let upgrade_version = newer_version(&deb_version(lb_deb), "upgradetest1");
     let lb_deb = lb_deb.to_str().unwrap();
 
     // Install: files, conffile, user, units present but neither enabled nor started.
@@ -1163,11 +1339,34 @@ fn lb_package_installs_hands_over_on_upgrade_without_losing_a_query_and_purges()
     assert!(conffiles.contains("/etc/lb/lb.toml"), "{conffiles}");
     let (_, depends) = run("dpkg-query", &["-W", "-f=${Depends}", "lb"]);
     assert!(depends.contains("adduser"), "{depends}");
-    let (code, user) = run("getent", &["passwd", "lb"]);
-    assert_eq!(code, 0, "the lb user exists");
+    // Debian's live-build ships /usr/bin/lb too.
+    let (_, conflicts) = run("dpkg-query", &["-W", "-f=${Conflicts}", "lb"]);
+    assert!(conflicts.contains("live-build"), "Conflicts: {conflicts}");
+    // The underscore system user, made beside (never instead of) an `lb` account, which stays
+    // as it was.
+    let (code, user) = run("getent", &["passwd", "_lb"]);
+    assert_eq!(code, 0, "the _lb user exists");
     let uid: u32 = user.split(':').nth(2).unwrap().parse().unwrap();
-    assert!(uid < 1000, "lb is a system user: {user}");
-    assert_eq!(run("getent", &["group", "lb"]).0, 0, "the lb group exists");
+    assert!(uid < 1000, "_lb is a system user: {user}");
+    assert!(
+        user.trim_end().ends_with(":/nonexistent:/usr/sbin/nologin"),
+        "{user}"
+    );
+    assert_eq!(
+        run("getent", &["group", "_lb"]).0,
+        0,
+        "the _lb group exists"
+    );
+    assert_eq!(
+        run("getent", &["passwd", "lb"]).1,
+        old_lb_user,
+        "the lb account is left alone"
+    );
+    let unit = std::fs::read_to_string("/usr/lib/systemd/system/lb.service").unwrap();
+    assert!(
+        unit.contains("\nUser=_lb\n") && unit.contains("\nGroup=_lb\n"),
+        "{unit}"
+    );
     for link in [
         "/etc/systemd/system/multi-user.target.wants/lb.service",
         "/etc/systemd/system/sockets.target.wants/lb.socket",
@@ -1217,7 +1416,7 @@ fn lb_package_installs_hands_over_on_upgrade_without_losing_a_query_and_purges()
     let upgrade_dir = TempDir::new("pkg-upgrade");
     let lb_bin = bin("lb");
     let target = lb_bin.parent().unwrap().parent().unwrap();
-    let debs = package(target, upgrade_dir.path(), Some("0.1.0-1+upgradetest1"));
+    let debs = package(target, upgrade_dir.path(), Some(&upgrade_version));
     let lb_b = debs
         .iter()
         .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("lb_"))
@@ -1251,7 +1450,7 @@ fn lb_package_installs_hands_over_on_upgrade_without_losing_a_query_and_purges()
         "/usr/bin/lb"
     );
     assert!(old.answers_udp(), "the new process serves");
-    assert!(dpkg_status("lb").ends_with("0.1.0-1+upgradetest1"));
+    assert!(dpkg_status("lb").ends_with(&upgrade_version));
     assert_eq!(
         std::fs::read_to_string("/etc/lb/lb.toml").unwrap(),
         edited,
@@ -1301,7 +1500,7 @@ fn lb_role_installs_and_upgrades_the_package_in_system_mode() {
         // Never a firewall on the test machine's own interfaces (the firewall converges in a
         // network namespace in its own test).
         "lb_firewall_enabled": false,
-        "lb_listen": [format!("127.0.0.1:{port}")],
+        "lb_listen": [format!("127.0.0.1:{port}"), format!("[::1]:{port}")],
         "lb_backends": [ns.addr.to_string()],
         "lb_metrics_listen": "127.0.0.1:0",
         "lb_workers": 1,
@@ -1351,8 +1550,15 @@ fn lb_role_installs_and_upgrades_the_package_in_system_mode() {
     assert!(
         dropin.contains("ListenDatagram=\n")
             && dropin.contains(&format!("ListenDatagram=127.0.0.1:{port}\n"))
-            && dropin.contains(&format!("ListenStream=127.0.0.1:{port}\n")),
+            && dropin.contains(&format!("ListenStream=127.0.0.1:{port}\n"))
+            && dropin.contains(&format!("ListenDatagram=[::1]:{port}\n"))
+            && dropin.contains(&format!("ListenStream=[::1]:{port}\n"))
+            && dropin.contains("\nBindIPv6Only=ipv6-only\n"),
         "{dropin}"
+    );
+    assert!(
+        config.contains(&format!(r#"udp = ["127.0.0.1:{port}", "[::1]:{port}"]"#)),
+        "{config}"
     );
 
     let (code, out) = lb_playbook(&vars, dir.path());
@@ -1367,7 +1573,8 @@ fn lb_role_installs_and_upgrades_the_package_in_system_mode() {
     let upgrade_dir = TempDir::new("role-upgrade");
     let lb_bin = bin("lb");
     let target = lb_bin.parent().unwrap().parent().unwrap();
-    let debs = package(target, upgrade_dir.path(), Some("0.1.0-1+roletest1"));
+    let role_version = newer_version(&deb_version(lb_deb), "roletest1");
+    let debs = package(target, upgrade_dir.path(), Some(&role_version));
     let lb_b = debs
         .iter()
         .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("lb_"))
@@ -1376,6 +1583,6 @@ fn lb_role_installs_and_upgrades_the_package_in_system_mode() {
     let (code, out) = lb_playbook(&vars, dir.path());
     assert_eq!(code, 0, "{out}");
     assert!(changed_count(&out) >= 2, "copy and install:\n{out}");
-    assert!(dpkg_status("lb").ends_with("0.1.0-1+roletest1"));
+    assert!(dpkg_status("lb").ends_with(&role_version));
     assert_eq!(std::fs::read_to_string("/etc/lb/lb.toml").unwrap(), config);
 }

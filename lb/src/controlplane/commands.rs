@@ -16,8 +16,8 @@ use crate::backend::{PendingSet, SetParams, Shared};
 use crate::cache::FlushReason;
 use crate::config::{check_backend_list, AllDown, BackendAddr, LbConfig};
 use crate::control_protocol::{
-    BackendStatus, ControlCommand, ControlResponse, ControlResult, ProbeReport, StatusReport,
-    ZoneSerial,
+    BackendStatus, ControlCommand, ControlResponse, ControlResult, ProbeReport, Refusal,
+    StatusReport, ZoneSerial,
 };
 use crate::controlplane::health::Checker;
 use crate::controlplane::upgrade::{self, HandoffSockets};
@@ -38,6 +38,34 @@ pub struct ControlContext {
     pub lifecycle: Arc<Lifecycle>,
     /// What a binary upgrade needs; `None` where upgrades are not possible (tests).
     upgrade: Option<UpgradeHooks>,
+}
+
+/// Why a reload was refused; the running config stays either way.
+///
+/// The two kinds differ for whoever asked: an invalid file needs fixing, while a valid one
+/// that changes settings fixed at start is applied by a restart (the Ansible role does it on
+/// [`Refusal::RestartNeeded`], carried to `lb ctl` by the control protocol, never by reading
+/// the message).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file cannot be read or is invalid, or the new state could not be saved.
+    #[error("reload refused, the running config stays: {0}")]
+    Invalid(String),
+    /// The file is valid but changes `changed`, which only a restart applies.
+    #[error(
+        "reload refused, the running config stays: {changed} changed in {path}, which only a restart applies"
+    )]
+    RestartNeeded { changed: String, path: String },
+}
+
+impl ReloadError {
+    /// The kind a client acts on, if any.
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            ReloadError::Invalid(_) => None,
+            ReloadError::RestartNeeded { .. } => Some(Refusal::RestartNeeded),
+        }
+    }
 }
 
 /// What `lb ctl upgrade` / SIGUSR2 needs from the running process.
@@ -223,6 +251,7 @@ impl ControlContext {
     /// Handles one command from `caller`.
     pub async fn handle(&self, cmd: ControlCommand, caller: Caller) -> ControlResponse {
         let t0 = std::time::Instant::now();
+        let mut refusal = None;
         let r = match cmd {
             ControlCommand::Status => Ok(ControlResult::Status(self.status())),
             ControlCommand::SetBackends { backends, verify } => {
@@ -235,13 +264,16 @@ impl ControlContext {
             }
             ControlCommand::Drain { backend } => self.set_drain(&backend, true),
             ControlCommand::Undrain { backend } => self.set_drain(&backend, false),
-            ControlCommand::Reload => {
-                self.reload()
-                    .map(|(generation, message)| ControlResult::Done {
-                        generation,
-                        message,
-                    })
-            }
+            ControlCommand::Reload => match self.reload() {
+                Ok((generation, message)) => Ok(ControlResult::Done {
+                    generation,
+                    message,
+                }),
+                Err(e) => {
+                    refusal = e.refusal();
+                    Err(e.to_string())
+                }
+            },
             ControlCommand::Upgrade { binary } => self.upgrade(binary, caller).await,
             ControlCommand::Probe {
                 backend,
@@ -249,9 +281,10 @@ impl ControlContext {
                 tcp,
             } => self.probe(&backend, &zones, tcp).await,
         };
-        let mut resp = match r {
-            Ok(res) => ControlResponse::ok(res),
-            Err(e) => ControlResponse::error(e),
+        let mut resp = match (r, refusal) {
+            (Ok(res), _) => ControlResponse::ok(res),
+            (Err(e), Some(kind)) => ControlResponse::refused(kind, e),
+            (Err(e), None) => ControlResponse::error(e),
         };
         resp.elapsed_us = Some(t0.elapsed().as_micros() as u64);
         resp
@@ -438,15 +471,15 @@ impl ControlContext {
     /// changes a part fixed at start. The backend list is taken from the file only if the
     /// file's `backends.servers` changed since it was last loaded, so a reload never reverts a
     /// swap made through the control socket.
-    pub fn reload(&self) -> Result<(u64, String), String> {
+    pub fn reload(&self) -> Result<(u64, String), ReloadError> {
         let r = self.try_reload();
         self.shared.stats.reloads.record(&r);
         r
     }
 
-    fn try_reload(&self) -> Result<(u64, String), String> {
-        let new = LbConfig::read(&self.config_path)
-            .map_err(|e| format!("reload refused, the running config stays: {e}"))?;
+    fn try_reload(&self) -> Result<(u64, String), ReloadError> {
+        let new =
+            LbConfig::read(&self.config_path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
         let old = self.config();
         let mut fixed = Vec::new();
         if new.listen != old.listen {
@@ -479,11 +512,10 @@ impl ControlContext {
             fixed.push("[cache]");
         }
         if !fixed.is_empty() {
-            return Err(format!(
-                "reload refused, the running config stays: {} changed in {}, which only a restart applies",
-                fixed.join(", "),
-                self.config_path.display()
-            ));
+            return Err(ReloadError::RestartNeeded {
+                changed: fixed.join(", "),
+                path: self.config_path.display().to_string(),
+            });
         }
         let params = SetParams::from_config(&new);
         let list_changed = new.backends.servers != old.backends.servers;
@@ -497,7 +529,7 @@ impl ControlContext {
                 kept.clone_from(&p.backends);
                 self.save(&new, p)
             })
-            .map_err(|e| format!("reload refused, the running config stays: {e}"))?;
+            .map_err(|e| ReloadError::Invalid(e.to_string()))?;
         if let Some(c) = &self.shared.cache {
             c.count_flush(FlushReason::Reload);
         }
