@@ -51,16 +51,17 @@ pub fn inherited_sockets() -> Result<Option<Inherited>> {
 /// Why lb cannot make a socket systemd passed its own: see [`adopt_socket`].
 #[derive(Debug, thiserror::Error)]
 pub enum AdoptError {
+    /// (`source`, the kernel's refusal, follows in the error chain.)
     #[error(
         "it belongs to uid {owner} and lb runs as uid {uid} without CAP_CHOWN (lb.service \
-         grants it for this, with AmbientCapabilities=): {source}"
+         grants it for this, with AmbientCapabilities=)"
     )]
     NotPermitted {
         owner: u32,
         uid: u32,
         source: std::io::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
