@@ -167,12 +167,24 @@ impl Drop for Proc {
 /// Starts `lb run` as systemd's socket activation does: `fds` passed as LISTEN_FDS (at fd 3,
 /// 4, ...), LISTEN_PID its own; with extra environment. Returns once lb logged `lb started`.
 pub fn spawn_activated(lb_toml: &Path, fds: &[i32], env: &[(&str, String)]) -> Proc {
+    spawn_activated_through(&[], lb_toml, fds, env)
+}
+
+/// [`spawn_activated`], lb exec'd by `prefix` (a command that execs the rest, as `setpriv`:
+/// the PID stays the one LISTEN_PID names).
+pub fn spawn_activated_through(
+    prefix: &[&str],
+    lb_toml: &Path,
+    fds: &[i32],
+    env: &[(&str, String)],
+) -> Proc {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
-        .arg("LISTEN_PID=$$ exec \"$0\" run --config \"$1\"")
-        .arg(bin("lb"))
+        .arg("LISTEN_PID=$$ exec \"$@\" run --config \"$0\"")
         .arg(lb_toml)
+        .args(prefix)
+        .arg(bin("lb"))
         .env("LISTEN_FDS", fds.len().to_string())
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())

@@ -347,6 +347,85 @@ fn socket_activation_gives_every_worker_its_own_socket_and_restarts_lose_nothing
     p2.kill();
 }
 
+/// As packaged: systemd's socket belongs to root, lb runs as another user (here uid 65534)
+/// with CAP_NET_BIND_SERVICE and CAP_CHOWN. lb makes the socket its own so that its workers'
+/// sockets can join its SO_REUSEPORT group (the kernel wants one owner), then gives CAP_CHOWN
+/// up in every thread. Without CAP_CHOWN it says why and the workers share systemd's socket.
+#[test]
+fn socket_activation_as_an_unprivileged_user_adopts_systemds_socket() {
+    const NOBODY: u32 = 65534;
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let dir = TempDir::new("sd-user");
+    let cfg = dir.path().join("lb.toml");
+    std::fs::write(&cfg, lb_config(&[a.addr], "round-robin", "")).unwrap();
+    let readable = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+    std::fs::set_permissions(dir.path(), readable).unwrap();
+    let caps = |caps: &str| {
+        [
+            "setpriv".to_string(),
+            format!("--reuid={NOBODY}"),
+            format!("--regid={NOBODY}"),
+            "--clear-groups".into(),
+            format!("--inh-caps={caps}"),
+            format!("--ambient-caps={caps}"),
+        ]
+    };
+    let owner = |s: &UdpSocket| {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat fills `st` for a live descriptor; checked before it is read.
+        assert_eq!(unsafe { libc::fstat(s.as_raw_fd(), st.as_mut_ptr()) }, 0);
+        // SAFETY: initialised by the successful fstat.
+        unsafe { st.assume_init() }.st_uid
+    };
+
+    // Granted, as lb.service does.
+    let udp = systemd_udp_socket();
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = udp.local_addr().unwrap();
+    assert_eq!(owner(&udp), 0);
+    let prefix = caps("+chown,+net_bind_service");
+    let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
+    let mut p = spawn_activated_through(&prefix, &cfg, &[udp.as_raw_fd(), tcp.as_raw_fd()], &[]);
+    assert_eq!(owner(&udp), NOBODY, "systemd's socket is lb's now");
+    assert_eq!(udp_sockets_bound_to(p.pid(), addr).len(), 2);
+    assert!(udp_query(addr, "www.example.test.", RecordType::A, T).is_some());
+    // CAP_CHOWN (bit 0) is gone from every thread; CAP_NET_BIND_SERVICE (bit 10) stays.
+    for task in std::fs::read_dir(format!("/proc/{}/task", p.pid())).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+            let line = status
+                .lines()
+                .find(|l| l.starts_with(set))
+                .unwrap()
+                .to_string();
+            let bits = u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap();
+            assert_eq!(bits & 1, 0, "{line}");
+            assert_eq!(bits & (1 << 10), 1 << 10, "{line}");
+        }
+    }
+    p.kill();
+
+    // Not granted: lb says why, names the address, and serves on systemd's socket alone.
+    let udp = systemd_udp_socket();
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = udp.local_addr().unwrap();
+    let prefix = caps("+net_bind_service");
+    let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
+    let mut p = spawn_activated_through(&prefix, &cfg, &[udp.as_raw_fd(), tcp.as_raw_fd()], &[]);
+    assert_eq!(owner(&udp), 0);
+    assert!(
+        p.output.text().contains(&format!(
+            "udp {addr}: the socket systemd passed: cannot make it lb's: it belongs to uid 0 and \
+             lb runs as uid {NOBODY} without CAP_CHOWN"
+        )),
+        "{}",
+        p.output.text()
+    );
+    assert_eq!(udp_sockets_bound_to(p.pid(), addr).len(), 1);
+    assert!(udp_query(addr, "www.example.test.", RecordType::A, T).is_some());
+    p.kill();
+}
+
 /// Starts `lb run --config CFG` as on a host booted without IPv6 (`ipv6.disable=1`): a seccomp
 /// filter makes every `socket(AF_INET6, ...)` fail with EAFNOSUPPORT, as that kernel does.
 /// Returns the process and its stderr lines.
