@@ -153,6 +153,9 @@ wait_dns() {
 
 # Starts lb on 127.0.0.1:$1 in front of the given backends, with $LB_BACKENDS_EXTRA (keys) in
 # its [backends] section and $LB_EXTRA (TOML sections) appended. Sets LB_PID, LB_SOCK.
+# LB_ACTIVATED=1 starts it as under lb.socket: benches/socket-activate.py creates the UDP and
+# TCP sockets with lb.socket's options and execs lb with them (LISTEN_FDS), as systemd does; lb
+# then serves on them, each UDP worker on a socket of its own in their SO_REUSEPORT group.
 start_lb() {
   local port="$1" workers="$2"
   shift 2
@@ -178,7 +181,11 @@ state_file = "$d/state.json"
 listen = "127.0.0.1:0"
 ${LB_EXTRA:-}
 TOML
-  RUST_LOG=warn "${DAEMON[@]}" "$LB" run --config "$d/lb.toml" >"$d/log" 2>&1 &
+  local launch=("$LB")
+  if [ -n "${LB_ACTIVATED:-}" ]; then
+    launch=(python3 "$ROOT/benches/socket-activate.py" "127.0.0.1:$port" "$LB")
+  fi
+  RUST_LOG=warn "${DAEMON[@]}" "${launch[@]}" run --config "$d/lb.toml" >"$d/log" 2>&1 &
   LB_PID=$!
   LB_SOCK="$d/control.sock"
   PIDS+=("$LB_PID")

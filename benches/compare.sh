@@ -6,7 +6,10 @@
 # Setup as in shared/reference/peers.md: two NSD backends (one worker, RRL off) on
 # 127.0.0.11/12:53 serving the benchmark zone; dnsdist 2 listeners, leastOutstanding, without
 # and with its packet cache (100,000 entries); nginx stream 2 workers reuseport; lb 2 UDP
-# workers (LB_WORKERS), least-outstanding, without and with its packet cache. Load:
+# workers (LB_WORKERS), least-outstanding, without and with its packet cache; and lb-activated,
+# the packaged path: the same lb started as under lb.socket (benches/socket-activate.py makes
+# the sockets with lb.socket's options and execs lb with LISTEN_FDS, as systemd does), whose
+# workers each read a socket of their own in the SO_REUSEPORT group of the passed one. Load:
 # dnsperf -c 8 -T 1 -q 200 -t 2, query mix of peers.md.
 #
 # Fairness: every daemon (the NSD backends, lb, dnsdist, nginx) is started the same way. The
@@ -44,8 +47,8 @@ LB_CACHE="[cache]
 entries = 131072
 max_answer_size = 192"
 
-declare -A PORT=([direct]=53 [lb]=5300 [dnsdist]=5301 [nginx]=5302 [lb-cache]=5303 [dnsdist-cache]=5304)
-declare -A ADDR=([direct]=127.0.0.11 [lb]=127.0.0.1 [dnsdist]=127.0.0.1 [nginx]=127.0.0.1 [lb-cache]=127.0.0.1 [dnsdist-cache]=127.0.0.1)
+declare -A PORT=([direct]=53 [lb]=5300 [dnsdist]=5301 [nginx]=5302 [lb-cache]=5303 [dnsdist-cache]=5304 [lb-activated]=5305)
+declare -A ADDR=([direct]=127.0.0.11 [lb]=127.0.0.1 [dnsdist]=127.0.0.1 [nginx]=127.0.0.1 [lb-cache]=127.0.0.1 [dnsdist-cache]=127.0.0.1 [lb-activated]=127.0.0.1)
 declare -A TPID
 
 # PIDs of a target's processes (nginx has workers).
@@ -82,7 +85,7 @@ col() { [ -f "$WORK/res-$1" ] || { echo nan; return; }; awk -v c="$2" '{ print $
 minmax() { [ -f "$WORK/res-$1" ] || { echo nan; return; }; awk -v c="$2" '{ print $c }' "$WORK/res-$1" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%s-%s", lo, hi }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0 && a != "nan") printf "%.2f", a / b; else print "nan" }'; }
 
-read -r -a targets <<<"${TARGETS:-lb dnsdist nginx direct lb-cache dnsdist-cache}"
+read -r -a targets <<<"${TARGETS:-lb lb-activated dnsdist nginx direct lb-cache dnsdist-cache}"
 has() { [[ " ${targets[*]} " == *" $1 "* ]]; }
 
 for s in ${SESSIONS:-same own}; do
@@ -91,6 +94,7 @@ for s in ${SESSIONS:-same own}; do
   start_nsd 127.0.0.12 1
   if has lb; then start_lb 5300 "$LB_WORKERS" 127.0.0.11:53 127.0.0.12:53; TPID[lb]=$LB_PID; fi
   if has lb-cache; then LB_EXTRA="$LB_CACHE" start_lb 5303 "$LB_WORKERS" 127.0.0.11:53 127.0.0.12:53; TPID[lb-cache]=$LB_PID; fi
+  if has lb-activated; then LB_ACTIVATED=1 start_lb 5305 "$LB_WORKERS" 127.0.0.11:53 127.0.0.12:53; TPID[lb-activated]=$LB_PID; fi
   if has dnsdist; then start_dnsdist 5301; TPID[dnsdist]=$DNSDIST_PID; fi
   if has dnsdist-cache; then start_dnsdist 5304 cache; TPID[dnsdist-cache]=$DNSDIST_PID; fi
   if has nginx; then start_nginx 5302; TPID[nginx]=$NGINX_PID; fi
@@ -158,6 +162,11 @@ for s in ${SESSIONS:-same own}; do
     echo "Without caches, lb / peer: UDP qps vs dnsdist $(ratio "$(col "$s-lb-udp" 1)" "$(col "$s-dnsdist-udp" 1)"), vs nginx $(ratio "$(col "$s-lb-udp" 1)" "$(col "$s-nginx-udp" 1)");" \
       "CPU/query vs dnsdist at 20k $(ratio "$(col "$s-lb-q20k" 5)" "$(col "$s-dnsdist-q20k" 5)"), at 50k $(ratio "$(col "$s-lb-q50k" 5)" "$(col "$s-dnsdist-q50k" 5)");" \
       "TCP qps vs dnsdist $(ratio "$(col "$s-lb-tcp" 1)" "$(col "$s-dnsdist-tcp" 1)"); peak RSS vs dnsdist $(ratio "$(cat "$WORK/rss-$s-lb")" "$(cat "$WORK/rss-$s-dnsdist")")."
+  fi
+  if has lb && has lb-activated; then
+    echo "Socket-activated lb (as under lb.socket) / directly bound lb: UDP qps $(ratio "$(col "$s-lb-activated-udp" 1)" "$(col "$s-lb-udp" 1)");" \
+      "CPU/query at 20k $(ratio "$(col "$s-lb-activated-q20k" 5)" "$(col "$s-lb-q20k" 5)"), at 50k $(ratio "$(col "$s-lb-activated-q50k" 5)" "$(col "$s-lb-q50k" 5)");" \
+      "TCP qps $(ratio "$(col "$s-lb-activated-tcp" 1)" "$(col "$s-lb-tcp" 1)")."
   fi
   if has lb-cache && has dnsdist-cache; then
     echo "With caches, lb / peer: UDP qps vs dnsdist-cache $(ratio "$(col "$s-lb-cache-udp" 1)" "$(col "$s-dnsdist-cache-udp" 1)"), vs NSD direct $(ratio "$(col "$s-lb-cache-udp" 1)" "$(col "$s-direct-udp" 1)");" \

@@ -164,6 +164,156 @@ impl Drop for Proc {
     }
 }
 
+/// Starts `lb run` as systemd's socket activation does: `fds` passed as LISTEN_FDS (at fd 3,
+/// 4, ...), LISTEN_PID its own; with extra environment. Returns once lb logged `lb started`.
+pub fn spawn_activated(lb_toml: &Path, fds: &[i32], env: &[(&str, String)]) -> Proc {
+    spawn_activated_through(&[], lb_toml, fds, env)
+}
+
+/// [`spawn_activated`], lb exec'd by `prefix` (a command that execs the rest, as `setpriv`:
+/// the PID stays the one LISTEN_PID names).
+pub fn spawn_activated_through(
+    prefix: &[&str],
+    lb_toml: &Path,
+    fds: &[i32],
+    env: &[(&str, String)],
+) -> Proc {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$@\" run --config \"$0\"")
+        .arg(lb_toml)
+        .args(prefix)
+        .arg(bin("lb"))
+        .env("LISTEN_FDS", fds.len().to_string())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let fds = fds.to_vec();
+    // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, fd) in fds.iter().enumerate() {
+                let target = 3 + i as i32;
+                if *fd == target {
+                    let flags = libc::fcntl(target, libc::F_GETFD);
+                    libc::fcntl(target, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                } else if libc::dup2(*fd, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let output = Output::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    output.collect_lines(child.stderr.take().unwrap(), tx);
+    let p = Proc {
+        child,
+        output,
+        name: "lb (socket-activated)".into(),
+    };
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+            if l.contains("lb started") {
+                return p;
+            }
+        }
+    }
+    panic!("lb did not start:\n{}", p.output.text());
+}
+
+/// The distinct UDP sockets process `pid` holds bound to `addr` (each once, however many of its
+/// descriptors refer to it), copied into this process with `pidfd_getfd` (root, or ptrace
+/// rights over it) so that their options can be read.
+pub fn udp_sockets_bound_to(pid: u32, addr: SocketAddr) -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a PID and flags and returns a new descriptor or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    assert!(
+        pidfd >= 0,
+        "pidfd_open({pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new descriptor, owned by nothing else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let mut seen = Vec::new();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let entry = entry.unwrap();
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.display().to_string();
+        if !target.starts_with("socket:[") || seen.contains(&target) {
+            continue;
+        }
+        let Ok(n) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: pidfd_getfd takes a pidfd, a descriptor number and flags and returns a new
+        // descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), n, 0) };
+        if fd < 0 {
+            continue; // closed since
+        }
+        // SAFETY: a new descriptor, owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let s = socket2::SockRef::from(&fd);
+        let bound = s.local_addr().ok().and_then(|a| a.as_socket());
+        if s.r#type().ok() == Some(socket2::Type::DGRAM) && bound == Some(addr) {
+            seen.push(target);
+            out.push(fd);
+        }
+    }
+    out
+}
+
+/// The inode of a socket: the same for every descriptor that refers to it.
+pub fn socket_inode(fd: &impl std::os::fd::AsRawFd) -> u64 {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat fills `st` for a live descriptor; checked before it is read.
+    let r = unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) };
+    assert_eq!(r, 0, "fstat: {}", std::io::Error::last_os_error());
+    // SAFETY: initialised by the successful fstat above.
+    unsafe { st.assume_init() }.st_ino
+}
+
+/// A backend on loopback that answers every query `delay` after it arrived (the query echoed
+/// as an authoritative answer with no records), any number at once. Runs until the process ends.
+pub fn delayed_echo(delay: Duration) -> SocketAddr {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = sock.local_addr().unwrap();
+    let out = sock.try_clone().unwrap();
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>, SocketAddr)>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let mut r = buf[..n].to_vec();
+            if r.len() > 2 {
+                r[2] |= 0x84; // QR, AA
+            }
+            if tx.send((Instant::now() + delay, r, from)).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        // One delay for all: due times come in arrival order.
+        while let Ok((due, r, to)) = rx.recv() {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            let _ = out.send_to(&r, to);
+        }
+    });
+    addr
+}
+
 /// What a test BIND instance serves.
 #[derive(Clone)]
 pub struct ZoneSpec {

@@ -28,7 +28,8 @@ use crate::systemd::{self, Heartbeats};
 /// them in.
 #[derive(Debug)]
 pub struct Listeners {
-    /// Per UDP worker, one socket per `[listen] udp` address.
+    /// Per UDP worker, its sockets: one per `[listen] udp` address (or more, when there are
+    /// more sockets of an address than workers).
     pub udp: Vec<Vec<std::net::UdpSocket>>,
     pub tcp: Vec<std::net::TcpListener>,
     /// The `/metrics` endpoint, if configured.
@@ -38,6 +39,10 @@ pub struct Listeners {
     /// Set when the sockets came from an upgrading process: where to report readiness, and the
     /// backend set it handed over.
     pub handoff: Option<(std::os::unix::net::UnixStream, crate::state::RuntimeState)>,
+    /// The UDP sockets of each address are an `SO_REUSEPORT` group whose first member is the
+    /// socket systemd passed (lb.socket), which systemd keeps open across restarts: a stop
+    /// that hands over to no new process steers the groups' new datagrams to it.
+    pub systemd_group: bool,
 }
 
 /// Options of [`run`] that do not come from the config file.
@@ -47,23 +52,73 @@ pub struct RunOptions {
     pub log_json: bool,
 }
 
-/// Builds [`Listeners`] from sockets handed over by an upgrading `lb`.
+/// Which sockets each worker reads, for `count` sockets of one address and `workers`
+/// workers: per worker, indices into the address's sockets. Socket k goes to worker
+/// k % workers; with fewer sockets than workers the other workers share them (worker w reads
+/// socket w % count too), so every worker reads every address and every socket is read.
+fn spread_over_workers(count: usize, workers: usize) -> Vec<Vec<usize>> {
+    let mut plan = vec![Vec::new(); workers];
+    if count == 0 || workers == 0 {
+        return plan;
+    }
+    for w in 0..count.max(workers) {
+        plan[w % workers].push(w % count);
+    }
+    plan
+}
+
+/// Gives the sockets of one address to the workers as [`spread_over_workers`] says.
+fn assign_to_workers(
+    socks: Vec<std::net::UdpSocket>,
+    udp: &mut [Vec<std::net::UdpSocket>],
+) -> Result<()> {
+    for (w, picks) in spread_over_workers(socks.len(), udp.len())
+        .into_iter()
+        .enumerate()
+    {
+        for k in picks {
+            udp[w].push(
+                socks[k]
+                    .try_clone()
+                    .context("cannot duplicate a udp socket")?,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The UDP sockets grouped by the address they are bound to, in the order first seen.
+fn by_address(
+    socks: Vec<std::net::UdpSocket>,
+) -> Result<Vec<(SocketAddr, Vec<std::net::UdpSocket>)>> {
+    let mut groups: Vec<(SocketAddr, Vec<std::net::UdpSocket>)> = Vec::new();
+    for s in socks {
+        let a = s
+            .local_addr()
+            .context("a udp socket has no local address")?;
+        match groups.iter_mut().find(|(g, _)| *g == a) {
+            Some((_, v)) => v.push(s),
+            None => groups.push((a, vec![s])),
+        }
+    }
+    Ok(groups)
+}
+
+/// Builds [`Listeners`] from sockets handed over by an upgrading `lb`: every socket of each
+/// address (the old workers' whole `SO_REUSEPORT` group), spread over this process's workers.
 fn listeners_from_handoff(workers: usize, r: upgrade::Received) -> Result<Listeners> {
     let mut udp: Vec<Vec<std::net::UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
-    let n = r.udp.len().max(if r.udp.is_empty() { 0 } else { workers });
-    for i in 0..n {
-        let s = r.udp[i % r.udp.len()]
-            .try_clone()
-            .context("cannot duplicate a handed-over udp socket")?;
-        udp[i % workers].push(s);
-    }
-    let mut seen = Vec::new();
-    for s in &r.udp {
-        let a = s.local_addr()?;
-        if !seen.contains(&a) {
-            tracing::info!("listening for udp on {a}");
-            seen.push(a);
+    let count = r.udp.len();
+    for (addr, socks) in by_address(r.udp)? {
+        tracing::info!("listening for udp on {addr}");
+        if r.systemd_group {
+            // A previous process may have steered the group on a stop that was then taken
+            // over; spreading again is harmless when nothing is attached.
+            if let Err(e) = crate::sockets::spread_group(&socks[0]) {
+                tracing::warn!("udp {addr}: cannot spread datagrams over the workers again: {e}");
+            }
         }
+        assign_to_workers(socks, &mut udp)?;
     }
     for l in &r.tcp {
         tracing::info!("listening for tcp on {}", l.local_addr()?);
@@ -72,8 +127,7 @@ fn listeners_from_handoff(workers: usize, r: upgrade::Received) -> Result<Listen
         tracing::info!("listening for metrics on {}", m.local_addr()?);
     }
     tracing::info!(
-        "took over {} udp, {} tcp sockets from the previous process",
-        r.udp.len(),
+        "took over {count} udp, {} tcp sockets from the previous process",
         r.tcp.len()
     );
     Ok(Listeners {
@@ -82,6 +136,7 @@ fn listeners_from_handoff(workers: usize, r: upgrade::Received) -> Result<Listen
         metrics: r.metrics,
         control: r.control,
         handoff: Some((r.stream, r.state)),
+        systemd_group: r.systemd_group,
     })
 }
 
@@ -92,11 +147,112 @@ fn buffers(cfg: &LbConfig) -> BufferSizes {
     }
 }
 
+/// Warns once per address when its sockets got smaller buffers than `[udp]` asks for: the
+/// kernel caps what an unprivileged process sets at `net.core.rmem_max`/`wmem_max`.
+fn note_buffers(addr: SocketAddr, socks: &[std::net::UdpSocket], bufs: BufferSizes) {
+    let (mut recv, mut send) = (usize::MAX, usize::MAX);
+    for s in socks {
+        let (r, w) = crate::sockets::effective_buffers(s);
+        recv = recv.min(r);
+        send = send.min(w);
+    }
+    if recv < bufs.recv {
+        tracing::warn!(
+            "udp {addr}: udp.recv_buffer = {} but a socket got {recv} bytes: raise the sysctl \
+             net.core.rmem_max to at least {}",
+            bufs.recv,
+            bufs.recv
+        );
+    }
+    if send < bufs.send {
+        tracing::warn!(
+            "udp {addr}: udp.send_buffer = {} but a socket got {send} bytes: raise the sysctl \
+             net.core.wmem_max to at least {}",
+            bufs.send,
+            bufs.send
+        );
+    }
+}
+
+/// Under socket activation: makes the UDP sockets systemd passed for `addr` an
+/// `SO_REUSEPORT` group with (at least) one member per worker, systemd's first, binding the
+/// missing members, so that the workers read sockets of their own as when lb binds [listen]
+/// itself. Returns the group and whether lb added members. If it cannot (see
+/// [`systemd::adopt_socket`] and [`crate::sockets::join_reuseport_group`]), it says why and
+/// returns systemd's sockets alone, which the workers then share.
+fn complete_group(
+    addr: SocketAddr,
+    mut passed: Vec<std::net::UdpSocket>,
+    workers: usize,
+    bufs: BufferSizes,
+) -> (Vec<std::net::UdpSocket>, bool) {
+    for s in &passed {
+        crate::sockets::raise_buffers(s, bufs);
+    }
+    let from_systemd = passed.len();
+    let missing = workers.saturating_sub(from_systemd);
+    if missing == 0 {
+        return (passed, false);
+    }
+    let joined = || -> Result<Vec<std::net::UdpSocket>> {
+        for s in &passed {
+            systemd::adopt_socket(s).context("cannot make it lb's")?;
+            crate::sockets::ensure_reuse_port(s).context("cannot set SO_REUSEPORT on it")?;
+        }
+        (0..missing)
+            .map(|_| {
+                crate::sockets::join_reuseport_group(&passed[0], bufs)
+                    .context("cannot bind another socket next to it")
+            })
+            .collect()
+    };
+    match joined() {
+        Ok(more) => {
+            // A previous lb's stop steered the group to systemd's socket: spread it again.
+            if let Err(e) = crate::sockets::spread_group(&passed[0]) {
+                tracing::warn!("udp {addr}: cannot spread datagrams over the workers again: {e}");
+            }
+            passed.extend(more);
+            tracing::info!(
+                "udp {addr}: one SO_REUSEPORT socket per worker ({from_systemd} passed by systemd, \
+                 {missing} bound by lb)"
+            );
+            (passed, true)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "udp {addr}: the socket systemd passed: {e:#}; the {workers} udp workers share \
+                 {from_systemd} socket(s) instead of one each"
+            );
+            (passed, false)
+        }
+    }
+}
+
 /// Binds every configured address and logs `listening for udp on ADDR` /
 /// `listening for tcp on ADDR` with the real (port 0 resolved) address.
-/// With socket activation (`LISTEN_FDS`), the passed sockets are used instead of
-/// `[listen]`; every UDP worker gets a duplicate of each passed UDP socket.
+///
+/// With socket activation (`LISTEN_FDS`), the passed sockets are used instead of `[listen]`,
+/// each UDP one completed into an `SO_REUSEPORT` group with a socket per worker
+/// ([`complete_group`]). `CAP_CHOWN`, which lb.service grants for that, is given up before
+/// this returns, whatever the path.
 pub fn bind_listeners(cfg: &LbConfig) -> Result<Listeners> {
+    let listeners = bind_all(cfg);
+    match systemd::drop_chown_capability() {
+        Ok(true) => tracing::debug!("gave up CAP_CHOWN"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!("cannot give up CAP_CHOWN: {e}"),
+    }
+    listeners
+}
+
+/// True if binding `addr` failed only because this host has no IPv6 (booted with
+/// `ipv6.disable=1`, or a unit's `RestrictAddressFamilies=` without `AF_INET6`).
+fn no_ipv6(addr: &SocketAddr, e: &std::io::Error) -> bool {
+    addr.is_ipv6() && e.raw_os_error() == Some(libc::EAFNOSUPPORT)
+}
+
+fn bind_all(cfg: &LbConfig) -> Result<Listeners> {
     let workers = cfg.workers();
     if let Some(r) = upgrade::receive_from_env()? {
         return listeners_from_handoff(workers, r);
@@ -123,15 +279,13 @@ pub fn bind_listeners(cfg: &LbConfig) -> Result<Listeners> {
             inh.udp.len(),
             inh.tcp.len()
         );
-        for s in inh.udp {
-            for w in udp.iter_mut().skip(1) {
-                w.push(
-                    s.try_clone()
-                        .context("cannot duplicate a passed udp socket")?,
-                );
-            }
-            tracing::info!("listening for udp on {}", s.local_addr()?);
-            udp[0].push(s);
+        let mut systemd_group = false;
+        for (addr, passed) in by_address(inh.udp)? {
+            let (socks, grown) = complete_group(addr, passed, workers, bufs);
+            systemd_group |= grown;
+            note_buffers(addr, &socks, bufs);
+            assign_to_workers(socks, &mut udp)?;
+            tracing::info!("listening for udp on {addr}");
         }
         for l in &inh.tcp {
             tracing::info!("listening for tcp on {}", l.local_addr()?);
@@ -142,25 +296,60 @@ pub fn bind_listeners(cfg: &LbConfig) -> Result<Listeners> {
             metrics,
             control: bind_control()?,
             handoff: None,
+            systemd_group,
         });
     }
+    // Skipping an IPv6 address is fine as long as the list keeps one to serve on.
+    let all_skipped = |proto: &str, addr: SocketAddr, e: std::io::Error| {
+        Err(e).with_context(|| {
+            format!("cannot bind {proto} {addr}, and no other [listen] {proto} address could be")
+        })
+    };
+    let mut skipped = None;
     for addr in &cfg.listen.udp {
-        let first = build_udp_listener(*addr, true, bufs)
-            .with_context(|| format!("cannot bind udp {addr}"))?;
+        let first = match build_udp_listener(*addr, true, bufs) {
+            Ok(s) => s,
+            Err(e) if no_ipv6(addr, &e) => {
+                tracing::warn!("not listening for udp on {addr}: this host has no IPv6 ({e})");
+                skipped = Some((*addr, e));
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot bind udp {addr}")),
+        };
         let real: SocketAddr = first.local_addr()?;
-        udp[0].push(first);
-        for w in udp.iter_mut().skip(1) {
+        let mut group = vec![first];
+        for _ in 1..workers {
             let s = build_udp_listener(real, true, bufs)
                 .with_context(|| format!("cannot bind udp {real} for another worker"))?;
-            w.push(s);
+            group.push(s);
         }
+        note_buffers(real, &group, bufs);
+        assign_to_workers(group, &mut udp)?;
         tracing::info!("listening for udp on {real}");
+    }
+    if let Some((addr, e)) = skipped.take() {
+        if udp.iter().all(Vec::is_empty) {
+            return all_skipped("udp", addr, e);
+        }
     }
     let mut tcp = Vec::new();
     for addr in &cfg.listen.tcp {
-        let l = build_tcp_listener(*addr).with_context(|| format!("cannot bind tcp {addr}"))?;
+        let l = match build_tcp_listener(*addr) {
+            Ok(l) => l,
+            Err(e) if no_ipv6(addr, &e) => {
+                tracing::warn!("not listening for tcp on {addr}: this host has no IPv6 ({e})");
+                skipped = Some((*addr, e));
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot bind tcp {addr}")),
+        };
         tracing::info!("listening for tcp on {}", l.local_addr()?);
         tcp.push(l);
+    }
+    if let Some((addr, e)) = skipped {
+        if tcp.is_empty() {
+            return all_skipped("tcp", addr, e);
+        }
     }
     Ok(Listeners {
         udp,
@@ -168,6 +357,7 @@ pub fn bind_listeners(cfg: &LbConfig) -> Result<Listeners> {
         metrics,
         control: bind_control()?,
         handoff: None,
+        systemd_group: false,
     })
 }
 
@@ -284,7 +474,7 @@ pub fn run(
     }
     let drain_timeout = cfg.backends.timeout() + Duration::from_millis(100);
     let control_listener = listeners.control.take();
-    let sockets = handoff_duplicates(&listeners, control_listener.as_ref())?;
+    let sockets = Arc::new(handoff_duplicates(&listeners, control_listener.as_ref())?);
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("lb"));
     let lifecycle = Arc::new(Lifecycle::default());
 
@@ -315,7 +505,7 @@ pub fn run(
             Arc::clone(&lifecycle),
         )
         .with_upgrade(UpgradeHooks {
-            sockets: Arc::new(sockets),
+            sockets: Arc::clone(&sockets),
             exe,
             log_json: opts.log_json,
         }),
@@ -380,7 +570,12 @@ pub fn run(
         wait_for_stop_signal(&ctx).await;
         match lifecycle.successor() {
             Some(pid) => systemd::notify_main_pid(pid),
-            None => systemd::notify_stopping(),
+            None => {
+                systemd::notify_stopping();
+                if sockets.systemd_group {
+                    steer_to_systemd(&sockets.udp);
+                }
+            }
         }
         tracing::info!("shutting down: answering queries in flight");
         lifecycle.stop();
@@ -438,7 +633,8 @@ async fn wait_for_clients(
     }
 }
 
-/// Duplicates of every listening socket, kept for a later upgrade's hand-over.
+/// Duplicates of every listening socket, kept for a later upgrade's hand-over: each UDP
+/// socket once, even when several workers read it.
 fn handoff_duplicates(
     listeners: &Listeners,
     control: Option<&std::os::unix::net::UnixListener>,
@@ -446,13 +642,18 @@ fn handoff_duplicates(
     let dup = |fd: std::io::Result<std::os::fd::OwnedFd>| {
         fd.context("cannot duplicate a listening socket")
     };
+    let mut udp = Vec::new();
+    let mut seen = Vec::new();
+    for s in listeners.udp.iter().flatten() {
+        // Duplicates of one socket share its inode.
+        let st = rustix::fs::fstat(s).context("cannot inspect a udp socket")?;
+        if !seen.contains(&(st.st_dev, st.st_ino)) {
+            seen.push((st.st_dev, st.st_ino));
+            udp.push(dup(s.try_clone().map(Into::into))?);
+        }
+    }
     Ok(HandoffSockets {
-        udp: listeners
-            .udp
-            .iter()
-            .flatten()
-            .map(|s| dup(s.try_clone().map(Into::into)))
-            .collect::<Result<_>>()?,
+        udp,
         tcp: listeners
             .tcp
             .iter()
@@ -466,7 +667,28 @@ fn handoff_duplicates(
         control: control
             .map(|s| dup(s.try_clone().map(Into::into)))
             .transpose()?,
+        systemd_group: listeners.systemd_group,
     })
+}
+
+/// On a stop with no successor under socket activation: from now on the kernel delivers the
+/// UDP groups' datagrams to systemd's socket only, where they wait for the next lb, instead
+/// of to this process's own sockets, which close when it exits. The workers then read what
+/// their sockets had queued once (`dataplane::udp`) and answer it before exiting.
+fn steer_to_systemd(udp: &[std::os::fd::OwnedFd]) {
+    let mut failed = None;
+    for fd in udp {
+        if let Err(e) = crate::sockets::steer_group_to_first(fd) {
+            failed = Some(e);
+        }
+    }
+    match failed {
+        None => tracing::info!("new udp queries wait in systemd's sockets for the next lb"),
+        Some(e) => tracing::warn!(
+            "cannot steer new udp queries to systemd's sockets ({e}): those that arrive in \
+             this process's own sockets until it exits are lost"
+        ),
+    }
 }
 
 /// Waits for SIGTERM or SIGINT, or for an upgrade to have handed over; SIGHUP in the meantime
@@ -502,5 +724,22 @@ async fn wait_for_stop_signal(ctx: &Arc<ControlContext>) {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread_over_workers;
+
+    #[test]
+    fn every_worker_reads_every_address_and_every_socket_is_read() {
+        // One socket per worker: each its own.
+        assert_eq!(spread_over_workers(3, 3), [vec![0], vec![1], vec![2]]);
+        // Fewer sockets (systemd's alone): shared, round-robin.
+        assert_eq!(spread_over_workers(1, 3), [vec![0], vec![0], vec![0]]);
+        assert_eq!(spread_over_workers(2, 3), [vec![0], vec![1], vec![0]]);
+        // More sockets (a hand-over to fewer workers): some read two.
+        assert_eq!(spread_over_workers(5, 2), [vec![0, 2, 4], vec![1, 3]]);
+        assert_eq!(spread_over_workers(0, 2), [Vec::<usize>::new(), Vec::new()]);
     }
 }

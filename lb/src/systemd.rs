@@ -2,7 +2,7 @@
 //! passed by socket activation (`lb.socket`), so a service restart keeps the listening sockets
 //! and the queries queued in them.
 
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsFd, FromRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +46,62 @@ pub fn inherited_sockets() -> Result<Option<Inherited>> {
         }
     }
     Ok(Some(out))
+}
+
+/// Why lb cannot make a socket systemd passed its own: see [`adopt_socket`].
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    /// (`source`, the kernel's refusal, follows in the error chain.)
+    #[error(
+        "it belongs to uid {owner} and lb runs as uid {uid} without CAP_CHOWN (lb.service \
+         grants it for this, with AmbientCapabilities=)"
+    )]
+    NotPermitted {
+        owner: u32,
+        uid: u32,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Makes a socket systemd passed belong to lb's user, so that sockets lb binds can join its
+/// `SO_REUSEPORT` group: the kernel admits a socket to a group only if both belong to the
+/// same user, and systemd creates its sockets as root while lb.service runs as `User=lb`.
+///
+/// Needs `CAP_CHOWN` once (lb.service grants it; [`drop_chown_capability`] gives it up as soon
+/// as the sockets are bound). Nothing to do when lb runs as the owner already (as root, or
+/// after a restart: the socket keeps the owner the previous lb gave it).
+pub fn adopt_socket(sock: &impl AsFd) -> Result<(), AdoptError> {
+    let owner = rustix::fs::fstat(sock)
+        .map_err(std::io::Error::from)?
+        .st_uid;
+    let uid = rustix::process::geteuid();
+    if owner == uid.as_raw() {
+        return Ok(());
+    }
+    rustix::fs::fchown(sock, Some(uid), None).map_err(|e| AdoptError::NotPermitted {
+        owner,
+        uid: uid.as_raw(),
+        source: e.into(),
+    })
+}
+
+/// Gives up `CAP_CHOWN` (effective, permitted and inheritable, and so ambient) if this process
+/// has it: lb.service grants it only for [`adopt_socket`], at start. Called before any other
+/// thread exists (capabilities are per thread), so no thread, and no process started by an
+/// upgrade, keeps it. Returns whether it was held.
+pub fn drop_chown_capability() -> std::io::Result<bool> {
+    use rustix::thread::{capabilities, set_capabilities, CapabilitySet};
+    let mut caps = capabilities(None)?;
+    let held = (caps.permitted | caps.effective | caps.inheritable).contains(CapabilitySet::CHOWN);
+    if held {
+        caps.effective.remove(CapabilitySet::CHOWN);
+        caps.permitted.remove(CapabilitySet::CHOWN);
+        caps.inheritable.remove(CapabilitySet::CHOWN);
+        set_capabilities(None, caps)?;
+    }
+    Ok(held)
 }
 
 /// Tells systemd the service is ready (all sockets bound, backend set loaded).

@@ -4,7 +4,6 @@
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -159,57 +158,6 @@ fn metrics_pass_promtool_and_count_exactly() {
     assert_eq!(http_get(lb.metrics.unwrap(), "/nope").0, 404);
 }
 
-/// Starts `lb run` with `fds` passed as LISTEN_FDS (at fd 3, 4, ...) and extra environment.
-fn spawn_activated(lb_toml: &std::path::Path, fds: &[i32], env: &[(&str, String)]) -> Proc {
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ exec \"$0\" run --config \"$1\"")
-        .arg(bin("lb"))
-        .arg(lb_toml)
-        .env("LISTEN_FDS", fds.len().to_string())
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let fds = fds.to_vec();
-    // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            for (i, fd) in fds.iter().enumerate() {
-                let target = 3 + i as i32;
-                if *fd == target {
-                    let flags = libc::fcntl(target, libc::F_GETFD);
-                    libc::fcntl(target, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-                } else if libc::dup2(*fd, target) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
-    let output = Output::default();
-    let (tx, rx) = std::sync::mpsc::channel();
-    output.collect_lines(child.stderr.take().unwrap(), tx);
-    let p = Proc {
-        child,
-        output,
-        name: "lb (socket-activated)".into(),
-    };
-    let end = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < end {
-        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
-            if l.contains("lb started") {
-                return p;
-            }
-        }
-    }
-    panic!("lb did not start:\n{}", p.output.text());
-}
-
 #[test]
 fn socket_activation_and_sd_notify() {
     let a = Named::start(ZoneSpec::new(1, "a"));
@@ -280,6 +228,340 @@ fn socket_activation_and_sd_notify() {
         .expect("the query queued during the restart is answered");
     assert!(n > 12 && b2[0..2] == [0, 4]);
     p2.kill();
+}
+
+/// "systemd"'s UDP socket as lb.socket makes it (`ReusePort=yes`), on a free loopback port.
+fn systemd_udp_socket() -> UdpSocket {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    s.set_reuse_port(true).unwrap();
+    s.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    s.into()
+}
+
+/// How many of `n` datagrams, each from a new source port, a socket of the test that joins
+/// the `SO_REUSEPORT` group at `addr` receives: some when the kernel spreads datagrams over the
+/// group, none while a stop steered them to its first member.
+fn share_of_a_new_member(addr: std::net::SocketAddr, n: usize) -> usize {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    s.set_reuse_port(true).unwrap();
+    s.bind(&addr.into()).unwrap();
+    let s: UdpSocket = s.into();
+    for _ in 0..n {
+        // Not DNS: lb counts them as dropped.
+        UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .send_to(b"x", addr)
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 16];
+    let mut got = 0;
+    while s.recv(&mut buf).is_ok() {
+        got += 1;
+    }
+    got
+}
+
+/// Under socket activation each UDP worker reads a socket of its own, as when lb binds
+/// [listen] itself: systemd's and, next to it in one SO_REUSEPORT group, one lb binds per other
+/// worker, all with [udp] recv_buffer. A query queued in systemd's socket before lb starts is
+/// answered, and a restart under steady load loses nothing: the stopping lb steers new queries
+/// to systemd's socket, which the next one reads. (Half the queries go to a backend that
+/// answers after 300 ms, so the stopping lb waits that long for them: long enough for queries
+/// arriving meanwhile in its own sockets to be lost, were they not steered.)
+#[test]
+fn socket_activation_gives_every_worker_its_own_socket_and_restarts_lose_nothing() {
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let slow = delayed_echo(Duration::from_millis(300));
+    let dir = TempDir::new("sd-group");
+    let udp = systemd_udp_socket();
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = udp.local_addr().unwrap();
+    let cfg = dir.path().join("lb.toml");
+    std::fs::write(
+        &cfg,
+        lb_config(
+            &[a.addr, slow],
+            "round-robin",
+            "[udp]\nrecv_buffer = 1000000\n",
+        )
+        .replace("workers = 2", "workers = 3"),
+    )
+    .unwrap();
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    c.send_to(&query_bytes(7, "www.example.test.", RecordType::A), addr)
+        .unwrap();
+    let mut p = spawn_activated(&cfg, &[udp.as_raw_fd(), tcp.as_raw_fd()], &[]);
+    let mut buf = [0u8; 512];
+    let (n, _) = c
+        .recv_from(&mut buf)
+        .expect("the query queued before lb started is answered");
+    assert!(n > 12 && buf[0..2] == [0, 7]);
+
+    let socks = udp_sockets_bound_to(p.pid(), addr);
+    assert_eq!(socks.len(), 3, "one socket per worker\n{}", p.output.text());
+    assert!(
+        socks.iter().any(|s| socket_inode(s) == socket_inode(&udp)),
+        "systemd's socket is one of them"
+    );
+    for s in &socks {
+        let s = socket2::SockRef::from(s);
+        assert!(s.reuse_port().unwrap());
+        // Linux reports twice the size set.
+        assert_eq!(s.recv_buffer_size().unwrap(), 2_000_000);
+    }
+    assert!(p.output.text().contains(&format!(
+        "udp {addr}: one SO_REUSEPORT socket per worker (1 passed by systemd, 2 bound by lb)"
+    )));
+    assert!(share_of_a_new_member(addr, 64) > 0, "spread over the group");
+    // Copies held here would keep lb's sockets in the group after it exits.
+    drop(socks);
+
+    let load = LoadClient::start(addr, 400);
+    std::thread::sleep(Duration::from_millis(400));
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(T), Some(0), "{}", p.output.text());
+    // Down for a while: queries wait in systemd's socket.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut p2 = spawn_activated(&cfg, &[udp.as_raw_fd(), tcp.as_raw_fd()], &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    let report = load.finish();
+    eprintln!(
+        "restart under load: sent {}, lost {}",
+        report.sent,
+        report.lost()
+    );
+    assert!(report.sent > 300);
+    assert_eq!(report.lost(), 0, "no query lost across the restart");
+    assert!(p
+        .output
+        .text()
+        .contains("new udp queries wait in systemd's sockets for the next lb"));
+    // The new lb completed the group again and undid the stop's steering.
+    assert_eq!(udp_sockets_bound_to(p2.pid(), addr).len(), 3);
+    assert!(
+        share_of_a_new_member(addr, 64) > 0,
+        "spread over the group again"
+    );
+    p2.kill();
+}
+
+/// As packaged: systemd's socket belongs to root, lb runs as another user (here uid 65534)
+/// with CAP_NET_BIND_SERVICE and CAP_CHOWN. lb makes the socket its own so that its workers'
+/// sockets can join its SO_REUSEPORT group (the kernel wants one owner), then gives CAP_CHOWN
+/// up in every thread. Without CAP_CHOWN it says why and the workers share systemd's socket.
+#[test]
+fn socket_activation_as_an_unprivileged_user_adopts_systemds_socket() {
+    const NOBODY: u32 = 65534;
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let dir = TempDir::new("sd-user");
+    let cfg = dir.path().join("lb.toml");
+    std::fs::write(&cfg, lb_config(&[a.addr], "round-robin", "")).unwrap();
+    let readable = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+    std::fs::set_permissions(dir.path(), readable).unwrap();
+    let caps = |caps: &str| {
+        [
+            "setpriv".to_string(),
+            format!("--reuid={NOBODY}"),
+            format!("--regid={NOBODY}"),
+            "--clear-groups".into(),
+            format!("--inh-caps={caps}"),
+            format!("--ambient-caps={caps}"),
+        ]
+    };
+    let owner = |s: &UdpSocket| {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat fills `st` for a live descriptor; checked before it is read.
+        assert_eq!(unsafe { libc::fstat(s.as_raw_fd(), st.as_mut_ptr()) }, 0);
+        // SAFETY: initialised by the successful fstat.
+        unsafe { st.assume_init() }.st_uid
+    };
+
+    // Granted, as lb.service does.
+    let udp = systemd_udp_socket();
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = udp.local_addr().unwrap();
+    assert_eq!(owner(&udp), 0);
+    let prefix = caps("+chown,+net_bind_service");
+    let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
+    let mut p = spawn_activated_through(&prefix, &cfg, &[udp.as_raw_fd(), tcp.as_raw_fd()], &[]);
+    assert_eq!(owner(&udp), NOBODY, "systemd's socket is lb's now");
+    assert_eq!(udp_sockets_bound_to(p.pid(), addr).len(), 2);
+    assert!(udp_query(addr, "www.example.test.", RecordType::A, T).is_some());
+    // CAP_CHOWN (bit 0) is gone from every thread; CAP_NET_BIND_SERVICE (bit 10) stays.
+    for task in std::fs::read_dir(format!("/proc/{}/task", p.pid())).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+            let line = status
+                .lines()
+                .find(|l| l.starts_with(set))
+                .unwrap()
+                .to_string();
+            let bits = u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap();
+            assert_eq!(bits & 1, 0, "{line}");
+            assert_eq!(bits & (1 << 10), 1 << 10, "{line}");
+        }
+    }
+    p.kill();
+
+    // Not granted: lb says why, names the address, and serves on systemd's socket alone.
+    let udp = systemd_udp_socket();
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = udp.local_addr().unwrap();
+    let prefix = caps("+net_bind_service");
+    let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
+    let mut p = spawn_activated_through(&prefix, &cfg, &[udp.as_raw_fd(), tcp.as_raw_fd()], &[]);
+    assert_eq!(owner(&udp), 0);
+    assert!(
+        p.output.text().contains(&format!(
+            "udp {addr}: the socket systemd passed: cannot make it lb's: it belongs to uid 0 and \
+             lb runs as uid {NOBODY} without CAP_CHOWN"
+        )),
+        "{}",
+        p.output.text()
+    );
+    assert_eq!(udp_sockets_bound_to(p.pid(), addr).len(), 1);
+    assert!(udp_query(addr, "www.example.test.", RecordType::A, T).is_some());
+    p.kill();
+}
+
+/// Starts `lb run --config CFG` as on a host booted without IPv6 (`ipv6.disable=1`): a seccomp
+/// filter makes every `socket(AF_INET6, ...)` fail with EAFNOSUPPORT, as that kernel does.
+/// Returns the process and its stderr lines.
+fn spawn_without_ipv6(cfg: &std::path::Path) -> (Proc, std::sync::mpsc::Receiver<String>) {
+    use std::os::unix::process::CommandExt;
+    #[cfg(target_arch = "x86_64")]
+    const AUDIT_ARCH: u32 = 0xC000_003E;
+    #[cfg(target_arch = "aarch64")]
+    const AUDIT_ARCH: u32 = 0xC000_00B7;
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    let load = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+    let ret = libc::BPF_RET | libc::BPF_K;
+    // struct seccomp_data: nr at 0, arch at 4, args[0] at 16 (its low half, little-endian).
+    let mut program = vec![
+        stmt(load, 4),
+        jeq(AUDIT_ARCH, 1, 0),
+        stmt(ret, libc::SECCOMP_RET_ALLOW),
+        stmt(load, 0),
+        jeq(libc::SYS_socket as u32, 0, 3),
+        stmt(load, 16),
+        jeq(libc::AF_INET6 as u32, 0, 1),
+        stmt(ret, libc::SECCOMP_RET_ERRNO | libc::EAFNOSUPPORT as u32),
+        stmt(ret, libc::SECCOMP_RET_ALLOW),
+    ];
+    let mut cmd = Command::new(bin("lb"));
+    cmd.args(["run", "--config"])
+        .arg(cfg)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only prctl between fork and exec; the program outlives the call (moved in).
+    unsafe {
+        cmd.pre_exec(move || {
+            let fprog = libc::sock_fprog {
+                len: program.len() as u16,
+                filter: program.as_mut_ptr(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &fprog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let output = Output::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    output.collect_lines(child.stderr.take().unwrap(), tx);
+    let p = Proc {
+        child,
+        output,
+        name: "lb (no IPv6)".into(),
+    };
+    (p, rx)
+}
+
+/// The packaged [listen] is dual-stack ("0.0.0.0:53" and "[::]:53"): on a host without IPv6
+/// lb says so and serves IPv4, rather than failing to start; with nothing but IPv6 in a list
+/// it fails, naming the address.
+#[test]
+fn starts_without_ipv6_on_its_ipv4_addresses() {
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let dir = TempDir::new("no-ipv6");
+    let cfg = dir.path().join("lb.toml");
+    let listen = |udp: &str, tcp: &str| {
+        lb_config(&[a.addr], "round-robin", "").replace(
+            "udp = [\"127.0.0.1:0\"]\ntcp = [\"127.0.0.1:0\"]",
+            &format!("udp = [{udp}]\ntcp = [{tcp}]"),
+        )
+    };
+    let both = "\"127.0.0.1:0\", \"[::]:0\"";
+    std::fs::write(&cfg, listen(both, both)).unwrap();
+    let (mut p, lines) = spawn_without_ipv6(&cfg);
+    let mut udp = None;
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let line = lines
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("lb did not start:\n{}", p.output.text()));
+        if let Some(a) = line
+            .split("listening for udp on ")
+            .nth(1)
+            .and_then(|rest| rest.trim().parse::<std::net::SocketAddr>().ok())
+        {
+            udp = Some(a);
+        }
+        if line.contains("lb started") {
+            break;
+        }
+    }
+    let text = p.output.text();
+    for proto in ["udp", "tcp"] {
+        assert!(
+            text.contains(&format!(
+                "not listening for {proto} on [::]:0: this host has no IPv6"
+            )),
+            "{text}"
+        );
+    }
+    let udp = udp.expect("an IPv4 udp listener");
+    assert!(udp.is_ipv4());
+    assert!(udp_query(udp, "www.example.test.", RecordType::A, T).is_some());
+    p.kill();
+
+    std::fs::write(&cfg, listen("\"[::]:0\"", both)).unwrap();
+    let (mut p, _) = spawn_without_ipv6(&cfg);
+    assert_eq!(p.wait_exit(T), Some(1), "{}", p.output.text());
+    assert!(
+        p.output.text().contains("cannot bind udp [::]:0"),
+        "{}",
+        p.output.text()
+    );
 }
 
 #[test]

@@ -72,12 +72,12 @@ impl Drop for KillPid {
     }
 }
 
-/// The PID now answering on `lb`'s control socket, once it differs from `old`.
-fn new_pid(lb: &Lb, old: u32) -> KillPid {
+/// The PID now answering on the control socket at `socket`, once it differs from `old`.
+fn new_pid(socket: &std::path::Path, old: u32) -> KillPid {
     let t = Instant::now();
     loop {
         if let Ok(r) = lb::control_protocol::send_request(
-            &lb.socket(),
+            socket,
             lb::control_protocol::ControlCommand::Status,
             Duration::from_secs(2),
         ) {
@@ -125,7 +125,7 @@ fn upgrade_under_udp_and_tcp_load_loses_nothing() {
     let took = t.elapsed();
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("upgraded"), "{out}");
-    let _new = new_pid(&lb, old_pid);
+    let _new = new_pid(&lb.socket(), old_pid);
     std::thread::sleep(Duration::from_millis(1000));
     stop.store(true, Ordering::Relaxed);
     let report = load.finish();
@@ -298,7 +298,7 @@ fn only_root_may_upgrade_to_a_binary_of_its_choice() {
         &["upgrade", "--binary", path.to_str().unwrap()],
     );
     assert_eq!(code, 0, "{out}");
-    let _new = new_pid(&lb, old);
+    let _new = new_pid(&lb.socket(), old);
     assert!(lb.answers_udp());
 }
 
@@ -367,7 +367,7 @@ fn an_upgrade_lets_a_zone_transfer_in_progress_finish() {
             )
             .expect("upgrade");
             assert!(r.ok, "{r:?}");
-            upgraded = Some(new_pid(&lb, old));
+            upgraded = Some(new_pid(&lb.socket(), old));
             let m = udp_query(
                 lb.udp(),
                 "www.example.test.",
@@ -387,4 +387,114 @@ fn an_upgrade_lets_a_zone_transfer_in_progress_finish() {
         "the whole transfer arrived"
     );
     assert!(t.elapsed() > Duration::from_secs(1), "{:?}", t.elapsed());
+}
+
+/// Under socket activation every UDP worker has a socket of its own in one SO_REUSEPORT group
+/// with systemd's: an upgrade hands the whole group over (a member left behind would close with
+/// the old process, with what it had queued) and loses nothing of a steady load; the new
+/// process, not started by systemd, still knows the group is systemd's, so a restart after it
+/// loses nothing either. (Half the queries go to a backend that answers after 300 ms: each
+/// stopping process waits for them, with its sockets open.)
+#[test]
+fn upgrade_under_socket_activation_hands_over_the_whole_group() {
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let slow = delayed_echo(Duration::from_millis(300));
+    let dir = TempDir::new("sd-upgrade");
+    let udp = {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        s.set_reuse_port(true).unwrap();
+        s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        std::net::UdpSocket::from(s)
+    };
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = udp.local_addr().unwrap();
+    let cfg = dir.path().join("lb.toml");
+    let control = dir.path().join("control.sock");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}\n[control]\nsocket = \"{}\"\n",
+            lb_config(&[a.addr, slow], "round-robin", "").replace("workers = 2", "workers = 3"),
+            control.display()
+        ),
+    )
+    .unwrap();
+    use std::os::fd::AsRawFd;
+    let fds = [udp.as_raw_fd(), tcp.as_raw_fd()];
+    let mut old = spawn_activated(&cfg, &fds, &[]);
+    let group: Vec<u64> = udp_sockets_bound_to(old.pid(), addr)
+        .iter()
+        .map(socket_inode)
+        .collect();
+    assert_eq!(group.len(), 3, "{}", old.output.text());
+
+    let load = LoadClient::start(addr, 1000);
+    std::thread::sleep(Duration::from_millis(500));
+    let out = std::process::Command::new(bin("lb"))
+        .args(["ctl", "--socket"])
+        .arg(&control)
+        .arg("upgrade")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut new = new_pid(&control, old.pid());
+    assert_eq!(
+        old.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "{}",
+        old.output.text()
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let report = load.finish();
+    eprintln!(
+        "upgrade under socket activation: sent {}, lost {}",
+        report.sent,
+        report.lost()
+    );
+    assert!(report.sent > 1000);
+    assert_eq!(report.lost(), 0, "no UDP query lost");
+    let mut handed: Vec<u64> = udp_sockets_bound_to(new.0, addr)
+        .iter()
+        .map(socket_inode)
+        .collect();
+    handed.sort_unstable();
+    let mut group = group;
+    group.sort_unstable();
+    assert_eq!(handed, group, "the new process holds the very same sockets");
+
+    // A restart of the upgraded process (SIGTERM, then systemd starts lb again).
+    let load = LoadClient::start(addr, 400);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = std::process::Command::new("kill")
+        .arg(new.0.to_string())
+        .status();
+    // Not our child: gone, or a zombie waiting for whoever adopted it.
+    let exited = |pid: u32| match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(st) => st
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z')),
+    };
+    let end = Instant::now() + Duration::from_secs(5);
+    while !exited(new.0) {
+        assert!(
+            Instant::now() < end,
+            "the upgraded process exits on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    new.0 = 0;
+    let mut next = spawn_activated(&cfg, &fds, &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    let report = load.finish();
+    eprintln!(
+        "restart after the upgrade: sent {}, lost {}",
+        report.sent,
+        report.lost()
+    );
+    assert_eq!(report.lost(), 0, "no UDP query lost across the restart");
+    assert_eq!(udp_sockets_bound_to(next.pid(), addr).len(), 3);
+    next.kill();
 }

@@ -15,7 +15,10 @@
 //!    finishes its TCP client connections (answered, then closed), and exits.
 //!
 //! Because both processes hold the very same sockets, no datagram or connection queued in
-//! them is lost during the switch.
+//! them is lost during the switch. Every UDP worker's socket is handed over, the whole
+//! `SO_REUSEPORT` group of each address (under socket activation too, where systemd's socket
+//! is its first member): a member left behind would be closed with the old process, and the
+//! datagrams the kernel had queued in it lost.
 //!
 //! The description also carries the control plane's records ([`CarriedRecords`]: upgrades,
 //! swaps, state file writes), with this upgrade already counted as a success, so the new
@@ -49,6 +52,9 @@ pub struct HandoffSockets {
     pub tcp: Vec<OwnedFd>,
     pub metrics: Option<OwnedFd>,
     pub control: Option<OwnedFd>,
+    /// The UDP sockets are `SO_REUSEPORT` groups whose first member systemd keeps (socket
+    /// activation), see [`crate::server::Listeners::systemd_group`].
+    pub systemd_group: bool,
 }
 
 /// What the descriptors that follow are, in order, and the runtime backend set to start with
@@ -63,6 +69,9 @@ struct Manifest {
     /// Absent from an older binary's hand-over.
     #[serde(default)]
     records: Option<CarriedRecords>,
+    /// Absent from the manifests of versions before it: false.
+    #[serde(default)]
+    systemd_group: bool,
 }
 
 /// The records received with the sockets, once per process (set by [`receive_from_env`]).
@@ -86,6 +95,8 @@ pub struct Received {
     pub control: Option<UnixListener>,
     /// The old process's backend set at the moment of the hand-over.
     pub state: RuntimeState,
+    /// See [`HandoffSockets::systemd_group`].
+    pub systemd_group: bool,
     /// Where to report readiness.
     pub stream: UnixStream,
 }
@@ -142,6 +153,7 @@ pub fn receive_from_env() -> anyhow::Result<Option<Received>> {
         metrics,
         control,
         state: m.state,
+        systemd_group: m.systemd_group,
         stream,
     }))
 }
@@ -206,6 +218,7 @@ pub fn hand_over(
         control: sockets.control.is_some(),
         state,
         records: Some(records),
+        systemd_group: sockets.systemd_group,
     };
     let bytes = serde_json::to_vec(&manifest).expect("manifest serialises");
     if let Err(e) = send_with_fds(&ours, &bytes, &fds) {
@@ -255,6 +268,7 @@ mod tests {
             control: false,
             state,
             records: None,
+            systemd_group: false,
         };
         let mut v = serde_json::to_value(&m).unwrap();
         v.as_object_mut().unwrap().remove("records");

@@ -63,6 +63,9 @@ const RCODE_REFUSED: u8 = 5;
 /// Rounds of re-sending after sends found backends' ports closed; each query is re-sent at
 /// most once, so this bound is only a guard.
 const MAX_FLUSH_ROUNDS: usize = 4;
+/// At stop, most batches read from each listener to empty it: more than a 4 MiB receive
+/// buffer holds of small queries, and a bound where datagrams keep arriving.
+const DRAIN_BATCHES: usize = 256;
 
 /// Settings a UDP worker needs, fixed at start.
 #[derive(Debug, Clone, Copy)]
@@ -231,6 +234,7 @@ impl Worker {
             beats.beat(n);
             if stopping.is_none() && lifecycle.is_stopping() {
                 stopping = Some(Instant::now());
+                self.drain_listeners();
                 for l in &mut self.listeners {
                     let _ = self.poll.registry().deregister(l);
                 }
@@ -326,6 +330,23 @@ impl Worker {
                     "upstream socket to {} opened: its queries are sent again",
                     b.addr
                 );
+            }
+        }
+    }
+
+    /// At stop: reads, once, what the listeners have queued, so that those queries are
+    /// answered rather than closed with the sockets. Under socket activation the groups were
+    /// steered to systemd's socket just before (`server::steer_to_systemd`), so nothing new
+    /// arrives in the others; what arrives in systemd's waits for the next lb. After an
+    /// upgrade the new process reads the same sockets too, which does no harm.
+    fn drain_listeners(&mut self) {
+        for li in 0..self.listeners.len() {
+            for _ in 0..DRAIN_BATCHES {
+                let more = self.read_listener(li);
+                self.flush(&self.shared.load());
+                if !more {
+                    break;
+                }
             }
         }
     }
