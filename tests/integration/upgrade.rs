@@ -312,6 +312,8 @@ fn an_upgrade_lets_a_zone_transfer_in_progress_finish() {
     let ns = Named::start_with(
         ZoneSpec::new(1, "a"),
         NamedOptions {
+            // Its BIND allows transfers.
+            conformance: true,
             big_zone_records: 20_000,
             ..NamedOptions::default()
         },
