@@ -24,7 +24,8 @@
 #        scripts/demo.sh --local [QPS_PER_LB] [SECONDS]     (the quick loopback demo)
 # Environment: REHEARSAL_NAME (deployment, bridge and machine names; default "rehearsal"),
 # REHEARSAL_NET (second octet of its 10.N.x.0 subnets; default 231), CARGO_PROFILE
-# (default "rehearsal": release without LTO, to build in minutes).
+# (default "rehearsal": release without LTO, to build in minutes), REHEARSAL_NO_BUILD=1 (use
+# the binaries already built for CARGO_PROFILE).
 set -euo pipefail
 if [ "${1:-}" = "--local" ]; then
   shift
@@ -57,9 +58,15 @@ since() { printf '%.1f' "$(echo "$(now) - $1" | bc)"; }
 source scripts/install-deps.sh
 echo "== building lb, deployer and the load generator (profile $PROFILE)"
 t=$(now)
-cargo build -q --profile "$PROFILE" -p lb -p deployer -p integration-tests --example phaseload
 OUT="$ROOT/target/$PROFILE"
 [ "$PROFILE" = dev ] && OUT="$ROOT/target/debug"
+# The integration test runs this script from inside `cargo test`, with everything built.
+if [ -z "${REHEARSAL_NO_BUILD:-}" ]; then
+  cargo build -q --profile "$PROFILE" -p lb -p deployer -p integration-tests --example phaseload
+fi
+for b in lb deployer examples/phaseload; do
+  [ -x "$OUT/$b" ] || { echo "demo.sh: $OUT/$b is not built" >&2; exit 1; }
+done
 T_BUILD=$(since "$t")
 
 WORK="$(mktemp -d "/tmp/lb-$NAME.XXXXXX")"

@@ -7,7 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/install-deps.sh
-cargo build --workspace --bins
+# --examples: the rehearsal test (tests/integration/machines.rs) runs scripts/demo.sh, whose
+# load generator is an example.
+cargo build --workspace --bins --examples
 # The fuzz targets are not in the workspace (cargo-fuzz wants nightly); check that they still
 # build against lb's API with the stable toolchain, so they cannot rot.
 cargo check --locked --manifest-path fuzz/Cargo.toml

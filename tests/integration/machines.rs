@@ -238,6 +238,7 @@ fn rehearsal_loses_nothing_and_leaves_nothing() {
         .env("REHEARSAL_NET", "237")
         // The test binaries are the debug build: the rehearsal packages them.
         .env("CARGO_PROFILE", "dev")
+        .env("REHEARSAL_NO_BUILD", "1")
         .output()
         .expect("scripts/demo.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);
