@@ -3,6 +3,8 @@
 //! From the bottom up (imports only point down):
 //! - [`steps`] — the typed steps of every operation and the crash points inside them.
 //! - [`config`] — the `deployer.toml` file. [`zones`] — facts read from zone files.
+//! - [`dns`] — single DNS queries to one server, and the system resolvers; [`lbmetrics`] —
+//!   the counters of an lb's `/metrics` the drain and the canary judge by.
 //! - [`ssh`] — reaching instances over SSH (waiting for it, forgetting deleted host keys).
 //! - [`provider`] — where instances come from (local processes, Linode, or machines on this
 //!   host), behind one trait.
@@ -26,12 +28,14 @@ pub mod checks;
 pub mod children;
 pub mod config;
 pub mod context;
+pub mod dns;
 pub mod drain;
 pub mod engine;
 pub mod faults;
 pub mod flip;
 pub mod journal;
 pub mod lbctl;
+pub mod lbmetrics;
 pub mod lifecycle;
 pub mod lock;
 pub mod network;
