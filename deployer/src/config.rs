@@ -236,7 +236,8 @@ pub struct ProviderConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProviderKind {
-    /// Real `named` and `lb` processes on 127.0.0.1, one port per instance.
+    /// Real `named` and `lb` processes on loopback (nameservers on 127.0.0.1, each lb on an
+    /// address of its own), one port per instance.
     Local,
     /// Linode API v4.
     Linode,
@@ -690,7 +691,7 @@ impl DeployerConfig {
                 if !self.provider.kind.is_vm() {
                     return Err(invalid(
                         key,
-                        format!("`{var}` cannot be set with the local provider: it gives every instance its own ports on 127.0.0.1 and sets `{var}` itself"),
+                        format!("`{var}` cannot be set with the local provider: it gives every instance its own loopback address and ports and sets `{var}` itself"),
                     ));
                 }
                 let values: Vec<&serde_json::Value> = match v {

@@ -694,8 +694,8 @@ fn roll_lb_under_load_with_a_delegation_hook_loses_nothing() {
     .unwrap();
     assert_eq!(input["lbs"][0]["name"], "lb1");
     assert_eq!(input["lbs"][0]["old_address"], old_addrs[0].to_string());
-    // The local provider's lbs differ by port, which only the JSON carries: glue (arguments,
-    // `*_ip`) is an address alone.
+    // Every local lb has a loopback address of its own: glue (arguments, `*_ip`) is that
+    // address alone, without the port the JSON's `*_address` carries.
     let new_addrs: Vec<SocketAddr> = input["lbs"]
         .as_array()
         .unwrap()
@@ -705,13 +705,17 @@ fn roll_lb_under_load_with_a_delegation_hook_loses_nothing() {
     assert_eq!(new_addrs.len(), 2);
     assert!(new_addrs.iter().all(|a| !old_addrs.contains(a)));
     let args = std::fs::read_to_string(&targets).unwrap();
+    let new_ips: Vec<String> = new_addrs.iter().map(|a| a.ip().to_string()).collect();
     assert_eq!(
         args.split_whitespace().collect::<Vec<_>>(),
-        ["127.0.0.1"; 2],
+        new_ips,
         "{args}"
     );
-    assert_eq!(input["lbs"][1]["new_ip"], "127.0.0.1");
-    assert_eq!(input["lbs"][1]["old_ip"], "127.0.0.1");
+    assert_eq!(input["lbs"][1]["new_ip"], new_ips[1]);
+    assert_eq!(input["lbs"][1]["old_ip"], old_addrs[1].ip().to_string());
+    let all_ips: std::collections::BTreeSet<_> =
+        old_addrs.iter().chain(&new_addrs).map(|a| a.ip()).collect();
+    assert_eq!(all_ips.len(), 4, "old and new lbs differ by address");
     let new_loads: Vec<_> = new_addrs
         .iter()
         .map(|a| LoadClient::start(*a, 200))
