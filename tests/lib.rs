@@ -550,7 +550,8 @@ impl Named {
     }
 }
 
-fn named_path() -> &'static str {
+/// The `named` binary (/usr/sbin/named when installed there).
+pub fn named_path() -> &'static str {
     if Path::new("/usr/sbin/named").exists() {
         "/usr/sbin/named"
     } else {

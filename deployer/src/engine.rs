@@ -48,9 +48,15 @@ fn run_step(d: &Deployer, step: Step, j: &mut Journal) -> Result<String> {
                 .map_err(flip_errors)
         }
         Step::Verify | Step::CheckLbs => verify(d, j),
-        Step::DeleteOld | Step::DeleteOldLbs => {
+        Step::DeleteOld => {
             enter_forward_phase(d, j)?;
             lifecycle::delete_old(d, j, step)
+        }
+        Step::DeleteOldLbs => {
+            // The last look before the only lbs the delegation named before go.
+            let checked = drain::recheck_new_lbs(d, j)?;
+            enter_forward_phase(d, j)?;
+            lifecycle::delete_old(d, j, step).map(|done| format!("{checked}; {done}"))
         }
         Step::Rename | Step::RenameLbs => lifecycle::rename(d, j, step),
         Step::Handoff => drain::handoff(d, j),

@@ -16,7 +16,8 @@
 //!   output.
 //! - [`context`] — [`context::Deployer`], one deployment with all of the above.
 //! - [`ansible`], [`checks`] — playbook runs and DNS checks (directly, or from an lb with
-//!   `lb ctl probe`); [`network`] — VLAN addresses and the region checks.
+//!   `lb ctl probe`); [`network`] — VLAN addresses and the region checks; [`delegation`] —
+//!   what the parent zone's servers say about the delegation.
 //! - [`lifecycle`] (instances), [`flip`] (converging lbs), [`drain`] (roll-lb's hand-off and
 //!   drain) — the steps' work.
 //! - [`engine`] — runs the steps, phases, undo and resume.
@@ -28,6 +29,7 @@ pub mod checks;
 pub mod children;
 pub mod config;
 pub mod context;
+pub mod delegation;
 pub mod dns;
 pub mod drain;
 pub mod engine;

@@ -13,6 +13,7 @@ use integration_tests::*;
 use serde_json::Value;
 
 mod crash_matrix;
+mod handoff;
 
 const T: Duration = Duration::from_secs(3);
 
@@ -27,6 +28,29 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(e.path(), dst).unwrap();
         }
     }
+}
+
+/// `extra` with what most tests leave out: no canary (`[canary] soak_secs = 0`), no check of
+/// the delegation at a parent zone (these deployments have none: `check_delegation = false`)
+/// and a short rate measurement before the hand-off. The tests of those features set them.
+fn with_defaults(extra: &str) -> String {
+    let mut out = extra.to_string();
+    if !out.contains("[canary]") {
+        out.push_str("\n[canary]\nsoak_secs = 0\n");
+    }
+    let mut defaults = String::new();
+    if !out.contains("check_delegation") && !out.contains("parent_servers") {
+        defaults.push_str("check_delegation = false\n");
+    }
+    if !out.contains("baseline_secs") {
+        defaults.push_str("baseline_secs = 0.5\n");
+    }
+    if out.contains("[roll_lb]\n") {
+        out = out.replacen("[roll_lb]\n", &format!("[roll_lb]\n{defaults}"), 1);
+    } else {
+        out.push_str(&format!("\n[roll_lb]\n{defaults}"));
+    }
+    out
 }
 
 /// One deployment in its own directory, with its own copy of the Ansible tree.
@@ -79,7 +103,7 @@ impl Deployment {
             vars(&self.ns_vars[1]),
             vars(&self.lb_vars[0]),
             vars(&self.lb_vars[1]),
-            self.extra,
+            with_defaults(&self.extra),
         );
         std::fs::write(&self.cfg, text).unwrap();
     }
