@@ -128,6 +128,8 @@ pub fn run_steps(d: &mut Deployer, j: &mut Journal, steps: &[Step]) -> Result<()
         let t = Instant::now();
         // delete-old injects its failure mid-deletion (see `lifecycle::delete_old`).
         let mid_step = matches!(step, Step::DeleteOld | Step::DeleteOldLbs);
+        // Long steps say what they are doing at least every `report::HEARTBEAT`.
+        let heartbeat = d.out.heartbeat(&format!("in step {step}"));
         let r = if d.faults.fail_at(step) && !mid_step {
             Err(anyhow!(
                 "failure injected at step {step} (DEPLOYER_FAIL_AT)"
@@ -135,6 +137,7 @@ pub fn run_steps(d: &mut Deployer, j: &mut Journal, steps: &[Step]) -> Result<()
         } else {
             run_step(d, step, j)
         };
+        drop(heartbeat);
         if let Err(e) = &r {
             if let Some(w) = e.downcast_ref::<WaitForOperator>() {
                 // Not finished and not failed: the caller reports it (its own event and exit
