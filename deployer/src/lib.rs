@@ -18,13 +18,14 @@
 //! - [`ansible`], [`checks`] — playbook runs and DNS checks (directly, or from an lb with
 //!   `lb ctl probe`); [`network`] — VLAN addresses and the region checks; [`delegation`] —
 //!   what the parent zone's servers say about the delegation.
-//! - [`lifecycle`] (instances), [`flip`] (converging lbs), [`drain`] (roll-lb's hand-off and
-//!   drain) — the steps' work.
+//! - [`lifecycle`] (instances), [`flip`] (converging lbs), [`canary`] (roll's canary flip
+//!   and soak), [`drain`] (roll-lb's hand-off and drain) — the steps' work.
 //! - [`engine`] — runs the steps, phases, undo and resume.
 //! - [`operations`] — `up`, `roll`, `roll-lb`, `rollback`, `status`, `down`; [`status`] — the
 //!   pinned `status` report.
 
 pub mod ansible;
+pub mod canary;
 pub mod checks;
 pub mod children;
 pub mod config;

@@ -12,6 +12,7 @@ use hickory_proto::rr::RecordType;
 use integration_tests::*;
 use serde_json::Value;
 
+mod canary;
 mod crash_matrix;
 mod handoff;
 
