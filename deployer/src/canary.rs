@@ -13,6 +13,7 @@
 //! rolls back. Crash points: `flip:canary:soaking` (confirmed and recorded, before the soak)
 //! and `flip:canary:judged` (the verdict recorded, before the rest is flipped or undone).
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
@@ -95,14 +96,24 @@ pub fn judge(cfg: &CanaryConfig, canary: &Window, others: &Window) -> Verdict {
     }
 }
 
-/// Scrapes every lb of the roll (the canary and the others) by name.
-fn scrape_all(d: &Deployer, lbs: &[String]) -> Result<Vec<LbSnapshot>> {
+/// Where each lb of the roll (the canary and the others) serves its metrics, looked up once
+/// (a provider's API is not asked at every poll).
+fn metrics_addrs(d: &Deployer, lbs: &[String]) -> Result<Vec<SocketAddr>> {
     lbs.iter()
         .map(|name| {
-            let inst = d
-                .find(name)?
-                .ok_or_else(|| anyhow!("lb {name} does not exist"))?;
-            lbmetrics::scrape(inst.metrics_addr(), d.cfg.timeouts.ctl())
+            Ok(d.find(name)?
+                .ok_or_else(|| anyhow!("lb {name} does not exist"))?
+                .metrics_addr())
+        })
+        .collect()
+}
+
+/// Scrapes every lb of the roll.
+fn scrape_all(d: &Deployer, lbs: &[String], addrs: &[SocketAddr]) -> Result<Vec<LbSnapshot>> {
+    lbs.iter()
+        .zip(addrs)
+        .map(|(name, addr)| {
+            lbmetrics::scrape(*addr, d.cfg.timeouts.ctl())
                 .map_err(|e| anyhow!("lb {name}: {e} (the canary is judged from the lbs' metrics)"))
         })
         .collect()
@@ -185,7 +196,8 @@ pub fn run(d: &Deployer, j: &mut Journal) -> Result<Option<String>> {
     record(d, j, &canary, CanaryState::Soaking { since_unix })?;
     d.faults.point("flip:canary:soaking");
     let lbs: Vec<String> = std::iter::once(canary.clone()).chain(others).collect();
-    let start_snap = scrape_all(d, &lbs)?;
+    let addrs = metrics_addrs(d, &lbs)?;
+    let start_snap = scrape_all(d, &lbs, &addrs)?;
     let start = Instant::now();
     let poll = Duration::from_secs(5).min(soak);
     let verdict = loop {
@@ -193,7 +205,7 @@ pub fn run(d: &Deployer, j: &mut Journal) -> Result<Option<String>> {
             poll.min(soak.saturating_sub(start.elapsed()))
                 .max(Duration::from_millis(50)),
         );
-        let now = scrape_all(d, &lbs)?;
+        let now = scrape_all(d, &lbs, &addrs)?;
         let (c, o) = windows(j, &lbs, &canary, &start_snap, &now);
         let v = judge(&cfg, &c, &o);
         let done = start.elapsed() >= soak;
