@@ -328,7 +328,7 @@ fn roll_lb_a_restarted_old_lb_is_not_quiet() {
     let mut d = Deployment::new("dep-restart");
     let hook = write_hook(&d);
     d.extra = format!(
-        "\n[roll_lb]\ndelegation_hook = \"{}\"\nquiet_secs = 6\npoll_secs = 0.2\nmax_drain_secs = 60\n",
+        "\n[roll_lb]\ndelegation_hook = \"{}\"\nquiet_secs = 8\npoll_secs = 2\nmax_drain_secs = 60\n",
         hook.display()
     );
     d.write_config();
@@ -349,9 +349,12 @@ fn roll_lb_a_restarted_old_lb_is_not_quiet() {
             .stderr(Stdio::null()),
     );
     wait_for_file(&d.dir.path().join("new-targets"));
-    // Clients follow the delegation; a moment later lb1 is replaced by a new process.
+    let handed_off = Instant::now();
+    // Clients follow the delegation; lb1 is replaced by a new process well into the drain
+    // (7 s after the hand-off, with an 8 s quiet period polled every 2 s: a drain that ignored
+    // the restart would delete it some 4-5 s later).
     assert_eq!(load.finish().lost(), 0);
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(7).saturating_sub(handed_off.elapsed()));
     let socket = lb1_dir.join("control.sock");
     let ctl = |args: &[&str]| {
         let o = Command::new(bin("lb"))
@@ -386,7 +389,7 @@ fn roll_lb_a_restarted_old_lb_is_not_quiet() {
     assert!(out.status.success(), "{stdout}");
     eprintln!("old lb1 deleted {deleted_after:?} after its restart\n{stdout}");
     assert!(
-        deleted_after >= Duration::from_secs(6),
+        deleted_after >= Duration::from_secs(8),
         "a restarted lb is quiet only quiet_secs after the restart, not {deleted_after:?}"
     );
     assert!(stdout.contains("restarted"), "{stdout}");
