@@ -193,9 +193,16 @@ fronts = ["ns2"]
 
 [roll_lb]
 delegation_hook = "$WORK/delegation-hook.sh"
+# parent_servers is added once the parent zone's server exists (below).
 drain_threshold_qps = 1.0
 poll_secs = 1.0
 max_drain_secs = 300
+
+# roll flips lb1 first and soaks it against lb2 under the phase's load (through the resolver,
+# whose cache keeps part of it from the lbs: hence the low min_answers).
+[canary]
+soak_secs = 10
+min_answers = 20
 
 [timeouts]
 boot_secs = 120
@@ -235,6 +242,8 @@ t=$(now)
 PARENT=$(awk '$1 == "parent" { print $2 }' "$WORK/extras.txt")
 RESOLVER=$(awk '$1 == "resolver" { print $2 }' "$WORK/extras.txt")
 echo "$PARENT" >"$WORK/parent-address"
+# roll-lb checks the delegation at the parent zone's server before it drains the old lbs.
+sed -i "s/^\[roll_lb\]\$/[roll_lb]\nparent_servers = [\"$PARENT\"]/" "$CFG"
 LB1=$(addr_of lb1)
 LB2=$(addr_of lb2)
 python3 - "$WORK" "$PARENT" "$RESOLVER" "$LB1" "$LB2" "$SECRET" "10.$NET.0.1/32" <<'EOF'

@@ -700,7 +700,8 @@ impl Named {
     }
 }
 
-fn named_path() -> &'static str {
+/// The `named` binary (/usr/sbin/named when installed there).
+pub fn named_path() -> &'static str {
     if Path::new("/usr/sbin/named").exists() {
         "/usr/sbin/named"
     } else {
@@ -991,10 +992,17 @@ pub struct LoadClient {
 
 impl LoadClient {
     pub fn start(target: SocketAddr, qps: u32) -> LoadClient {
+        Self::start_query(target, qps, "example.test.", RecordType::SOA)
+    }
+
+    /// The same stream asking `name`/`rtype` instead (answers' serials are then `None`).
+    pub fn start_query(target: SocketAddr, qps: u32, name: &str, rtype: RecordType) -> LoadClient {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let started = Instant::now();
         let stop2 = stop.clone();
-        let handle = std::thread::spawn(move || run_load(target, qps, stop2, started));
+        let name = name.to_string();
+        let handle =
+            std::thread::spawn(move || run_load(target, qps, stop2, started, &name, rtype));
         LoadClient {
             stop,
             handle: Some(handle),
@@ -1020,6 +1028,8 @@ fn run_load(
     qps: u32,
     stop: Arc<std::sync::atomic::AtomicBool>,
     t0: Instant,
+    name: &str,
+    rtype: RecordType,
 ) -> LoadReport {
     const SOCKETS: usize = 8;
     let socks: Vec<UdpSocket> = (0..SOCKETS)
@@ -1049,7 +1059,7 @@ fn run_load(
             while next <= now {
                 let i = report.sent;
                 let (sock, id) = (i % SOCKETS, ((i / SOCKETS) % 65536) as u16);
-                let q = query_bytes(id, "example.test.", RecordType::SOA);
+                let q = query_bytes(id, name, rtype);
                 if socks[sock].send(&q).is_ok() {
                     pending[sock * 65536 + id as usize] = Some(i);
                 }

@@ -4,7 +4,7 @@
 //! The Linode API token is never read from this file: only from `LINODE_TOKEN`.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -45,6 +45,8 @@ pub struct DeployerConfig {
     pub ansible: AnsibleConfig,
     #[serde(default)]
     pub roll_lb: RollLbConfig,
+    #[serde(default)]
+    pub canary: CanaryConfig,
     #[serde(default)]
     pub network: NetworkConfig,
     /// The file this was read from (for messages).
@@ -192,8 +194,9 @@ pub fn vlan_label_error(label: &str) -> Option<String> {
     None
 }
 
-/// `[roll_lb]`: the hand-off to the registrar and the drain of the old load balancers.
-#[derive(Debug, Clone, Deserialize, Default)]
+/// `[roll_lb]`: the hand-off to the registrar, the check of the delegation at the parent and
+/// the drain of the old load balancers.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RollLbConfig {
     /// A command run at the hand-off with the new lb addresses as arguments and a JSON
@@ -201,29 +204,158 @@ pub struct RollLbConfig {
     /// prints what to change and waits for `deployer roll-lb --resume`.
     #[serde(default)]
     pub delegation_hook: Option<String>,
-    /// An old lb counts as drained below this many queries per second.
+    /// The parent zone's servers (`"IP"` or `"IP:PORT"`, port 53 by default), asked for every
+    /// zone's NS and glue after the hand-off. Unset: found through the resolver of
+    /// `/etc/resolv.conf` (the SOA of the zone's parent name, then that zone's NS and their
+    /// addresses), per zone.
+    #[serde(default)]
+    pub parent_servers: Option<Vec<String>>,
+    /// Check the delegation at the parent after the hand-off (the explicit opt-out: `false`
+    /// trusts the hook or operator, and the drain alone decides when the old lbs go).
+    #[serde(default = "d_true")]
+    pub check_delegation: bool,
+    /// How long the delegation may take to show at every parent server (a registrar's change
+    /// reaches the TLD's servers after a while) before the deployer stops.
+    #[serde(default = "d_delegation_wait")]
+    pub delegation_wait_secs: u64,
+    /// An old lb counts as drained at or below this many queries per second...
     #[serde(default = "d_threshold")]
     pub drain_threshold_qps: f64,
+    /// ...and at or below this fraction of its own rate before the hand-off (the smaller
+    /// bound applies).
+    #[serde(default = "d_drain_ratio")]
+    pub drain_ratio: f64,
+    /// How long each old lb's rate is measured before the hand-off.
+    #[serde(default = "d_baseline")]
+    pub baseline_secs: f64,
     /// How long the rate must stay below the threshold; default: the longest TTL of the
-    /// delegation records (NS and their glue) in the zones.
+    /// delegation records (NS and their glue) in the zones. Never shorter than the longest
+    /// NS or glue TTL the parent servers gave.
     #[serde(default)]
     pub quiet_secs: Option<u64>,
     /// Longest wait for the old lbs to drain before the deployer stops (they are not deleted).
     #[serde(default = "d_max_drain")]
     pub max_drain_secs: u64,
-    /// How often the old lbs' metrics are read.
+    /// How often the old lbs' metrics (and, while it waits, the parent servers) are read.
     #[serde(default = "d_poll")]
     pub poll_secs: f64,
 }
 
+impl Default for RollLbConfig {
+    fn default() -> Self {
+        RollLbConfig {
+            delegation_hook: None,
+            parent_servers: None,
+            check_delegation: true,
+            delegation_wait_secs: d_delegation_wait(),
+            drain_threshold_qps: d_threshold(),
+            drain_ratio: d_drain_ratio(),
+            baseline_secs: d_baseline(),
+            quiet_secs: None,
+            max_drain_secs: d_max_drain(),
+            poll_secs: d_poll(),
+        }
+    }
+}
+
+impl RollLbConfig {
+    /// `parent_servers` as socket addresses (port 53 when none is given); checked when the
+    /// config is read.
+    pub fn parent_addrs(&self) -> Result<Option<Vec<SocketAddr>>, String> {
+        let Some(list) = &self.parent_servers else {
+            return Ok(None);
+        };
+        if list.is_empty() {
+            return Err("is empty: list the parent zone's servers, or remove the key to find them through the resolver".into());
+        }
+        list.iter()
+            .map(|s| {
+                let s = s.trim();
+                s.parse::<SocketAddr>()
+                    .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .map_err(|_| {
+                        format!("`{s}` is not an address (`IP`, `IP:PORT` or `[IPv6]:PORT`)")
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+}
+
+fn d_true() -> bool {
+    true
+}
+fn d_delegation_wait() -> u64 {
+    600
+}
 fn d_threshold() -> f64 {
     1.0
+}
+fn d_drain_ratio() -> f64 {
+    0.01
+}
+fn d_baseline() -> f64 {
+    5.0
 }
 fn d_max_drain() -> u64 {
     86_400
 }
 fn d_poll() -> f64 {
     5.0
+}
+
+/// `[canary]`: `roll` flips one lb first, soaks, and compares it with the lbs still on the old
+/// set before it flips the rest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryConfig {
+    /// The canary lb; default: the first of `[[lbs]]`.
+    #[serde(default)]
+    pub lb: Option<String>,
+    /// How long the canary serves from the new set before it is judged; 0 flips every lb at
+    /// once (no canary).
+    #[serde(default = "d_soak")]
+    pub soak_secs: u64,
+    /// The canary fails when its share of SERVFAIL answers exceeds the others' by more than
+    /// this (a fraction: 0.01 is one percentage point).
+    #[serde(default = "d_ratio_increase")]
+    pub max_servfail_ratio_increase: f64,
+    /// ... or its share of backend queries that time out, likewise.
+    #[serde(default = "d_ratio_increase")]
+    pub max_timeout_ratio_increase: f64,
+    /// ... or its mean backend answer time exceeds the others' by more than this.
+    #[serde(default = "d_latency_increase")]
+    pub max_latency_increase_ms: f64,
+    /// Fewest answers the canary and the others must each have sent in the soak for a
+    /// verdict; with fewer the roll is rolled back as inconclusive (0: judge whatever came).
+    #[serde(default = "d_min_answers")]
+    pub min_answers: u64,
+}
+
+impl Default for CanaryConfig {
+    fn default() -> Self {
+        CanaryConfig {
+            lb: None,
+            soak_secs: d_soak(),
+            max_servfail_ratio_increase: d_ratio_increase(),
+            max_timeout_ratio_increase: d_ratio_increase(),
+            max_latency_increase_ms: d_latency_increase(),
+            min_answers: d_min_answers(),
+        }
+    }
+}
+
+fn d_soak() -> u64 {
+    30
+}
+fn d_ratio_increase() -> f64 {
+    0.01
+}
+fn d_latency_increase() -> f64 {
+    50.0
+}
+fn d_min_answers() -> u64 {
+    100
 }
 
 /// `[provider]`.
@@ -236,7 +368,8 @@ pub struct ProviderConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProviderKind {
-    /// Real `named` and `lb` processes on 127.0.0.1, one port per instance.
+    /// Real `named` and `lb` processes on loopback (nameservers on 127.0.0.1, each lb on an
+    /// address of its own), one port per instance.
     Local,
     /// Linode API v4.
     Linode,
@@ -665,7 +798,70 @@ impl DeployerConfig {
             }
         }
         self.validate_ports(path)?;
+        self.validate_roll_lb(path)?;
         self.validate_network(path)
+    }
+
+    /// `[roll_lb]` and `[canary]`: addresses that parse, fractions between 0 and 1, a canary
+    /// that is one of the lbs.
+    fn validate_roll_lb(&self, path: &Path) -> Result<(), DeployConfigError> {
+        let invalid = |key: &str, message: String| DeployConfigError::invalid(path, key, message);
+        let rl = &self.roll_lb;
+        rl.parent_addrs()
+            .map_err(|e| invalid("roll_lb.parent_servers", e))?;
+        let fraction = |key: &str, v: f64| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(invalid(
+                    key,
+                    format!("{v} is not a fraction between 0 and 1"),
+                ))
+            }
+        };
+        fraction("roll_lb.drain_ratio", rl.drain_ratio)?;
+        let c = &self.canary;
+        fraction(
+            "canary.max_servfail_ratio_increase",
+            c.max_servfail_ratio_increase,
+        )?;
+        fraction(
+            "canary.max_timeout_ratio_increase",
+            c.max_timeout_ratio_increase,
+        )?;
+        for (key, v) in [
+            ("roll_lb.drain_threshold_qps", rl.drain_threshold_qps),
+            ("roll_lb.baseline_secs", rl.baseline_secs),
+            ("roll_lb.poll_secs", rl.poll_secs),
+            ("canary.max_latency_increase_ms", c.max_latency_increase_ms),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(invalid(key, format!("{v} must be a number >= 0")));
+            }
+        }
+        if let Some(lb) = &c.lb {
+            if !self.lbs.iter().any(|l| &l.name == lb) {
+                return Err(invalid(
+                    "canary.lb",
+                    format!("`{lb}` is not one of [[lbs]]"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The canary lb of `roll` (`[canary] lb`, else the first lb), or `None` without a canary
+    /// (`soak_secs = 0`, or a single lb: nothing on the old set to compare it with).
+    pub fn canary_lb(&self) -> Option<&str> {
+        if self.canary.soak_secs == 0 || self.lbs.len() < 2 {
+            return None;
+        }
+        Some(
+            self.canary
+                .lb
+                .as_deref()
+                .unwrap_or_else(|| self.lbs[0].name.as_str()),
+        )
     }
 
     /// Host variables that would move an instance's DNS or metrics port away from the one the
@@ -690,7 +886,7 @@ impl DeployerConfig {
                 if !self.provider.kind.is_vm() {
                     return Err(invalid(
                         key,
-                        format!("`{var}` cannot be set with the local provider: it gives every instance its own ports on 127.0.0.1 and sets `{var}` itself"),
+                        format!("`{var}` cannot be set with the local provider: it gives every instance its own loopback address and ports and sets `{var}` itself"),
                     ));
                 }
                 let values: Vec<&serde_json::Value> = match v {

@@ -21,10 +21,11 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 
+use crate::canary;
 use crate::context::{next_command, Deployer};
 use crate::drain::{self, WaitForOperator};
 use crate::flip::{self, FlipError};
-use crate::journal::{Direction, Journal, JournalState, Phase, Step, StepRecord};
+use crate::journal::{CanaryState, Direction, Journal, JournalState, Phase, Step, StepRecord};
 use crate::lifecycle;
 use crate::provider::Role;
 
@@ -43,14 +44,24 @@ fn run_step(d: &Deployer, step: Step, j: &mut Journal) -> Result<String> {
         Step::CheckLbsNext => lifecycle::check_new_lbs(d, j),
         Step::Flip => {
             flip::plan(d, j)?;
-            flip::converge_all(d, j, Direction::Forward)
-                .map(|done| done.join(", "))
-                .map_err(flip_errors)
+            // The canary first (if any); a worse one fails the step, and the undo flips it back.
+            let canary = canary::run(d, j)?;
+            let done = flip::converge_all(d, j, Direction::Forward).map_err(flip_errors)?;
+            Ok(match canary {
+                Some(c) => format!("{c}; then {}", done.join(", ")),
+                None => done.join(", "),
+            })
         }
         Step::Verify | Step::CheckLbs => verify(d, j),
-        Step::DeleteOld | Step::DeleteOldLbs => {
+        Step::DeleteOld => {
             enter_forward_phase(d, j)?;
             lifecycle::delete_old(d, j, step)
+        }
+        Step::DeleteOldLbs => {
+            // The last look before the only lbs the delegation named before go.
+            let checked = drain::recheck_new_lbs(d, j)?;
+            enter_forward_phase(d, j)?;
+            lifecycle::delete_old(d, j, step).map(|done| format!("{checked}; {done}"))
         }
         Step::Rename | Step::RenameLbs => lifecycle::rename(d, j, step),
         Step::Handoff => drain::handoff(d, j),
@@ -98,9 +109,29 @@ fn flip_errors(errors: Vec<FlipError>) -> anyhow::Error {
 }
 
 /// On resume: converges every lb with a recorded flip to the target before anything else.
+///
+/// Not while a canary's trial is unfinished: then only the canary may be on the new set, and
+/// the flip step runs its trial again. A canary judged worse cannot go forward (the error makes
+/// the resume undo the roll).
 pub fn reconcile_forward(d: &Deployer, j: &mut Journal) -> Result<()> {
     if j.flips.is_empty() {
         return Ok(());
+    }
+    if let Some(c) = &j.canary {
+        match &c.state {
+            CanaryState::Failed { verdict } => bail!(
+                "the canary lb {} was judged worse than the lbs on the old set ({verdict}): the roll cannot go forward",
+                c.lb
+            ),
+            CanaryState::Flipping | CanaryState::Soaking { .. } => {
+                d.out.info(&format!(
+                    "resume: the canary {} had not passed its soak; it soaks again from the start",
+                    c.lb
+                ));
+                return Ok(());
+            }
+            CanaryState::Passed { .. } => {}
+        }
     }
     let done = flip::converge_all(d, j, Direction::Forward).map_err(flip_errors)?;
     d.out.info(&format!(
@@ -122,6 +153,8 @@ pub fn run_steps(d: &mut Deployer, j: &mut Journal, steps: &[Step]) -> Result<()
         let t = Instant::now();
         // delete-old injects its failure mid-deletion (see `lifecycle::delete_old`).
         let mid_step = matches!(step, Step::DeleteOld | Step::DeleteOldLbs);
+        // Long steps say what they are doing at least every `report::HEARTBEAT`.
+        let heartbeat = d.out.heartbeat(&format!("in step {step}"));
         let r = if d.faults.fail_at(step) && !mid_step {
             Err(anyhow!(
                 "failure injected at step {step} (DEPLOYER_FAIL_AT)"
@@ -129,6 +162,7 @@ pub fn run_steps(d: &mut Deployer, j: &mut Journal, steps: &[Step]) -> Result<()
         } else {
             run_step(d, step, j)
         };
+        drop(heartbeat);
         if let Err(e) = &r {
             if let Some(w) = e.downcast_ref::<WaitForOperator>() {
                 // Not finished and not failed: the caller reports it (its own event and exit

@@ -161,6 +161,25 @@ pub fn converge_all(
     }
 }
 
+/// Converges the one lb `lb` forward (the canary): the others are not touched.
+pub fn converge_lb(d: &Deployer, j: &mut Journal, lb: &str) -> Result<String, FlipError> {
+    let unknown = |reason: String| FlipError::Unknown {
+        lb: lb.to_string(),
+        reason,
+    };
+    let k = j
+        .flips
+        .iter()
+        .position(|f| f.lb == lb)
+        .ok_or_else(|| unknown("no flip is planned for it".into()))?;
+    if j.flips[k].direction != Direction::Forward {
+        j.flips[k].direction = Direction::Forward;
+        j.flips[k].state = FlipState::Planned;
+        d.save(j).map_err(|e| unknown(format!("{e:#}")))?;
+    }
+    converge(d, j, k)
+}
+
 /// Converges lb `j.flips[k]` to its wanted set.
 fn converge(d: &Deployer, j: &mut Journal, k: usize) -> Result<String, FlipError> {
     let name = j.flips[k].lb.clone();

@@ -148,6 +148,49 @@ pub struct Journal {
     /// call (so a crash cannot hand the same address out twice).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vlan_addresses: Vec<VlanAddress>,
+    /// roll: the canary flip and its verdict (none without a canary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryRecord>,
+    /// roll-lb: each old lb's query rate measured just before the hand-off (the drain's
+    /// relative threshold).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub handoff_rates: Vec<LbRate>,
+    /// roll-lb: the longest NS or glue TTL the parent servers gave once the delegation was
+    /// checked (the drain's quiet period is at least this long).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation_ttl: Option<u64>,
+}
+
+/// One old lb's query rate before the hand-off.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LbRate {
+    /// The old lb's label.
+    pub lb: String,
+    pub qps: f64,
+}
+
+/// The canary of a roll: which lb, and where its trial stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CanaryRecord {
+    pub lb: String,
+    #[serde(flatten)]
+    pub state: CanaryState,
+}
+
+/// Where the canary's trial stands. Only `passed` lets the other lbs be flipped; a deployer
+/// killed before that soaks again from the start on `--resume` (or undoes on `rollback`), and
+/// `failed` can only be undone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "canary_state")]
+pub enum CanaryState {
+    /// Recorded before the canary's flip; no other lb is sent anything.
+    Flipping,
+    /// The canary is confirmed on the new set and soaking since this time (UNIX seconds).
+    Soaking { since_unix: u64 },
+    /// Judged no worse than the lbs on the old set: the rest may be flipped.
+    Passed { verdict: String },
+    /// Judged worse (or the soak was inconclusive): the roll is undone.
+    Failed { verdict: String },
 }
 
 /// One VLAN address allocation: the label it was allocated for and the address.
@@ -176,6 +219,9 @@ impl Journal {
             handoff: Handoff::NotStarted,
             error: None,
             vlan_addresses: Vec::new(),
+            canary: None,
+            handoff_rates: Vec::new(),
+            delegation_ttl: None,
         }
     }
 

@@ -3,6 +3,8 @@
 //! From the bottom up (imports only point down):
 //! - [`steps`] — the typed steps of every operation and the crash points inside them.
 //! - [`config`] — the `deployer.toml` file. [`zones`] — facts read from zone files.
+//! - [`dns`] — single DNS queries to one server, and the system resolvers; [`lbmetrics`] —
+//!   the counters of an lb's `/metrics` the drain and the canary judge by.
 //! - [`ssh`] — reaching instances over SSH (waiting for it, forgetting deleted host keys).
 //! - [`provider`] — where instances come from (local processes, Linode, or machines on this
 //!   host), behind one trait.
@@ -14,24 +16,29 @@
 //!   output.
 //! - [`context`] — [`context::Deployer`], one deployment with all of the above.
 //! - [`ansible`], [`checks`] — playbook runs and DNS checks (directly, or from an lb with
-//!   `lb ctl probe`); [`network`] — VLAN addresses and the region checks.
-//! - [`lifecycle`] (instances), [`flip`] (converging lbs), [`drain`] (roll-lb's hand-off and
-//!   drain) — the steps' work.
+//!   `lb ctl probe`); [`network`] — VLAN addresses and the region checks; [`delegation`] —
+//!   what the parent zone's servers say about the delegation.
+//! - [`lifecycle`] (instances), [`flip`] (converging lbs), [`canary`] (roll's canary flip
+//!   and soak), [`drain`] (roll-lb's hand-off and drain) — the steps' work.
 //! - [`engine`] — runs the steps, phases, undo and resume.
 //! - [`operations`] — `up`, `roll`, `roll-lb`, `rollback`, `status`, `down`; [`status`] — the
 //!   pinned `status` report.
 
 pub mod ansible;
+pub mod canary;
 pub mod checks;
 pub mod children;
 pub mod config;
 pub mod context;
+pub mod delegation;
+pub mod dns;
 pub mod drain;
 pub mod engine;
 pub mod faults;
 pub mod flip;
 pub mod journal;
 pub mod lbctl;
+pub mod lbmetrics;
 pub mod lifecycle;
 pub mod lock;
 pub mod network;

@@ -76,6 +76,7 @@ pub fn create(d: &Deployer, j: &mut Journal, role: Role, next: bool) -> Result<S
         spec.vlan = network::attachment(d, j, &spec.label)?;
         j.creating.push(spec.label.clone());
         d.save(j)?;
+        d.out.doing(&format!("creating {}", spec.label));
         let inst = d.provider.create(&spec)?;
         j.created.push(inst);
         j.creating.retain(|l| l != &spec.label);
@@ -86,6 +87,8 @@ pub fn create(d: &Deployer, j: &mut Journal, role: Role, next: bool) -> Result<S
         if j.created[i].role != role {
             continue;
         }
+        d.out
+            .doing(&format!("waiting for {} to boot", j.created[i].label));
         let running = d
             .provider
             .wait_running(j.created[i].id, d.cfg.timeouts.boot())
@@ -143,6 +146,14 @@ pub fn provision(d: &Deployer, j: &Journal, role: Role) -> Result<String> {
     };
     let vars = ansible::run_vars(&d.cfg);
     let run = format!("{}-{what}", j.started_unix);
+    d.out.doing(&format!(
+        "provisioning {} (ansible-playbook {playbook})",
+        targets
+            .iter()
+            .map(|i| i.label.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     ansible::run_playbook(
         &d.cfg,
         playbook,

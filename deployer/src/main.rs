@@ -336,6 +336,17 @@ fn print_status(s: &serde_json::Value) {
                     f["target"]
                 );
             }
+            if let Some(c) = u.get("canary").filter(|c| !c.is_null()) {
+                println!(
+                    "  canary {}: {}{}",
+                    c["lb"].as_str().unwrap_or(""),
+                    c["canary_state"].as_str().unwrap_or(""),
+                    c["verdict"]
+                        .as_str()
+                        .map(|v| format!(" ({v})"))
+                        .unwrap_or_default()
+                );
+            }
             if let Some(e) = u["error"].as_str() {
                 println!("  last error: {e}");
             }

@@ -82,7 +82,7 @@ pub fn preflight(d: &Deployer, op: Operation, existing: &[Instance]) -> Result<O
     };
     if d.cfg.provider.kind == ProviderKind::Local {
         return Ok(Some(format!(
-            "[network] vlan = \"{vlan}\" is not used by the local provider: every instance is a process on 127.0.0.1, and loopback is their private network"
+            "[network] vlan = \"{vlan}\" is not used by the local provider: every instance is a process on loopback, which is their private network"
         )));
     }
     if d.cfg.provider.kind == ProviderKind::Machines {

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::context::{next_command, Deployer};
 use crate::engine;
-use crate::journal::{Handoff, Journal, JournalState, Operation, Phase, Step, StepRecord};
+use crate::journal::{Handoff, Journal, JournalState, Operation, Phase, Step};
 use crate::lifecycle::fmt_serials;
 use crate::provider::Instance;
 use crate::status::{BackendView, InstanceView, LastView, LbView, StatusView, UnfinishedView};
@@ -326,16 +326,15 @@ impl Deployer {
                 self.lb_package_preflight()?;
             }
             if j.handoff == Handoff::WaitingForOperator {
-                // The operator says the delegation now points at the new lbs.
-                j.handoff = Handoff::Done;
-                j.phase = Phase::Forward;
-                j.steps.push(StepRecord {
-                    step: Step::Handoff,
-                    ok: true,
-                    detail: "confirmed by the operator (--resume)".into(),
-                    elapsed_ms: 0,
-                });
-                self.save(&j)?;
+                // The operator says the delegation now points at the new lbs; the parent
+                // servers must say so too.
+                if let Err(e) = crate::drain::confirm_operator_handoff(self, &mut j) {
+                    if let Some(w) = e.downcast_ref::<crate::drain::WaitForOperator>() {
+                        self.waiting = Some(w.0.clone());
+                        return Ok(());
+                    }
+                    return Err(e);
+                }
             }
             return engine::run_steps(self, &mut j, &ROLL_LB_STEPS);
         }

@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 
-use crate::journal::{Handoff, Journal, JournalState, LbFlip, Operation, Phase};
+use crate::journal::{CanaryRecord, Handoff, Journal, JournalState, LbFlip, Operation, Phase};
 use crate::provider::{Instance, Role};
 
 /// The whole report.
@@ -84,6 +84,8 @@ pub struct UnfinishedView {
     pub error: Option<String>,
     /// What the operator can run.
     pub next: String,
+    /// roll's canary (`lb`, `canary_state` and its details), null without one.
+    pub canary: Option<CanaryRecord>,
 }
 
 #[derive(Debug, Serialize)]
@@ -103,6 +105,7 @@ impl UnfinishedView {
             handoff: j.handoff,
             error: j.error.clone(),
             next: crate::context::next_command(j),
+            canary: j.canary.clone(),
         }
     }
 }

@@ -177,6 +177,8 @@ pub struct PointNames<'a> {
     pub lbs: &'a [String],
     /// Nameservers, in config order.
     pub nameservers: &'a [String],
+    /// The canary lb of `roll`, if it has one (flipped first, then soaked and judged).
+    pub canary: Option<&'a str>,
 }
 
 /// Every crash point of `op`, in the order a run passes them: `STEP:before` and `STEP:after`
@@ -184,16 +186,29 @@ pub struct PointNames<'a> {
 /// `flip:LB:after-swap`, `delete-old:NAME:before` (the old instance's label) and
 /// `rename:NAME:before` (the label being renamed, `NAME-next`); likewise
 /// `delete-old-lbs:NAME:before` and `rename-lbs:NAME:before` for `roll-lb`, whose hand-off
-/// with a delegation hook also has `handoff:started` and `handoff:hook-running`.
+/// with a delegation hook also has `handoff:started` and `handoff:hook-running`. With a
+/// canary, `flip` passes the canary's swap points first, then `flip:canary:soaking` (the
+/// canary confirmed and recorded, before the soak) and `flip:canary:judged` (the verdict
+/// recorded), then the other lbs' swap points.
 pub fn crash_points(op: Operation, names: &PointNames) -> Vec<String> {
     let mut out = Vec::new();
     for &step in op.steps() {
         out.push(format!("{step}:before"));
         match step {
             Step::Flip => {
-                for lb in names.lbs {
+                let swap = |out: &mut Vec<String>, lb: &str| {
                     out.push(format!("flip:{lb}:before-swap"));
                     out.push(format!("flip:{lb}:after-swap"));
+                };
+                if let Some(c) = names.canary {
+                    swap(&mut out, c);
+                    out.push("flip:canary:soaking".into());
+                    out.push("flip:canary:judged".into());
+                }
+                for lb in names.lbs {
+                    if Some(lb.as_str()) != names.canary {
+                        swap(&mut out, lb);
+                    }
                 }
             }
             Step::DeleteOld => {
@@ -254,6 +269,7 @@ mod tests {
             &PointNames {
                 lbs: &lbs,
                 nameservers: &ns,
+                canary: None,
             },
         );
         assert_eq!(p.len(), 7 * 2 + 4 + 2 + 2);
@@ -262,6 +278,28 @@ mod tests {
         assert_eq!(p[i + 1], "flip:after");
         assert!(p.contains(&"rename:ns1-next:before".to_string()));
         assert_eq!(p.last().unwrap(), "rename:after");
+        // With a canary: its swap, its soak and verdict, then the others.
+        let p = crash_points(
+            Operation::Roll,
+            &PointNames {
+                lbs: &lbs,
+                nameservers: &ns,
+                canary: Some("lb2"),
+            },
+        );
+        let f = p.iter().position(|x| x == "flip:before").unwrap();
+        assert_eq!(
+            p[f + 1..f + 8],
+            [
+                "flip:lb2:before-swap",
+                "flip:lb2:after-swap",
+                "flip:canary:soaking",
+                "flip:canary:judged",
+                "flip:lb1:before-swap",
+                "flip:lb1:after-swap",
+                "flip:after"
+            ]
+        );
     }
 
     #[test]
@@ -280,6 +318,7 @@ mod tests {
             &PointNames {
                 lbs: &lbs,
                 nameservers: &ns,
+                canary: None,
             },
         );
         assert_eq!(p[2], "allow-lbs-next:before");

@@ -97,6 +97,45 @@ pub fn delegation_max_ttl(path: &Path, zone: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("zone file {} has no NS record", path.display()))
 }
 
+/// Up to `n` (name, type) pairs of the zone that any server for it must answer with data,
+/// spread over the zone in its canonical order: the apex's MX/TXT and names' A, AAAA, TXT, MX,
+/// CNAME, SRV... Never the SOA or NS (checked elsewhere), wildcards, or names at or below a
+/// delegation (those get a referral, not an answer).
+pub fn sample_names(path: &Path, zone: &str, n: usize) -> Result<Vec<(Name, RecordType)>, String> {
+    let records = parse(path, zone)?;
+    let apex = Name::from_ascii(zone)
+        .map_err(|e| format!("zone `{zone}`: {e}"))?
+        .to_lowercase();
+    let cuts: Vec<Name> = records
+        .values()
+        .filter(|rs| rs.record_type() == RecordType::NS)
+        .map(|rs| rs.name().to_lowercase())
+        .filter(|name| !name.eq_ignore_root(&apex))
+        .collect();
+    let skip = [
+        RecordType::SOA,
+        RecordType::NS,
+        RecordType::DS,
+        RecordType::RRSIG,
+        RecordType::NSEC,
+        RecordType::NSEC3,
+        RecordType::NSEC3PARAM,
+        RecordType::DNSKEY,
+    ];
+    let all: Vec<(Name, RecordType)> = records
+        .values()
+        .filter(|rs| !skip.contains(&rs.record_type()))
+        .filter(|rs| !rs.name().is_wildcard())
+        .filter(|rs| !cuts.iter().any(|c| c.zone_of(&rs.name().to_lowercase())))
+        .map(|rs| (rs.name().clone(), rs.record_type()))
+        .collect();
+    if all.len() <= n {
+        return Ok(all);
+    }
+    // Evenly spaced, so a sample is not just the start of the zone.
+    Ok((0..n).map(|k| all[k * all.len() / n].clone()).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +170,33 @@ mod tests {
             Ok(86_400),
             "glue of ns2 (1d) counts, www does not"
         );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn samples_skip_soa_ns_wildcards_and_delegations() {
+        let d = dir("sample");
+        let p = d.join("z");
+        std::fs::write(
+            &p,
+            "$TTL 300\n@ IN SOA ns1 host. 1 2 3 4 5\n@ IN NS ns1\n@ IN MX 10 mail\nns1 IN A 192.0.2.1\nmail IN A 192.0.2.2\n*.w IN A 192.0.2.3\nsub IN NS ns.sub\nns.sub IN A 192.0.2.4\n",
+        )
+        .unwrap();
+        let got: Vec<String> = sample_names(&p, "example.test", 10)
+            .unwrap()
+            .iter()
+            .map(|(n, t)| format!("{n} {t}"))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "example.test. MX",
+                "mail.example.test. A",
+                "ns1.example.test. A"
+            ],
+            "{got:?}"
+        );
+        assert_eq!(sample_names(&p, "example.test", 2).unwrap().len(), 2);
         std::fs::remove_dir_all(&d).unwrap();
     }
 

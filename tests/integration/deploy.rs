@@ -12,7 +12,9 @@ use hickory_proto::rr::RecordType;
 use integration_tests::*;
 use serde_json::Value;
 
+mod canary;
 mod crash_matrix;
+mod handoff;
 
 const T: Duration = Duration::from_secs(3);
 
@@ -27,6 +29,29 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(e.path(), dst).unwrap();
         }
     }
+}
+
+/// `extra` with what most tests leave out: no canary (`[canary] soak_secs = 0`), no check of
+/// the delegation at a parent zone (these deployments have none: `check_delegation = false`)
+/// and a short rate measurement before the hand-off. The tests of those features set them.
+fn with_defaults(extra: &str) -> String {
+    let mut out = extra.to_string();
+    if !out.contains("[canary]") {
+        out.push_str("\n[canary]\nsoak_secs = 0\n");
+    }
+    let mut defaults = String::new();
+    if !out.contains("check_delegation") && !out.contains("parent_servers") {
+        defaults.push_str("check_delegation = false\n");
+    }
+    if !out.contains("baseline_secs") {
+        defaults.push_str("baseline_secs = 0.5\n");
+    }
+    if out.contains("[roll_lb]\n") {
+        out = out.replacen("[roll_lb]\n", &format!("[roll_lb]\n{defaults}"), 1);
+    } else {
+        out.push_str(&format!("\n[roll_lb]\n{defaults}"));
+    }
+    out
 }
 
 /// One deployment in its own directory, with its own copy of the Ansible tree.
@@ -79,7 +104,7 @@ impl Deployment {
             vars(&self.ns_vars[1]),
             vars(&self.lb_vars[0]),
             vars(&self.lb_vars[1]),
-            self.extra,
+            with_defaults(&self.extra),
         );
         std::fs::write(&self.cfg, text).unwrap();
     }
@@ -694,8 +719,8 @@ fn roll_lb_under_load_with_a_delegation_hook_loses_nothing() {
     .unwrap();
     assert_eq!(input["lbs"][0]["name"], "lb1");
     assert_eq!(input["lbs"][0]["old_address"], old_addrs[0].to_string());
-    // The local provider's lbs differ by port, which only the JSON carries: glue (arguments,
-    // `*_ip`) is an address alone.
+    // Every local lb has a loopback address of its own: glue (arguments, `*_ip`) is that
+    // address alone, without the port the JSON's `*_address` carries.
     let new_addrs: Vec<SocketAddr> = input["lbs"]
         .as_array()
         .unwrap()
@@ -705,13 +730,17 @@ fn roll_lb_under_load_with_a_delegation_hook_loses_nothing() {
     assert_eq!(new_addrs.len(), 2);
     assert!(new_addrs.iter().all(|a| !old_addrs.contains(a)));
     let args = std::fs::read_to_string(&targets).unwrap();
+    let new_ips: Vec<String> = new_addrs.iter().map(|a| a.ip().to_string()).collect();
     assert_eq!(
         args.split_whitespace().collect::<Vec<_>>(),
-        ["127.0.0.1"; 2],
+        new_ips,
         "{args}"
     );
-    assert_eq!(input["lbs"][1]["new_ip"], "127.0.0.1");
-    assert_eq!(input["lbs"][1]["old_ip"], "127.0.0.1");
+    assert_eq!(input["lbs"][1]["new_ip"], new_ips[1]);
+    assert_eq!(input["lbs"][1]["old_ip"], old_addrs[1].ip().to_string());
+    let all_ips: std::collections::BTreeSet<_> =
+        old_addrs.iter().chain(&new_addrs).map(|a| a.ip()).collect();
+    assert_eq!(all_ips.len(), 4, "old and new lbs differ by address");
     let new_loads: Vec<_> = new_addrs
         .iter()
         .map(|a| LoadClient::start(*a, 200))
@@ -790,7 +819,11 @@ fn roll_lb_without_a_hook_waits_for_the_operator_and_never_deletes_a_busy_lb() {
         msg.contains("replace") && msg.contains("roll-lb --resume"),
         "{msg}"
     );
-    assert!(msg.contains(&old_addrs[0].to_string()), "{msg}");
+    // Glue is an address: the old lb's IP, without its port.
+    assert!(
+        msg.contains(&format!("replace {} by", old_addrs[0].ip())),
+        "{msg}"
+    );
     assert_eq!(d.journal_state(), "in-progress");
     assert_eq!(d.instances().len(), 6);
     // The operator may have changed the delegation already: no rollback without their word.

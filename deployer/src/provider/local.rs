@@ -4,7 +4,11 @@
 //! (written atomically). A nameserver instance runs `named` and an lb instance runs `lb`, both
 //! started by the same Ansible roles as on Linode (in their `local` mode). BIND listens only on
 //! addresses configured on an interface, so instead of adding addresses to `lo` each instance
-//! gets its own port on 127.0.0.1: no root and no interface changes are needed.
+//! gets its own port: no root and no interface changes are needed. Nameservers listen on
+//! 127.0.0.1; every lb gets a loopback address of its own (127.0.0.2 and up, all of 127/8
+//! reaches `lo` on Linux, and lb binds it directly), so that an lb's address is what tells it
+//! apart, as on a cloud: a delegation's glue (an address, no port) can name the new lbs and
+//! not the old.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -70,20 +74,28 @@ impl LocalProvider {
     }
 }
 
-/// A port free for UDP and TCP on 127.0.0.1 and not used by another local instance.
-fn free_port(taken: &[u16]) -> Result<u16, ProviderError> {
+/// A loopback address no lb of this deployment uses (127.0.0.2 and up).
+fn free_lb_address(instances: &[Instance]) -> Result<Ipv4Addr, ProviderError> {
+    (2..=254u8)
+        .map(|n| Ipv4Addr::new(127, 0, 0, n))
+        .find(|a| !instances.iter().any(|i| i.address == IpAddr::V4(*a)))
+        .ok_or_else(|| ProviderError::Io("no free loopback address for an lb".into()))
+}
+
+/// A port free for UDP and TCP on `addr` and not used by another local instance.
+fn free_port(addr: Ipv4Addr, taken: &[u16]) -> Result<u16, ProviderError> {
     for _ in 0..200 {
-        let u = std::net::UdpSocket::bind("127.0.0.1:0")
-            .map_err(|e| ProviderError::Io(e.to_string()))?;
+        let u = std::net::UdpSocket::bind((addr, 0))
+            .map_err(|e| ProviderError::Io(format!("{addr}: {e}")))?;
         let port = u
             .local_addr()
             .map_err(|e| ProviderError::Io(e.to_string()))?
             .port();
-        if !taken.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !taken.contains(&port) && std::net::TcpListener::bind((addr, port)).is_ok() {
             return Ok(port);
         }
     }
-    Err(ProviderError::Io("no free port on 127.0.0.1".into()))
+    Err(ProviderError::Io(format!("no free port on {addr}")))
 }
 
 /// Kills the process whose PID is in `pidfile`, if it runs, and waits briefly for it to go.
@@ -130,9 +142,13 @@ impl Provider for LocalProvider {
             .iter()
             .flat_map(|i| [i.dns_port, i.metrics_port])
             .collect();
-        let dns_port = free_port(&taken)?;
+        let address = match spec.role {
+            Role::Lb => free_lb_address(&r.instances)?,
+            Role::Nameserver => Ipv4Addr::LOCALHOST,
+        };
+        let dns_port = free_port(address, &taken)?;
         let metrics_port = match spec.role {
-            Role::Lb => free_port(&[taken.as_slice(), &[dns_port]].concat())?,
+            Role::Lb => free_port(address, &[taken.as_slice(), &[dns_port]].concat())?,
             Role::Nameserver => 0,
         };
         let id = r.next_id.max(1);
@@ -145,7 +161,7 @@ impl Provider for LocalProvider {
             label: spec.label.clone(),
             role: spec.role,
             status: "running".into(),
-            address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            address: IpAddr::V4(address),
             dns_port,
             metrics_port,
             dir: Some(dir),

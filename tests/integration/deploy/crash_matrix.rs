@@ -5,6 +5,8 @@
 //! `lb ctl status`), the deployment has exactly its instances, the zones answer through every
 //! lb, and the load lost no query.
 //!
+//! The roll has a canary (lb1, soaked for 2 s), so the points of its trial are in the matrix.
+//!
 //! `scripts/test.sh` runs one point per phase; `CRASH_MATRIX=full` (benches/crash-matrix.sh)
 //! runs every point and `CRASH_MATRIX_OUT=FILE` writes the table.
 
@@ -13,7 +15,10 @@ use std::time::{Duration, Instant};
 use deployer::steps::{crash_points, Operation, PointNames};
 use integration_tests::LoadClient;
 
-use super::{assert_complete, up, Deployment};
+use super::{assert_complete, Deployment};
+
+/// The matrix's canary: a short soak, judged on the matrix's own load.
+const CANARY: &str = "\n[canary]\nsoak_secs = 2\nmin_answers = 50\n";
 
 /// What is done to the roll.
 #[derive(Debug, Clone)]
@@ -72,6 +77,7 @@ fn all_cases() -> Vec<Case> {
         &PointNames {
             lbs: &lbs,
             nameservers: &ns,
+            canary: Some("lb1"),
         },
     );
     let last_undoable = points
@@ -109,6 +115,8 @@ fn ci_cases() -> Vec<Case> {
     };
     vec![
         crash("provision:after", false),
+        crash("flip:canary:soaking", false),
+        crash("flip:canary:judged", true),
         crash("flip:lb2:before-swap", false),
         crash("flip:lb1:after-swap", true),
         crash("delete-old:ns2:before", false),
@@ -216,11 +224,15 @@ fn run_case(d: &Deployment, case: &Case) -> Row {
 fn crash_points_resume_or_roll_back_to_a_complete_set_under_load() {
     let full = std::env::var("CRASH_MATRIX").is_ok_and(|v| v == "full");
     let cases = if full { all_cases() } else { ci_cases() };
-    let d = up(if full {
+    let mut d = Deployment::new(if full {
         "dep-matrix-full"
     } else {
         "dep-matrix"
     });
+    // The roll flips lb1 first as a canary, soaks it under the load, then flips lb2.
+    d.extra = CANARY.into();
+    d.write_config();
+    d.ok(&["up"]);
     let mut rows = Vec::new();
     for case in &cases {
         let row = run_case(&d, case);
