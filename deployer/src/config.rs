@@ -201,6 +201,11 @@ pub struct RollLbConfig {
     /// prints what to change and waits for `deployer roll-lb --resume`.
     #[serde(default)]
     pub delegation_hook: Option<String>,
+    /// Names of the deployer's environment variables passed on to the hook (its credentials
+    /// for the registrar), besides `PATH`, `HOME`, `USER`, `LOGNAME`, the locale (`LANG`,
+    /// `LC_*`), `TZ` and `TMPDIR`; nothing else is (`LINODE_TOKEN` only if listed here).
+    #[serde(default)]
+    pub hook_env: Vec<String>,
     /// An old lb counts as drained below this many queries per second.
     #[serde(default = "d_threshold")]
     pub drain_threshold_qps: f64,

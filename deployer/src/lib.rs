@@ -9,6 +9,7 @@
 //! - [`lbctl`] — driving `lb` through its control socket, locally or over SSH.
 //! - [`children`] — child processes (ansible-playbook, the hook, ssh) that never outlive the
 //!   deployer, and SIGINT/SIGTERM stopping them first.
+//! - [`private`] — files that may hold secrets, 0600 in 0700 directories.
 //! - [`journal`] — the resumable record of the running operation; [`lock`] — one deployer at
 //!   a time; [`faults`] — crash points and injected faults for tests; [`report`] — terminal
 //!   output.
@@ -36,6 +37,7 @@ pub mod lifecycle;
 pub mod lock;
 pub mod network;
 pub mod operations;
+pub mod private;
 pub mod provider;
 pub mod report;
 pub mod ssh;

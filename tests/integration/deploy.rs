@@ -37,6 +37,9 @@ struct Deployment {
     lb_vars: [String; 2],
     /// More TOML appended to the config (e.g. a `[roll_lb]` section).
     extra: String,
+    /// Keep the Ansible run files of successful runs (`DEPLOYER_KEEP_RUNS`), for tests that
+    /// read the inventories.
+    keep_runs: bool,
 }
 
 impl Deployment {
@@ -50,6 +53,7 @@ impl Deployment {
             ns_vars: Default::default(),
             lb_vars: Default::default(),
             extra: String::new(),
+            keep_runs: true,
         };
         d.write_config();
         d
@@ -87,6 +91,9 @@ impl Deployment {
     fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin("deployer"));
         c.arg("-c").arg(&self.cfg).args(args).stdin(Stdio::null());
+        if self.keep_runs {
+            c.env("DEPLOYER_KEEP_RUNS", "1");
+        }
         c
     }
 
@@ -1375,4 +1382,118 @@ fn roll_lb_inside_the_handoff_is_never_undone_by_itself() {
         assert!(announced.contains(&a.ip().to_string()), "{announced}");
         assert!(!announced.contains(&a.to_string()), "{announced}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secrets (issue #27): no child gets the deployer's environment; run files are private and go
+// once their run succeeded.
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// Makes `body` (after `#!/bin/sh`, DIR replaced) an executable script at `DIR/name`.
+fn script(d: &Deployment, name: &str, body: &str) -> PathBuf {
+    let p = d.dir.path().join(name);
+    std::fs::write(
+        &p,
+        format!(
+            "#!/bin/sh\n{}",
+            body.replace("DIR", &d.dir.path().display().to_string())
+        ),
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&p).status().unwrap();
+    p
+}
+
+#[test]
+fn secrets_stay_with_the_deployer() {
+    let mut d = Deployment::new("dep-secrets");
+    d.keep_runs = false;
+    // ansible-playbook through a wrapper that records the environment it was given (and fails
+    // while DIR/fail-playbook exists); a hook that records its own.
+    let wrapper = script(
+        &d,
+        "playbook.sh",
+        "env > DIR/ansible-env.$$\n[ -e DIR/fail-playbook ] && exit 2\nexec ansible-playbook \"$@\"\n",
+    );
+    let hook = script(&d, "hook.sh", "env > DIR/hook-env\ncat > /dev/null\n");
+    d.extra = format!(
+        "\n[ansible]\nplaybook_command = \"{}\"\n\n[roll_lb]\ndelegation_hook = \"{}\"\nhook_env = [\"REGISTRAR_TOKEN\"]\nquiet_secs = 1\npoll_secs = 0.2\nmax_drain_secs = 60\n",
+        wrapper.display(),
+        hook.display()
+    );
+    d.write_config();
+    let env = [
+        ("LINODE_TOKEN", "linode-secret-4711"),
+        ("REGISTRAR_TOKEN", "registrar-secret-0815"),
+    ];
+    let state = d.dir.path().join("state");
+    // A failed run keeps its files, private.
+    std::fs::write(d.dir.path().join("fail-playbook"), "").unwrap();
+    let (code, _, err) = d.run(&["up"], &env);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("state/runs/") && err.contains("(0600)"),
+        "{err}"
+    );
+    assert_eq!(mode(&state), 0o700, "the state directory");
+    assert_eq!(mode(&state.join("journal.json")), 0o600, "the journal");
+    let failed: Vec<PathBuf> = std::fs::read_dir(state.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(mode(&failed[0]), 0o700);
+    for f in ["inventory.json", "vars.json"] {
+        assert_eq!(mode(&failed[0].join(f)), 0o600, "{f}");
+    }
+    // Successful runs leave nothing behind.
+    std::fs::remove_file(d.dir.path().join("fail-playbook")).unwrap();
+    let (code, out, err) = d.run(&["up"], &env);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let left: Vec<PathBuf> = std::fs::read_dir(state.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(left, failed, "only the failed run's files are left");
+    let mut runs = 0;
+    for e in std::fs::read_dir(d.dir.path()).unwrap() {
+        let p = e.unwrap().path();
+        if !p
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("ansible-env.")
+        {
+            continue;
+        }
+        runs += 1;
+        let env = std::fs::read_to_string(&p).unwrap();
+        assert!(
+            env.contains("PATH=") && env.contains("ANSIBLE_CONFIG="),
+            "{env}"
+        );
+        assert!(
+            !env.contains("LINODE_TOKEN") && !env.contains("secret-"),
+            "ansible-playbook got a secret:\n{env}"
+        );
+    }
+    assert!(runs >= 3, "{runs} playbook runs recorded");
+    // The hook gets what hook_env names, and not the Linode token.
+    let (code, out, err) = d.run(&["roll-lb"], &env);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let hook_env = std::fs::read_to_string(d.dir.path().join("hook-env")).unwrap();
+    assert!(
+        hook_env.contains("REGISTRAR_TOKEN=registrar-secret-0815"),
+        "{hook_env}"
+    );
+    assert!(!hook_env.contains("LINODE_TOKEN"), "{hook_env}");
+    assert_eq!(mode(&state.join("journal.json")), 0o600);
 }

@@ -811,3 +811,62 @@ fn over_ssh_only_an_answer_from_lb_is_a_refusal() {
         assert!(sent.contains(o), "{o}: {sent}");
     }
 }
+
+/// `ssh` (here `lb ctl status` over SSH, run by `deployer status`) gets the agent socket and
+/// what ssh needs, never the deployer's LINODE_TOKEN nor anything else of its environment.
+#[test]
+fn ssh_is_not_given_the_linode_token() {
+    use integration_tests::bin;
+    let fake = FakeLinode::start(TOKEN);
+    let dir = TempDir::new("linode-ssh-env");
+    fake.seed("lb1", &["deployer-t", "role-lb"]);
+    fake.seed("ns1", &["deployer-t", "role-nameserver"]);
+    let dump = dir.path().join("ssh-env");
+    let ssh = fake_ssh(
+        &dir,
+        "ssh-env",
+        &format!("env > {}\nexit 255\n", dump.display()),
+    );
+    std::fs::create_dir_all(dir.path().join("ansible/zones")).unwrap();
+    std::fs::write(
+        dir.path().join("ansible/zones/example.test.zone"),
+        "$TTL 300\n@ IN SOA ns1 host 7 2 3 4 5\n@ IN NS ns1\nns1 IN A 192.0.2.1\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("deployer.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "deployment = \"t\"\nstate_dir = \"state\"\nansible_dir = \"ansible\"\n[provider]\nkind = \"linode\"\n\
+             [linode]\napi_url = \"{}\"\nregion = \"us-east\"\ntype = \"g6-nanode-1\"\nimage = \"linode/debian12\"\nssh_command = \"{ssh}\"\n\
+             [[nameservers]]\nname = \"ns1\"\n[zones]\nnames = [\"example.test\"]\n\
+             [[lbs]]\nname = \"lb1\"\nfronts = [\"ns1\"]\n[network]\nadmin_networks = [\"198.51.100.0/24\"]\n[timeouts]\nctl_secs = 2\n",
+            fake.base()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin("deployer"))
+        .arg("-c")
+        .arg(&cfg)
+        .args(["--json", "status"])
+        .env("LINODE_TOKEN", TOKEN)
+        .env("SSH_AUTH_SOCK", "/tmp/agent.sock")
+        .env("SOME_OTHER_SECRET", "hunter2")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("exit 255"),
+        "lb ctl went through the fake ssh: {text}"
+    );
+    let env = std::fs::read_to_string(&dump).unwrap();
+    assert!(env.contains("SSH_AUTH_SOCK=/tmp/agent.sock"), "{env}");
+    assert!(env.contains("PATH="), "{env}");
+    assert!(
+        !env.contains(TOKEN) && !env.contains("LINODE_TOKEN"),
+        "{env}"
+    );
+    assert!(!env.contains("hunter2"), "{env}");
+}
