@@ -12,7 +12,7 @@ use crate::drain::scrape_queries;
 use crate::journal::{Journal, Step};
 use crate::lbctl::LbControl;
 use crate::network;
-use crate::provider::{Instance, InstanceSpec, Role};
+use crate::provider::{Instance, InstanceSpec, ProviderError, Role};
 
 /// Creates the instances of `role` (labels `NAME-next` when `next`) and waits until they run.
 ///
@@ -76,7 +76,53 @@ pub fn create(d: &Deployer, j: &mut Journal, role: Role, next: bool) -> Result<S
         spec.vlan = network::attachment(d, j, &spec.label)?;
         j.creating.push(spec.label.clone());
         d.save(j)?;
-        let inst = d.provider.create(&spec)?;
+        let inst = match d.provider.create(&spec) {
+            Ok(inst) => inst,
+            Err(e) if e.create_refused() => {
+                // Nothing was created: this operation has no claim on the label, so no undo
+                // may adopt (and delete) whatever instance has it.
+                j.creating.retain(|l| l != &spec.label);
+                d.save(j)?;
+                return Err(match e {
+                    ProviderError::LabelInUse { .. } => anyhow!(e).context(format!(
+                        "creating {}: the label belongs to an instance this run did not create (someone else's, or one an earlier run left); it is neither adopted nor deleted: rename or delete it, then run the command again",
+                        spec.label
+                    )),
+                    _ => anyhow!(e).context(format!("creating {}", spec.label)),
+                });
+            }
+            Err(e) => {
+                // A lost or timed-out reply, or a server error: the instance may exist. It was
+                // being created by this operation (the label is in `creating`), so an instance
+                // with the label and the deployment's tag is this create's.
+                d.out.info(&format!(
+                    "create of {} failed with an unknown outcome ({e}); looking the label up",
+                    spec.label
+                ));
+                match d.find(&spec.label) {
+                    Ok(Some(found)) => {
+                        d.out.info(&format!(
+                            "{} (id {}) was created after all: adopted",
+                            found.label, found.id
+                        ));
+                        found
+                    }
+                    // Still in `creating`: a rollback or resume looks it up again.
+                    Ok(None) => {
+                        return Err(anyhow!(e).context(format!(
+                            "creating {} (no instance with the label exists now; a rollback looks for it again)",
+                            spec.label
+                        )))
+                    }
+                    Err(l) => {
+                        return Err(anyhow!(e).context(format!(
+                            "creating {} (and looking the label up after it: {l:#}; a rollback looks for it again)",
+                            spec.label
+                        )))
+                    }
+                }
+            }
+        };
         j.created.push(inst);
         j.creating.retain(|l| l != &spec.label);
         d.save(j)?;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use deployer::config::LinodeConfig;
 use deployer::provider::linode::{LinodeClient, LinodeError, LinodeProvider};
 use deployer::provider::{InstanceSpec, Provider, ProviderError, Role};
-use integration_tests::fake_linode::{FakeLinode, Injection};
+use integration_tests::fake_linode::{CreateFault, FakeLinode, Injection};
 use integration_tests::TempDir;
 
 const TOKEN: &str = "s3cret-token-value";
@@ -250,7 +250,11 @@ fn api_errors_are_shown_and_the_token_never_is() {
     let p = provider(&fake, &dir);
     p.create(&spec("ns1")).unwrap();
     let e = p.create(&spec("ns1")).unwrap_err();
-    assert!(matches!(e, ProviderError::Api(_)));
+    assert!(
+        matches!(&e, ProviderError::LabelInUse { label, .. } if label == "ns1"),
+        "{e:?}"
+    );
+    assert!(e.create_refused());
     let e = e.to_string();
     assert!(
         e.contains("HTTP 400") && e.contains("label: Label must be unique"),
@@ -565,7 +569,12 @@ fn linode_deployer(fake: &FakeLinode, dir: &TempDir, extra: &str) -> deployer::D
     let c = deployer::config::DeployerConfig::read(&cfg).unwrap();
     let mut d = deployer::Deployer::new(c, true).unwrap();
     d.cfg.provider.kind = deployer::config::ProviderKind::Linode;
-    d.cfg.linode = Some(linode_config(fake));
+    // The fake's instances have made-up addresses: "ssh" to them (the deployer waits for SSH
+    // after a create) is `true`, which always connects.
+    d.cfg.linode = Some(LinodeConfig {
+        ssh_command: "true".into(),
+        ..linode_config(fake)
+    });
     let c = d.cfg.clone();
     let mut client = client(fake);
     client.backoff = Duration::from_millis(5);
@@ -810,6 +819,84 @@ fn over_ssh_only_an_answer_from_lb_is_a_refusal() {
     ] {
         assert!(sent.contains(o), "{o}: {sent}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lost create replies and labels in use (issue #27).
+
+/// The create's reply is lost after Linode made the instance (the connection drops): the
+/// deployer looks the label up and adopts the instance (it carries the deployment's tag and this
+/// operation was creating it), instead of failing and creating nothing, or creating it twice.
+#[test]
+fn a_lost_create_reply_is_looked_up_by_label_and_adopted() {
+    use deployer::journal::{Journal, Operation};
+    use deployer::lifecycle::create;
+    let fake = FakeLinode::start(TOKEN);
+    let dir = TempDir::new("linode-lost-create");
+    let d = linode_deployer(&fake, &dir, "");
+    fake.state
+        .lock()
+        .unwrap()
+        .create_faults
+        .push_back(CreateFault::DropReplyAfterCreate);
+    let mut j = Journal::new(Operation::Up, vec![]);
+    create(&d, &mut j, Role::Nameserver, false).unwrap();
+    assert_eq!(
+        fake.count("POST", "/v4/linode/instances"),
+        2,
+        "one create per instance: the lost one was not sent again"
+    );
+    let ns1 = d.find("ns1").unwrap().expect("ns1 exists");
+    assert!(
+        j.created.iter().any(|i| i.id == ns1.id && i.label == "ns1"),
+        "adopted: {:?}",
+        j.created
+    );
+    assert!(j.creating.is_empty(), "{:?}", j.creating);
+    assert_eq!(fake.state.lock().unwrap().instances.len(), 2);
+}
+
+/// A create refused because the label is in use (here another deployer of the deployment won
+/// the race: same label, same tag) claims nothing: the undo that follows must not adopt and
+/// delete that instance, which this run did not create.
+#[test]
+fn undo_never_adopts_an_instance_whose_create_was_refused_as_label_in_use() {
+    use deployer::journal::{Journal, Operation};
+    use deployer::lifecycle::create;
+    let fake = FakeLinode::start(TOKEN);
+    let dir = TempDir::new("linode-label-in-use");
+    let d = linode_deployer(&fake, &dir, "");
+    fake.state
+        .lock()
+        .unwrap()
+        .create_faults
+        .push_back(CreateFault::LabelTakenFirst {
+            tags: vec!["deployer-t".into(), "role-nameserver".into()],
+        });
+    let mut j = Journal::new(Operation::Up, vec![]);
+    let e = format!(
+        "{:#}",
+        create(&d, &mut j, Role::Nameserver, false).unwrap_err()
+    );
+    assert!(
+        e.contains("ns1")
+            && e.contains("already in use")
+            && e.contains("neither adopted nor deleted"),
+        "{e}"
+    );
+    assert!(
+        j.creating.is_empty(),
+        "no claim on the label: {:?}",
+        j.creating
+    );
+    let theirs = d.find("ns1").unwrap().expect("the other instance");
+    deployer::engine::undo(&d, &mut j).unwrap();
+    assert_eq!(
+        d.find("ns1").unwrap().map(|i| i.id),
+        Some(theirs.id),
+        "the other instance is still there"
+    );
+    assert_eq!(fake.count("DELETE", "/v4/linode/instances"), 0);
 }
 
 /// `ssh` (here `lb ctl status` over SSH, run by `deployer status`) gets the agent socket and
