@@ -47,6 +47,8 @@ pub struct DeployerConfig {
     pub roll_lb: RollLbConfig,
     #[serde(default)]
     pub network: NetworkConfig,
+    #[serde(default)]
+    pub checks: ChecksConfig,
     /// The file this was read from (for messages).
     #[serde(skip)]
     pub source: PathBuf,
@@ -229,6 +231,51 @@ fn d_max_drain() -> u64 {
 }
 fn d_poll() -> f64 {
     5.0
+}
+
+/// `[checks]`: how much of each zone's content the deployer compares with what a server
+/// serves (every new nameserver before the flip, every lb after it), and the smoke checks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChecksConfig {
+    /// Zones with at most this many records are compared whole, every RRset.
+    #[serde(default = "d_max_full_records")]
+    pub max_full_records: usize,
+    /// Larger zones: this many RRsets chosen at random (each check draws its own), plus the
+    /// apex SOA and NS, plus the RRsets the roll changes.
+    #[serde(default = "d_sample_rrsets")]
+    pub sample_rrsets: usize,
+    /// `[[checks.smoke]]`: questions with the answer the operator expects.
+    #[serde(default)]
+    pub smoke: Vec<SmokeCheckConfig>,
+}
+
+/// `[[checks.smoke]]`: `name` asked for `type` must be answered with exactly the records
+/// `expect` (RDATA in zone-file syntax, compared as a set; empty: no such records).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmokeCheckConfig {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub rtype: String,
+    pub expect: Vec<String>,
+}
+
+impl Default for ChecksConfig {
+    fn default() -> Self {
+        ChecksConfig {
+            max_full_records: d_max_full_records(),
+            sample_rrsets: d_sample_rrsets(),
+            smoke: Vec::new(),
+        }
+    }
+}
+
+fn d_max_full_records() -> usize {
+    10_000
+}
+fn d_sample_rrsets() -> usize {
+    1_000
 }
 
 /// `[provider]`.
@@ -670,7 +717,34 @@ impl DeployerConfig {
             }
         }
         self.validate_ports(path)?;
+        self.validate_checks(path)?;
         self.validate_network(path)
+    }
+
+    /// Every smoke check names a record type, RDATA that parses, and a name inside a zone.
+    fn validate_checks(&self, path: &Path) -> Result<(), DeployConfigError> {
+        for c in &self.checks.smoke {
+            let key = format!("checks.smoke ({} {})", c.name, c.rtype);
+            let invalid = |m: String| DeployConfigError::invalid(path, &key, m);
+            let name = hickory_proto::rr::Name::from_ascii(&c.name)
+                .map_err(|e| invalid(format!("`{}`: {e}", c.name)))?;
+            let inside =
+                self.zones.names.iter().any(|z| {
+                    hickory_proto::rr::Name::from_ascii(z).is_ok_and(|z| z.zone_of(&name))
+                });
+            if !inside {
+                return Err(invalid(format!(
+                    "`{}` is in none of the zones ({})",
+                    c.name,
+                    self.zones.names.join(", ")
+                )));
+            }
+            crate::zones::record_type(&c.rtype).map_err(&invalid)?;
+            for e in &c.expect {
+                crate::zones::parse_rdata(&c.name, &c.rtype, e).map_err(&invalid)?;
+            }
+        }
+        Ok(())
     }
 
     /// Host variables that would move an instance's DNS or metrics port away from the one the
@@ -1026,6 +1100,41 @@ mod tests {
             Path::new(&p).is_absolute() && p.ends_with("debs/lb.deb"),
             "{p}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn smoke_checks_are_checked_with_the_key_named() {
+        let dir = std::env::temp_dir().join(format!("dcfg-smoke-{}", std::process::id()));
+        let cfg = |smoke: &str| {
+            let body = LINODE.replace("REGION2", "")
+                + "[network]\nadmin_networks = [\"198.51.100.0/24\"]\n"
+                + smoke;
+            DeployerConfig::read(&write(&dir, &body))
+        };
+        let c = cfg("[checks]\nmax_full_records = 5\n[[checks.smoke]]\nname = \"www.example.test\"\ntype = \"MX\"\nexpect = [\"10 mail.example.test.\"]\n").unwrap();
+        assert_eq!(c.checks.max_full_records, 5);
+        assert_eq!(c.checks.sample_rrsets, 1000);
+        assert_eq!(c.checks.smoke.len(), 1);
+        for (smoke, want) in [
+            (
+                "name = \"www.other.test\"\ntype = \"A\"\nexpect = []",
+                "in none of the zones",
+            ),
+            (
+                "name = \"www.example.test\"\ntype = \"NOPE\"\nexpect = []",
+                "not a record type",
+            ),
+            (
+                "name = \"www.example.test\"\ntype = \"A\"\nexpect = [\"not-an-address\"]",
+                "not-an-address",
+            ),
+        ] {
+            let e = cfg(&format!("[[checks.smoke]]\n{smoke}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("checks.smoke (") && e.contains(want), "{e}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -14,8 +14,9 @@
 //!   a time; [`faults`] — crash points and injected faults for tests; [`report`] — terminal
 //!   output.
 //! - [`context`] — [`context::Deployer`], one deployment with all of the above.
-//! - [`ansible`], [`checks`] — playbook runs and DNS checks (directly, or from an lb with
-//!   `lb ctl probe`); [`network`] — VLAN addresses and the region checks.
+//! - [`ansible`], [`checks`], [`content`] — playbook runs, DNS checks of serials (directly, or
+//!   from an lb with `lb ctl probe`) and of content (every RRset against the zone files, smoke
+//!   checks, the diff before a roll); [`network`] — VLAN addresses and the region checks.
 //! - [`lifecycle`] (instances), [`flip`] (converging lbs), [`drain`] (roll-lb's hand-off and
 //!   drain) — the steps' work.
 //! - [`engine`] — runs the steps, phases, undo and resume.
@@ -26,6 +27,7 @@ pub mod ansible;
 pub mod checks;
 pub mod children;
 pub mod config;
+pub mod content;
 pub mod context;
 pub mod drain;
 pub mod engine;

@@ -7,12 +7,14 @@ use serde_json::{json, Value};
 
 use crate::ansible;
 use crate::checks::{check_serving, probe_from_lb};
+use crate::content::{self, AskError, Asker};
 use crate::context::Deployer;
 use crate::drain::scrape_queries;
 use crate::journal::{Journal, Step};
 use crate::lbctl::LbControl;
 use crate::network;
 use crate::provider::{Instance, InstanceSpec, ProviderError, Role};
+use crate::zones::{RrsetKey, ZoneContent};
 
 /// Creates the instances of `role` (labels `NAME-next` when `next`) and waits until they run.
 ///
@@ -287,10 +289,13 @@ fn checking_lb(d: &Deployer, nameserver: &str) -> Result<(String, LbControl)> {
     )
 }
 
-/// Every created instance of `role` answers authoritatively with the expected serials: from an
-/// lb (`lb ctl probe`, over UDP and TCP, to the address lbs use), or directly from the deployer
-/// when `[network] check_address` says the nameservers allow it.
+/// Every created instance of `role` answers authoritatively with the expected serials, then
+/// serves exactly the content of the zone files (every RRset, or a sample of a large zone, and
+/// the smoke checks: see [`crate::content`]): from an lb (`lb ctl probe` and `lb ctl query`,
+/// over TCP too, to the address lbs use), or directly from the deployer when `[network]
+/// check_address` says the nameservers allow it.
 pub fn check_new(d: &Deployer, j: &Journal, role: Role) -> Result<String> {
+    let zones = content::read_zones(&d.cfg).map_err(|e| anyhow!(e))?;
     let mut done = Vec::new();
     for i in created(j, role) {
         match d.cfg.network.check_address {
@@ -299,8 +304,10 @@ pub fn check_new(d: &Deployer, j: &Journal, role: Role) -> Result<String> {
                 // config check makes sure `from` is on it).
                 check_serving(i.backend_addr(), &j.serials, d.cfg.timeouts.check())
                     .map_err(|e| anyhow!("{} does not serve the zones: {e}", i.label))?;
+                let what = check_content(d, &Asker::Direct(i.backend_addr()), &zones)
+                    .map_err(|e| anyhow!("{} ({}): {e}", i.label, i.backend_addr()))?;
                 done.push(format!(
-                    "{} authoritative (checked directly from {from})",
+                    "{} authoritative (checked directly from {from}; {what})",
                     i.label
                 ));
             }
@@ -320,7 +327,25 @@ pub fn check_new(d: &Deployer, j: &Journal, role: Role) -> Result<String> {
                         i.label
                     )
                 })?;
-                done.push(format!("{} authoritative (probed from lb {lb})", i.label));
+                let asker = Asker::FromLb {
+                    lb: &lb,
+                    ctl: &ctl,
+                    backend: i.backend_addr(),
+                };
+                match check_content(d, &asker, &zones) {
+                    Ok(what) => done.push(format!(
+                        "{} authoritative (probed from lb {lb}; {what})",
+                        i.label
+                    )),
+                    Err(AskError::Unsupported(why)) => {
+                        d.out.info(&format!(
+                            "warning: the content of {} is not checked before the flip: {why}; it is checked through every lb after the flip",
+                            i.label
+                        ));
+                        done.push(format!("{} authoritative (probed from lb {lb})", i.label));
+                    }
+                    Err(e) => bail!("{} (asked from lb {lb}): {e}", i.label),
+                }
             }
         }
     }
@@ -331,12 +356,38 @@ pub fn check_new(d: &Deployer, j: &Journal, role: Role) -> Result<String> {
     ))
 }
 
-/// The new lbs serve every zone over UDP and TCP, and their metrics endpoint is up.
+/// The content of the zones on the server behind `asker` is the zone files' (see
+/// [`content::check_server`]); the RRsets changed since the last recorded deployment are
+/// always asked, even in a sampled zone.
+pub fn check_content(
+    d: &Deployer,
+    asker: &Asker,
+    zones: &[ZoneContent],
+) -> Result<String, AskError> {
+    let timeout = match asker {
+        Asker::Direct(_) => d.cfg.timeouts.check(),
+        Asker::FromLb { .. } => d.cfg.timeouts.ctl(),
+    };
+    let always: Vec<RrsetKey> = zones
+        .iter()
+        .filter_map(|z| {
+            content::recorded(&d.cfg.state_dir, &z.zone).map(|r| content::changed_keys(&r, z))
+        })
+        .flatten()
+        .collect();
+    content::check_server(asker, zones, &d.cfg.checks, &always, timeout)
+}
+
+/// The new lbs serve every zone over UDP and TCP with the zone files' content, and their
+/// metrics endpoint is up.
 pub fn check_new_lbs(d: &Deployer, j: &Journal) -> Result<String> {
+    let zones = content::read_zones(&d.cfg).map_err(|e| anyhow!(e))?;
     let mut out = Vec::new();
     for i in created(j, Role::Lb) {
         check_serving(i.dns_addr(), &j.serials, d.cfg.timeouts.check())
             .map_err(|e| anyhow!("new lb {} does not serve the zones: {e}", i.label))?;
+        let what = check_content(d, &Asker::Direct(i.dns_addr()), &zones)
+            .map_err(|e| anyhow!("new lb {} ({}): {e}", i.label, i.dns_addr()))?;
         scrape_queries(i.metrics_addr(), d.cfg.timeouts.ctl()).map_err(|e| {
             anyhow!(
                 "new lb {}: /metrics at {} is not up: {e:#}",
@@ -344,7 +395,11 @@ pub fn check_new_lbs(d: &Deployer, j: &Journal) -> Result<String> {
                 i.metrics_addr()
             )
         })?;
-        out.push(format!("{} ({}) ok, metrics up", i.label, i.dns_addr()));
+        out.push(format!(
+            "{} ({}) ok, {what}, metrics up",
+            i.label,
+            i.dns_addr()
+        ));
     }
     Ok(out.join(", "))
 }

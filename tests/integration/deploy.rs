@@ -1497,3 +1497,119 @@ fn secrets_stay_with_the_deployer() {
     assert!(!hook_env.contains("LINODE_TOKEN"), "{hook_env}");
     assert_eq!(mode(&state.join("journal.json")), 0o600);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Content, not just the serial (issue #27).
+
+/// Rewrites the zone file with `edit` applied to its text.
+fn edit_zone(d: &Deployment, edit: impl Fn(String) -> String) {
+    let text = std::fs::read_to_string(d.zone()).unwrap();
+    std::fs::write(d.zone(), edit(text)).unwrap();
+}
+
+#[test]
+fn content_is_checked_and_diffed_not_just_the_serial() {
+    let mut d = Deployment::new("dep-content");
+    d.extra = "\n[[checks.smoke]]\nname = \"ns1.example.test\"\ntype = \"A\"\nexpect = [\"192.0.2.53\"]\n".into();
+    d.write_config();
+    let out = d.ok(&["up"]);
+    assert!(
+        out.contains("content: ") && out.contains("1 smoke checks"),
+        "the nameservers and lbs are checked RRset by RRset:\n{out}"
+    );
+    let before = d.instances();
+    let serial = d.serial();
+
+    // 1. An edit without a serial bump is refused before anything is created; the dry run
+    //    shows it too.
+    edit_zone(&d, |t| {
+        t.replace("www     IN A    192.0.2.1", "www     IN A    192.0.2.7")
+    });
+    let (code, out, err) = d.run(&["roll"], &[]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("zone example.test changes")
+            && err.contains(&format!("serial stays {serial}")),
+        "{err}"
+    );
+    assert!(
+        out.contains("~ www.example.test. A 192.0.2.1 -> 192.0.2.7"),
+        "{out}"
+    );
+    let (code, out, err) = d.run(&["roll", "--dry-run"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        out.contains("~ www.example.test. A 192.0.2.1 -> 192.0.2.7")
+            && err.contains("would be refused"),
+        "{out}\n{err}"
+    );
+    assert_eq!(d.instances(), before, "nothing created");
+
+    // 2. With a bump: the diff (from what the lbs serve now) is printed, removals included
+    //    (the zone was recorded at `up`), and the roll goes through, content checked.
+    let new_serial = d.bump_serial();
+    edit_zone(&d, |t| {
+        t.replace("@       IN TXT  \"v=spf1 mx -all\"\n", "") + "new     IN A    192.0.2.8\n"
+    });
+    let out = d.ok(&["roll", "--dry-run"]);
+    for line in [
+        &format!("serial {serial} -> {new_serial}: 1 added, 1 removed, 1 changed"),
+        "+ new.example.test. A 192.0.2.8",
+        "- example.test. TXT",
+        "~ www.example.test. A 192.0.2.1 -> 192.0.2.7",
+    ] {
+        assert!(out.contains(line), "{line}:\n{out}");
+    }
+    let out = d.ok(&["roll"]);
+    assert!(out.contains("+ new.example.test. A 192.0.2.8"), "{out}");
+    assert!(
+        out.contains("ns1-next authoritative (probed from lb lb1; content: "),
+        "checked from the lb with `lb ctl query`:\n{out}"
+    );
+    assert!(
+        out.contains("lb2 (") && out.contains("serves the zones (content: "),
+        "checked through every lb after the flip:\n{out}"
+    );
+    for a in d.lb_addrs() {
+        let m = tcp_query(a, "new.example.test.", RecordType::A).expect("answer");
+        assert_eq!(m.answers.len(), 1, "new.example.test through {a}");
+    }
+    d.assert_serving(new_serial);
+
+    // 3. A new nameserver that serves other content at the expected serial (another file)
+    //    fails the check: rolled back.
+    let (before, backends) = (d.instances(), d.lb_backends());
+    let bumped = d.bump_serial();
+    let text = std::fs::read_to_string(d.zone()).unwrap();
+    std::fs::write(
+        d.dir.path().join("ansible/zones/other.zone"),
+        text.replace("192.0.2.7", "192.0.2.66"),
+    )
+    .unwrap();
+    d.ns_vars[0] = "{ dns_zones = [{ name = \"example.test\", file = \"other.zone\" }] }".into();
+    d.write_config();
+    let (code, _, err) = d.run(&["roll"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("ns1-next (asked from lb lb1)")
+            && err.contains("www.example.test. A: serves 192.0.2.66, the zone file has 192.0.2.7"),
+        "{err}"
+    );
+    assert!(err.contains("step check failed; rolled back"), "{err}");
+    d.assert_rolled_back(&before, &backends, new_serial);
+
+    // 4. A change that breaks what a smoke check expects fails the check: rolled back.
+    d.ns_vars[0] = String::new();
+    d.write_config();
+    edit_zone(&d, |t| {
+        t.replace("ns1     IN A    192.0.2.53", "ns1     IN A    192.0.2.99")
+    });
+    let (code, _, err) = d.run(&["roll"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("smoke check ns1.example.test A: answered 192.0.2.99, expected 192.0.2.53"),
+        "{err}"
+    );
+    d.assert_rolled_back(&before, &backends, new_serial);
+    assert!(bumped > new_serial);
+}
