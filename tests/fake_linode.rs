@@ -5,7 +5,8 @@
 //! bearer-token auth, `page`/`page_size` pagination (`data`, `page`, `pages`, `results`),
 //! `X-Filter` on `label`, `tags`, `region` and `status`, the `{"errors":[{"reason","field"}]}`
 //! error shape, instances that go `provisioning` -> `booting` -> `running` over a few polls, and
-//! injected failures (5xx, 429 with `Retry-After`), and Linode Create's documented rate limit
+//! injected failures (5xx, 429 with `Retry-After`; for creates, a reply dropped after the
+//! instance was made and a label taken just before, see [`CreateFault`]), and Linode Create's documented rate limit
 //! (10 requests per 30 s; 429 with `Retry-After` in seconds past it). `GET /v4/regions/{id}`
 //! answers with each region's capabilities (`us-east` and `eu-central` offer `Vlans`; the
 //! made-up `xx-novlan` does not). A create's `interfaces` are held to the rules the spec states
@@ -37,6 +38,18 @@ pub struct Injection {
     pub retry_after: Option<u64>,
 }
 
+/// A fault in the handling of the next create (`POST /linode/instances`).
+#[derive(Debug, Clone)]
+pub enum CreateFault {
+    /// The instance is created, then the connection is closed without a reply: a reply lost
+    /// (or timed out) after Linode acted on the request.
+    DropReplyAfterCreate,
+    /// Just before the create is handled, an instance with the same label and these tags
+    /// appears (someone else, or another deployer, won the race): Linode refuses the create
+    /// with 400 "Label must be unique among your linodes".
+    LabelTakenFirst { tags: Vec<String> },
+}
+
 /// The fake's state, shared with the test.
 #[derive(Debug)]
 pub struct FakeState {
@@ -66,7 +79,12 @@ pub struct FakeState {
     pub interfaces: std::collections::BTreeMap<u64, Value>,
     /// Two live instances on one VLAN with the same `ipam_address` (VLAN, address, ids).
     pub vlan_conflicts: Vec<String>,
+    /// Faults for the next creates, in order.
+    pub create_faults: VecDeque<CreateFault>,
 }
+
+/// The status [`handle`] returns for "close the connection without a reply".
+const DROP_REPLY: u16 = 0;
 
 /// A running fake on 127.0.0.1.
 pub struct FakeLinode {
@@ -117,6 +135,7 @@ impl FakeLinode {
             .collect(),
             interfaces: Default::default(),
             vlan_conflicts: Vec::new(),
+            create_faults: VecDeque::new(),
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let (st, sp) = (state.clone(), stop.clone());
@@ -279,6 +298,11 @@ fn serve(s: TcpStream, state: &Mutex<FakeState>) {
         return;
     };
     let (status, body, retry_after) = handle(&req, state);
+    if status == DROP_REPLY {
+        // The request was carried out; the client never hears of it.
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        return;
+    }
     if let Some(path) = spec_path(&req.path) {
         let pointer = crate::openapi::response_pointer(&req.method, path, status);
         let v = crate::openapi::violations(&pointer, &body);
@@ -526,6 +550,15 @@ fn handle(req: &Request, state: &Mutex<FakeState>) -> (u16, Value, Option<u64>) 
                 );
             }
             let label = body["label"].as_str().unwrap_or("linode").to_string();
+            let fault = st.create_faults.pop_front();
+            if let Some(CreateFault::LabelTakenFirst { tags }) = &fault {
+                st.next_id += 1;
+                let id = st.next_id;
+                let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+                let region = body["region"].as_str().unwrap_or("us-east").to_string();
+                st.instances
+                    .push(instance(id, &label, &region, &tags, "running"));
+            }
             if st.instances.iter().any(|i| i["label"] == label.as_str()) {
                 return (
                     400,
@@ -586,6 +619,9 @@ fn handle(req: &Request, state: &Mutex<FakeState>) -> (u16, Value, Option<u64>) 
                     }
                 }
                 st.interfaces.insert(id, ifs.clone());
+            }
+            if matches!(fault, Some(CreateFault::DropReplyAfterCreate)) {
+                return (DROP_REPLY, Value::Null, None);
             }
             (200, inst, None)
         }

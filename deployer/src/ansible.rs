@@ -1,7 +1,8 @@
 //! Running the playbooks in `ansible/` on the instances of one step.
 //!
-//! Per run the deployer writes an inventory and a variables file (JSON) under the state
-//! directory, runs `ansible-playbook` with a timeout while its output streams to the terminal
+//! Per run the deployer writes an inventory and a variables file (JSON, 0600 in 0700
+//! directories: the variables may carry secrets) under the state directory, removed once the
+//! run succeeded and kept when it failed, runs `ansible-playbook` with a timeout while its output streams to the terminal
 //! (stderr, so `--json` keeps stdout clean), and maps the exit status to a clear error. SSH
 //! host keys are accepted on first use into a per-deployment known_hosts file; checking is
 //! never turned off.
@@ -15,6 +16,9 @@ use serde_json::{json, Map, Value};
 use crate::config::DeployerConfig;
 use crate::provider::{Instance, Provider, Role};
 
+/// Test hook: set (to anything), the run files of successful runs are kept too.
+pub const KEEP_RUNS_VAR: &str = "DEPLOYER_KEEP_RUNS";
+
 /// The tag of the nameserver role's access part (allow-query, transfers, firewall), re-run
 /// alone on serving nameservers when the set of lbs changes.
 pub const ACCESS_TAG: &str = "nameserver-access";
@@ -27,15 +31,20 @@ pub enum AnsibleError {
         command: String,
         source: std::io::Error,
     },
-    #[error("ansible-playbook {playbook} timed out after {0:?} and was stopped", .timeout)]
-    Timeout { playbook: String, timeout: Duration },
+    #[error("ansible-playbook {playbook} timed out after {0:?} and was stopped; its inventory and variables are kept in {files} (0600)", .timeout)]
+    Timeout {
+        playbook: String,
+        timeout: Duration,
+        files: PathBuf,
+    },
     #[error(
-        "ansible-playbook {playbook} failed: {meaning} (exit status {code}); its output is above"
+        "ansible-playbook {playbook} failed: {meaning} (exit status {code}); its output is above, its inventory and variables are kept in {files} (0600)"
     )]
     Failed {
         playbook: String,
         code: i32,
         meaning: &'static str,
+        files: PathBuf,
     },
     #[error("cannot write the ansible run files in {dir}: {source}")]
     Files {
@@ -44,14 +53,20 @@ pub enum AnsibleError {
     },
 }
 
-/// The meaning of `ansible-playbook`'s exit codes.
+/// The meaning of `ansible-playbook`'s exit codes, as ansible-core sets them
+/// (`ansible.errors.ExitCode` and the task queue manager's `RUN_*` codes): 2 a host failed a
+/// task (`RUN_FAILED_HOSTS`), 4 a host was unreachable (`RUN_UNREACHABLE_HOSTS`, which the
+/// strategy returns before failed hosts when both happened). ansible-core gives 4 to a parser
+/// error of the playbook or inventory too (its own FIXME: `PARSER_ERROR = 4` "conflicts with
+/// HOST_UNREACHABLE"); that one comes before any host is contacted, and its message says so.
+/// 3 is not used by ansible-core (older documentation listed it for unreachable hosts).
 pub fn exit_meaning(code: i32) -> &'static str {
     match code {
         1 => "an error occurred",
         2 => "one or more hosts failed a task",
-        3 => "one or more hosts were unreachable",
-        4 => "the playbook or inventory could not be parsed",
+        4 => "one or more hosts were unreachable (SSH failed: is the instance up, its address in the known_hosts file under the state directory current, and the deployer's address in [network] admin_networks?); ansible-core also exits 4 when the playbook or inventory cannot be parsed, before any host is contacted",
         5 => "bad or incomplete options",
+        8 => "a host failed and the play was stopped (any_errors_fatal or max_fail_percentage)",
         99 => "interrupted",
         250 => "unexpected error",
         _ => "unknown failure",
@@ -188,22 +203,34 @@ pub fn run_playbook(
     tags: Option<&str>,
     timeout: Duration,
 ) -> Result<(), AnsibleError> {
-    let dir = cfg.state_dir.join("runs").join(run_name);
+    // The variables may hold secrets ([ansible] extra_vars): 0600 files in 0700 directories,
+    // removed once the run succeeded (kept on failure, to look at).
+    // A name of its own: the files a failed run left (perhaps within the same second, under
+    // the same name) stay as they are.
+    let runs = cfg.state_dir.join("runs");
+    let dir = (1..)
+        .map(|n| match n {
+            1 => runs.join(run_name),
+            n => runs.join(format!("{run_name}.{n}")),
+        })
+        .find(|d| !d.exists())
+        .expect("an unused name");
     let files = |source| AnsibleError::Files {
         dir: dir.clone(),
         source,
     };
-    std::fs::create_dir_all(&dir).map_err(files)?;
+    crate::private::create_dir(&cfg.state_dir).map_err(files)?;
+    crate::private::create_dir(&dir).map_err(files)?;
     let inv = dir.join("inventory.json");
     let varfile = dir.join("vars.json");
-    std::fs::write(
+    crate::private::write(
         &inv,
-        serde_json::to_vec_pretty(inventory).unwrap_or_default(),
+        &serde_json::to_vec_pretty(inventory).unwrap_or_default(),
     )
     .map_err(files)?;
-    std::fs::write(
+    crate::private::write(
         &varfile,
-        serde_json::to_vec_pretty(vars).unwrap_or_default(),
+        &serde_json::to_vec_pretty(vars).unwrap_or_default(),
     )
     .map_err(files)?;
 
@@ -218,6 +245,9 @@ pub fn run_playbook(
         .map(Stdio::from)
         .unwrap_or_else(|_| Stdio::inherit());
     let mut cmd = Command::new(&command);
+    // Not the deployer's environment (LINODE_TOKEN): what Ansible and its ssh need, then the
+    // deployer's own settings.
+    crate::children::restrict_env(&mut cmd, crate::children::ChildEnv::Ansible);
     if let Some(t) = tags {
         cmd.arg("--tags").arg(t);
     }
@@ -248,15 +278,41 @@ pub fn run_playbook(
         None => Err(AnsibleError::Timeout {
             playbook: playbook.into(),
             timeout,
+            files: dir,
         }),
-        Some(st) if st.success() => Ok(()),
+        Some(st) if st.success() => {
+            if std::env::var_os(KEEP_RUNS_VAR).is_none() {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            Ok(())
+        }
         Some(st) => {
             let code = st.code().unwrap_or(250);
             Err(AnsibleError::Failed {
                 playbook: playbook.into(),
                 code,
                 meaning: exit_meaning(code),
+                files: dir,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_mean_what_ansible_core_says() {
+        assert!(
+            exit_meaning(4).contains("unreachable"),
+            "RUN_UNREACHABLE_HOSTS"
+        );
+        assert!(
+            exit_meaning(2).contains("failed a task"),
+            "RUN_FAILED_HOSTS"
+        );
+        assert!(!exit_meaning(3).contains("unreachable"), "3 is not used");
+        assert_eq!(exit_meaning(3), "unknown failure");
     }
 }

@@ -13,6 +13,9 @@
 //! (held by the deployer's open file) is released only once they are gone. The exit is then
 //! what a crash is to the journal: nothing more is written, and `status`, `--resume` and
 //! `rollback` take it from there.
+//!
+//! No child inherits the deployer's environment ([`restrict_env`]): each gets the few
+//! variables it needs ([`ChildEnv`]), so the Linode token stays with the deployer.
 
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus};
@@ -33,6 +36,66 @@ static TERMINATING: AtomicBool = AtomicBool::new(false);
 
 /// How long children get to exit after SIGTERM before SIGKILL (their groups).
 pub const GRACE: Duration = Duration::from_secs(5);
+
+/// What every child gets of the deployer's environment (when set): where programs are, the
+/// home directory (ssh's `~/.ssh`, Ansible's `~/.ansible`), the locale and time zone, the
+/// temporary directory and the user's name. Nothing else: `LINODE_TOKEN` above all.
+pub const BASE_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "LC_MESSAGES",
+    "LC_NUMERIC",
+    "LC_TIME",
+    "TZ",
+    "TMPDIR",
+];
+
+/// Which child a [`Command`] is, for the environment it is given ([`restrict_env`]).
+#[derive(Debug, Clone, Copy)]
+pub enum ChildEnv<'a> {
+    /// `ssh` and `ssh-keygen` (`lb ctl` over SSH, waiting for SSH, forgetting host keys): the
+    /// base and `SSH_AUTH_SOCK` (the agent holding the key).
+    Ssh,
+    /// `ansible-playbook` (and through it ssh, and in local mode the daemons the roles start):
+    /// the base, `SSH_AUTH_SOCK`, and the operator's own `ANSIBLE_*` settings (e.g.
+    /// `ANSIBLE_VAULT_PASSWORD_FILE`); the deployer sets its own `ANSIBLE_*` after them.
+    Ansible,
+    /// The delegation hook: the base and the variables `[roll_lb] hook_env` names (the
+    /// registrar's credentials; `LINODE_TOKEN` only if it is listed there).
+    Hook(&'a [String]),
+}
+
+impl ChildEnv<'_> {
+    /// True if the variable `name` of the deployer's environment is passed to this child.
+    pub fn allows(&self, name: &str) -> bool {
+        if BASE_ENV.contains(&name) {
+            return true;
+        }
+        match self {
+            ChildEnv::Ssh => name == "SSH_AUTH_SOCK",
+            ChildEnv::Ansible => name == "SSH_AUTH_SOCK" || name.starts_with("ANSIBLE_"),
+            ChildEnv::Hook(extra) => extra.iter().any(|e| e == name),
+        }
+    }
+}
+
+/// Clears `cmd`'s environment and gives it back only what `which` allows from the deployer's
+/// own. Call it before setting the child's own variables (`env_clear` would drop them).
+pub fn restrict_env<'c>(cmd: &'c mut Command, which: ChildEnv<'_>) -> &'c mut Command {
+    cmd.env_clear();
+    for (k, v) in std::env::vars_os() {
+        if k.to_str().is_some_and(|name| which.allows(name)) {
+            cmd.env(k, v);
+        }
+    }
+    cmd
+}
 
 /// Prepares `cmd` to run as a supervised child: its own process group and SIGTERM when the
 /// deployer dies.
@@ -246,4 +309,28 @@ fn terminate(sig: i32) -> ! {
     // handlers would need, and nothing is left to flush that matters (the journal is written
     // atomically).
     unsafe { libc::_exit(128 + sig) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_child_gets_only_what_it_needs() {
+        for w in [ChildEnv::Ssh, ChildEnv::Ansible, ChildEnv::Hook(&[])] {
+            assert!(w.allows("PATH") && w.allows("HOME") && w.allows("LANG"));
+            assert!(!w.allows("LINODE_TOKEN"), "{w:?}");
+            assert!(!w.allows("AWS_SECRET_ACCESS_KEY"), "{w:?}");
+        }
+        assert!(ChildEnv::Ssh.allows("SSH_AUTH_SOCK"));
+        assert!(!ChildEnv::Ssh.allows("ANSIBLE_CONFIG"));
+        assert!(ChildEnv::Ansible.allows("ANSIBLE_VAULT_PASSWORD_FILE"));
+        assert!(!ChildEnv::Hook(&[]).allows("SSH_AUTH_SOCK"));
+        let listed = ["REGISTRAR_TOKEN".to_string(), "LINODE_TOKEN".to_string()];
+        assert!(ChildEnv::Hook(&listed).allows("REGISTRAR_TOKEN"));
+        assert!(
+            ChildEnv::Hook(&listed).allows("LINODE_TOKEN"),
+            "only when the config names it"
+        );
+    }
 }

@@ -49,6 +49,8 @@ pub struct DeployerConfig {
     pub canary: CanaryConfig,
     #[serde(default)]
     pub network: NetworkConfig,
+    #[serde(default)]
+    pub checks: ChecksConfig,
     /// The file this was read from (for messages).
     #[serde(skip)]
     pub source: PathBuf,
@@ -218,6 +220,11 @@ pub struct RollLbConfig {
     /// reaches the TLD's servers after a while) before the deployer stops.
     #[serde(default = "d_delegation_wait")]
     pub delegation_wait_secs: u64,
+    /// Names of the deployer's environment variables passed on to the hook (its credentials
+    /// for the registrar), besides `PATH`, `HOME`, `USER`, `LOGNAME`, the locale (`LANG`,
+    /// `LC_*`), `TZ` and `TMPDIR`; nothing else is (`LINODE_TOKEN` only if listed here).
+    #[serde(default)]
+    pub hook_env: Vec<String>,
     /// An old lb counts as drained at or below this many queries per second...
     #[serde(default = "d_threshold")]
     pub drain_threshold_qps: f64,
@@ -246,6 +253,7 @@ impl Default for RollLbConfig {
         RollLbConfig {
             delegation_hook: None,
             parent_servers: None,
+            hook_env: Vec::new(),
             check_delegation: true,
             delegation_wait_secs: d_delegation_wait(),
             drain_threshold_qps: d_threshold(),
@@ -345,6 +353,44 @@ impl Default for CanaryConfig {
     }
 }
 
+/// `[checks]`: how much of each zone's content the deployer compares with what a server
+/// serves (every new nameserver before the flip, every lb after it), and the smoke checks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChecksConfig {
+    /// Zones with at most this many records are compared whole, every RRset.
+    #[serde(default = "d_max_full_records")]
+    pub max_full_records: usize,
+    /// Larger zones: this many RRsets chosen at random (each check draws its own), plus the
+    /// apex SOA and NS, plus the RRsets the roll changes.
+    #[serde(default = "d_sample_rrsets")]
+    pub sample_rrsets: usize,
+    /// `[[checks.smoke]]`: questions with the answer the operator expects.
+    #[serde(default)]
+    pub smoke: Vec<SmokeCheckConfig>,
+}
+
+/// `[[checks.smoke]]`: `name` asked for `type` must be answered with exactly the records
+/// `expect` (RDATA in zone-file syntax, compared as a set; empty: no such records).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmokeCheckConfig {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub rtype: String,
+    pub expect: Vec<String>,
+}
+
+impl Default for ChecksConfig {
+    fn default() -> Self {
+        ChecksConfig {
+            max_full_records: d_max_full_records(),
+            sample_rrsets: d_sample_rrsets(),
+            smoke: Vec::new(),
+        }
+    }
+}
+
 fn d_soak() -> u64 {
     30
 }
@@ -356,6 +402,12 @@ fn d_latency_increase() -> f64 {
 }
 fn d_min_answers() -> u64 {
     100
+}
+fn d_max_full_records() -> usize {
+    10_000
+}
+fn d_sample_rrsets() -> usize {
+    1_000
 }
 
 /// `[provider]`.
@@ -799,6 +851,7 @@ impl DeployerConfig {
         }
         self.validate_ports(path)?;
         self.validate_roll_lb(path)?;
+        self.validate_checks(path)?;
         self.validate_network(path)
     }
 
@@ -845,6 +898,32 @@ impl DeployerConfig {
                     "canary.lb",
                     format!("`{lb}` is not one of [[lbs]]"),
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every smoke check names a record type, RDATA that parses, and a name inside a zone.
+    fn validate_checks(&self, path: &Path) -> Result<(), DeployConfigError> {
+        for c in &self.checks.smoke {
+            let key = format!("checks.smoke ({} {})", c.name, c.rtype);
+            let invalid = |m: String| DeployConfigError::invalid(path, &key, m);
+            let name = hickory_proto::rr::Name::from_ascii(&c.name)
+                .map_err(|e| invalid(format!("`{}`: {e}", c.name)))?;
+            let inside =
+                self.zones.names.iter().any(|z| {
+                    hickory_proto::rr::Name::from_ascii(z).is_ok_and(|z| z.zone_of(&name))
+                });
+            if !inside {
+                return Err(invalid(format!(
+                    "`{}` is in none of the zones ({})",
+                    c.name,
+                    self.zones.names.join(", ")
+                )));
+            }
+            crate::zones::record_type(&c.rtype).map_err(&invalid)?;
+            for e in &c.expect {
+                crate::zones::parse_rdata(&c.name, &c.rtype, e).map_err(&invalid)?;
             }
         }
         Ok(())
@@ -1217,6 +1296,41 @@ mod tests {
             Path::new(&p).is_absolute() && p.ends_with("debs/lb.deb"),
             "{p}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn smoke_checks_are_checked_with_the_key_named() {
+        let dir = std::env::temp_dir().join(format!("dcfg-smoke-{}", std::process::id()));
+        let cfg = |smoke: &str| {
+            let body = LINODE.replace("REGION2", "")
+                + "[network]\nadmin_networks = [\"198.51.100.0/24\"]\n"
+                + smoke;
+            DeployerConfig::read(&write(&dir, &body))
+        };
+        let c = cfg("[checks]\nmax_full_records = 5\n[[checks.smoke]]\nname = \"www.example.test\"\ntype = \"MX\"\nexpect = [\"10 mail.example.test.\"]\n").unwrap();
+        assert_eq!(c.checks.max_full_records, 5);
+        assert_eq!(c.checks.sample_rrsets, 1000);
+        assert_eq!(c.checks.smoke.len(), 1);
+        for (smoke, want) in [
+            (
+                "name = \"www.other.test\"\ntype = \"A\"\nexpect = []",
+                "in none of the zones",
+            ),
+            (
+                "name = \"www.example.test\"\ntype = \"NOPE\"\nexpect = []",
+                "not a record type",
+            ),
+            (
+                "name = \"www.example.test\"\ntype = \"A\"\nexpect = [\"not-an-address\"]",
+                "not-an-address",
+            ),
+        ] {
+            let e = cfg(&format!("[[checks.smoke]]\n{smoke}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("checks.smoke (") && e.contains(want), "{e}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

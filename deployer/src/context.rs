@@ -65,8 +65,12 @@ impl Deployer {
                 Box::new(LinodeProvider::new(client, l, cfg.tag(), &cfg.state_dir))
             }
         };
-        std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
-            format!("cannot create state directory {}", cfg.state_dir.display())
+        // 0700: the run files, the journal and known_hosts are the deployment's own.
+        crate::private::create_dir(&cfg.state_dir).with_context(|| {
+            format!(
+                "cannot create state directory {} (mode 0700)",
+                cfg.state_dir.display()
+            )
         })?;
         Ok(Deployer {
             journal: JournalFile::new(&cfg.state_dir),

@@ -289,6 +289,11 @@ pub fn handoff(d: &Deployer, j: &mut Journal) -> Result<String> {
     d.save(j)?;
     d.faults.point("handoff:started");
     let mut cmd = std::process::Command::new(&hook);
+    // Only what operators need: never the deployer's LINODE_TOKEN unless `hook_env` lists it.
+    crate::children::restrict_env(
+        &mut cmd,
+        crate::children::ChildEnv::Hook(&d.cfg.roll_lb.hook_env),
+    );
     cmd.args(plan.iter().map(|p| ip_of(&p.2)))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null());

@@ -25,7 +25,9 @@ use crate::canary;
 use crate::context::{next_command, Deployer};
 use crate::drain::{self, WaitForOperator};
 use crate::flip::{self, FlipError};
-use crate::journal::{CanaryState, Direction, Journal, JournalState, Phase, Step, StepRecord};
+use crate::journal::{
+    CanaryState, Direction, Journal, JournalState, Operation, Phase, Step, StepRecord,
+};
 use crate::lifecycle;
 use crate::provider::Role;
 
@@ -71,16 +73,25 @@ fn run_step(d: &Deployer, step: Step, j: &mut Journal) -> Result<String> {
 }
 
 /// Every lb serves exactly its planned set (compared with its live set, not the journal) and
-/// every zone answers through it with the expected serial. Runs before anything is deleted.
+/// every zone answers through it with the expected serial and the zone files' content
+/// ([`crate::content`]). Runs before anything is deleted.
 fn verify(d: &Deployer, j: &Journal) -> Result<String> {
     let mut out = flip::check_live_sets(d, j)?;
+    let zones = crate::content::read_zones(&d.cfg).map_err(|e| anyhow!(e))?;
     for l in &d.cfg.lbs {
         let inst = d
             .find(&l.name)?
             .ok_or_else(|| anyhow!("lb {} does not exist", l.name))?;
         crate::checks::check_serving(inst.dns_addr(), &j.serials, d.cfg.timeouts.check())
             .map_err(|e| anyhow!("through lb {}: {e}", l.name))?;
-        out.push(format!("{} ({}) serves the zones", l.name, inst.dns_addr()));
+        let what =
+            lifecycle::check_content(d, &crate::content::Asker::Direct(inst.dns_addr()), &zones)
+                .map_err(|e| anyhow!("through lb {} ({}): {e}", l.name, inst.dns_addr()))?;
+        out.push(format!(
+            "{} ({}) serves the zones ({what})",
+            l.name,
+            inst.dns_addr()
+        ));
     }
     Ok(out.join(", "))
 }
@@ -222,6 +233,17 @@ pub fn run_steps(d: &mut Deployer, j: &mut Journal, steps: &[Step]) -> Result<()
     j.state = JournalState::Done;
     j.error = None;
     d.save(j)?;
+    if matches!(j.operation, Operation::Up | Operation::Roll) {
+        // What the next roll's diff asks the running set about (removed names included).
+        let recorded = crate::content::read_zones(&d.cfg)
+            .map_err(|e| anyhow!(e))
+            .and_then(|z| Ok(crate::content::record_deployed(&d.cfg.state_dir, &z)?));
+        if let Err(e) = recorded {
+            d.out.info(&format!(
+                "warning: the deployed zones could not be recorded ({e:#}); the next roll's diff cannot list removed names"
+            ));
+        }
+    }
     Ok(())
 }
 

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::provider::Instance;
 pub use crate::steps::{Operation, Step};
 
-pub use lb::state::write_atomic;
+/// Atomic writes of the deployer's state files: private (0600), see [`crate::private`].
+pub use crate::private::write_atomic;
 
 /// The journal format this deployer writes and reads.
 pub const JOURNAL_FORMAT: u32 = 2;
@@ -266,9 +267,10 @@ pub struct JournalFile {
 
 impl JournalFile {
     pub fn new(state_dir: &Path) -> JournalFile {
-        JournalFile {
-            path: state_dir.join("journal.json"),
-        }
+        let path = state_dir.join("journal.json");
+        // Temporary files of a deployer killed mid-write (the writer is gone).
+        crate::private::remove_stale_temps(&path);
+        JournalFile { path }
     }
 
     pub fn load(&self) -> Result<Option<Journal>, JournalError> {

@@ -117,6 +117,30 @@ impl LbControl {
     }
 }
 
+impl LbControl {
+    /// `query`: sends whole DNS queries (hexadecimal) from the lb to `backend` over TCP;
+    /// returns the answers (hexadecimal), in order.
+    pub fn query(
+        &self,
+        backend: std::net::SocketAddr,
+        queries: Vec<String>,
+        timeout: Duration,
+    ) -> Result<Vec<String>, CtlError> {
+        match self.request(
+            ControlCommand::Query {
+                backend: backend.to_string(),
+                queries,
+            },
+            timeout,
+        )? {
+            ControlResult::Answers(a) => Ok(a.answers),
+            other => Err(CtlError::Transport(format!(
+                "unexpected query response {other:?}"
+            ))),
+        }
+    }
+}
+
 /// Seconds added to the `lb ctl` timeout and ssh's connect timeout before an `lb ctl` over SSH
 /// is killed: the remote side's own timeouts should fire first.
 const SSH_MARGIN: Duration = Duration::from_secs(5);
@@ -262,6 +286,11 @@ fn ctl_args(socket: &std::path::Path, cmd: ControlCommand, timeout: Duration) ->
                 args.extend(["--zone".into(), z]);
             }
             args.push(backend);
+        }
+        // Hexadecimal messages: nothing the remote shell would interpret.
+        ControlCommand::Query { backend, queries } => {
+            args.extend(["query".into(), backend]);
+            args.extend(queries);
         }
     }
     args

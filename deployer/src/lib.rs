@@ -11,13 +11,15 @@
 //! - [`lbctl`] — driving `lb` through its control socket, locally or over SSH.
 //! - [`children`] — child processes (ansible-playbook, the hook, ssh) that never outlive the
 //!   deployer, and SIGINT/SIGTERM stopping them first.
+//! - [`private`] — files that may hold secrets, 0600 in 0700 directories.
 //! - [`journal`] — the resumable record of the running operation; [`lock`] — one deployer at
 //!   a time; [`faults`] — crash points and injected faults for tests; [`report`] — terminal
 //!   output.
 //! - [`context`] — [`context::Deployer`], one deployment with all of the above.
-//! - [`ansible`], [`checks`] — playbook runs and DNS checks (directly, or from an lb with
-//!   `lb ctl probe`); [`network`] — VLAN addresses and the region checks; [`delegation`] —
-//!   what the parent zone's servers say about the delegation.
+//! - [`ansible`], [`checks`], [`content`] — playbook runs, DNS checks of serials (directly, or
+//!   from an lb with `lb ctl probe`) and of content (every RRset against the zone files, smoke
+//!   checks, the diff before a roll); [`network`] — VLAN addresses and the region checks;
+//!   [`delegation`] — what the parent zone's servers say about the delegation.
 //! - [`lifecycle`] (instances), [`flip`] (converging lbs), [`canary`] (roll's canary flip
 //!   and soak), [`drain`] (roll-lb's hand-off and drain) — the steps' work.
 //! - [`engine`] — runs the steps, phases, undo and resume.
@@ -29,6 +31,7 @@ pub mod canary;
 pub mod checks;
 pub mod children;
 pub mod config;
+pub mod content;
 pub mod context;
 pub mod delegation;
 pub mod dns;
@@ -43,6 +46,7 @@ pub mod lifecycle;
 pub mod lock;
 pub mod network;
 pub mod operations;
+pub mod private;
 pub mod provider;
 pub mod report;
 pub mod ssh;

@@ -7,12 +7,14 @@ use serde_json::{json, Value};
 
 use crate::ansible;
 use crate::checks::{check_serving, probe_from_lb};
+use crate::content::{self, AskError, Asker};
 use crate::context::Deployer;
 use crate::drain::scrape_queries;
 use crate::journal::{Journal, Step};
 use crate::lbctl::LbControl;
 use crate::network;
-use crate::provider::{Instance, InstanceSpec, Role};
+use crate::provider::{Instance, InstanceSpec, ProviderError, Role};
+use crate::zones::{RrsetKey, ZoneContent};
 
 /// Creates the instances of `role` (labels `NAME-next` when `next`) and waits until they run.
 ///
@@ -77,7 +79,53 @@ pub fn create(d: &Deployer, j: &mut Journal, role: Role, next: bool) -> Result<S
         j.creating.push(spec.label.clone());
         d.save(j)?;
         d.out.doing(&format!("creating {}", spec.label));
-        let inst = d.provider.create(&spec)?;
+        let inst = match d.provider.create(&spec) {
+            Ok(inst) => inst,
+            Err(e) if e.create_refused() => {
+                // Nothing was created: this operation has no claim on the label, so no undo
+                // may adopt (and delete) whatever instance has it.
+                j.creating.retain(|l| l != &spec.label);
+                d.save(j)?;
+                return Err(match e {
+                    ProviderError::LabelInUse { .. } => anyhow!(e).context(format!(
+                        "creating {}: the label belongs to an instance this run did not create (someone else's, or one an earlier run left); it is neither adopted nor deleted: rename or delete it, then run the command again",
+                        spec.label
+                    )),
+                    _ => anyhow!(e).context(format!("creating {}", spec.label)),
+                });
+            }
+            Err(e) => {
+                // A lost or timed-out reply, or a server error: the instance may exist. It was
+                // being created by this operation (the label is in `creating`), so an instance
+                // with the label and the deployment's tag is this create's.
+                d.out.info(&format!(
+                    "create of {} failed with an unknown outcome ({e}); looking the label up",
+                    spec.label
+                ));
+                match d.find(&spec.label) {
+                    Ok(Some(found)) => {
+                        d.out.info(&format!(
+                            "{} (id {}) was created after all: adopted",
+                            found.label, found.id
+                        ));
+                        found
+                    }
+                    // Still in `creating`: a rollback or resume looks it up again.
+                    Ok(None) => {
+                        return Err(anyhow!(e).context(format!(
+                            "creating {} (no instance with the label exists now; a rollback looks for it again)",
+                            spec.label
+                        )))
+                    }
+                    Err(l) => {
+                        return Err(anyhow!(e).context(format!(
+                            "creating {} (and looking the label up after it: {l:#}; a rollback looks for it again)",
+                            spec.label
+                        )))
+                    }
+                }
+            }
+        };
         j.created.push(inst);
         j.creating.retain(|l| l != &spec.label);
         d.save(j)?;
@@ -252,10 +300,13 @@ fn checking_lb(d: &Deployer, nameserver: &str) -> Result<(String, LbControl)> {
     )
 }
 
-/// Every created instance of `role` answers authoritatively with the expected serials: from an
-/// lb (`lb ctl probe`, over UDP and TCP, to the address lbs use), or directly from the deployer
-/// when `[network] check_address` says the nameservers allow it.
+/// Every created instance of `role` answers authoritatively with the expected serials, then
+/// serves exactly the content of the zone files (every RRset, or a sample of a large zone, and
+/// the smoke checks: see [`crate::content`]): from an lb (`lb ctl probe` and `lb ctl query`,
+/// over TCP too, to the address lbs use), or directly from the deployer when `[network]
+/// check_address` says the nameservers allow it.
 pub fn check_new(d: &Deployer, j: &Journal, role: Role) -> Result<String> {
+    let zones = content::read_zones(&d.cfg).map_err(|e| anyhow!(e))?;
     let mut done = Vec::new();
     for i in created(j, role) {
         match d.cfg.network.check_address {
@@ -264,8 +315,10 @@ pub fn check_new(d: &Deployer, j: &Journal, role: Role) -> Result<String> {
                 // config check makes sure `from` is on it).
                 check_serving(i.backend_addr(), &j.serials, d.cfg.timeouts.check())
                     .map_err(|e| anyhow!("{} does not serve the zones: {e}", i.label))?;
+                let what = check_content(d, &Asker::Direct(i.backend_addr()), &zones)
+                    .map_err(|e| anyhow!("{} ({}): {e}", i.label, i.backend_addr()))?;
                 done.push(format!(
-                    "{} authoritative (checked directly from {from})",
+                    "{} authoritative (checked directly from {from}; {what})",
                     i.label
                 ));
             }
@@ -285,7 +338,25 @@ pub fn check_new(d: &Deployer, j: &Journal, role: Role) -> Result<String> {
                         i.label
                     )
                 })?;
-                done.push(format!("{} authoritative (probed from lb {lb})", i.label));
+                let asker = Asker::FromLb {
+                    lb: &lb,
+                    ctl: &ctl,
+                    backend: i.backend_addr(),
+                };
+                match check_content(d, &asker, &zones) {
+                    Ok(what) => done.push(format!(
+                        "{} authoritative (probed from lb {lb}; {what})",
+                        i.label
+                    )),
+                    Err(AskError::Unsupported(why)) => {
+                        d.out.info(&format!(
+                            "warning: the content of {} is not checked before the flip: {why}; it is checked through every lb after the flip",
+                            i.label
+                        ));
+                        done.push(format!("{} authoritative (probed from lb {lb})", i.label));
+                    }
+                    Err(e) => bail!("{} (asked from lb {lb}): {e}", i.label),
+                }
             }
         }
     }
@@ -296,12 +367,38 @@ pub fn check_new(d: &Deployer, j: &Journal, role: Role) -> Result<String> {
     ))
 }
 
-/// The new lbs serve every zone over UDP and TCP, and their metrics endpoint is up.
+/// The content of the zones on the server behind `asker` is the zone files' (see
+/// [`content::check_server`]); the RRsets changed since the last recorded deployment are
+/// always asked, even in a sampled zone.
+pub fn check_content(
+    d: &Deployer,
+    asker: &Asker,
+    zones: &[ZoneContent],
+) -> Result<String, AskError> {
+    let timeout = match asker {
+        Asker::Direct(_) => d.cfg.timeouts.check(),
+        Asker::FromLb { .. } => d.cfg.timeouts.ctl(),
+    };
+    let always: Vec<RrsetKey> = zones
+        .iter()
+        .filter_map(|z| {
+            content::recorded(&d.cfg.state_dir, &z.zone).map(|r| content::changed_keys(&r, z))
+        })
+        .flatten()
+        .collect();
+    content::check_server(asker, zones, &d.cfg.checks, &always, timeout)
+}
+
+/// The new lbs serve every zone over UDP and TCP with the zone files' content, and their
+/// metrics endpoint is up.
 pub fn check_new_lbs(d: &Deployer, j: &Journal) -> Result<String> {
+    let zones = content::read_zones(&d.cfg).map_err(|e| anyhow!(e))?;
     let mut out = Vec::new();
     for i in created(j, Role::Lb) {
         check_serving(i.dns_addr(), &j.serials, d.cfg.timeouts.check())
             .map_err(|e| anyhow!("new lb {} does not serve the zones: {e}", i.label))?;
+        let what = check_content(d, &Asker::Direct(i.dns_addr()), &zones)
+            .map_err(|e| anyhow!("new lb {} ({}): {e}", i.label, i.dns_addr()))?;
         scrape_queries(i.metrics_addr(), d.cfg.timeouts.ctl()).map_err(|e| {
             anyhow!(
                 "new lb {}: /metrics at {} is not up: {e:#}",
@@ -309,7 +406,11 @@ pub fn check_new_lbs(d: &Deployer, j: &Journal) -> Result<String> {
                 i.metrics_addr()
             )
         })?;
-        out.push(format!("{} ({}) ok, metrics up", i.label, i.dns_addr()));
+        out.push(format!(
+            "{} ({}) ok, {what}, metrics up",
+            i.label,
+            i.dns_addr()
+        ));
     }
     Ok(out.join(", "))
 }

@@ -6,6 +6,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::content::{self, Asker};
 use crate::context::{next_command, Deployer};
 use crate::engine;
 use crate::journal::{Handoff, Journal, JournalState, Operation, Phase, Step};
@@ -13,6 +14,7 @@ use crate::lifecycle::fmt_serials;
 use crate::provider::Instance;
 use crate::status::{BackendView, InstanceView, LastView, LbView, StatusView, UnfinishedView};
 use crate::steps::{ROLL_LB_STEPS, ROLL_STEPS, UP_STEPS};
+use crate::zones::ZoneContent;
 
 impl Deployer {
     /// `deployer up` (or `--resume`).
@@ -219,6 +221,12 @@ impl Deployer {
             })?;
             old.push(i);
         }
+        // What the roll changes in the zones, from what the running set serves; an edit
+        // without a serial bump is refused before anything is created.
+        let refusal = self.zone_diff()?;
+        if let (Some(r), false) = (&refusal, dry_run) {
+            bail!("{r}; nothing was created");
+        }
         if dry_run {
             self.out
                 .info("plan for `deployer roll` (dry run, nothing changes):");
@@ -243,12 +251,79 @@ impl Deployer {
             }
             self.out
                 .info(&format!("  expected serials: {}", fmt_serials(&serials)));
+            if let Some(r) = refusal {
+                bail!("the roll would be refused: {r}");
+            }
             return Ok(());
         }
         let mut j = Journal::new(Operation::Roll, serials);
         j.old = old;
         self.save(&j)?;
         engine::run_steps(self, &mut j, &ROLL_STEPS)
+    }
+
+    /// Prints what a roll changes in every zone: what the running set serves (asked through
+    /// the first lb, which still sends to it) against the new zone files (see
+    /// [`crate::content::diff`]). Returns why the roll must be refused, if it must: a zone
+    /// whose content changes while its serial stays.
+    fn zone_diff(&self) -> Result<Option<String>> {
+        let zones = content::read_zones(&self.cfg).map_err(|e| anyhow!(e))?;
+        let recorded: Vec<Option<ZoneContent>> = zones
+            .iter()
+            .map(|z| content::recorded(&self.cfg.state_dir, &z.zone))
+            .collect();
+        let mut through = None;
+        for l in &self.cfg.lbs {
+            if let Some(i) = self.find(&l.name)? {
+                through = Some((l.name.clone(), i));
+                break;
+            }
+        }
+        let Some((lb, inst)) = through else {
+            bail!("no lb exists to read the running zones through: run `deployer up` first");
+        };
+        let diffs = content::diff(
+            &Asker::Direct(inst.dns_addr()),
+            &zones,
+            &recorded,
+            &self.cfg.checks,
+            self.cfg.timeouts.check(),
+        )
+        .map_err(|e| {
+            anyhow!(
+                "cannot read what the running set serves through lb {lb} ({}): {e}",
+                inst.dns_addr()
+            )
+        })?;
+        self.out.info(&format!(
+            "what the roll changes (the running set, read through lb {lb}, against the zone files):"
+        ));
+        for d in &diffs {
+            for line in d.lines() {
+                self.out.info(&format!("  {line}"));
+            }
+        }
+        let unbumped: Vec<String> = diffs
+            .iter()
+            .filter(|d| d.unbumped())
+            .map(|d| {
+                format!(
+                    "zone {} changes ({} added, {} removed, {} changed) but its serial stays {} ({})",
+                    d.zone,
+                    d.added.len(),
+                    d.removed.len(),
+                    d.changed.len(),
+                    d.new_serial,
+                    self.cfg.zone_file(&d.zone).display()
+                )
+            })
+            .collect();
+        Ok((!unbumped.is_empty()).then(|| {
+            format!(
+                "{}: bump the serial, or secondaries (which transfer by serial) and lb's cache (which follows the serial) would keep the old content",
+                unbumped.join("; ")
+            )
+        }))
     }
 
     /// A resume that could not converge the lbs: undo if still possible, else stop.

@@ -36,6 +36,7 @@ impl SshTarget {
     /// arguments. Keepalives every 5 s end a dead connection within 10 s.
     pub fn command(&self, connect_timeout: Duration) -> Command {
         let mut ssh = Command::new(&self.program);
+        crate::children::restrict_env(&mut ssh, crate::children::ChildEnv::Ssh);
         ssh.args(["-o", "BatchMode=yes"])
             .arg("-o")
             .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
@@ -124,7 +125,9 @@ pub fn forget_host(known_hosts: &Path, host: &str) -> Result<(), String> {
     if !known_hosts.exists() {
         return Ok(());
     }
-    let out = Command::new("ssh-keygen")
+    let mut keygen = Command::new("ssh-keygen");
+    crate::children::restrict_env(&mut keygen, crate::children::ChildEnv::Ssh);
+    let out = keygen
         .arg("-R")
         .arg(host)
         .arg("-f")

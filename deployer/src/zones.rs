@@ -1,5 +1,5 @@
 //! Facts the deployer needs from zone files (the SOA serial, the longest TTL of the delegation
-//! records), read with hickory-proto's zone-file parser so that `$ORIGIN`, `$INCLUDE`, `$TTL`,
+//! records, the whole content RRset by RRset for the content checks), read with hickory-proto's zone-file parser so that `$ORIGIN`, `$INCLUDE`, `$TTL`,
 //! multi-line records and relative names mean what they mean to BIND.
 //!
 //! Limits of that parser, refused with a clear message rather than misread: `$GENERATE` (a BIND
@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use hickory_proto::rr::{Name, RData, RecordSet, RecordType, RrKey};
+
 use hickory_proto::serialize::txt::Parser;
 
 /// Most nested `$INCLUDE`s followed when looking for `$GENERATE`.
@@ -134,6 +135,166 @@ pub fn sample_names(path: &Path, zone: &str, n: usize) -> Result<Vec<(Name, Reco
     }
     // Evenly spaced, so a sample is not just the start of the zone.
     Ok((0..n).map(|k| all[k * all.len() / n].clone()).collect())
+}
+
+/// One RRset's key: its owner (lowercase, absolute) and type.
+pub type RrsetKey = (Name, RecordType);
+
+/// What a zone file holds, RRset by RRset, as a server loading it would serve it.
+#[derive(Debug, Clone)]
+pub struct ZoneContent {
+    /// The zone's name, as configured.
+    pub zone: String,
+    pub origin: Name,
+    /// The SOA serial.
+    pub serial: u32,
+    /// Every RRset, its RDATA in canonical order without duplicates. Types a server derives
+    /// or signs itself (RRSIG, NSEC, NSEC3) are left out.
+    pub rrsets: BTreeMap<RrsetKey, Vec<RData>>,
+    /// Records in the file (what `[checks] max_full_records` counts).
+    pub records: usize,
+    /// Delegation points: owners other than the apex with an NS RRset.
+    pub cuts: Vec<Name>,
+}
+
+impl ZoneContent {
+    /// How a server answers for this RRset: `Authoritative` from the answer section;
+    /// `Referral` (the NS RRset of a delegation: in the authority section of a referral);
+    /// `None` for data below a delegation (glue and occluded names: not authoritative, not
+    /// compared).
+    pub fn answered_as(&self, key: &RrsetKey) -> Option<Answered> {
+        let (name, rtype) = key;
+        let below = |c: &Name| c.zone_of(name) && c != name;
+        if self.cuts.iter().any(below) {
+            return None;
+        }
+        if self.cuts.contains(name) {
+            return match rtype {
+                RecordType::NS => Some(Answered::Referral),
+                // Authoritative in the parent side of the cut.
+                RecordType::DS => Some(Answered::Authoritative),
+                _ => None,
+            };
+        }
+        Some(Answered::Authoritative)
+    }
+}
+
+/// Where a server puts an RRset of the zone in its answer (see [`ZoneContent::answered_as`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answered {
+    Authoritative,
+    Referral,
+}
+
+/// Reads the whole content of zone `zone` from its file.
+pub fn content(path: &Path, zone: &str) -> Result<ZoneContent, String> {
+    let records = parse(path, zone)?;
+    let origin = Name::from_ascii(zone)
+        .map_err(|e| format!("zone file {}: zone name `{zone}`: {e}", path.display()))?
+        .to_lowercase();
+    let mut origin = origin;
+    origin.set_fqdn(true);
+    let mut rrsets: BTreeMap<RrsetKey, Vec<RData>> = BTreeMap::new();
+    let mut count = 0;
+    for rs in records.values() {
+        let rtype = rs.record_type();
+        if matches!(
+            rtype,
+            RecordType::RRSIG | RecordType::NSEC | RecordType::NSEC3
+        ) {
+            continue;
+        }
+        for r in rs.records_without_rrsigs() {
+            count += 1;
+            rrsets
+                .entry((r.name.to_lowercase(), rtype))
+                .or_default()
+                .push(r.data.clone());
+        }
+    }
+    ZoneContent::new(zone, origin, rrsets, count)
+        .map_err(|e| format!("zone file {}: {e}", path.display()))
+}
+
+impl ZoneContent {
+    /// A zone's content from its RRsets (sorted and deduplicated here); `records` as counted
+    /// in its file. The serial is the apex SOA's.
+    pub fn new(
+        zone: &str,
+        origin: Name,
+        mut rrsets: BTreeMap<RrsetKey, Vec<RData>>,
+        records: usize,
+    ) -> Result<ZoneContent, String> {
+        for v in rrsets.values_mut() {
+            v.sort_by_key(canonical_rdata);
+            v.dedup_by_key(|r| canonical_rdata(r));
+        }
+        let serial = rrsets
+            .get(&(origin.clone(), RecordType::SOA))
+            .and_then(|v| {
+                v.iter().find_map(|r| match r {
+                    RData::SOA(soa) => Some(soa.serial),
+                    _ => None,
+                })
+            })
+            .ok_or_else(|| "no SOA record at the zone's apex".to_string())?;
+        let cuts = rrsets
+            .keys()
+            .filter(|(n, t)| *t == RecordType::NS && *n != origin)
+            .map(|(n, _)| n.clone())
+            .collect();
+        Ok(ZoneContent {
+            zone: zone.to_string(),
+            serial,
+            origin,
+            rrsets,
+            records,
+            cuts,
+        })
+    }
+}
+
+/// RDATA in canonical form (RFC 4034 6.2: names in lowercase, uncompressed): two RDATA are the
+/// same record exactly when these bytes are equal.
+pub fn canonical_rdata(r: &RData) -> Vec<u8> {
+    use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
+    let mut buf = Vec::new();
+    let mut e = BinEncoder::new(&mut buf);
+    e.set_canonical_form(true);
+    if r.emit(&mut e).is_err() {
+        // Not encodable (never for parsed data): compare by the presentation form.
+        return r.to_string().into_bytes();
+    }
+    buf
+}
+
+/// Parses the RDATA `text` of a record of type `rtype` at `name` (presentation format, as in
+/// a zone file: `192.0.2.1`, `10 mail.example.test.`, `"v=spf1 -all"`); relative names in it
+/// are relative to `name`'s parent.
+pub fn parse_rdata(name: &str, rtype: &str, text: &str) -> Result<RData, String> {
+    let owner = Name::from_ascii(name).map_err(|e| format!("`{name}`: {e}"))?;
+    let mut owner = owner;
+    owner.set_fqdn(true);
+    let line = format!("{owner} 0 IN {rtype} {text}\n");
+    let (_, records) = Parser::new(line, None, Some(owner.base_name()))
+        .parse()
+        .map_err(|e| format!("`{rtype} {text}`: {e}"))?;
+    let mut all = records
+        .values()
+        .flat_map(|rs| rs.records_without_rrsigs())
+        .map(|r| r.data.clone());
+    match (all.next(), all.next()) {
+        (Some(r), None) => Ok(r),
+        _ => Err(format!("`{rtype} {text}` is not one record")),
+    }
+}
+
+/// A record type by its mnemonic (`A`, `AAAA`, `MX`, ...).
+pub fn record_type(text: &str) -> Result<RecordType, String> {
+    text.to_ascii_uppercase()
+        .parse::<RecordType>()
+        .map_err(|_| format!("`{text}` is not a record type"))
 }
 
 #[cfg(test)]

@@ -60,6 +60,15 @@ pub enum ControlCommand {
         #[serde(default)]
         tcp: bool,
     },
+    /// Send these DNS queries (whole messages, hexadecimal) from this lb to `backend` (any
+    /// address, in the set or not), pipelined over one TCP connection, and return the answers
+    /// in the same order. Only standard queries (opcode QUERY, one question, no zone
+    /// transfer) are sent. How a deployer compares what a nameserver that answers lbs only
+    /// serves with its zone files.
+    Query {
+        backend: String,
+        queries: Vec<String>,
+    },
 }
 
 /// One response: `ok` with a result, or an error message.
@@ -103,6 +112,16 @@ pub enum ControlResult {
     },
     /// What `probe` found: every zone answered authoritatively, with these serials.
     Probe(ProbeReport),
+    /// What `query` got back.
+    Answers(AnswersReport),
+}
+
+/// The result of `query`: the answer to each query, in order, as whole DNS messages in
+/// hexadecimal (with the query IDs this lb used).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnswersReport {
+    pub backend: String,
+    pub answers: Vec<String>,
 }
 
 /// The result of `probe`.

@@ -58,10 +58,75 @@ pub fn run(socket: &Path, cmd: ControlCommand, json: bool, timeout: Duration) ->
                     println!("{}: {} serial {}", p.backend, z.zone, z.serial);
                 }
             }
+            Some(ControlResult::Answers(a)) => {
+                for (k, hex) in a.answers.iter().enumerate() {
+                    let msg = crate::wire::from_hex(hex).unwrap_or_default();
+                    match crate::wire::header(&msg) {
+                        Ok(h) => println!(
+                            "{}: answer {}: rcode {}, {}aa, {} records, {} bytes",
+                            a.backend,
+                            k + 1,
+                            h.rcode,
+                            if h.aa { "" } else { "no " },
+                            crate::wire::records(&msg).count(),
+                            msg.len()
+                        ),
+                        Err(_) => println!("{}: answer {}: unreadable", a.backend, k + 1),
+                    }
+                }
+            }
             None => {}
         }
     }
     exit_code(&resp)
+}
+
+/// Record types `lb ctl query NAME/TYPE` knows by name (any other by number).
+const TYPE_NAMES: [(&str, u16); 20] = [
+    ("A", 1),
+    ("NS", 2),
+    ("CNAME", 5),
+    ("SOA", 6),
+    ("PTR", 12),
+    ("HINFO", 13),
+    ("MX", 15),
+    ("TXT", 16),
+    ("AAAA", 28),
+    ("LOC", 29),
+    ("SRV", 33),
+    ("NAPTR", 35),
+    ("DNAME", 39),
+    ("DS", 43),
+    ("SSHFP", 44),
+    ("DNSKEY", 48),
+    ("TLSA", 52),
+    ("SVCB", 64),
+    ("HTTPS", 65),
+    ("CAA", 257),
+];
+
+/// One QUERY argument of `lb ctl query` as the hexadecimal message sent: `NAME/TYPE` (a query
+/// with ID `id`, RD clear, no EDNS) or already a hexadecimal message.
+pub fn query_arg(arg: &str, id: u16) -> Result<String, String> {
+    let Some((name, rtype)) = arg.rsplit_once('/') else {
+        return crate::wire::from_hex(arg)
+            .map(|_| arg.to_ascii_lowercase())
+            .ok_or_else(|| format!("`{arg}` is neither NAME/TYPE nor a hexadecimal message"));
+    };
+    let qtype = match rtype.parse::<u16>() {
+        Ok(n) => n,
+        Err(_) => TYPE_NAMES
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(rtype))
+            .map(|(_, t)| *t)
+            .ok_or_else(|| {
+                format!("`{rtype}` is not a record type this client knows: give its number")
+            })?,
+    };
+    let wire_name = crate::wire::encode_name(name)?;
+    Ok(crate::wire::to_hex(&crate::wire::build_query(
+        id, &wire_name, qtype,
+    )))
 }
 
 /// The human form of `lb ctl status`.
@@ -128,5 +193,23 @@ mod tests {
         let codes = [0, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_RESTART_NEEDED];
         let distinct: std::collections::BTreeSet<u8> = codes.into_iter().collect();
         assert_eq!(distinct.len(), codes.len());
+    }
+
+    #[test]
+    fn query_arguments_become_queries() {
+        let hex = query_arg("www.example.test/AAAA", 7).unwrap();
+        let m = crate::wire::from_hex(&hex).unwrap();
+        assert_eq!(crate::wire::id(&m), 7);
+        let q = crate::wire::question(&m).unwrap();
+        assert_eq!(q.qtype, 28);
+        assert_eq!(crate::wire::to_hex(&m), hex);
+        assert_eq!(
+            query_arg("example.test/257", 0).map(|h| h.len()),
+            Ok(2 * (12 + 14 + 4))
+        );
+        assert_eq!(query_arg(&hex.to_uppercase(), 0), Ok(hex));
+        assert!(query_arg("example.test/NOPE", 0).is_err());
+        assert!(query_arg("zz", 0).is_err());
+        assert_eq!(crate::wire::from_hex("0"), None);
     }
 }

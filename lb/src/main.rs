@@ -92,6 +92,16 @@ enum CtlCommand {
         #[arg(long)]
         tcp: bool,
     },
+    /// Send DNS queries from this lb to a nameserver (in the set or not), pipelined over TCP:
+    /// each QUERY is `NAME/TYPE` (TYPE a number or A, NS, CNAME, SOA, PTR, MX, TXT, AAAA, SRV,
+    /// CAA, ...) or a whole query message in hexadecimal. Prints each answer's RCODE and size
+    /// (`--json`: the answers themselves, in hexadecimal).
+    Query {
+        /// IP:PORT (or a bare IP for port 53).
+        backend: String,
+        #[arg(required = true)]
+        queries: Vec<String>,
+    },
 }
 
 fn ctl(args: CtlArgs) -> ExitCode {
@@ -130,6 +140,22 @@ fn ctl(args: CtlArgs) -> ExitCode {
             zones,
             tcp,
         },
+        CtlCommand::Query { backend, queries } => {
+            let mut hex = Vec::with_capacity(queries.len());
+            for (k, q) in queries.iter().enumerate() {
+                match lb::ctl::query_arg(q, k as u16) {
+                    Ok(h) => hex.push(h),
+                    Err(e) => {
+                        eprintln!("lb ctl query: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            ControlCommand::Query {
+                backend,
+                queries: hex,
+            }
+        }
     };
     // An upgrade waits for the new process to become ready.
     let timeout_ms = match command {

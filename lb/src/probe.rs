@@ -253,6 +253,112 @@ pub async fn probe_zone(
     Ok(lowest)
 }
 
+/// Most queries one [`ask_tcp`] sends (they are told apart by their IDs).
+pub const MAX_ASK: usize = 65_535;
+
+/// Sends whole DNS `queries` to `addr` pipelined over TCP (RFC 7766) and returns the answers
+/// in the order of the queries. Each query's ID is replaced by its position, which is how the
+/// answers (in any order) are matched, along with their question. Every answer must come
+/// within `timeout` of the previous one (or of the connection); a connection the server closes
+/// early (a limit on queries per connection) is opened again for the rest as long as the last
+/// one brought answers.
+///
+/// The writer runs beside the reader, so a server that answers while it reads never stalls
+/// both sides on full buffers.
+pub async fn ask_tcp(
+    addr: std::net::SocketAddr,
+    queries: &[Vec<u8>],
+    timeout: Duration,
+) -> Result<Vec<Vec<u8>>, String> {
+    if queries.len() > MAX_ASK {
+        return Err(format!(
+            "{} queries, at most {MAX_ASK} at once",
+            queries.len()
+        ));
+    }
+    let queries: Vec<Vec<u8>> = queries
+        .iter()
+        .enumerate()
+        .map(|(k, q)| {
+            let mut q = q.clone();
+            if q.len() >= wire::HEADER_LEN {
+                wire::set_id(&mut q, k as u16);
+            }
+            q
+        })
+        .collect();
+    let questions: Vec<Option<wire::Question>> =
+        queries.iter().map(|q| wire::question(q).ok()).collect();
+    let mut answers: Vec<Option<Vec<u8>>> = vec![None; queries.len()];
+    let mut left = queries.len();
+    while left > 0 {
+        let before = left;
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("connecting to {addr} over TCP: no answer in {timeout:?}"))?
+            .map_err(|e| format!("connecting to {addr} over TCP: {e}"))?;
+        let (mut rd, mut wr) = stream.into_split();
+        let mut frames = Vec::new();
+        for (k, q) in queries.iter().enumerate() {
+            if answers[k].is_none() {
+                frames.extend_from_slice(&(q.len() as u16).to_be_bytes());
+                frames.extend_from_slice(q);
+            }
+        }
+        let writer = tokio::spawn(async move {
+            let _ = wr.write_all(&frames).await;
+            // Keep the write side open: some servers close at once on EOF.
+            wr
+        });
+        let mut closed = None;
+        while left > 0 {
+            let mut len = [0u8; 2];
+            let read = async {
+                rd.read_exact(&mut len).await?;
+                let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+                rd.read_exact(&mut buf).await?;
+                Ok::<_, std::io::Error>(buf)
+            };
+            let msg = match tokio::time::timeout(timeout, read).await {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => {
+                    closed = Some(e.to_string());
+                    break;
+                }
+                Err(_) => {
+                    writer.abort();
+                    return Err(format!(
+                        "{addr} over TCP: no answer in {timeout:?} ({} of {} answered)",
+                        queries.len() - left,
+                        queries.len()
+                    ));
+                }
+            };
+            if msg.len() < wire::HEADER_LEN {
+                continue;
+            }
+            let k = usize::from(wire::id(&msg));
+            if k < queries.len()
+                && answers[k].is_none()
+                && wire::answer_matches(&queries[k], questions[k].as_ref(), &msg)
+            {
+                answers[k] = Some(msg);
+                left -= 1;
+            }
+        }
+        writer.abort();
+        if left > 0 && left == before {
+            return Err(format!(
+                "{addr} closed the TCP connection without answering ({}; {} of {} answered)",
+                closed.unwrap_or_default(),
+                queries.len() - left,
+                queries.len()
+            ));
+        }
+    }
+    Ok(answers.into_iter().flatten().collect())
+}
+
 /// A wire-format name in presentation form (`example.test.`).
 pub fn zone_to_text(wire_name: &[u8]) -> String {
     let mut out = String::new();

@@ -415,6 +415,29 @@ pub fn encode_name(name: &str) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// `bytes` in lowercase hexadecimal (how the control protocol carries DNS messages).
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
+}
+
+/// The bytes of a hexadecimal string (either case); `None` if it is not one.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    s.as_bytes()
+        .chunks(2)
+        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
+        .collect()
+}
+
 /// Builds a query for `qname` (wire format) with RD=0 and no EDNS.
 pub fn build_query(id: u16, qname: &[u8], qtype: u16) -> Vec<u8> {
     let mut m = Vec::with_capacity(HEADER_LEN + qname.len() + 4);

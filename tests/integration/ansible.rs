@@ -268,9 +268,15 @@ fn nameserver_answers_only_the_lbs_and_transfers_only_with_the_tsig_key() {
         }}},
         "lbs": {"hosts": {"lb1": {"ansible_host": "127.0.0.3"}}},
     }}});
-    let (code, out) = playbook_inventory("nameserver.yml", inv.clone(), &[], dir.path());
+    // With --diff and -v, as an operator looking closely would run it: the secret never shows.
+    let (code, out) =
+        playbook_inventory("nameserver.yml", inv.clone(), &["--diff", "-v"], dir.path());
     let _guard = KillOnDrop(dir.path().join("ns/named.pid"));
     assert_eq!(code, 0, "{out}");
+    assert!(
+        !out.contains(key),
+        "the TSIG secret is in the output:\n{out}"
+    );
     let p = port.to_string();
     let soa = |from: &str| dig(&["@127.0.0.1", "-p", &p, "-b", from, "example.test", "SOA"]);
     assert!(soa("127.0.0.3").contains("status: NOERROR"), "the lb");
@@ -846,4 +852,68 @@ fn nameserver_firewall_admits_dns_from_the_lbs_on_the_vlan_only() {
         0,
         "a second run changes nothing:\n{out}"
     );
+}
+
+/// A minimal deployer config in `dir` using the repository's Ansible tree.
+fn deployer_config(dir: &Path) -> deployer::config::DeployerConfig {
+    std::fs::create_dir_all(dir.join("zones")).unwrap();
+    let cfg = dir.join("deployer.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "deployment = \"t\"\nstate_dir = \"state\"\nansible_dir = \"{}\"\n[provider]\nkind = \"local\"\n\
+             [[nameservers]]\nname = \"ns1\"\n[zones]\nnames = [\"example.test\"]\n[[lbs]]\nname = \"lb1\"\nfronts = [\"ns1\"]\n",
+            ansible_dir().display()
+        ),
+    )
+    .unwrap();
+    deployer::config::DeployerConfig::read(&cfg).unwrap()
+}
+
+/// ansible-playbook exits 4 when a host is unreachable (ansible-core's RUN_UNREACHABLE_HOSTS),
+/// and the deployer says so (not "could not be parsed"); the run's files stay for a look, 0600.
+#[test]
+fn an_unreachable_host_is_reported_as_unreachable() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("ansible-unreachable");
+    let cfg = deployer_config(dir.path());
+    // Nothing listens on this port: ssh is refused at once.
+    let inv = json!({"all": {"children": {
+        "nameservers": {"hosts": {"ns1": {
+            "ansible_host": "127.0.0.1",
+            "ansible_port": free_port(),
+            "ansible_connection": "ssh",
+            "ansible_ssh_common_args": format!("-o UserKnownHostsFile={}/kh -o StrictHostKeyChecking=accept-new -o BatchMode=yes", dir.path().display()),
+        }}},
+        "lbs": {"hosts": {}},
+    }}});
+    let e = deployer::ansible::run_playbook(
+        &cfg,
+        "nameserver.yml",
+        "t-unreachable",
+        &inv,
+        &deployer::ansible::run_vars(&cfg),
+        None,
+        Duration::from_secs(120),
+    )
+    .unwrap_err();
+    match &e {
+        deployer::ansible::AnsibleError::Failed { code, meaning, .. } => {
+            assert_eq!(*code, 4, "{e}");
+            assert!(meaning.contains("unreachable"), "{e}");
+        }
+        other => panic!("{other}"),
+    }
+    let run = cfg.state_dir.join("runs/t-unreachable");
+    for f in ["inventory.json", "vars.json"] {
+        let mode = std::fs::metadata(run.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f} kept after the failure, private");
+    }
+    let mode = std::fs::metadata(&cfg.state_dir)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700, "the state directory");
+    assert!(e.to_string().contains(&run.display().to_string()), "{e}");
 }

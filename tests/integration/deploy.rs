@@ -62,6 +62,9 @@ struct Deployment {
     lb_vars: [String; 2],
     /// More TOML appended to the config (e.g. a `[roll_lb]` section).
     extra: String,
+    /// Keep the Ansible run files of successful runs (`DEPLOYER_KEEP_RUNS`), for tests that
+    /// read the inventories.
+    keep_runs: bool,
 }
 
 impl Deployment {
@@ -75,6 +78,7 @@ impl Deployment {
             ns_vars: Default::default(),
             lb_vars: Default::default(),
             extra: String::new(),
+            keep_runs: true,
         };
         d.write_config();
         d
@@ -112,6 +116,9 @@ impl Deployment {
     fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin("deployer"));
         c.arg("-c").arg(&self.cfg).args(args).stdin(Stdio::null());
+        if self.keep_runs {
+            c.env("DEPLOYER_KEEP_RUNS", "1");
+        }
         c
     }
 
@@ -420,8 +427,8 @@ fn roll_under_load_loses_no_query_and_changes_the_serial() {
     }
     // The new nameservers answer only the lbs: each was checked from the lb that fronts it.
     assert!(
-        out.contains("ns1-next authoritative (probed from lb lb1)")
-            && out.contains("ns2-next authoritative (probed from lb lb2)"),
+        out.contains("ns1-next authoritative (probed from lb lb1; content: ")
+            && out.contains("ns2-next authoritative (probed from lb lb2; content: "),
         "{out}"
     );
     d.assert_serving(new_serial);
@@ -489,7 +496,7 @@ fn an_lb_refusing_the_swap_flips_the_others_back() {
     d.write_config();
     let out = d.ok(&["up"]);
     assert!(
-        out.contains("ns1 authoritative (checked directly from 127.0.0.1)"),
+        out.contains("ns1 authoritative (checked directly from 127.0.0.1; content: "),
         "{out}"
     );
     let (before, backends, serial) = (d.instances(), d.lb_backends(), d.serial());
@@ -1408,4 +1415,234 @@ fn roll_lb_inside_the_handoff_is_never_undone_by_itself() {
         assert!(announced.contains(&a.ip().to_string()), "{announced}");
         assert!(!announced.contains(&a.to_string()), "{announced}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secrets (issue #27): no child gets the deployer's environment; run files are private and go
+// once their run succeeded.
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// Makes `body` (after `#!/bin/sh`, DIR replaced) an executable script at `DIR/name`.
+fn script(d: &Deployment, name: &str, body: &str) -> PathBuf {
+    let p = d.dir.path().join(name);
+    std::fs::write(
+        &p,
+        format!(
+            "#!/bin/sh\n{}",
+            body.replace("DIR", &d.dir.path().display().to_string())
+        ),
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&p).status().unwrap();
+    p
+}
+
+#[test]
+fn secrets_stay_with_the_deployer() {
+    let mut d = Deployment::new("dep-secrets");
+    d.keep_runs = false;
+    // ansible-playbook through a wrapper that records the environment it was given (and fails
+    // while DIR/fail-playbook exists); a hook that records its own.
+    let wrapper = script(
+        &d,
+        "playbook.sh",
+        "env > DIR/ansible-env.$$\n[ -e DIR/fail-playbook ] && exit 2\nexec ansible-playbook \"$@\"\n",
+    );
+    let hook = script(&d, "hook.sh", "env > DIR/hook-env\ncat > /dev/null\n");
+    d.extra = format!(
+        "\n[ansible]\nplaybook_command = \"{}\"\n\n[roll_lb]\ndelegation_hook = \"{}\"\nhook_env = [\"REGISTRAR_TOKEN\"]\nquiet_secs = 1\npoll_secs = 0.2\nmax_drain_secs = 60\n",
+        wrapper.display(),
+        hook.display()
+    );
+    d.write_config();
+    let env = [
+        ("LINODE_TOKEN", "linode-secret-4711"),
+        ("REGISTRAR_TOKEN", "registrar-secret-0815"),
+    ];
+    let state = d.dir.path().join("state");
+    // A failed run keeps its files, private.
+    std::fs::write(d.dir.path().join("fail-playbook"), "").unwrap();
+    let (code, _, err) = d.run(&["up"], &env);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("state/runs/") && err.contains("(0600)"),
+        "{err}"
+    );
+    assert_eq!(mode(&state), 0o700, "the state directory");
+    assert_eq!(mode(&state.join("journal.json")), 0o600, "the journal");
+    let failed: Vec<PathBuf> = std::fs::read_dir(state.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(mode(&failed[0]), 0o700);
+    for f in ["inventory.json", "vars.json"] {
+        assert_eq!(mode(&failed[0].join(f)), 0o600, "{f}");
+    }
+    // Successful runs leave nothing behind.
+    std::fs::remove_file(d.dir.path().join("fail-playbook")).unwrap();
+    let (code, out, err) = d.run(&["up"], &env);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let left: Vec<PathBuf> = std::fs::read_dir(state.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(left, failed, "only the failed run's files are left");
+    let mut runs = 0;
+    for e in std::fs::read_dir(d.dir.path()).unwrap() {
+        let p = e.unwrap().path();
+        if !p
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("ansible-env.")
+        {
+            continue;
+        }
+        runs += 1;
+        let env = std::fs::read_to_string(&p).unwrap();
+        assert!(
+            env.contains("PATH=") && env.contains("ANSIBLE_CONFIG="),
+            "{env}"
+        );
+        assert!(
+            !env.contains("LINODE_TOKEN") && !env.contains("secret-"),
+            "ansible-playbook got a secret:\n{env}"
+        );
+    }
+    assert!(runs >= 3, "{runs} playbook runs recorded");
+    // The hook gets what hook_env names, and not the Linode token.
+    let (code, out, err) = d.run(&["roll-lb"], &env);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let hook_env = std::fs::read_to_string(d.dir.path().join("hook-env")).unwrap();
+    assert!(
+        hook_env.contains("REGISTRAR_TOKEN=registrar-secret-0815"),
+        "{hook_env}"
+    );
+    assert!(!hook_env.contains("LINODE_TOKEN"), "{hook_env}");
+    assert_eq!(mode(&state.join("journal.json")), 0o600);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Content, not just the serial (issue #27).
+
+/// Rewrites the zone file with `edit` applied to its text.
+fn edit_zone(d: &Deployment, edit: impl Fn(String) -> String) {
+    let text = std::fs::read_to_string(d.zone()).unwrap();
+    std::fs::write(d.zone(), edit(text)).unwrap();
+}
+
+#[test]
+fn content_is_checked_and_diffed_not_just_the_serial() {
+    let mut d = Deployment::new("dep-content");
+    d.extra = "\n[[checks.smoke]]\nname = \"ns1.example.test\"\ntype = \"A\"\nexpect = [\"192.0.2.53\"]\n".into();
+    d.write_config();
+    let out = d.ok(&["up"]);
+    assert!(
+        out.contains("content: ") && out.contains("1 smoke checks"),
+        "the nameservers and lbs are checked RRset by RRset:\n{out}"
+    );
+    let before = d.instances();
+    let serial = d.serial();
+
+    // 1. An edit without a serial bump is refused before anything is created; the dry run
+    //    shows it too.
+    edit_zone(&d, |t| {
+        t.replace("www     IN A    192.0.2.1", "www     IN A    192.0.2.7")
+    });
+    let (code, out, err) = d.run(&["roll"], &[]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("zone example.test changes")
+            && err.contains(&format!("serial stays {serial}")),
+        "{err}"
+    );
+    assert!(
+        out.contains("~ www.example.test. A 192.0.2.1 -> 192.0.2.7"),
+        "{out}"
+    );
+    let (code, out, err) = d.run(&["roll", "--dry-run"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        out.contains("~ www.example.test. A 192.0.2.1 -> 192.0.2.7")
+            && err.contains("would be refused"),
+        "{out}\n{err}"
+    );
+    assert_eq!(d.instances(), before, "nothing created");
+
+    // 2. With a bump: the diff (from what the lbs serve now) is printed, removals included
+    //    (the zone was recorded at `up`), and the roll goes through, content checked.
+    let new_serial = d.bump_serial();
+    edit_zone(&d, |t| {
+        t.replace("@       IN TXT  \"v=spf1 mx -all\"\n", "") + "new     IN A    192.0.2.8\n"
+    });
+    let out = d.ok(&["roll", "--dry-run"]);
+    for line in [
+        &format!("serial {serial} -> {new_serial}: 1 added, 1 removed, 1 changed"),
+        "+ new.example.test. A 192.0.2.8",
+        "- example.test. TXT",
+        "~ www.example.test. A 192.0.2.1 -> 192.0.2.7",
+    ] {
+        assert!(out.contains(line), "{line}:\n{out}");
+    }
+    let out = d.ok(&["roll"]);
+    assert!(out.contains("+ new.example.test. A 192.0.2.8"), "{out}");
+    assert!(
+        out.contains("ns1-next authoritative (probed from lb lb1; content: "),
+        "checked from the lb with `lb ctl query`:\n{out}"
+    );
+    assert!(
+        out.contains("lb2 (") && out.contains("serves the zones (content: "),
+        "checked through every lb after the flip:\n{out}"
+    );
+    for a in d.lb_addrs() {
+        let m = tcp_query(a, "new.example.test.", RecordType::A).expect("answer");
+        assert_eq!(m.answers.len(), 1, "new.example.test through {a}");
+    }
+    d.assert_serving(new_serial);
+
+    // 3. A new nameserver that serves other content at the expected serial (another file)
+    //    fails the check: rolled back.
+    let (before, backends) = (d.instances(), d.lb_backends());
+    let bumped = d.bump_serial();
+    let text = std::fs::read_to_string(d.zone()).unwrap();
+    std::fs::write(
+        d.dir.path().join("ansible/zones/other.zone"),
+        text.replace("192.0.2.7", "192.0.2.66"),
+    )
+    .unwrap();
+    d.ns_vars[0] = "{ dns_zones = [{ name = \"example.test\", file = \"other.zone\" }] }".into();
+    d.write_config();
+    let (code, _, err) = d.run(&["roll"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("ns1-next (asked from lb lb1)")
+            && err.contains("www.example.test. A: serves 192.0.2.66, the zone file has 192.0.2.7"),
+        "{err}"
+    );
+    assert!(err.contains("step check failed; rolled back"), "{err}");
+    d.assert_rolled_back(&before, &backends, new_serial);
+
+    // 4. A change that breaks what a smoke check expects fails the check: rolled back.
+    d.ns_vars[0] = String::new();
+    d.write_config();
+    edit_zone(&d, |t| {
+        t.replace("ns1     IN A    192.0.2.53", "ns1     IN A    192.0.2.99")
+    });
+    let (code, _, err) = d.run(&["roll"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("smoke check ns1.example.test A: answered 192.0.2.99, expected 192.0.2.53"),
+        "{err}"
+    );
+    d.assert_rolled_back(&before, &backends, new_serial);
+    assert!(bumped > new_serial);
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use deployer::config::LinodeConfig;
 use deployer::provider::linode::{LinodeClient, LinodeError, LinodeProvider};
 use deployer::provider::{InstanceSpec, Provider, ProviderError, Role};
-use integration_tests::fake_linode::{FakeLinode, Injection};
+use integration_tests::fake_linode::{CreateFault, FakeLinode, Injection};
 use integration_tests::TempDir;
 
 const TOKEN: &str = "s3cret-token-value";
@@ -250,7 +250,11 @@ fn api_errors_are_shown_and_the_token_never_is() {
     let p = provider(&fake, &dir);
     p.create(&spec("ns1")).unwrap();
     let e = p.create(&spec("ns1")).unwrap_err();
-    assert!(matches!(e, ProviderError::Api(_)));
+    assert!(
+        matches!(&e, ProviderError::LabelInUse { label, .. } if label == "ns1"),
+        "{e:?}"
+    );
+    assert!(e.create_refused());
     let e = e.to_string();
     assert!(
         e.contains("HTTP 400") && e.contains("label: Label must be unique"),
@@ -565,7 +569,12 @@ fn linode_deployer(fake: &FakeLinode, dir: &TempDir, extra: &str) -> deployer::D
     let c = deployer::config::DeployerConfig::read(&cfg).unwrap();
     let mut d = deployer::Deployer::new(c, true).unwrap();
     d.cfg.provider.kind = deployer::config::ProviderKind::Linode;
-    d.cfg.linode = Some(linode_config(fake));
+    // The fake's instances have made-up addresses: "ssh" to them (the deployer waits for SSH
+    // after a create) is `true`, which always connects.
+    d.cfg.linode = Some(LinodeConfig {
+        ssh_command: "true".into(),
+        ..linode_config(fake)
+    });
     let c = d.cfg.clone();
     let mut client = client(fake);
     client.backoff = Duration::from_millis(5);
@@ -810,4 +819,141 @@ fn over_ssh_only_an_answer_from_lb_is_a_refusal() {
     ] {
         assert!(sent.contains(o), "{o}: {sent}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lost create replies and labels in use (issue #27).
+
+/// The create's reply is lost after Linode made the instance (the connection drops): the
+/// deployer looks the label up and adopts the instance (it carries the deployment's tag and this
+/// operation was creating it), instead of failing and creating nothing, or creating it twice.
+#[test]
+fn a_lost_create_reply_is_looked_up_by_label_and_adopted() {
+    use deployer::journal::{Journal, Operation};
+    use deployer::lifecycle::create;
+    let fake = FakeLinode::start(TOKEN);
+    let dir = TempDir::new("linode-lost-create");
+    let d = linode_deployer(&fake, &dir, "");
+    fake.state
+        .lock()
+        .unwrap()
+        .create_faults
+        .push_back(CreateFault::DropReplyAfterCreate);
+    let mut j = Journal::new(Operation::Up, vec![]);
+    create(&d, &mut j, Role::Nameserver, false).unwrap();
+    assert_eq!(
+        fake.count("POST", "/v4/linode/instances"),
+        2,
+        "one create per instance: the lost one was not sent again"
+    );
+    let ns1 = d.find("ns1").unwrap().expect("ns1 exists");
+    assert!(
+        j.created.iter().any(|i| i.id == ns1.id && i.label == "ns1"),
+        "adopted: {:?}",
+        j.created
+    );
+    assert!(j.creating.is_empty(), "{:?}", j.creating);
+    assert_eq!(fake.state.lock().unwrap().instances.len(), 2);
+}
+
+/// A create refused because the label is in use (here another deployer of the deployment won
+/// the race: same label, same tag) claims nothing: the undo that follows must not adopt and
+/// delete that instance, which this run did not create.
+#[test]
+fn undo_never_adopts_an_instance_whose_create_was_refused_as_label_in_use() {
+    use deployer::journal::{Journal, Operation};
+    use deployer::lifecycle::create;
+    let fake = FakeLinode::start(TOKEN);
+    let dir = TempDir::new("linode-label-in-use");
+    let d = linode_deployer(&fake, &dir, "");
+    fake.state
+        .lock()
+        .unwrap()
+        .create_faults
+        .push_back(CreateFault::LabelTakenFirst {
+            tags: vec!["deployer-t".into(), "role-nameserver".into()],
+        });
+    let mut j = Journal::new(Operation::Up, vec![]);
+    let e = format!(
+        "{:#}",
+        create(&d, &mut j, Role::Nameserver, false).unwrap_err()
+    );
+    assert!(
+        e.contains("ns1")
+            && e.contains("already in use")
+            && e.contains("neither adopted nor deleted"),
+        "{e}"
+    );
+    assert!(
+        j.creating.is_empty(),
+        "no claim on the label: {:?}",
+        j.creating
+    );
+    let theirs = d.find("ns1").unwrap().expect("the other instance");
+    deployer::engine::undo(&d, &mut j).unwrap();
+    assert_eq!(
+        d.find("ns1").unwrap().map(|i| i.id),
+        Some(theirs.id),
+        "the other instance is still there"
+    );
+    assert_eq!(fake.count("DELETE", "/v4/linode/instances"), 0);
+}
+
+/// `ssh` (here `lb ctl status` over SSH, run by `deployer status`) gets the agent socket and
+/// what ssh needs, never the deployer's LINODE_TOKEN nor anything else of its environment.
+#[test]
+fn ssh_is_not_given_the_linode_token() {
+    use integration_tests::bin;
+    let fake = FakeLinode::start(TOKEN);
+    let dir = TempDir::new("linode-ssh-env");
+    fake.seed("lb1", &["deployer-t", "role-lb"]);
+    fake.seed("ns1", &["deployer-t", "role-nameserver"]);
+    let dump = dir.path().join("ssh-env");
+    let ssh = fake_ssh(
+        &dir,
+        "ssh-env",
+        &format!("env > {}\nexit 255\n", dump.display()),
+    );
+    std::fs::create_dir_all(dir.path().join("ansible/zones")).unwrap();
+    std::fs::write(
+        dir.path().join("ansible/zones/example.test.zone"),
+        "$TTL 300\n@ IN SOA ns1 host 7 2 3 4 5\n@ IN NS ns1\nns1 IN A 192.0.2.1\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("deployer.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "deployment = \"t\"\nstate_dir = \"state\"\nansible_dir = \"ansible\"\n[provider]\nkind = \"linode\"\n\
+             [linode]\napi_url = \"{}\"\nregion = \"us-east\"\ntype = \"g6-nanode-1\"\nimage = \"linode/debian12\"\nssh_command = \"{ssh}\"\n\
+             [[nameservers]]\nname = \"ns1\"\n[zones]\nnames = [\"example.test\"]\n\
+             [[lbs]]\nname = \"lb1\"\nfronts = [\"ns1\"]\n[network]\nadmin_networks = [\"198.51.100.0/24\"]\n[timeouts]\nctl_secs = 2\n",
+            fake.base()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin("deployer"))
+        .arg("-c")
+        .arg(&cfg)
+        .args(["--json", "status"])
+        .env("LINODE_TOKEN", TOKEN)
+        .env("SSH_AUTH_SOCK", "/tmp/agent.sock")
+        .env("SOME_OTHER_SECRET", "hunter2")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("exit 255"),
+        "lb ctl went through the fake ssh: {text}"
+    );
+    let env = std::fs::read_to_string(&dump).unwrap();
+    assert!(env.contains("SSH_AUTH_SOCK=/tmp/agent.sock"), "{env}");
+    assert!(env.contains("PATH="), "{env}");
+    assert!(
+        !env.contains(TOKEN) && !env.contains("LINODE_TOKEN"),
+        "{env}"
+    );
+    assert!(!env.contains("hunter2"), "{env}");
 }

@@ -722,6 +722,37 @@ fn api_err(e: LinodeError) -> ProviderError {
     ProviderError::Api(e.to_string())
 }
 
+/// A failed create: refused (an HTTP 4xx answer, rate limits included, or a request never
+/// sent), with a label already in use told apart (Linode answers 400 naming the `label`
+/// field: "Label must be unique among your linodes"); or of unknown outcome (a server error, a
+/// lost or timed-out reply: Linode may have created the instance).
+fn create_err(label: &str, e: LinodeError) -> ProviderError {
+    match &e {
+        LinodeError::Api {
+            status, message, ..
+        } if (400..500).contains(status) => {
+            let m = message.to_ascii_lowercase();
+            if *status == 400
+                && m.contains("label")
+                && (m.contains("unique") || m.contains("in use") || m.contains("already"))
+            {
+                ProviderError::LabelInUse {
+                    label: label.to_string(),
+                    message: e.to_string(),
+                }
+            } else {
+                ProviderError::CreateRefused(e.to_string())
+            }
+        }
+        LinodeError::Invalid { .. }
+        | LinodeError::MissingToken
+        | LinodeError::RateLimited { .. }
+        // A create is retried only on 429, which Linode did not act on.
+        | LinodeError::RetriesExhausted { .. } => ProviderError::CreateRefused(e.to_string()),
+        LinodeError::Api { .. } | LinodeError::Transport { .. } => api_err(e),
+    }
+}
+
 impl Provider for LinodeProvider {
     fn create(&self, spec: &InstanceSpec) -> Result<Instance, ProviderError> {
         let mut keys = Vec::new();
@@ -781,7 +812,7 @@ impl Provider for LinodeProvider {
         self.client
             .create_instance(&req)
             .map(|li| self.convert(li))
-            .map_err(api_err)
+            .map_err(|e| create_err(&spec.label, e))
     }
 
     fn get(&self, id: u64) -> Result<Option<Instance>, ProviderError> {

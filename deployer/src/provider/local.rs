@@ -132,10 +132,10 @@ impl Provider for LocalProvider {
     fn create(&self, spec: &InstanceSpec) -> Result<Instance, ProviderError> {
         let mut r = self.load()?;
         if r.instances.iter().any(|i| i.label == spec.label) {
-            return Err(ProviderError::Api(format!(
-                "label {} is already in use",
-                spec.label
-            )));
+            return Err(ProviderError::LabelInUse {
+                label: spec.label.clone(),
+                message: "the local provider has an instance with it".into(),
+            });
         }
         let taken: Vec<u16> = r
             .instances

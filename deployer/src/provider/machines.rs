@@ -403,9 +403,10 @@ impl MachinesProvider {
         let public_key = self.ensure_ssh_key()?;
         let mut r = self.load()?;
         if r.machines.iter().any(|m| m.label == label) {
-            return Err(ProviderError::Api(format!(
-                "label {label} is already in use"
-            )));
+            return Err(ProviderError::LabelInUse {
+                label: label.to_string(),
+                message: "a machine of this host has it".into(),
+            });
         }
         let id = r.next_id.max(1);
         r.next_id = id + 1;
@@ -803,9 +804,10 @@ impl Provider for MachinesProvider {
     fn rename(&self, id: u64, label: &str) -> Result<(), ProviderError> {
         let mut r = self.load()?;
         if r.machines.iter().any(|m| m.label == label && m.id != id) {
-            return Err(ProviderError::Api(format!(
-                "label {label} is already in use"
-            )));
+            return Err(ProviderError::LabelInUse {
+                label: label.to_string(),
+                message: "a machine of this host has it".into(),
+            });
         }
         let m = r
             .machines

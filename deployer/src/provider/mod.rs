@@ -117,12 +117,32 @@ pub enum ProviderError {
     },
     #[error("{0}")]
     Io(String),
+    /// A create the provider answered with a refusal: nothing was created.
+    #[error("{0}")]
+    CreateRefused(String),
+    /// A create refused because another instance has the label (someone else's, or one an
+    /// earlier run left): nothing was created, and that instance is not this operation's.
+    #[error("label {label} is already in use by another instance: {message}")]
+    LabelInUse { label: String, message: String },
+}
+
+impl ProviderError {
+    /// After a failed create: the provider said no, so the instance was certainly not created
+    /// (as opposed to a lost reply or a server error, after which it may exist).
+    pub fn create_refused(&self) -> bool {
+        matches!(
+            self,
+            ProviderError::CreateRefused(_) | ProviderError::LabelInUse { .. }
+        )
+    }
 }
 
 /// The operations the deployer needs from a cloud.
 pub trait Provider {
     /// Creates an instance tagged with the deployment's tag. Never retried blindly: callers
-    /// look the label up first.
+    /// look the label up first. A refusal is [`ProviderError::CreateRefused`] or
+    /// [`ProviderError::LabelInUse`] (nothing was created); any other error leaves the outcome
+    /// unknown (the request may have been carried out), and the caller looks the label up.
     fn create(&self, spec: &InstanceSpec) -> Result<Instance, ProviderError>;
     fn get(&self, id: u64) -> Result<Option<Instance>, ProviderError>;
     /// Every instance with the deployment's tag.

@@ -16,8 +16,8 @@ use crate::backend::{PendingSet, SetParams, Shared};
 use crate::cache::FlushReason;
 use crate::config::{check_backend_list, AllDown, BackendAddr, LbConfig};
 use crate::control_protocol::{
-    BackendStatus, ControlCommand, ControlResponse, ControlResult, ProbeReport, Refusal,
-    StatusReport, ZoneSerial,
+    AnswersReport, BackendStatus, ControlCommand, ControlResponse, ControlResult, ProbeReport,
+    Refusal, StatusReport, ZoneSerial,
 };
 use crate::controlplane::health::Checker;
 use crate::controlplane::upgrade::{self, HandoffSockets};
@@ -280,6 +280,7 @@ impl ControlContext {
                 zones,
                 tcp,
             } => self.probe(&backend, &zones, tcp).await,
+            ControlCommand::Query { backend, queries } => self.query(&backend, &queries).await,
         };
         let mut resp = match (r, refusal) {
             (Ok(res), _) => ControlResponse::ok(res),
@@ -396,6 +397,40 @@ impl ControlContext {
             });
         }
         Ok(ControlResult::Probe(report))
+    }
+
+    /// `lb ctl query`: standard queries from here to any address, pipelined over TCP; each
+    /// answer within `health.verify_timeout_ms` of the last.
+    async fn query(&self, backend: &str, queries: &[String]) -> Result<ControlResult, String> {
+        let addr: BackendAddr = backend.parse()?;
+        let mut msgs = Vec::with_capacity(queries.len());
+        for (k, hex) in queries.iter().enumerate() {
+            let m = crate::wire::from_hex(hex)
+                .ok_or_else(|| format!("query {}: not hexadecimal", k + 1))?;
+            let h = crate::wire::header(&m).map_err(|_| format!("query {}: too short", k + 1))?;
+            let q =
+                crate::wire::question(&m).map_err(|_| format!("query {}: no question", k + 1))?;
+            // Questions only: no UPDATE or NOTIFY from the lb's address, no zone transfer.
+            if h.qr
+                || crate::wire::opcode(&m) != 0
+                || h.qdcount != 1
+                || matches!(q.qtype, 251 | 252)
+            {
+                return Err(format!(
+                    "query {}: only standard queries with one question (no zone transfer) are sent",
+                    k + 1
+                ));
+            }
+            msgs.push(m);
+        }
+        let timeout = Duration::from_millis(self.config().health.verify_timeout_ms);
+        let answers = probe::ask_tcp(addr.0, &msgs, timeout)
+            .await
+            .map_err(|e| format!("backend {addr}: {e}"))?;
+        Ok(ControlResult::Answers(AnswersReport {
+            backend: addr.to_string(),
+            answers: answers.iter().map(|a| crate::wire::to_hex(a)).collect(),
+        }))
     }
 
     /// Probes every listed backend concurrently; all must pass before the deadline.
