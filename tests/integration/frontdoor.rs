@@ -190,7 +190,7 @@ fn flood(target: SocketAddr, qps: u32, secs: u64) -> (Flood, usize, usize) {
 fn rate_limiting_caps_a_spoofed_flood_and_serves_other_clients() {
     let ns = bind();
     let lb = Lb::start(&format!(
-        "{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[rrl]\nresponses_per_second = 20\nslip = 2\nwindow = 5\n",
+        "{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[rrl]\nresponses_per_second = 20\nslip = 2\nwindow_secs = 5\n",
         lb_config(&[ns.addr], "round-robin", "")
     ));
     let (f, good_sent, good_full) = flood(lb.udp(), 2000, 3);
