@@ -45,7 +45,7 @@ HZ=$(getconf CLK_TCK)
 # never cached anyway.
 LB_CACHE="[cache]
 entries = 131072
-max_answer_size = 192"
+max_answer_size_bytes = 192"
 
 declare -A PORT=([direct]=53 [lb]=5300 [dnsdist]=5301 [nginx]=5302 [lb-cache]=5303 [dnsdist-cache]=5304 [lb-activated]=5305)
 declare -A ADDR=([direct]=127.0.0.11 [lb]=127.0.0.1 [dnsdist]=127.0.0.1 [nginx]=127.0.0.1 [lb-cache]=127.0.0.1 [dnsdist-cache]=127.0.0.1 [lb-activated]=127.0.0.1)

@@ -5,7 +5,7 @@
 # looks) ask for a TXT whose answer is about 850 bytes (EDNS 1232) at RATE qps for SECS
 # seconds, while a client on 127.0.2.1 asks the same name 10 times a second
 # (tests/examples/rrlflood.rs). The same traffic goes to:
-#   lb with [rrl] responses_per_second = 20, slip = 2, window = 5, in front of BIND without RRL;
+#   lb with [rrl] responses_per_second = 20, slip = 2, window_secs = 5, in front of BIND without RRL;
 #   BIND directly with rate-limit { responses-per-second 20; slip 2; window 5; };
 #   lb without [rrl] (what the first wave did: every query answered in full).
 # Prints, per target: queries, full answers, slipped (TC=1) answers, bytes sent to the flooded
@@ -58,7 +58,7 @@ CONF
 
 start_named 5320
 start_named 5321 rrl
-LB_EXTRA=$'[rrl]\nresponses_per_second = 20\nslip = 2\nwindow = 5' start_lb 5300 2 127.0.0.1:5320
+LB_EXTRA=$'[rrl]\nresponses_per_second = 20\nslip = 2\nwindow_secs = 5' start_lb 5300 2 127.0.0.1:5320
 start_lb 5301 2 127.0.0.1:5320
 sleep 1
 

@@ -4,7 +4,8 @@
 #     dpkg-dev and lintian (Debian packages), python3-apt (the Ansible apt module), nft (the
 #     firewall tests load the roles' rulesets inside network namespaces made for them),
 #     systemd-container and mmdebstrap (the machines provider: systemd-nspawn, and the image
-#     scripts/machine-image.sh builds), openssh-client (Ansible and lb ctl over SSH);
+#     scripts/machine-image.sh builds), openssh-client (Ansible and lb ctl over SSH),
+#     groff-base and mandoc (the manual pages are rendered and linted by lb/tests/docs.rs);
 #   - Python tools (pip, in a virtualenv at .tools/venv): ansible-core and ansible-lint.
 # Source it (`source scripts/install-deps.sh`) so that the virtualenv lands on PATH.
 set -euo pipefail
@@ -13,7 +14,7 @@ _deps_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PATH="$HOME/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
 
 _apt_pkgs=(bind9 bind9-utils dnsutils dnsperf prometheus systemd iproute2 nftables procps bc python3 python3-venv
-  dpkg-dev lintian python3-apt systemd-container mmdebstrap openssh-client)
+  dpkg-dev lintian python3-apt systemd-container mmdebstrap openssh-client groff-base mandoc)
 _missing=()
 for p in "${_apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || _missing+=("$p")

@@ -9,8 +9,8 @@
 //! stored: opcode QUERY, one question, not AXFR/IXFR, no TSIG, EDNS version 0 without options
 //! (a query with a DNS cookie bypasses the cache: a stored answer's server cookie was minted by
 //! BIND for another client). Only NOERROR and NXDOMAIN answers that are not truncated and fit a
-//! slot are stored, for their smallest TTL (at most `max_ttl`; NXDOMAIN and NODATA at most
-//! `negative_ttl` and the zone's SOA minimum).
+//! slot are stored, for their smallest TTL (at most `max_ttl_secs`; NXDOMAIN and NODATA at most
+//! `negative_ttl_secs` and the zone's SOA minimum).
 //!
 //! Never the old zone: every entry is valid for one *epoch*, the backend set's generation and
 //! the count of serial changes the health checker has seen. A swap or a reload makes a new
@@ -21,7 +21,7 @@
 //! during a flush is never stored after it; answers from a backend whose serial lags are not
 //! stored at all.
 //!
-//! Fixed memory: `entries` slots of `max_answer_size` bytes, allocated at start. One table is
+//! Fixed memory: `entries` slots of `max_answer_size_bytes` bytes, allocated at start. One table is
 //! shared by every UDP worker and the TCP path. Each slot is a sequence lock: readers copy the
 //! answer with atomic loads and keep it only if the sequence did not move, writers claim a slot
 //! by compare-and-swap and skip it if another writer holds it. No lock, no allocation per
@@ -208,7 +208,7 @@ impl PacketCache {
             return None;
         }
         let n = c.entries.max(PROBE).next_power_of_two();
-        let words = c.max_answer_size.div_ceil(8);
+        let words = c.max_answer_size_bytes.div_ceil(8);
         // Zeroed: memory is fixed by `entries`, and resident only as slots fill.
         let slots: Box<[Slot]> = zeroed_slice(n);
         let data: Box<[AtomicU64]> = zeroed_slice(n * words);
@@ -216,9 +216,9 @@ impl PacketCache {
             slots,
             data,
             words,
-            max_ttl: c.max_ttl,
-            negative_ttl: c.negative_ttl,
-            stale_ttl: c.stale_ttl,
+            max_ttl: c.max_ttl_secs,
+            negative_ttl: c.negative_ttl_secs,
+            stale_ttl: c.stale_ttl_secs,
             started: Instant::now(),
             serial_flushes: AtomicU64::new(0),
             generation: AtomicU64::new(0),
@@ -313,7 +313,7 @@ impl PacketCache {
 
     /// Looks `query` up in `epoch`; on a hit writes the answer for it into `out` (the client's
     /// ID and spelling of the name, TTLs aged) and returns its length. With `stale`, an entry
-    /// expired less than `stale_ttl` ago is served too (its TTLs set to 30 s). An answer
+    /// expired less than `stale_ttl_secs` ago is served too (its TTLs set to 30 s). An answer
     /// longer than `out` (for UDP: [`CacheKey::udp_limit`]) is a miss.
     pub fn lookup(
         &self,
@@ -610,7 +610,7 @@ mod tests {
     fn a_udp_hit_is_never_longer_than_the_client_takes() {
         let c = PacketCache::new(&CacheConfig {
             entries: 64,
-            max_answer_size: 2048,
+            max_answer_size_bytes: 2048,
             ..CacheConfig::default()
         })
         .unwrap();
@@ -647,7 +647,7 @@ mod tests {
     fn an_answer_fetched_over_one_transport_is_never_served_over_the_other() {
         let c = PacketCache::new(&CacheConfig {
             entries: 64,
-            max_answer_size: 4096,
+            max_answer_size_bytes: 4096,
             ..CacheConfig::default()
         })
         .unwrap();
@@ -761,7 +761,7 @@ mod tests {
     fn negative_answers_are_bounded_by_the_soa_minimum() {
         let c = PacketCache::new(&CacheConfig {
             entries: 64,
-            negative_ttl: 3600,
+            negative_ttl_secs: 3600,
             ..CacheConfig::default()
         })
         .unwrap();

@@ -70,6 +70,99 @@ pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, Con
     })
 }
 
+/// Keys renamed so that each carries its unit, as `(section, old name, new name)`. A file with
+/// an old name still loads, for one release, with a [`Deprecation`] note that `lb check`
+/// prints and `lb run` logs at start and on every reload; a file setting both names is refused
+/// naming both. The old names leave this list (and become unknown keys) in the next release.
+pub const RENAMED_KEYS: &[(&str, &str, &str)] = &[
+    ("udp", "max_datagram", "max_datagram_bytes"),
+    ("udp", "recv_buffer", "recv_buffer_bytes"),
+    ("udp", "send_buffer", "send_buffer_bytes"),
+    (
+        "tcp",
+        "max_connections_per_ip",
+        "max_connections_per_prefix",
+    ),
+    ("tcp", "max_query_size", "max_query_size_bytes"),
+    ("tcp", "max_transfer_size", "max_transfer_size_bytes"),
+    ("rrl", "window", "window_secs"),
+    ("cache", "max_answer_size", "max_answer_size_bytes"),
+    ("cache", "max_ttl", "max_ttl_secs"),
+    ("cache", "negative_ttl", "negative_ttl_secs"),
+    ("cache", "stale_ttl", "stale_ttl_secs"),
+];
+
+/// A config file that set a key by its old name ([`RENAMED_KEYS`]): what to tell the operator.
+///
+/// The config reader returns these next to the config instead of logging them itself, so each
+/// caller says it where its user looks: `lb check` on its output, `lb run` in its log (at start
+/// and on reload), a reload also in the answer `lb ctl reload` prints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deprecation {
+    /// The file that used the old name.
+    pub path: PathBuf,
+    /// The old key, `section.key`.
+    pub old: String,
+    /// The key it is now, `section.key`.
+    pub new: String,
+}
+
+impl fmt::Display for Deprecation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "config file {}: key `{}` is deprecated, renamed `{}`: rename it (the old name \
+             stops working in the next release)",
+            self.path.display(),
+            self.old,
+            self.new
+        )
+    }
+}
+
+/// Parses lb's config text, moving every old key name ([`RENAMED_KEYS`]) to its new one first.
+///
+/// The renaming works on the parsed document, whose keys keep their place in the text, so
+/// errors about the file still point at its line whichever name it used.
+fn parse_lb_toml(text: &str, path: &Path) -> Result<(LbConfig, Vec<Deprecation>), ConfigError> {
+    use toml::de::{DeTable, DeValue, Deserializer};
+    let parse_error = |e: toml::de::Error| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().to_string(),
+    };
+    let mut root = DeTable::parse(text).map_err(parse_error)?;
+    let mut notes = Vec::new();
+    for &(section, old, new) in RENAMED_KEYS {
+        let Some(DeValue::Table(table)) = root.get_mut().get_mut(section).map(|v| v.get_mut())
+        else {
+            continue;
+        };
+        let Some((key, value)) = table.remove_entry(old) else {
+            continue;
+        };
+        if table.contains_key(new) {
+            return Err(ConfigError::invalid(
+                path,
+                &format!("{section}.{new}"),
+                format!(
+                    "also set under its old name `{section}.{old}`: keep only `{section}.{new}`"
+                ),
+            ));
+        }
+        table.insert(toml::Spanned::new(key.span(), new.into()), value);
+        notes.push(Deprecation {
+            path: path.to_owned(),
+            old: format!("{section}.{old}"),
+            new: format!("{section}.{new}"),
+        });
+    }
+    let cfg = LbConfig::deserialize(Deserializer::from(root)).map_err(|mut e| {
+        e.set_input(Some(text));
+        parse_error(e)
+    })?;
+    Ok((cfg, notes))
+}
+
 /// The whole `lb` configuration file.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -98,35 +191,36 @@ pub struct LbConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
-    /// Answers kept (0 = no cache, the default). Memory is fixed: `entries` × `max_answer_size`
-    /// bytes, plus 48 bytes each.
+    /// Answers kept (0 = no cache, the default). Memory is fixed: `entries` ×
+    /// `max_answer_size_bytes` bytes, plus 48 bytes each.
     #[serde(default)]
     pub entries: usize,
     /// The largest answer stored, in bytes; larger ones are not cached.
-    #[serde(default = "default_cache_max_answer_size")]
-    pub max_answer_size: usize,
-    /// Longest time an answer is kept, whatever its TTL.
-    #[serde(default = "default_cache_max_ttl")]
-    pub max_ttl: u32,
-    /// Longest time an NXDOMAIN or NODATA answer is kept (also bounded by the SOA's minimum).
-    #[serde(default = "default_cache_negative_ttl")]
-    pub negative_ttl: u32,
-    /// How long past its expiry an answer may still be served while every backend is down
+    #[serde(default = "default_cache_max_answer_size_bytes")]
+    pub max_answer_size_bytes: usize,
+    /// Longest time an answer is kept, in seconds, whatever its TTL.
+    #[serde(default = "default_cache_max_ttl_secs")]
+    pub max_ttl_secs: u32,
+    /// Longest time an NXDOMAIN or NODATA answer is kept, in seconds (also bounded by the
+    /// SOA's minimum).
+    #[serde(default = "default_cache_negative_ttl_secs")]
+    pub negative_ttl_secs: u32,
+    /// Seconds past its expiry an answer may still be served while every backend is down
     /// (0 = never).
     #[serde(default)]
-    pub stale_ttl: u32,
+    pub stale_ttl_secs: u32,
 }
 
 impl CacheConfig {
     /// The bytes the table takes (allocated zeroed at start, resident as it fills): slots
-    /// rounded up to a power of two, each an answer of `max_answer_size` (in 8-byte words)
+    /// rounded up to a power of two, each an answer of `max_answer_size_bytes` (in 8-byte words)
     /// and 48 bytes of key and times.
     pub fn memory_bytes(&self) -> u64 {
         if self.entries == 0 {
             return 0;
         }
         let slots = self.entries.max(4).next_power_of_two() as u64;
-        slots * (self.max_answer_size.div_ceil(8) as u64 * 8 + 48)
+        slots * (self.max_answer_size_bytes.div_ceil(8) as u64 * 8 + 48)
     }
 }
 
@@ -164,8 +258,8 @@ pub struct RrlConfig {
     #[serde(default)]
     pub all_per_second: u32,
     /// Seconds of debt a flooding prefix accumulates (the balance floor is −window×rate).
-    #[serde(default = "default_rrl_window")]
-    pub window: u32,
+    #[serde(default = "default_rrl_window_secs")]
+    pub window_secs: u32,
     /// Every `slip`th limited answer is sent truncated (TC=1, empty) instead of dropped, so
     /// real clients retry over TCP; 0 never.
     #[serde(default = "default_rrl_slip")]
@@ -277,15 +371,15 @@ pub struct BackendsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UdpConfig {
-    /// Largest client datagram read; longer ones are dropped and counted.
-    #[serde(default = "default_max_datagram")]
-    pub max_datagram: usize,
+    /// Largest client datagram read, in bytes; longer ones are dropped and counted.
+    #[serde(default = "default_max_datagram_bytes")]
+    pub max_datagram_bytes: usize,
     /// `SO_RCVBUF` for listeners and upstream sockets, in bytes (0 keeps the system default).
-    #[serde(default = "default_socket_buffer")]
-    pub recv_buffer: usize,
+    #[serde(default = "default_socket_buffer_bytes")]
+    pub recv_buffer_bytes: usize,
     /// `SO_SNDBUF` in bytes (0 keeps the system default).
-    #[serde(default = "default_socket_buffer")]
-    pub send_buffer: usize,
+    #[serde(default = "default_socket_buffer_bytes")]
+    pub send_buffer_bytes: usize,
 }
 
 /// `[tcp]`: limits and timeouts for client and backend connections; fixed after start.
@@ -297,11 +391,8 @@ pub struct TcpConfig {
     pub max_connections: usize,
     /// Client connections open at once from one client network (`ipv4_prefix_length`,
     /// `ipv6_prefix_length`). `max_connections_per_ip`, its name before it counted networks,
-    /// is accepted too.
-    #[serde(
-        default = "default_max_connections_per_prefix",
-        alias = "max_connections_per_ip"
-    )]
+    /// is still accepted (see [`RENAMED_KEYS`]).
+    #[serde(default = "default_max_connections_per_prefix")]
     pub max_connections_per_prefix: usize,
     /// The IPv4 network `max_connections_per_prefix` counts by (32: each address).
     #[serde(default = "default_tcp_ipv4_prefix_length")]
@@ -338,9 +429,10 @@ pub struct TcpConfig {
     /// answers waiting reads no new query; an answer that does not fit closes its connection.
     #[serde(default = "default_max_queued_bytes")]
     pub max_queued_bytes: usize,
-    /// Largest query frame accepted from a client; longer ones close the connection, counted.
-    #[serde(default = "default_max_query_size")]
-    pub max_query_size: usize,
+    /// Largest query frame accepted from a client, in bytes; longer ones close the connection,
+    /// counted.
+    #[serde(default = "default_max_query_size_bytes")]
+    pub max_query_size_bytes: usize,
     /// Pooled connections per backend, shared by all client connections.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
@@ -357,8 +449,8 @@ pub struct TcpConfig {
     #[serde(default = "default_transfer_timeout_ms")]
     pub transfer_timeout_ms: u64,
     /// Most bytes one zone transfer may relay.
-    #[serde(default = "default_max_transfer_size")]
-    pub max_transfer_size: u64,
+    #[serde(default = "default_max_transfer_size_bytes")]
+    pub max_transfer_size_bytes: u64,
 }
 
 /// `[control]`: the local control socket and the runtime state file.
@@ -388,10 +480,10 @@ fn default_upstream_sockets() -> usize {
 fn default_upstream_socket_queries() -> u32 {
     100
 }
-fn default_max_datagram() -> usize {
+fn default_max_datagram_bytes() -> usize {
     4096
 }
-fn default_socket_buffer() -> usize {
+fn default_socket_buffer_bytes() -> usize {
     4 << 20
 }
 fn default_max_connections() -> usize {
@@ -424,7 +516,7 @@ fn default_read_timeout_ms() -> u64 {
 fn default_write_timeout_ms() -> u64 {
     5_000
 }
-fn default_max_query_size() -> usize {
+fn default_max_query_size_bytes() -> usize {
     16 * 1024
 }
 fn default_pool_size() -> usize {
@@ -439,7 +531,7 @@ fn default_backend_idle_timeout_ms() -> u64 {
 fn default_backend_max_in_flight() -> usize {
     256
 }
-fn default_rrl_window() -> u32 {
+fn default_rrl_window_secs() -> u32 {
     15
 }
 fn default_rrl_slip() -> u32 {
@@ -457,27 +549,27 @@ fn default_rrl_entries() -> usize {
 fn default_transfer_timeout_ms() -> u64 {
     600_000
 }
-fn default_max_transfer_size() -> u64 {
+fn default_max_transfer_size_bytes() -> u64 {
     1 << 30
 }
 
 impl Default for UdpConfig {
     fn default() -> Self {
         UdpConfig {
-            max_datagram: default_max_datagram(),
-            recv_buffer: default_socket_buffer(),
-            send_buffer: default_socket_buffer(),
+            max_datagram_bytes: default_max_datagram_bytes(),
+            recv_buffer_bytes: default_socket_buffer_bytes(),
+            send_buffer_bytes: default_socket_buffer_bytes(),
         }
     }
 }
 
-fn default_cache_max_answer_size() -> usize {
+fn default_cache_max_answer_size_bytes() -> usize {
     512
 }
-fn default_cache_max_ttl() -> u32 {
+fn default_cache_max_ttl_secs() -> u32 {
     86_400
 }
-fn default_cache_negative_ttl() -> u32 {
+fn default_cache_negative_ttl_secs() -> u32 {
     3_600
 }
 
@@ -485,10 +577,10 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             entries: 0,
-            max_answer_size: default_cache_max_answer_size(),
-            max_ttl: default_cache_max_ttl(),
-            negative_ttl: default_cache_negative_ttl(),
-            stale_ttl: 0,
+            max_answer_size_bytes: default_cache_max_answer_size_bytes(),
+            max_ttl_secs: default_cache_max_ttl_secs(),
+            negative_ttl_secs: default_cache_negative_ttl_secs(),
+            stale_ttl_secs: 0,
         }
     }
 }
@@ -503,7 +595,7 @@ impl Default for RrlConfig {
             referrals_per_second: None,
             errors_per_second: None,
             all_per_second: 0,
-            window: default_rrl_window(),
+            window_secs: default_rrl_window_secs(),
             slip: default_rrl_slip(),
             ipv4_prefix_length: default_ipv4_prefix_length(),
             ipv6_prefix_length: default_ipv6_prefix_length(),
@@ -537,7 +629,7 @@ impl RrlConfig {
                 Ok(())
             }
         };
-        range("window", self.window.into(), 1, 3600)?;
+        range("window_secs", self.window_secs.into(), 1, 3600)?;
         range("slip", self.slip.into(), 0, 10)?;
         range("ipv4_prefix_length", self.ipv4_prefix_length.into(), 1, 32)?;
         range("ipv6_prefix_length", self.ipv6_prefix_length.into(), 1, 128)?;
@@ -552,13 +644,13 @@ impl RrlConfig {
         ] {
             range(key, v.unwrap_or(0).into(), 0, 1_000_000)?;
             // The balance floor, −window×rate, is kept in 32 bits.
-            let debt = u64::from(self.window) * u64::from(v.unwrap_or(0));
+            let debt = u64::from(self.window_secs) * u64::from(v.unwrap_or(0));
             if debt > i32::MAX as u64 {
                 return Err((
-                    "rrl.window".into(),
+                    "rrl.window_secs".into(),
                     format!(
-                        "window {} × {key} {} = {debt} exceeds {} (the most debt a prefix can owe): lower one of them",
-                        self.window,
+                        "window_secs {} × {key} {} = {debt} exceeds {} (the most debt a prefix can owe): lower one of them",
+                        self.window_secs,
                         v.unwrap_or(0),
                         i32::MAX
                     ),
@@ -584,13 +676,13 @@ impl Default for TcpConfig {
             max_queries_per_connection: 0,
             max_queued_per_connection_bytes: default_max_queued_per_connection_bytes(),
             max_queued_bytes: default_max_queued_bytes(),
-            max_query_size: default_max_query_size(),
+            max_query_size_bytes: default_max_query_size_bytes(),
             pool_size: default_pool_size(),
             connect_timeout_ms: default_connect_timeout_ms(),
             backend_idle_timeout_ms: default_backend_idle_timeout_ms(),
             backend_max_in_flight: default_backend_max_in_flight(),
             transfer_timeout_ms: default_transfer_timeout_ms(),
-            max_transfer_size: default_max_transfer_size(),
+            max_transfer_size_bytes: default_max_transfer_size_bytes(),
         }
     }
 }
@@ -750,7 +842,7 @@ impl LbConfig {
     ///
     /// Only the zones in `health.zones` are probed, so only their serial changes are seen and
     /// flush the cache; any other zone the nameservers serve is flushed only by swaps and
-    /// reloads, and until then a hit may be the zone as it was, up to `cache.max_ttl`.
+    /// reloads, and until then a hit may be the zone as it was, up to `cache.max_ttl_secs`.
     pub fn cache_zones_note(&self) -> Option<(String, bool)> {
         if self.cache.entries == 0 {
             return None;
@@ -769,7 +861,7 @@ impl LbConfig {
             (
                 "packet cache on, but no health.zones are probed: a zone changed on the same \
                  nameservers is served from the cache as it was until its answers expire (up to \
-                 cache.max_ttl); only set-backends and reloads flush it. List every zone the \
+                 cache.max_ttl_secs); only set-backends and reloads flush it. List every zone the \
                  nameservers serve in [health] zones"
                     .to_string(),
                 true,
@@ -841,18 +933,36 @@ pub fn check_backend_list(servers: &[BackendAddr]) -> Result<(), String> {
 }
 
 impl LbConfig {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file, dropping the [`Deprecation`] notes (for `lb ctl`,
+    /// which only wants the socket path; `lb run` and `lb check` use
+    /// [`LbConfig::read_noting`]).
     pub fn read(path: &Path) -> Result<LbConfig, ConfigError> {
-        let cfg: LbConfig = read_toml(path)?;
-        cfg.validate(path)?;
-        Ok(cfg)
+        Self::read_noting(path).map(|(cfg, _)| cfg)
+    }
+
+    /// Reads and validates a config file; also returns a note for each key set by its old
+    /// name, for the caller to show.
+    pub fn read_noting(path: &Path) -> Result<(LbConfig, Vec<Deprecation>), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        Self::parse_noting(&text, path)
     }
 
     /// Parses and validates config text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<LbConfig, ConfigError> {
-        let cfg: LbConfig = parse_toml(text, path)?;
+        Self::parse_noting(text, path).map(|(cfg, _)| cfg)
+    }
+
+    /// [`LbConfig::parse`], with the [`Deprecation`] notes.
+    pub fn parse_noting(
+        text: &str,
+        path: &Path,
+    ) -> Result<(LbConfig, Vec<Deprecation>), ConfigError> {
+        let (cfg, notes) = parse_lb_toml(text, path)?;
         cfg.validate(path)?;
-        Ok(cfg)
+        Ok((cfg, notes))
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -889,7 +999,10 @@ impl LbConfig {
                 self.tcp.backend_idle_timeout_ms,
             ),
             ("tcp.transfer_timeout_ms", self.tcp.transfer_timeout_ms),
-            ("tcp.max_transfer_size", self.tcp.max_transfer_size),
+            (
+                "tcp.max_transfer_size_bytes",
+                self.tcp.max_transfer_size_bytes,
+            ),
         ];
         for (key, v) in positive {
             if v == 0 {
@@ -915,7 +1028,12 @@ impl LbConfig {
                 1,
                 65_000,
             ),
-            ("udp.max_datagram", self.udp.max_datagram, 512, 65_535),
+            (
+                "udp.max_datagram_bytes",
+                self.udp.max_datagram_bytes,
+                512,
+                65_535,
+            ),
             ("tcp.max_connections", self.tcp.max_connections, 1, 1 << 20),
             (
                 "tcp.max_connections_per_prefix",
@@ -954,7 +1072,12 @@ impl LbConfig {
                 1,
                 65_535,
             ),
-            ("tcp.max_query_size", self.tcp.max_query_size, 512, 65_535),
+            (
+                "tcp.max_query_size_bytes",
+                self.tcp.max_query_size_bytes,
+                512,
+                65_535,
+            ),
             ("tcp.pool_size", self.tcp.pool_size, 1, 1024),
             (
                 "tcp.backend_max_in_flight",
@@ -982,8 +1105,8 @@ impl LbConfig {
         for (key, v, lo, hi) in [
             ("cache.entries", self.cache.entries, 0, 1 << 24),
             (
-                "cache.max_answer_size",
-                self.cache.max_answer_size,
+                "cache.max_answer_size_bytes",
+                self.cache.max_answer_size_bytes,
                 64,
                 65_535,
             ),
@@ -999,9 +1122,9 @@ impl LbConfig {
             return Err(invalid(
                 "cache.entries",
                 format!(
-                    "{} entries of cache.max_answer_size {} bytes take {} MiB, over the limit of {} MiB",
+                    "{} entries of cache.max_answer_size_bytes {} bytes take {} MiB, over the limit of {} MiB",
                     self.cache.entries,
-                    self.cache.max_answer_size,
+                    self.cache.max_answer_size_bytes,
                     table >> 20,
                     MAX_CACHE_BYTES >> 20
                 ),
@@ -1097,8 +1220,13 @@ mod tests {
 
     #[test]
     fn the_per_prefix_limit_keeps_its_old_name_and_budgets_are_checked() {
-        let c = parse(&format!("{MINIMAL}\n[tcp]\nmax_connections_per_ip = 7\n")).unwrap();
+        let (c, notes) = LbConfig::parse_noting(
+            &format!("{MINIMAL}\n[tcp]\nmax_connections_per_ip = 7\n"),
+            Path::new("lb.toml"),
+        )
+        .unwrap();
         assert_eq!(c.tcp.max_connections_per_prefix, 7);
+        assert_eq!(notes.len(), 1, "{notes:?}");
         assert_eq!(
             (c.tcp.ipv4_prefix_length, c.tcp.ipv6_prefix_length),
             (24, 56)
@@ -1108,7 +1236,11 @@ mod tests {
         ))
         .unwrap_err()
         .to_string();
-        assert!(e.contains("max_connections_per_prefix"), "{e}");
+        assert!(
+            e.contains("tcp.max_connections_per_prefix")
+                && e.contains("tcp.max_connections_per_ip"),
+            "{e}"
+        );
         let e = parse(&format!(
             "{MINIMAL}\n[tcp]\nmax_queued_per_connection_bytes = 65536\n"
         ))
@@ -1127,10 +1259,70 @@ mod tests {
         assert!(e.contains("tcp.ipv6_prefix_length"), "{e}");
     }
 
+    /// Every old name still loads, to the same config as its new name, with a note naming the
+    /// file, the old key and the new one.
+    #[test]
+    fn old_key_names_load_with_a_note() {
+        for &(section, old, new) in RENAMED_KEYS {
+            // A value every one of the renamed keys accepts.
+            let value = 1024;
+            let with_old = format!("{MINIMAL}\n[{section}]\n{old} = {value}\n");
+            let with_new = format!("{MINIMAL}\n[{section}]\n{new} = {value}\n");
+            let (cfg, notes) = LbConfig::parse_noting(&with_old, Path::new("/etc/lb/old.toml"))
+                .unwrap_or_else(|e| panic!("{section}.{old}: {e}"));
+            let (expected, none) =
+                LbConfig::parse_noting(&with_new, Path::new("/etc/lb/old.toml")).unwrap();
+            assert_eq!(cfg, expected, "{section}.{old}");
+            assert!(none.is_empty(), "{none:?}");
+            assert_eq!(notes.len(), 1, "{notes:?}");
+            let note = notes[0].to_string();
+            assert!(
+                note.contains("/etc/lb/old.toml")
+                    && note.contains(&format!("`{section}.{old}`"))
+                    && note.contains(&format!("`{section}.{new}`")),
+                "{note}"
+            );
+        }
+        // Dotted keys and inline tables are the same keys.
+        let (cfg, notes) = LbConfig::parse_noting(
+            &format!("rrl.window = 7\ncache = {{ max_ttl = 60 }}\n{MINIMAL}"),
+            Path::new("lb.toml"),
+        )
+        .unwrap();
+        assert_eq!((cfg.rrl.window_secs, cfg.cache.max_ttl_secs), (7, 60));
+        assert_eq!(notes.len(), 2, "{notes:?}");
+    }
+
+    #[test]
+    fn an_old_and_a_new_name_together_are_refused_naming_both() {
+        let e = parse(&format!("{MINIMAL}\n[rrl]\nwindow = 5\nwindow_secs = 5\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("lb.toml") && e.contains("`rrl.window_secs`") && e.contains("`rrl.window`"),
+            "{e}"
+        );
+    }
+
+    /// Renaming an old key keeps its place in the text: a later error still names the line.
+    #[test]
+    fn errors_in_a_file_with_old_names_still_point_at_the_line() {
+        let e = parse(&format!(
+            "{MINIMAL}\n[cache]\nmax_ttl = 60\nstale_ttl = \"1h\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("line 11") && e.contains("stale_ttl"), "{e}");
+    }
+
+    /// The example and the packaged file are valid and use no old key name.
     #[test]
     fn example_file_is_valid() {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/lb.toml");
-        LbConfig::read(&p).unwrap();
+        for file in ["examples/lb.toml", "dist/lb.toml"] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let (_, notes) = LbConfig::read_noting(&p).unwrap();
+            assert!(notes.is_empty(), "{file}: {notes:?}");
+        }
     }
 
     #[test]
@@ -1144,16 +1336,16 @@ mod tests {
     #[test]
     fn rrl_debt_that_does_not_fit_is_refused() {
         let e = parse(&format!(
-            "{MINIMAL}\n[rrl]\nresponses_per_second = 1000000\nwindow = 3600\n"
+            "{MINIMAL}\n[rrl]\nresponses_per_second = 1000000\nwindow_secs = 3600\n"
         ))
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("rrl.window") && e.contains("responses_per_second"),
+            e.contains("rrl.window_secs") && e.contains("responses_per_second"),
             "{e}"
         );
         parse(&format!(
-            "{MINIMAL}\n[rrl]\nresponses_per_second = 1000000\nwindow = 2000\n"
+            "{MINIMAL}\n[rrl]\nresponses_per_second = 1000000\nwindow_secs = 2000\n"
         ))
         .unwrap();
     }
@@ -1181,7 +1373,7 @@ mod tests {
             .to_string();
         assert!(e.contains("health.zones") && e.contains("a..b"), "{e}");
         let e = parse(&format!(
-            "{MINIMAL}\n[cache]\nentries = 16000000\nmax_answer_size = 65535\n"
+            "{MINIMAL}\n[cache]\nentries = 16000000\nmax_answer_size_bytes = 65535\n"
         ))
         .unwrap_err()
         .to_string();

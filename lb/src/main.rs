@@ -7,6 +7,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lb::config::LbConfig;
 use lb::control_protocol::ControlCommand;
 
+/// The configuration file `lb run` and `lb check` read without `--config` (the package's).
+const DEFAULT_CONFIG: &str = "/etc/lb/lb.toml";
+
 #[derive(Parser)]
 #[command(
     name = "lb",
@@ -22,7 +25,8 @@ struct Cli {
 enum Command {
     /// Run the load balancer in the foreground.
     Run {
-        #[arg(long, short = 'c')]
+        /// The configuration file.
+        #[arg(long, short = 'c', default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Log line format.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -30,7 +34,8 @@ enum Command {
     },
     /// Validate a config file and exit 0 (valid) or 1 (invalid, with the reason).
     Check {
-        #[arg(long, short = 'c')]
+        /// The configuration file.
+        #[arg(long, short = 'c', default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Talk to a running lb through its control socket.
@@ -215,9 +220,13 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match LbConfig::read(&config) {
-            Ok(cfg) => {
+        Command::Check { config } => match LbConfig::read_noting(&config) {
+            Ok((cfg, deprecations)) => {
                 println!("{}: ok", config.display());
+                // Keys set by their old names: valid for one more release.
+                for d in &deprecations {
+                    println!("warning: {d}");
+                }
                 // Which zones the cache protects from old answers (or that none does).
                 if let Some((note, warn)) = cfg.cache_zones_note() {
                     println!("{}{note}", if warn { "warning: " } else { "" });
@@ -232,9 +241,12 @@ fn main() -> ExitCode {
         Command::Ctl(args) => ctl(args),
         Command::Run { config, log_format } => {
             init_logging(log_format);
-            let result = LbConfig::read(&config)
+            let result = LbConfig::read_noting(&config)
                 .map_err(anyhow::Error::from)
-                .and_then(|cfg| {
+                .and_then(|(cfg, deprecations)| {
+                    for d in &deprecations {
+                        tracing::warn!("{d}");
+                    }
                     let listeners = lb::server::bind_listeners(&cfg)?;
                     let opts = lb::server::RunOptions {
                         log_json: matches!(log_format, LogFormat::Json),

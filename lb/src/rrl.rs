@@ -6,12 +6,12 @@
 //! name whatever the type, NXDOMAIN per zone (the SOA owner in the authority section),
 //! referrals per delegation point (the NS owner), errors per client. Each (client prefix,
 //! class, key) has a balance of credits: it gains `rate` per second up to `rate` (one second's
-//! worth), each answer costs one, and it never falls below −`window`×`rate`. An answer finding
-//! the balance negative is limited: dropped, or, as BIND does, the first and then every
+//! worth), each answer costs one, and it never falls below −`window_secs`×`rate`. An answer
+//! finding the balance negative is limited: dropped, or, as BIND does, the first and then every
 //! `slip`th one sent truncated and empty (TC=1) so that a real client retries over TCP, which
 //! spoofed-source floods cannot. Answers limited by `all_per_second` are never slipped (nor
-//! are BIND's). A prefix that keeps flooding
-//! therefore stays limited until it has stayed under the rate for about `window` seconds.
+//! are BIND's). A prefix that keeps flooding therefore stays limited until it has stayed under
+//! the rate for about `window_secs` seconds.
 //! `all_per_second` caps everything one prefix gets, whatever the class: the answer to random
 //! names under a wildcard (`*.example.`) has the queried name as owner (the wildcard cannot be
 //! seen on the wire), so each random name would get a fresh positive balance; only this cap
@@ -133,7 +133,7 @@ impl RrlPolicy {
                 c.errors_per_second.unwrap_or(r),
                 c.all_per_second,
             ],
-            window: c.window.max(1),
+            window: c.window_secs.max(1),
             slip: c.slip,
             ipv4_prefix_length: c.ipv4_prefix_length,
             ipv6_prefix_length: c.ipv6_prefix_length,
@@ -523,7 +523,7 @@ mod tests {
     fn policy(rate: u32, window: u32, slip: u32) -> RrlPolicy {
         RrlPolicy::from_config(&RrlConfig {
             responses_per_second: rate,
-            window,
+            window_secs: window,
             slip,
             ..RrlConfig::default()
         })

@@ -142,8 +142,8 @@ fn listeners_from_handoff(workers: usize, r: upgrade::Received) -> Result<Listen
 
 fn buffers(cfg: &LbConfig) -> BufferSizes {
     BufferSizes {
-        recv: cfg.udp.recv_buffer,
-        send: cfg.udp.send_buffer,
+        recv: cfg.udp.recv_buffer_bytes,
+        send: cfg.udp.send_buffer_bytes,
     }
 }
 
@@ -158,16 +158,16 @@ fn note_buffers(addr: SocketAddr, socks: &[std::net::UdpSocket], bufs: BufferSiz
     }
     if recv < bufs.recv {
         tracing::warn!(
-            "udp {addr}: udp.recv_buffer = {} but a socket got {recv} bytes: raise the sysctl \
-             net.core.rmem_max to at least {}",
+            "udp {addr}: udp.recv_buffer_bytes = {} but a socket got {recv} bytes: raise the \
+             sysctl net.core.rmem_max to at least {}",
             bufs.recv,
             bufs.recv
         );
     }
     if send < bufs.send {
         tracing::warn!(
-            "udp {addr}: udp.send_buffer = {} but a socket got {send} bytes: raise the sysctl \
-             net.core.wmem_max to at least {}",
+            "udp {addr}: udp.send_buffer_bytes = {} but a socket got {send} bytes: raise the \
+             sysctl net.core.wmem_max to at least {}",
             bufs.send,
             bufs.send
         );
@@ -378,7 +378,7 @@ fn tcp_settings(cfg: &LbConfig) -> TcpSettings {
             .then_some(t.max_queries_per_connection),
         max_queued_per_connection: t.max_queued_per_connection_bytes,
         max_queued_total: t.max_queued_bytes,
-        max_query_size: t.max_query_size,
+        max_query_size: t.max_query_size_bytes,
         pool: PoolSettings {
             size: t.pool_size,
             connect_timeout: Duration::from_millis(t.connect_timeout_ms),
@@ -391,7 +391,7 @@ fn tcp_settings(cfg: &LbConfig) -> TcpSettings {
             write_timeout: Duration::from_millis(t.write_timeout_ms),
             idle_timeout: Duration::from_millis(t.backend_idle_timeout_ms),
             timeout: Duration::from_millis(t.transfer_timeout_ms),
-            max_size: t.max_transfer_size,
+            max_size: t.max_transfer_size_bytes,
         },
     }
 }
@@ -486,12 +486,12 @@ pub fn run(
         .context("cannot start the tokio runtime")?;
     let beats = Arc::new(Heartbeats::new(listeners.udp.len()));
     let udp_settings = UdpSettings {
-        max_datagram: cfg.udp.max_datagram,
+        max_datagram: cfg.udp.max_datagram_bytes,
         upstream: UpstreamSettings {
             sockets: cfg.backends.upstream_sockets,
             socket_queries: cfg.backends.upstream_socket_queries,
             max_in_flight: cfg.backends.max_in_flight,
-            max_datagram: cfg.udp.max_datagram,
+            max_datagram: cfg.udp.max_datagram_bytes,
             buffers: buffers(&cfg),
         },
         drain_timeout,

@@ -22,7 +22,7 @@ pub enum DropReason {
     ShortHeader,
     /// A response (QR=1) arriving at a listener.
     QrSet,
-    /// A client datagram longer than `udp.max_datagram`.
+    /// A client datagram longer than `udp.max_datagram_bytes`.
     OversizedDatagram,
     /// No usable backend and the all-down behaviour says drop.
     NoBackend,
@@ -40,7 +40,7 @@ pub enum DropReason {
     SendFailed,
     /// A TCP frame with length 0.
     TcpZeroLength,
-    /// A TCP frame longer than `tcp.max_query_size`.
+    /// A TCP frame longer than `tcp.max_query_size_bytes`.
     TcpOversized,
     /// A TCP client that sent nothing for `tcp.idle_timeout_ms`.
     TcpIdleTimeout,
@@ -69,7 +69,7 @@ pub enum DropReason {
     ClientGone,
     /// A zone transfer that did not end within `tcp.transfer_timeout_ms`.
     TransferTimeout,
-    /// A zone transfer longer than `tcp.max_transfer_size`.
+    /// A zone transfer longer than `tcp.max_transfer_size_bytes`.
     TransferTooLarge,
 }
 

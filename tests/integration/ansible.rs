@@ -371,12 +371,13 @@ fn lb_role_runs_lb_and_is_idempotent() {
         "lb_binary_src": bin("lb"),
         "lb_workers": 1,
         // Sections and keys no variable of the role sets, merged into lb.toml; null leaves a
-        // key of the role's out.
+        // key of the role's out; a key by its old name (rrl.window) replaces the role's
+        // new-named one (lb accepts it for one release, with a warning).
         "lb_config_extra": {
-            "cache": {"entries": 1000, "max_ttl": 60},
+            "cache": {"entries": 1000, "max_ttl_secs": 60},
             "health": {"interval_ms": 700, "fall": 3},
             "tcp": {"idle_timeout_ms": 5000},
-            "rrl": {"log_only": null},
+            "rrl": {"log_only": null, "window": 20},
         },
     });
     let (code, out) = playbook("lb.yml", "lbs", vars.clone(), &[], dir.path());
@@ -386,7 +387,9 @@ fn lb_role_runs_lb_and_is_idempotent() {
     for line in [
         "\n[cache]\n",
         "\nentries = 1000\n",
-        "\nmax_ttl = 60\n",
+        "\nmax_ttl_secs = 60\n",
+        "\nwindow = 20\n",
+        "\n[udp]\nrecv_buffer_bytes = 4194304\nsend_buffer_bytes = 4194304\n",
         "\ninterval_ms = 700\n",
         "\nfall = 3\n",
         "\n[tcp]\nidle_timeout_ms = 5000\n",
@@ -394,9 +397,20 @@ fn lb_role_runs_lb_and_is_idempotent() {
     ] {
         assert!(config.contains(line), "{line:?} not in:\n{config}");
     }
-    assert!(!config.contains("log_only"), "{config}");
+    assert!(
+        !config.contains("log_only") && !config.contains("window_secs"),
+        "{config}"
+    );
     // lb runs on it: the extra keys are lb's.
-    let cfg = lb::config::LbConfig::read(&dir.path().join("lb/lb.toml")).unwrap();
+    let (cfg, deprecations) =
+        lb::config::LbConfig::read_noting(&dir.path().join("lb/lb.toml")).unwrap();
+    assert_eq!(cfg.rrl.window_secs, 20);
+    assert_eq!(cfg.cache.max_ttl_secs, 60);
+    assert_eq!(deprecations.len(), 1, "{deprecations:?}");
+    assert_eq!(
+        (deprecations[0].old.as_str(), deprecations[0].new.as_str()),
+        ("rrl.window", "rrl.window_secs")
+    );
     assert_eq!(cfg.cache.entries, 1000);
     assert_eq!(cfg.health.interval_ms, 700);
     assert_eq!(cfg.health.fall, 3);

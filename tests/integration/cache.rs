@@ -52,7 +52,7 @@ fn cached_answers_are_binds_with_the_clients_id_and_spelling_over_udp_and_tcp() 
             ..NamedOptions::default()
         },
     );
-    let lb = cached_lb(&[ns.addr], "max_answer_size = 1232\n");
+    let lb = cached_lb(&[ns.addr], "max_answer_size_bytes = 1232\n");
     let shapes: Vec<(&str, Vec<u8>)> = vec![
         ("A", QueryBuilder::new(1, "www.example.test.", 1).build()),
         (
@@ -187,7 +187,7 @@ fn an_answer_fetched_over_tcp_never_goes_over_udp_larger_than_bind_sends() {
     let ns = Named::start(ZoneSpec::new(1, "a"));
     let lb = cached_lb(
         &[ns.addr],
-        "max_answer_size = 4096
+        "max_answer_size_bytes = 4096
 ",
     );
     let q = QueryBuilder::new(30, "big.example.test.", 16)

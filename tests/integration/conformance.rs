@@ -473,7 +473,7 @@ fn suite_lb(backends: &[SocketAddr], extra: &str) -> Lb {
         lb_config(
             backends,
             "round-robin",
-            &format!("timeout_ms = 2000\n\n[tcp]\nmax_connections_per_ip = 1000\n{extra}"),
+            &format!("timeout_ms = 2000\n\n[tcp]\nmax_connections_per_prefix = 1000\n{extra}"),
         )
     ))
 }

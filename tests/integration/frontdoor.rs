@@ -190,7 +190,7 @@ fn flood(target: SocketAddr, qps: u32, secs: u64) -> (Flood, usize, usize) {
 fn rate_limiting_caps_a_spoofed_flood_and_serves_other_clients() {
     let ns = bind();
     let lb = Lb::start(&format!(
-        "{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[rrl]\nresponses_per_second = 20\nslip = 2\nwindow = 5\n",
+        "{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[rrl]\nresponses_per_second = 20\nslip = 2\nwindow_secs = 5\n",
         lb_config(&[ns.addr], "round-robin", "")
     ));
     let (f, good_sent, good_full) = flood(lb.udp(), 2000, 3);
@@ -283,10 +283,10 @@ fn rate_limiting_is_applied_by_a_reload_and_exempts_listed_clients() {
     for op in [4, 5] {
         assert_eq!(count_op("127.0.7.1", 30, op), 30, "opcode {op}");
     }
-    // rrl.entries is fixed at start.
+    // rrl.entries is fixed at start: a restart applies it (exit status 4, not 1).
     let text = std::fs::read_to_string(&lb.config).unwrap() + "entries = 4096\n";
     std::fs::write(&lb.config, text).unwrap();
     let (code, _, err) = lb.ctl(&["reload"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, i32::from(lb::ctl::EXIT_RESTART_NEEDED));
     assert!(err.contains("rrl.entries"), "{err}");
 }

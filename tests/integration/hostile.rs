@@ -106,7 +106,7 @@ fn udp_flood(
 
 fn hostile_config(backend: SocketAddr) -> String {
     format!(
-        "{}\n[tcp]\nmax_connections = 300\nmax_connections_per_ip = 50\nidle_timeout_ms = 1000\nread_timeout_ms = 500\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        "{}\n[tcp]\nmax_connections = 300\nmax_connections_per_prefix = 50\nidle_timeout_ms = 1000\nread_timeout_ms = 500\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
         lb_config(&[backend], "least-outstanding", "timeout_ms = 500\n")
     )
 }

@@ -271,9 +271,9 @@ fn share_of_a_new_member(addr: std::net::SocketAddr, n: usize) -> usize {
 
 /// Under socket activation each UDP worker reads a socket of its own, as when lb binds
 /// [listen] itself: systemd's and, next to it in one SO_REUSEPORT group, one lb binds per other
-/// worker, all with [udp] recv_buffer. A query queued in systemd's socket before lb starts is
-/// answered, and a restart under steady load loses nothing: the stopping lb steers new queries
-/// to systemd's socket, which the next one reads. (Half the queries go to a backend that
+/// worker, all with [udp] recv_buffer_bytes. A query queued in systemd's socket before lb starts
+/// is answered, and a restart under steady load loses nothing: the stopping lb steers new
+/// queries to systemd's socket, which the next one reads. (Half the queries go to a backend that
 /// answers after 300 ms, so the stopping lb waits that long for them: long enough for queries
 /// arriving meanwhile in its own sockets to be lost, were they not steered.)
 #[test]
@@ -290,7 +290,7 @@ fn socket_activation_gives_every_worker_its_own_socket_and_restarts_lose_nothing
         lb_config(
             &[a.addr, slow],
             "round-robin",
-            "[udp]\nrecv_buffer = 1000000\n",
+            "[udp]\nrecv_buffer_bytes = 1000000\n",
         )
         .replace("workers = 2", "workers = 3"),
     )

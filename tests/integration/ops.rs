@@ -1331,6 +1331,7 @@ fn lb_package_installs_hands_over_on_upgrade_without_losing_a_query_and_purges()
         "/usr/share/lb/grafana-dashboard.json",
         "/usr/share/lb/prometheus-alerts.yml",
         "/usr/share/man/man1/lb.1.gz",
+        "/usr/share/man/man5/lb.toml.5.gz",
         "/usr/share/doc/lb/examples/lb.toml",
     ] {
         assert!(Path::new(f).exists(), "{f} not installed");

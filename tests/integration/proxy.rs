@@ -278,7 +278,7 @@ fn bad_client_input_is_dropped_and_the_proxy_keeps_serving() {
     let lb = Lb::start(&lb_config(
         &[ns.addr],
         "least-outstanding",
-        "[tcp]\nidle_timeout_ms = 300\nread_timeout_ms = 300\nmax_query_size = 1024\n",
+        "[tcp]\nidle_timeout_ms = 300\nread_timeout_ms = 300\nmax_query_size_bytes = 1024\n",
     ));
     let c = UdpSocket::bind("127.0.0.1:0").unwrap();
     c.set_read_timeout(Some(Duration::from_millis(300)))
@@ -292,14 +292,14 @@ fn bad_client_input_is_dropped_and_the_proxy_keeps_serving() {
     bad_label[12] = 0x7f;
     let mut two_questions = good.clone();
     two_questions[5] = 2;
-    // Not DNS queries at all (shorter than a header, QR=1), or over udp.max_datagram: lb
+    // Not DNS queries at all (shorter than a header, QR=1), or over udp.max_datagram_bytes: lb
     // drops them, no answer.
     let inputs: Vec<Vec<u8>> = vec![
         vec![],
         vec![1, 2, 3],
         vec![0; 11],
         qr.clone(),
-        vec![0xff; 5000], // over udp.max_datagram
+        vec![0xff; 5000], // over udp.max_datagram_bytes
     ];
     for bad in &inputs {
         c.send_to(bad, lb.udp()).unwrap();

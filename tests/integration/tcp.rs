@@ -180,7 +180,8 @@ fn tcp_queries_handed_back_with_every_permit_are_routed_again_and_the_slot_is_fr
 /// Item 3: the connection limit counts client networks (an IPv4 /24 by default), not single
 /// addresses: with 3 allowed, a fourth connection from another address of the same /24 is
 /// refused (`tcp-prefix-limit`) while one from another /24 is served. The old name of the key,
-/// `max_connections_per_ip`, sets it.
+/// `max_connections_per_ip`, sets it, with a warning naming the file, the old and the new key
+/// from `lb check`, in the log at start and in `lb ctl reload`'s answer (issue 28, item 9).
 #[test]
 fn tcp_connections_are_limited_per_client_network() {
     let ns = Named::start(ZoneSpec::new(1, "a"));
@@ -218,6 +219,25 @@ fn tcp_connections_are_limited_per_client_network() {
     let mut other = connect_from("127.0.1.1", lb.tcp());
     assert!(ask(&mut other, 10), "another /24 is served");
     assert_eq!(lb.drops("tcp-connection-limit"), 0);
+
+    let warning = format!(
+        "config file {}: key `tcp.max_connections_per_ip` is deprecated, renamed \
+         `tcp.max_connections_per_prefix`",
+        lb.config.display()
+    );
+    let log = lb.proc.output.text();
+    assert!(log.contains(&warning), "start: {warning:?} not in:\n{log}");
+    let (code, out, err) = lb.ctl(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&warning), "reload: {warning:?} not in {out:?}");
+    let check = std::process::Command::new(bin("lb"))
+        .args(["check", "--config"])
+        .arg(&lb.config)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{out}");
+    assert!(out.contains(&format!("warning: {warning}")), "check: {out}");
 }
 
 /// Item 3: a frame must be whole within `read_timeout_ms` of its first byte. A client that

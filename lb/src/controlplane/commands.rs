@@ -513,8 +513,15 @@ impl ControlContext {
     }
 
     fn try_reload(&self) -> Result<(u64, String), ReloadError> {
-        let new =
-            LbConfig::read(&self.config_path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        let (new, deprecations) = LbConfig::read_noting(&self.config_path)
+            .map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        // Old key names still load; say so on every reload until the file is fixed (logged
+        // here, and in the answer `lb ctl reload` prints when the reload is done).
+        let mut warnings = String::new();
+        for d in &deprecations {
+            tracing::warn!("{d}");
+            warnings.push_str(&format!("; warning: {d}"));
+        }
         let old = self.config();
         let mut fixed = Vec::new();
         if new.listen != old.listen {
@@ -582,7 +589,7 @@ impl ControlContext {
             }
         );
         tracing::info!("{msg}");
-        Ok((generation, msg))
+        Ok((generation, msg + &warnings))
     }
 
     /// Writes the state file if one is configured (the upgrade's last save before it hands

@@ -6,7 +6,7 @@
 //! there is nothing to tell apart); TSIG-signed transfers therefore verify at the client as
 //! they would directly. Messages are relayed in order until [`XfrTracker`] sees the last one,
 //! the backend closes the connection, or a bound is hit: the whole transfer within
-//! `tcp.transfer_timeout_ms`, no more than `tcp.max_transfer_size` bytes, and each message
+//! `tcp.transfer_timeout_ms`, no more than `tcp.max_transfer_size_bytes` bytes, and each message
 //! within `tcp.backend_idle_timeout_ms` of the previous one. A transfer cut short closes the
 //! client connection, so the client sees it fail rather than wait.
 

@@ -452,6 +452,6 @@ pub enum Enqueue {
     TableFull,
     /// No socket to the backend could be opened.
     NoSocket,
-    /// Longer than a batch slot (cannot happen for a query under `udp.max_datagram`).
+    /// Longer than a batch slot (cannot happen for a query under `udp.max_datagram_bytes`).
     TooLong,
 }
