@@ -132,13 +132,11 @@ fn ctl(args: CtlArgs) -> ExitCode {
             verify,
             if_generation,
             backends,
-        } => {
-            ControlCommand::SetBackends {
-                backends,
-                verify,
-                if_generation,
-            }
-        }
+        } => ControlCommand::SetBackends {
+            backends,
+            verify,
+            if_generation,
+        },
         CtlCommand::Drain { backend } => ControlCommand::Drain { backend },
         CtlCommand::Undrain { backend } => ControlCommand::Undrain { backend },
         CtlCommand::Reload => ControlCommand::Reload,
