@@ -171,11 +171,19 @@ impl Deployer {
         match &recorded {
             Some(j) if j.state == JournalState::InProgress => {
                 let newer = mark.is_some_and(|m| m.started_unix > j.started_unix);
-                let old_gone = j.phase == Phase::Undoable
-                    && j.old
-                        .iter()
-                        .any(|o| !instances.iter().any(|i| i.id == o.id));
-                if !newer && !old_gone {
+                let exists = |id: u64| instances.iter().any(|i| i.id == id);
+                let old_gone =
+                    j.phase == Phase::Undoable && j.old.iter().any(|o| !exists(o.id));
+                // Undone elsewhere: nothing it created is left, and no instance carries its mark.
+                let undone = j.phase != Phase::Forward
+                    && !j.created.is_empty()
+                    && !j.created.iter().any(|c| exists(c.id))
+                    && !instances.iter().any(|i| {
+                        i.operation.is_some_and(|m| {
+                            m.operation == j.operation && m.started_unix == j.started_unix
+                        })
+                    });
+                if !newer && !old_gone && !undone {
                     return Ok(Some((j.clone(), Vec::new())));
                 }
                 why = Some(format!(
@@ -185,6 +193,8 @@ impl Deployer {
                     j.started_unix,
                     if newer {
                         "a later operation created instances"
+                    } else if undone {
+                        "nothing it created is left: it was undone from another state directory"
                     } else {
                         "old instances it would keep are gone"
                     }

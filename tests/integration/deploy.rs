@@ -1733,6 +1733,7 @@ fn a_lease_keeps_one_deployer_across_state_dirs() {
     let (code, out, err) = other(&["rollback"]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("took over the lease"), "{out}");
+    eprintln!("takeover rollback:\n{out}\n{err}");
     assert!(out.contains("rebuilt from the world"), "{out}");
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
