@@ -739,7 +739,10 @@ mod tests {
             msg.contains("generation 2, not 1") && msg.contains("current set stays"),
             "{msg}"
         );
-        assert_eq!(crate::ctl::exit_code(&swap("127.0.0.1:5303", Some(9))), 5);
+        assert_eq!(
+            swap("127.0.0.1:5303", Some(9)).refusal,
+            Some(Refusal::GenerationMismatch)
+        );
         let now = shared.current();
         assert_eq!(now.generation, 2);
         assert_eq!(now.addrs(), vec!["127.0.0.1:5302".parse().unwrap()]);
