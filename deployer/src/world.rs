@@ -501,3 +501,157 @@ pub fn same_operation(j: &Journal, mark: Option<OperationMark>) -> bool {
 pub fn is_finished(j: &Journal) -> bool {
     j.state != JournalState::InProgress
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    fn cfg(extra: &str) -> DeployerConfig {
+        let text = format!(
+            "deployment = \"t\"\n[provider]\nkind = \"local\"\n[[nameservers]]\nname = \"ns1\"\n[[nameservers]]\nname = \"ns2\"\n[zones]\nnames = [\"example.test\"]\n[[lbs]]\nname = \"lb1\"\nfronts = [\"ns1\"]\n[[lbs]]\nname = \"lb2\"\nfronts = [\"ns2\"]\n{extra}"
+        );
+        lb::config::parse_toml(&text, std::path::Path::new("deployer.toml")).unwrap()
+    }
+
+    const ROLL: OperationMark = OperationMark {
+        operation: Operation::Roll,
+        started_unix: 200,
+    };
+    const UP: OperationMark = OperationMark {
+        operation: Operation::Up,
+        started_unix: 100,
+    };
+
+    fn inst(id: u64, label: &str, role: Role, port: u16, mark: OperationMark) -> Instance {
+        Instance {
+            id,
+            label: label.into(),
+            role,
+            status: "running".into(),
+            address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            dns_port: port,
+            metrics_port: 0,
+            dir: None,
+            private_address: None,
+            region: None,
+            operation: Some(mark),
+        }
+    }
+
+    /// ns1, ns2 (ports 1, 2) and lb1, lb2 from `up`; ns1-next, ns2-next (ports 11, 12) from a roll.
+    fn world(lb1: &str, lb2: &str, old: &[&str]) -> WorldView {
+        let mut instances = vec![
+            inst(3, "lb1", Role::Lb, 53, UP),
+            inst(4, "lb2", Role::Lb, 54, UP),
+            inst(5, "ns1-next", Role::Nameserver, 11, ROLL),
+            inst(6, "ns2-next", Role::Nameserver, 12, ROLL),
+        ];
+        for (id, n, port) in [(1, "ns1", 1), (2, "ns2", 2)] {
+            if old.contains(&n) {
+                instances.push(inst(id, n, Role::Nameserver, port, UP));
+            }
+        }
+        let live = |s: &str| Ok((vec![format!("127.0.0.1:{s}")], 7));
+        WorldView {
+            instances,
+            lbs: vec![
+                LbLive {
+                    name: "lb1".into(),
+                    live: live(lb1),
+                },
+                LbLive {
+                    name: "lb2".into(),
+                    live: live(lb2),
+                },
+            ],
+            next_lbs_serving: Vec::new(),
+        }
+    }
+
+    fn journal(r: Rebuilt) -> Journal {
+        match r {
+            Rebuilt::Journal { journal, .. } => *journal,
+            other => panic!("not rebuilt: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_roll_is_rebuilt_no_further_than_the_world_proves() {
+        let c = cfg("[canary]\nsoak_secs = 2\n");
+        // Created, nothing flipped: undoable, only the create is done.
+        let j = journal(rebuild(&c, &world("1", "2", &["ns1", "ns2"]), vec![]));
+        assert_eq!((j.phase, j.steps_done()), (Phase::Undoable, vec!["create"]));
+        assert!(j.flips.is_empty() && j.old.len() == 2 && j.created.len() == 2);
+        assert_eq!(j.started_unix, 200, "the operation keeps its mark");
+        // The canary alone on the new set: every flip recorded, its trial to run again.
+        let j = journal(rebuild(&c, &world("11", "2", &["ns1", "ns2"]), vec![]));
+        assert_eq!(j.flips.len(), 2);
+        assert_eq!(j.flips[0].state, FlipState::Confirmed { generation: 7 });
+        assert_eq!(j.flips[1].state, FlipState::Planned);
+        assert_eq!(j.flips[1].previous, vec!["127.0.0.1:2".to_string()]);
+        assert_eq!(j.canary.unwrap().state, CanaryState::Flipping);
+        assert!(!j.done(Step::Flip));
+        // Every lb on the new set: the flip is done, verify runs again.
+        let j = journal(rebuild(&c, &world("11", "12", &["ns1", "ns2"]), vec![]));
+        assert!(j.done(Step::Flip) && !j.done(Step::Verify));
+        // One old nameserver gone: past the point of no return, only forward.
+        let j = journal(rebuild(&c, &world("11", "12", &["ns2"]), vec![]));
+        assert_eq!(j.phase, Phase::Forward);
+        assert!(j.done(Step::Verify) && !j.done(Step::DeleteOld));
+        assert_eq!(j.old.len(), 1);
+    }
+
+    #[test]
+    fn what_the_world_cannot_tell_is_said_not_guessed() {
+        let c = cfg("");
+        // An lb on neither set.
+        let r = rebuild(&c, &world("99", "2", &["ns1", "ns2"]), vec![]);
+        let Rebuilt::Unclear { saw, settle } = r else {
+            panic!("{r:?}")
+        };
+        assert!(saw.iter().any(|l| l.contains("neither")), "{saw:?}");
+        assert!(settle.contains("lb lb1"), "{settle}");
+        // An lb that cannot be read.
+        let mut w = world("1", "2", &["ns1", "ns2"]);
+        w.lbs[1].live = Err("connection refused".into());
+        assert!(matches!(rebuild(&c, &w, vec![]), Rebuilt::Unclear { .. }));
+        // A -next instance without a mark (an older deployer's).
+        let mut w = world("1", "2", &["ns1", "ns2"]);
+        w.instances[2].operation = None;
+        assert!(matches!(rebuild(&c, &w, vec![]), Rebuilt::Unclear { .. }));
+        // Everything renamed: nothing unfinished.
+        let mut w = world("11", "12", &[]);
+        w.instances[2].label = "ns1".into();
+        w.instances[3].label = "ns2".into();
+        assert_eq!(rebuild(&c, &w, vec![]), Rebuilt::Nothing);
+    }
+
+    #[test]
+    fn a_serving_roll_lb_counts_as_handed_off() {
+        let c = cfg("");
+        let rl = OperationMark {
+            operation: Operation::RollLb,
+            started_unix: 300,
+        };
+        let mut w = world("1", "2", &["ns1", "ns2"]);
+        w.instances.truncate(2);
+        w.instances.extend([
+            inst(1, "ns1", Role::Nameserver, 1, UP),
+            inst(2, "ns2", Role::Nameserver, 2, UP),
+            inst(7, "lb1-next", Role::Lb, 55, rl),
+            inst(8, "lb2-next", Role::Lb, 56, rl),
+        ]);
+        w.next_lbs_serving = vec![("lb1-next".into(), false), ("lb2-next".into(), false)];
+        let j = journal(rebuild(&c, &w, vec![]));
+        assert_eq!(j.handoff, Handoff::NotStarted, "no new lb serves yet");
+        w.next_lbs_serving[1].1 = true;
+        let j = journal(rebuild(&c, &w, vec![]));
+        assert_eq!(j.handoff, Handoff::Started, "only the operator can say it was not");
+        assert!(j.handoff.blocks_undo());
+        // An old lb gone: forward.
+        w.instances.retain(|i| i.label != "lb1");
+        let j = journal(rebuild(&c, &w, vec![]));
+        assert_eq!((j.phase, j.handoff), (Phase::Forward, Handoff::Done));
+    }
+}
