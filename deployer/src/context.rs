@@ -172,8 +172,7 @@ impl Deployer {
             Some(j) if j.state == JournalState::InProgress => {
                 let newer = mark.is_some_and(|m| m.started_unix > j.started_unix);
                 let exists = |id: u64| instances.iter().any(|i| i.id == id);
-                let old_gone =
-                    j.phase == Phase::Undoable && j.old.iter().any(|o| !exists(o.id));
+                let old_gone = j.phase == Phase::Undoable && j.old.iter().any(|o| !exists(o.id));
                 // Undone elsewhere: nothing it created is left, and no instance carries its mark.
                 let undone = j.phase != Phase::Forward
                     && !j.created.is_empty()

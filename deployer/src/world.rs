@@ -647,7 +647,11 @@ mod tests {
         assert_eq!(j.handoff, Handoff::NotStarted, "no new lb serves yet");
         w.next_lbs_serving[1].1 = true;
         let j = journal(rebuild(&c, &w, vec![]));
-        assert_eq!(j.handoff, Handoff::Started, "only the operator can say it was not");
+        assert_eq!(
+            j.handoff,
+            Handoff::Started,
+            "only the operator can say it was not"
+        );
         assert!(j.handoff.blocks_undo());
         // An old lb gone: forward.
         w.instances.retain(|i| i.label != "lb1");
