@@ -590,7 +590,7 @@ mod tests {
         assert_eq!(j.flips[0].state, FlipState::Confirmed { generation: 7 });
         assert_eq!(j.flips[1].state, FlipState::Planned);
         assert_eq!(j.flips[1].previous, vec!["127.0.0.1:2".to_string()]);
-        assert_eq!(j.canary.unwrap().state, CanaryState::Flipping);
+        assert_eq!(j.canary.as_ref().unwrap().state, CanaryState::Flipping);
         assert!(!j.done(Step::Flip));
         // Every lb on the new set: the flip is done, verify runs again.
         let j = journal(rebuild(&c, &world("11", "12", &["ns1", "ns2"]), vec![]));
