@@ -26,6 +26,7 @@ cp -r ansible "$WORK/ansible"
 ZONE="$WORK/ansible/zones/example.test.zone"
 CFG="$WORK/deployer.toml"
 sed -e "s#^state_dir = .*#state_dir = \"$WORK/state\"#" \
+    -e "s#^registry_dir = .*#registry_dir = \"$WORK/world\"#" \
     -e "s#^ansible_dir = .*#ansible_dir = \"$WORK/ansible\"#" \
     -e "s#^lb_binary = .*#lb_binary = \"$ROOT/target/release/lb\"#" \
     -e "s#^deployment = .*#deployment = \"demo\"#" \

@@ -163,6 +163,7 @@ lb_binary = "$OUT/lb"
 
 [provider]
 kind = "machines"
+registry_dir = "$WORK/world"
 
 [machines]
 image = "$IMAGE"

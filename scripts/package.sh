@@ -127,6 +127,7 @@ for f in deployer/examples/*.toml; do
   sed -e 's#^ansible_dir = .*#ansible_dir = "/usr/share/deployer/ansible"#' \
       -e 's#^lb_binary = .*#lb_binary = "/usr/bin/lb"#' \
       -e 's#^state_dir = "\.\./\.\./\(.*\)"#state_dir = "\1"#' \
+      -e 's#^registry_dir = "\.\./\.\./\(.*\)"#registry_dir = "\1"#' \
       -e 's#"\.\./\.\./target/debian/lb[^"]*\.deb"#"lb.deb"#' \
       "$f" >"$examples/$(basename "$f")"
 done

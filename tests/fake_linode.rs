@@ -15,6 +15,13 @@
 //! region that offers VLANs; and every VLAN address in use is recorded, so a test can assert
 //! that no two instances on one VLAN got the same one (the API itself does not refuse that).
 //!
+//! Tags (the deployer's lease): `GET /v4/tags` lists every tag of the account, those created
+//! with `POST /v4/tags` and those applied to instances (paginated like instances; tags have no
+//! filterable field, so no `X-Filter`), `POST /v4/tags` creates one (`label` 3-50 characters,
+//! as the schema says; an existing label is refused with 400 naming `label`, which the spec
+//! does not document), `DELETE /v4/tags/{label}` removes it from every instance and deletes
+//! it (404 when there is none).
+//!
 //! Every request body and every response is validated against Linode's published OpenAPI
 //! schemas ([`crate::openapi`]): a request the spec rejects is answered 400 like the API would,
 //! and every violation (by the client or by the fake itself) is recorded; dropping the fake
@@ -81,6 +88,8 @@ pub struct FakeState {
     pub vlan_conflicts: Vec<String>,
     /// Faults for the next creates, in order.
     pub create_faults: VecDeque<CreateFault>,
+    /// Tags created with `POST /tags` (those applied to instances are listed too).
+    pub tags: std::collections::BTreeSet<String>,
 }
 
 /// The status [`handle`] returns for "close the connection without a reply".
@@ -136,6 +145,7 @@ impl FakeLinode {
             interfaces: Default::default(),
             vlan_conflicts: Vec::new(),
             create_faults: VecDeque::new(),
+            tags: Default::default(),
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let (st, sp) = (state.clone(), stop.clone());
@@ -316,6 +326,11 @@ fn serve(s: TcpStream, state: &Mutex<FakeState>) {
 
 /// The spec's path for a request path of the fake.
 fn spec_path(path: &str) -> Option<&'static str> {
+    match path.strip_prefix("/v4/tags") {
+        Some("") => return Some("/tags"),
+        Some(l) if l.len() > 1 && !l[1..].contains('/') => return Some("/tags/{tagLabel}"),
+        _ => {}
+    }
     if path
         .strip_prefix("/v4/regions/")
         .is_some_and(|r| !r.is_empty() && !r.contains('/'))
@@ -456,6 +471,110 @@ fn matches_filter(inst: &Value, filter: &Value) -> Result<bool, String> {
     Ok(true)
 }
 
+/// `page` and `page_size` of a list request, checked as the API does; `Err` is its answer.
+fn paginate(
+    req: &Request,
+    all: &[Value],
+    max_page_size: usize,
+) -> Result<Value, (u16, Value, Option<u64>)> {
+    let q = |k: &str| {
+        req.query
+            .iter()
+            .find(|(x, _)| x == k)
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+    };
+    let page_size = q("page_size").unwrap_or(100);
+    if !(25..=500).contains(&page_size) {
+        return Err((400, errors("Must be 25-500", Some("page_size")), None));
+    }
+    let size = page_size.min(max_page_size).max(1);
+    let pages = all.len().div_ceil(size).max(1);
+    let page = q("page").unwrap_or(1);
+    if page < 1 || page > pages {
+        return Err((
+            400,
+            errors(
+                "Must be a value between 1 and the number of pages",
+                Some("page"),
+            ),
+            None,
+        ));
+    }
+    let data: Vec<Value> = all
+        .iter()
+        .skip((page - 1) * size)
+        .take(size)
+        .cloned()
+        .collect();
+    Ok(json!({"data": data, "page": page, "pages": pages, "results": all.len()}))
+}
+
+/// `/v4/tags` and `/v4/tags/{label}` (`rest` is what follows `/v4/tags`).
+fn handle_tags(req: &Request, st: &mut FakeState, rest: &str) -> (u16, Value, Option<u64>) {
+    let applied: std::collections::BTreeSet<String> = st
+        .instances
+        .iter()
+        .flat_map(|i| i["tags"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t.as_str().map(str::to_string))
+        .collect();
+    match (req.method.as_str(), rest) {
+        ("GET", "") => {
+            let all: Vec<Value> = st
+                .tags
+                .union(&applied)
+                .map(|t| json!({ "label": t }))
+                .collect();
+            match paginate(req, &all, st.max_page_size) {
+                Ok(v) => (200, v, None),
+                Err(e) => e,
+            }
+        }
+        ("POST", "") => {
+            let Ok(body) = serde_json::from_slice::<Value>(&req.body) else {
+                return (400, errors("Invalid JSON", None), None);
+            };
+            if let Some(refused) = check_request(st, "POST", "/tags", &body) {
+                return refused;
+            }
+            let label = body["label"].as_str().unwrap_or_default().to_string();
+            if st.tags.contains(&label) || applied.contains(&label) {
+                return (
+                    400,
+                    errors("A tag with this label already exists", Some("label")),
+                    None,
+                );
+            }
+            for id in body["linodes"].as_array().into_iter().flatten() {
+                match st.instances.iter_mut().find(|i| &i["id"] == id) {
+                    Some(i) => i["tags"].as_array_mut().unwrap().push(json!(label)),
+                    None => {
+                        return (
+                            400,
+                            errors(&format!("Linode {id} not found"), Some("linodes")),
+                            None,
+                        )
+                    }
+                }
+            }
+            st.tags.insert(label.clone());
+            (200, json!({ "label": label }), None)
+        }
+        ("DELETE", l) if l.len() > 1 && !l[1..].contains('/') => {
+            let label = &l[1..];
+            if !st.tags.remove(label) && !applied.contains(label) {
+                return (404, errors("Not found", None), None);
+            }
+            for i in &mut st.instances {
+                if let Some(t) = i["tags"].as_array_mut() {
+                    t.retain(|x| x != label);
+                }
+            }
+            (200, json!({}), None)
+        }
+        _ => (405, errors("Method not allowed", None), None),
+    }
+}
+
 fn handle(req: &Request, state: &Mutex<FakeState>) -> (u16, Value, Option<u64>) {
     let mut st = state.lock().unwrap();
     let full = if req.query.is_empty() {
@@ -506,6 +625,9 @@ fn handle(req: &Request, state: &Mutex<FakeState>) -> (u16, Value, Option<u64>) 
             ("GET", None) => (404, errors("Not found", None), None),
             _ => (405, errors("Method not allowed", None), None),
         };
+    }
+    if let Some(rest) = req.path.strip_prefix("/v4/tags") {
+        return handle_tags(req, &mut st, rest);
     }
     let rest = req.path.strip_prefix("/v4/linode/instances").unwrap_or("?");
     match (req.method.as_str(), rest) {

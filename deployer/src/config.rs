@@ -51,6 +51,8 @@ pub struct DeployerConfig {
     pub network: NetworkConfig,
     #[serde(default)]
     pub checks: ChecksConfig,
+    #[serde(default)]
+    pub lease: LeaseConfig,
     /// The file this was read from (for messages).
     #[serde(skip)]
     pub source: PathBuf,
@@ -415,6 +417,52 @@ fn d_sample_rrsets() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
     pub kind: ProviderKind,
+    /// Where the local and machines providers keep their instance registry (and the
+    /// instances' files, and the deployment's lease): the "world" of those providers, shared
+    /// by every deployer of the deployment on this host, and apart from `state_dir`, so that
+    /// losing a state directory loses no instance, as on a cloud. Default: local,
+    /// `CONFIG_DIR/.deployer-world/DEPLOYMENT`; machines, `/var/lib/lb-deployer/DEPLOYMENT`.
+    /// Not used by linode (Linode is the registry).
+    #[serde(default)]
+    pub registry_dir: Option<PathBuf>,
+}
+
+/// `[lease]`: one deployer per deployment across hosts (see [`crate::lease`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// How long a lease lasts without renewal (renewed every third of it).
+    #[serde(default = "d_lease_ttl")]
+    pub ttl_secs: f64,
+    /// How far behind another host's clock may be: a lease counts as expired for others only
+    /// this long after its expiry.
+    #[serde(default = "d_lease_skew")]
+    pub clock_skew_secs: f64,
+}
+
+fn d_lease_ttl() -> f64 {
+    120.0
+}
+fn d_lease_skew() -> f64 {
+    30.0
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            ttl_secs: d_lease_ttl(),
+            clock_skew_secs: d_lease_skew(),
+        }
+    }
+}
+
+impl LeaseConfig {
+    pub fn times(&self) -> crate::lease::LeaseTimes {
+        crate::lease::LeaseTimes {
+            ttl: Duration::from_secs_f64(self.ttl_secs),
+            clock_skew: Duration::from_secs_f64(self.clock_skew_secs),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -457,7 +505,8 @@ pub struct MachinesConfig {
     #[serde(default = "default_private_bridge")]
     pub private_bridge: String,
     /// The deployer's SSH key for root on every machine (generated on first use when missing).
-    /// Default: `STATE_DIR/machines/id_ed25519`.
+    /// Default: `REGISTRY_DIR/id_ed25519` (`[provider] registry_dir`: every deployer of the
+    /// deployment on this host reaches the machines with it).
     #[serde(default)]
     pub ssh_key: Option<PathBuf>,
     /// Where the machines of every deployment on this host lease their public addresses.
@@ -696,10 +745,22 @@ impl DeployerConfig {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         let base = base.canonicalize().unwrap_or_else(|_| base.to_path_buf());
-        for p in [&mut cfg.state_dir, &mut cfg.ansible_dir, &mut cfg.lb_binary] {
+        for p in [&mut cfg.state_dir, &mut cfg.ansible_dir, &mut cfg.lb_binary]
+            .into_iter()
+            .chain(cfg.provider.registry_dir.as_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
+        }
+        if cfg.provider.registry_dir.is_none() {
+            cfg.provider.registry_dir = match cfg.provider.kind {
+                ProviderKind::Local => Some(base.join(".deployer-world").join(&cfg.deployment)),
+                ProviderKind::Machines => {
+                    Some(Path::new("/var/lib/lb-deployer").join(&cfg.deployment))
+                }
+                ProviderKind::Linode => None,
+            };
         }
         // The lb package is copied from this machine: a relative path is the config's, as
         // every path here (Ansible would look for it in its role and playbook directories).
@@ -742,6 +803,21 @@ impl DeployerConfig {
                     "`{}` must be 1-40 letters, digits, '-' or '_'",
                     self.deployment
                 ),
+            ));
+        }
+        if !(self.lease.ttl_secs.is_finite() && self.lease.ttl_secs >= 3.0) {
+            return Err(invalid(
+                "lease.ttl_secs",
+                format!(
+                    "{} must be at least 3 (seconds; renewed every third of it)",
+                    self.lease.ttl_secs
+                ),
+            ));
+        }
+        if !(self.lease.clock_skew_secs.is_finite() && self.lease.clock_skew_secs >= 0.0) {
+            return Err(invalid(
+                "lease.clock_skew_secs",
+                format!("{} must be 0 or more", self.lease.clock_skew_secs),
             ));
         }
         if self.nameservers.is_empty() {
@@ -1116,6 +1192,16 @@ impl DeployerConfig {
         self.ansible_dir
             .join("zones")
             .join(format!("{}.zone", zone.trim_end_matches('.')))
+    }
+
+    /// The local or machines provider's registry directory (see
+    /// [`ProviderConfig::registry_dir`]); a config not read from a file falls back to
+    /// `STATE_DIR/world`.
+    pub fn registry_dir(&self) -> PathBuf {
+        self.provider
+            .registry_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("world"))
     }
 
     /// The tag every instance of this deployment carries.

@@ -160,6 +160,8 @@ pub fn run_steps(d: &mut Deployer, j: &mut Journal, steps: &[Step]) -> Result<()
         if j.done(step) {
             continue;
         }
+        // A deployer whose lease was taken over stops before its next step.
+        d.check_lease()?;
         d.faults.point(&format!("{step}:before"));
         let t = Instant::now();
         // delete-old injects its failure mid-deletion (see `lifecycle::delete_old`).

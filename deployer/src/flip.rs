@@ -36,6 +36,12 @@ pub enum FlipError {
     },
     #[error("lb {lb}: its live set is unknown ({reason}); the flip stays recorded and is settled by reading the lb's status again")]
     Unknown { lb: String, reason: String },
+    #[error("lb {lb} changed since this deployer read it at generation {generation} ({reason}): another deployer or an operator changed its backends meanwhile, and this flip was not applied. Nothing more is sent to it; see `deployer status`")]
+    Moved {
+        lb: String,
+        generation: u64,
+        reason: String,
+    },
     #[error("lb {lb} did not answer the swap ({reason}) and serves {}, not {}", .live.join(" "), .wanted.join(" "))]
     NotApplied {
         lb: String,
@@ -51,6 +57,7 @@ impl FlipError {
             FlipError::Refused { lb, .. }
             | FlipError::Unsaved { lb, .. }
             | FlipError::Unknown { lb, .. }
+            | FlipError::Moved { lb, .. }
             | FlipError::NotApplied { lb, .. } => lb,
         }
     }
@@ -210,8 +217,11 @@ fn converge(d: &Deployer, j: &mut Journal, k: usize) -> Result<String, FlipError
     }
     // Verified both ways: lb probes the set before it serves from it, so a flip back to old
     // nameservers that stopped answering is refused (and nothing is deleted) instead of
-    // pointing the lb at dead servers.
-    let mut r = ctl.set_backends(&wanted, true, timeout);
+    // pointing the lb at dead servers. Compare-and-swap on the generation read above: if
+    // anyone changed the lb since (a stale deployer, an operator), lb refuses and nothing of
+    // theirs is overwritten.
+    d.check_lease().map_err(|e| unknown(format!("{e:#}")))?;
+    let mut r = ctl.set_backends(&wanted, true, Some(generation), timeout);
     if forward && d.faults.lost_reply(&name) {
         r = Err(CtlError::Transport("the reply was lost (injected)".into()));
     }
@@ -237,6 +247,16 @@ fn converge(d: &Deployer, j: &mut Journal, k: usize) -> Result<String, FlipError
                 lb: name.clone(),
                 wanted,
                 message: done.message,
+            })
+        }
+        Err(CtlError::GenerationMoved(reason)) => {
+            // Nothing applied: the lb's set is someone else's now.
+            j.flips[k].state = FlipState::Planned;
+            save(j)?;
+            Err(FlipError::Moved {
+                lb: name.clone(),
+                generation,
+                reason,
             })
         }
         Err(CtlError::Refused(reason)) => {

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use lb::control_protocol::{
-    send_request, ControlCommand, ControlResponse, ControlResult, StatusReport,
+    send_request, ControlCommand, ControlResponse, ControlResult, Refusal, StatusReport,
 };
 
 /// A failed control request: either lb answered no (it kept its state), or the answer never
@@ -18,12 +18,16 @@ pub enum CtlError {
     Refused(String),
     #[error("no answer: {0}")]
     Transport(String),
+    /// `set-backends --if-generation N` refused: the lb's set is no longer at generation N
+    /// (someone else changed it since it was read). Nothing changed.
+    #[error("refused: {0}")]
+    GenerationMoved(String),
 }
 
 impl CtlError {
     pub fn reason(&self) -> &str {
         match self {
-            CtlError::Refused(r) | CtlError::Transport(r) => r,
+            CtlError::Refused(r) | CtlError::Transport(r) | CtlError::GenerationMoved(r) => r,
         }
     }
 }
@@ -73,10 +77,13 @@ impl LbControl {
             resp.result
                 .ok_or_else(|| CtlError::Transport("lb sent an empty response".into()))
         } else {
-            Err(CtlError::Refused(
-                resp.error
-                    .unwrap_or_else(|| "lb refused without a reason".into()),
-            ))
+            let reason = resp
+                .error
+                .unwrap_or_else(|| "lb refused without a reason".into());
+            Err(match resp.refusal {
+                Some(Refusal::GenerationMismatch) => CtlError::GenerationMoved(reason),
+                _ => CtlError::Refused(reason),
+            })
         }
     }
 
@@ -94,12 +101,14 @@ impl LbControl {
         &self,
         backends: &[String],
         verify: bool,
+        if_generation: Option<u64>,
         timeout: Duration,
     ) -> Result<SwapDone, CtlError> {
         match self.request(
             ControlCommand::SetBackends {
                 backends: backends.to_vec(),
                 verify,
+                if_generation,
             },
             timeout,
         )? {
@@ -257,10 +266,17 @@ fn ctl_args(socket: &std::path::Path, cmd: ControlCommand, timeout: Duration) ->
     ];
     match cmd {
         ControlCommand::Status => args.push("status".into()),
-        ControlCommand::SetBackends { backends, verify } => {
+        ControlCommand::SetBackends {
+            backends,
+            verify,
+            if_generation,
+        } => {
             args.push("set-backends".into());
             if verify {
                 args.push("--verify".into());
+            }
+            if let Some(n) = if_generation {
+                args.extend(["--if-generation".into(), n.to_string()]);
             }
             args.extend(backends);
         }

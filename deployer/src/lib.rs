@@ -12,9 +12,11 @@
 //! - [`children`] — child processes (ansible-playbook, the hook, ssh) that never outlive the
 //!   deployer, and SIGINT/SIGTERM stopping them first.
 //! - [`private`] — files that may hold secrets, 0600 in 0700 directories.
-//! - [`journal`] — the resumable record of the running operation; [`lock`] — one deployer at
-//!   a time; [`faults`] — crash points and injected faults for tests; [`report`] — terminal
-//!   output.
+//! - [`lease`] — one deployer per deployment across hosts (a lease at the provider or in the
+//!   shared registry directory).
+//! - [`journal`] — the record (and cache) of the running operation; [`lock`] — one deployer
+//!   per state directory, at once; [`faults`] — crash points and injected faults for tests;
+//!   [`report`] — terminal output.
 //! - [`context`] — [`context::Deployer`], one deployment with all of the above.
 //! - [`ansible`], [`checks`], [`content`] — playbook runs, DNS checks of serials (directly, or
 //!   from an lb with `lb ctl probe`) and of content (every RRset against the zone files, smoke
@@ -22,6 +24,8 @@
 //!   [`delegation`] — what the parent zone's servers say about the delegation.
 //! - [`lifecycle`] (instances), [`flip`] (converging lbs), [`canary`] (roll's canary flip
 //!   and soak), [`drain`] (roll-lb's hand-off and drain) — the steps' work.
+//! - [`world`] — where an operation stands, rebuilt from the instances and the lbs when no
+//!   journal says (another host, a lost state directory).
 //! - [`engine`] — runs the steps, phases, undo and resume.
 //! - [`operations`] — `up`, `roll`, `roll-lb`, `rollback`, `status`, `down`; [`status`] — the
 //!   pinned `status` report.
@@ -42,6 +46,7 @@ pub mod flip;
 pub mod journal;
 pub mod lbctl;
 pub mod lbmetrics;
+pub mod lease;
 pub mod lifecycle;
 pub mod lock;
 pub mod network;
@@ -52,6 +57,7 @@ pub mod report;
 pub mod ssh;
 pub mod status;
 pub mod steps;
+pub mod world;
 pub mod zones;
 
 pub use context::Deployer;

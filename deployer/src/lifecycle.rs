@@ -13,7 +13,7 @@ use crate::drain::scrape_queries;
 use crate::journal::{Journal, Step};
 use crate::lbctl::LbControl;
 use crate::network;
-use crate::provider::{Instance, InstanceSpec, ProviderError, Role};
+use crate::provider::{Instance, InstanceSpec, OperationMark, ProviderError, Role};
 use crate::zones::{RrsetKey, ZoneContent};
 
 /// Creates the instances of `role` (labels `NAME-next` when `next`) and waits until they run.
@@ -28,6 +28,11 @@ pub fn create(d: &Deployer, j: &mut Journal, role: Role, next: bool) -> Result<S
             name.to_string()
         }
     };
+    // Kept with each instance: any deployer can tell which operation it belongs to.
+    let mark = OperationMark {
+        operation: j.operation,
+        started_unix: j.started_unix,
+    };
     let specs: Vec<InstanceSpec> = match role {
         Role::Nameserver => d
             .cfg
@@ -40,6 +45,7 @@ pub fn create(d: &Deployer, j: &mut Journal, role: Role, next: bool) -> Result<S
                 instance_type: n.instance_type.clone(),
                 image: n.image.clone(),
                 vlan: None,
+                operation: Some(mark),
             })
             .collect(),
         Role::Lb => d
@@ -53,6 +59,7 @@ pub fn create(d: &Deployer, j: &mut Journal, role: Role, next: bool) -> Result<S
                 instance_type: l.instance_type.clone(),
                 image: l.image.clone(),
                 vlan: None,
+                operation: Some(mark),
             })
             .collect(),
     };

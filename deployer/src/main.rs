@@ -317,12 +317,23 @@ fn print_status(s: &serde_json::Value) {
             }
         }
     }
+    if let Some(u) = s["unclear"].as_str() {
+        println!("UNCLEAR: {u}");
+    }
     match s.get("unfinished").filter(|u| !u.is_null()) {
         Some(u) => {
+            for line in u["saw"].as_array().into_iter().flatten() {
+                println!("  world: {}", line.as_str().unwrap_or(""));
+            }
             println!(
-                "UNFINISHED {} (phase {}): steps done {}; {}",
+                "UNFINISHED {} (phase {}{}): steps done {}; {}",
                 u["operation"].as_str().unwrap_or(""),
                 u["phase"].as_str().unwrap_or(""),
+                if u["source"] == "world" {
+                    ", rebuilt from the world"
+                } else {
+                    ""
+                },
                 u["steps_done"],
                 u["next"].as_str().unwrap_or("")
             );
@@ -351,7 +362,8 @@ fn print_status(s: &serde_json::Value) {
                 println!("  last error: {e}");
             }
         }
-        None => println!("no unfinished operation"),
+        None if s["unclear"].is_null() => println!("no unfinished operation"),
+        None => {}
     }
 }
 

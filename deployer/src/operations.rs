@@ -148,7 +148,7 @@ impl Deployer {
     /// Loads the unfinished operation for `--resume`, checking it is `op`.
     fn resumable(&self, op: Operation) -> Result<Journal> {
         let j = self
-            .unfinished()?
+            .unfinished_to_act_on()?
             .ok_or_else(|| anyhow!("there is no unfinished {} to resume", op.command()))?;
         if j.operation != op {
             bail!(
@@ -353,7 +353,7 @@ impl Deployer {
     pub fn rollback(&mut self, delegation_unchanged: bool) -> Result<()> {
         self.lock()?;
         let mut j = self
-            .unfinished()?
+            .unfinished_to_act_on()?
             .ok_or_else(|| anyhow!("there is no unfinished operation to roll back"))?;
         if j.phase == Phase::Forward {
             bail!(
@@ -504,14 +504,31 @@ impl Deployer {
             lbs.push(entry);
         }
         let journal = self.journal.load()?;
+        // The journal's, or rebuilt from the world (another host's operation, a lost state
+        // directory); a world that cannot be told is reported, not an error.
+        let (unfinished, unclear) = match self.unfinished_with_source() {
+            Ok(u) => (
+                u.map(|(j, saw)| {
+                    let mut v = UnfinishedView::from_journal(&j);
+                    if !saw.is_empty() {
+                        v.source = "world";
+                        v.saw = saw;
+                    }
+                    v
+                }),
+                None,
+            ),
+            Err(e) => match e.downcast::<crate::context::UnclearWorld>() {
+                Ok(u) => (None, Some(u.0)),
+                Err(e) => return Err(e),
+            },
+        };
         Ok(StatusView {
             deployment: self.cfg.deployment.clone(),
             instances: instances.iter().map(InstanceView::from).collect(),
             lbs,
-            unfinished: journal
-                .as_ref()
-                .filter(|j| j.state == JournalState::InProgress)
-                .map(UnfinishedView::from_journal),
+            unfinished,
+            unclear,
             last: journal.as_ref().map(|j| LastView {
                 operation: j.operation,
                 state: j.state,
@@ -539,7 +556,11 @@ impl Deployer {
             }
         }
         // An old-format journal must not stop a teardown: it is replaced below.
-        if let Ok(Some(mut j)) = self.unfinished() {
+        if let Ok(Some(mut j)) = self
+            .journal
+            .load()
+            .map(|j| j.filter(|j| j.state == JournalState::InProgress))
+        {
             j.state = JournalState::RolledBack;
             j.error = Some("deployment taken down".into());
             self.save(&j)?;
@@ -638,6 +659,7 @@ impl Deployer {
                 crate::provider::machines::MachinesProvider::new(
                     m,
                     &self.cfg.deployment,
+                    &self.cfg.registry_dir(),
                     &self.cfg.state_dir,
                 ),
             ),

@@ -17,6 +17,10 @@ pub struct StatusView {
     pub instances: Vec<InstanceView>,
     pub lbs: Vec<LbView>,
     pub unfinished: Option<UnfinishedView>,
+    /// An unfinished operation the world shows but whose state cannot be told safely (no
+    /// journal says, and the world is ambiguous): what was seen and the command that settles
+    /// it. Null otherwise.
+    pub unclear: Option<String>,
     /// The last recorded operation and how it ended.
     pub last: Option<LastView>,
 }
@@ -35,6 +39,9 @@ pub struct InstanceView {
     pub private_address: Option<String>,
     /// Its region, null where the provider has none.
     pub region: Option<String>,
+    /// The operation that created it (`roll started at ...`), null for instances of an older
+    /// deployer.
+    pub operation: Option<String>,
 }
 
 impl From<&Instance> for InstanceView {
@@ -49,6 +56,7 @@ impl From<&Instance> for InstanceView {
             metrics_port: i.metrics_port,
             private_address: i.private_address.map(|a| a.to_string()),
             region: i.region.clone(),
+            operation: i.operation.map(|m| m.to_string()),
         }
     }
 }
@@ -86,6 +94,11 @@ pub struct UnfinishedView {
     pub next: String,
     /// roll's canary (`lb`, `canary_state` and its details), null without one.
     pub canary: Option<CanaryRecord>,
+    /// `journal` (this state directory's record) or `world` (rebuilt from the instances and
+    /// the lbs: no journal here, or one the world contradicts).
+    pub source: &'static str,
+    /// What the world showed, when rebuilt from it.
+    pub saw: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -106,6 +119,8 @@ impl UnfinishedView {
             error: j.error.clone(),
             next: crate::context::next_command(j),
             canary: j.canary.clone(),
+            source: "journal",
+            saw: Vec::new(),
         }
     }
 }

@@ -32,11 +32,17 @@ pub enum ControlCommand {
     /// Generation, policy, per-backend state and counters.
     Status,
     /// Replace the whole backend set atomically. With `verify`, probe each new backend first
-    /// and swap only if all pass.
+    /// and swap only if all pass. With `if_generation`, swap only if the set in force is still
+    /// at that generation when the swap happens (compare-and-swap: a client that read the
+    /// generation, then decided, cannot overwrite a change made meanwhile by someone else);
+    /// otherwise refused with [`Refusal::GenerationMismatch`]. Absent from the wire when unset,
+    /// so requests without it still reach lbs that predate it.
     SetBackends {
         backends: Vec<String>,
         #[serde(default)]
         verify: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        if_generation: Option<u64>,
     },
     /// Stop sending new queries to one backend.
     Drain { backend: String },
@@ -98,6 +104,10 @@ pub enum Refusal {
     /// `[metrics]`, socket buffers...): the running config stays, and a restart applies the
     /// file. The Ansible role restarts lb.service on exactly this, never on an invalid file.
     RestartNeeded,
+    /// `set-backends --if-generation N` found the set in force at another generation than N:
+    /// someone changed it since the client read it. Nothing changed; the client reads the
+    /// status again before it decides anything.
+    GenerationMismatch,
 }
 
 /// The payload of a successful response.
@@ -270,14 +280,30 @@ mod tests {
             request: ControlCommand::SetBackends {
                 backends: vec!["127.0.0.1:53".into()],
                 verify: true,
+                if_generation: None,
             },
         };
         let s = serde_json::to_string(&r).unwrap();
+        // Without a generation the request is what lbs before `--if-generation` accept.
         assert_eq!(
             s,
             r#"{"version":1,"request":{"command":"set-backends","backends":["127.0.0.1:53"],"verify":true}}"#
         );
         assert_eq!(serde_json::from_str::<ControlRequest>(&s).unwrap(), r);
+        let cas = ControlRequest {
+            version: 1,
+            request: ControlCommand::SetBackends {
+                backends: vec!["127.0.0.1:53".into()],
+                verify: false,
+                if_generation: Some(7),
+            },
+        };
+        let s = serde_json::to_string(&cas).unwrap();
+        assert!(s.contains(r#""if_generation":7"#), "{s}");
+        assert_eq!(serde_json::from_str::<ControlRequest>(&s).unwrap(), cas);
+        let refused = ControlResponse::refused(Refusal::GenerationMismatch, "moved on");
+        let s = serde_json::to_string(&refused).unwrap();
+        assert!(s.contains(r#""refusal":"generation-mismatch""#), "{s}");
         let s = r#"{"version":1,"request":{"command":"status"}}"#;
         assert_eq!(
             serde_json::from_str::<ControlRequest>(s).unwrap().request,

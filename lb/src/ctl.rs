@@ -15,12 +15,17 @@ pub const EXIT_UNREACHABLE: u8 = 2;
 /// restart applies ([`Refusal::RestartNeeded`]): what a script restarts on, instead of matching
 /// the message. 3 is left unused, so that it cannot be mistaken for an older meaning.
 pub const EXIT_RESTART_NEEDED: u8 = 4;
+/// Exit code when `set-backends --if-generation N` was refused because the set in force is no
+/// longer at generation N ([`Refusal::GenerationMismatch`]): someone else changed it since the
+/// caller read it, and nothing was changed.
+pub const EXIT_GENERATION_MISMATCH: u8 = 5;
 
 /// The exit code for `lb`'s answer.
 pub fn exit_code(resp: &ControlResponse) -> u8 {
     match (resp.ok, resp.refusal) {
         (true, _) => 0,
         (false, Some(Refusal::RestartNeeded)) => EXIT_RESTART_NEEDED,
+        (false, Some(Refusal::GenerationMismatch)) => EXIT_GENERATION_MISMATCH,
         (false, None) => EXIT_REFUSED,
     }
 }
@@ -190,7 +195,20 @@ mod tests {
             exit_code(&ControlResponse::refused(Refusal::RestartNeeded, "restart")),
             EXIT_RESTART_NEEDED
         );
-        let codes = [0, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_RESTART_NEEDED];
+        assert_eq!(
+            exit_code(&ControlResponse::refused(
+                Refusal::GenerationMismatch,
+                "generation 4, not 3"
+            )),
+            EXIT_GENERATION_MISMATCH
+        );
+        let codes = [
+            0,
+            EXIT_REFUSED,
+            EXIT_UNREACHABLE,
+            EXIT_RESTART_NEEDED,
+            EXIT_GENERATION_MISMATCH,
+        ];
         let distinct: std::collections::BTreeSet<u8> = codes.into_iter().collect();
         assert_eq!(distinct.len(), codes.len());
     }

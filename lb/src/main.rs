@@ -69,6 +69,10 @@ enum CtlCommand {
         /// Probe every new backend first and swap only if all answer correctly.
         #[arg(long)]
         verify: bool,
+        /// Swap only if the set in force is still at generation N (as `status` reported it);
+        /// otherwise nothing changes and lb ctl exits 5.
+        #[arg(long, value_name = "N")]
+        if_generation: Option<u64>,
         /// IP:PORT (or a bare IP for port 53), one or more.
         #[arg(required = true)]
         backends: Vec<String>,
@@ -129,9 +133,15 @@ fn ctl(args: CtlArgs) -> ExitCode {
     };
     let command = match args.command {
         CtlCommand::Status => ControlCommand::Status,
-        CtlCommand::SetBackends { verify, backends } => {
-            ControlCommand::SetBackends { backends, verify }
-        }
+        CtlCommand::SetBackends {
+            verify,
+            if_generation,
+            backends,
+        } => ControlCommand::SetBackends {
+            backends,
+            verify,
+            if_generation,
+        },
         CtlCommand::Drain { backend } => ControlCommand::Drain { backend },
         CtlCommand::Undrain { backend } => ControlCommand::Undrain { backend },
         CtlCommand::Reload => ControlCommand::Reload,

@@ -157,6 +157,7 @@ fn set_backends_rejects_bad_lists() {
         lb::control_protocol::ControlCommand::SetBackends {
             backends: vec![],
             verify: false,
+            if_generation: None,
         },
         T,
     )
@@ -405,4 +406,66 @@ fn probe_runs_the_health_probe_from_the_lb_against_any_address() {
         "{err}"
     );
     assert_eq!(lb.status().generation, 1, "a probe changes nothing");
+}
+
+/// `set-backends --if-generation N`: a compare-and-swap on the generation. A client that read
+/// generation N and decides after someone else swapped is refused (exit 5, its own refusal
+/// kind), and the set in force stays; at the current generation it swaps as usual.
+#[test]
+fn if_generation_refuses_a_stale_swap_and_keeps_the_set() {
+    let a = Named::start(ZoneSpec::new(1, "a"));
+    let b = Named::start(ZoneSpec::new(2, "b"));
+    let c = Named::start(ZoneSpec::new(3, "c"));
+    let lb = Lb::start(&format!(
+        "{}{}",
+        lb_config(&[a.addr], "round-robin", ""),
+        health("\"example.test.\"")
+    ));
+    let read = lb.status().generation;
+    assert_eq!(read, 1);
+    // Someone else swaps first.
+    let (code, _, err) = lb.ctl(&["set-backends", &b.addr.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    // The stale client, verified or not, is refused at the generation it read.
+    for verify in [false, true] {
+        let mut args = vec!["set-backends", "--if-generation", "1"];
+        if verify {
+            args.push("--verify");
+        }
+        let c_addr = c.addr.to_string();
+        args.push(&c_addr);
+        let (code, _, err) = lb.ctl(&args);
+        assert_eq!(code, 5, "refused as a generation mismatch: {err}");
+        assert!(
+            err.contains("generation 2, not 1") && err.contains("current set stays"),
+            "{err}"
+        );
+    }
+    let (code, out, _) = lb.ctl(&[
+        "--json",
+        "set-backends",
+        "--if-generation",
+        "1",
+        &c.addr.to_string(),
+    ]);
+    assert_eq!(code, 5);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["refusal"], "generation-mismatch", "{v}");
+    let st = lb.status();
+    assert_eq!(st.generation, 2, "nothing changed");
+    assert_eq!(st.backends.len(), 1);
+    assert_eq!(st.backends[0].address, b.addr.to_string());
+    let m = udp_query(lb.udp(), "example.test.", RecordType::SOA, T).unwrap();
+    assert_eq!(soa_serial(&m), Some(2), "still served by the set in force");
+    // At the generation in force the swap goes through, verified.
+    let (code, out, err) = lb.ctl(&[
+        "set-backends",
+        "--verify",
+        "--if-generation",
+        "2",
+        &c.addr.to_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("generation 3"), "{out}");
 }

@@ -95,7 +95,7 @@ impl Deployment {
         };
         let text = format!(
             "deployment = \"{}\"\nstate_dir = \"{}/state\"\nansible_dir = \"{}/ansible\"\nlb_binary = \"{}\"\n\n\
-             [provider]\nkind = \"local\"\n\n\
+             [provider]\nkind = \"local\"\nregistry_dir = \"{}/world\"\n\n\
              [[nameservers]]\nname = \"ns1\"\n{}\n[[nameservers]]\nname = \"ns2\"\n{}\n\
              [zones]\nnames = [\"example.test\"]\n\n\
              [[lbs]]\nname = \"lb1\"\nfronts = [\"ns1\"]\n{}\n[[lbs]]\nname = \"lb2\"\nfronts = [\"ns2\"]\n{}\n\
@@ -104,6 +104,7 @@ impl Deployment {
             p.display(),
             p.display(),
             bin("lb").display(),
+            p.display(),
             vars(&self.ns_vars[0]),
             vars(&self.ns_vars[1]),
             vars(&self.lb_vars[0]),
@@ -249,14 +250,18 @@ impl Deployment {
             "every lb is back on the old set"
         );
         self.assert_serving(serial);
-        let dirs = std::fs::read_dir(self.dir.path().join("state/local"))
+        let dirs = std::fs::read_dir(self.dir.path().join("world"))
             .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .parse::<u64>()
+                    .is_ok()
+            })
             .count();
-        assert_eq!(
-            dirs,
-            before.len() + 1,
-            "no instance directory left behind (+ registry)"
-        );
+        assert_eq!(dirs, before.len(), "no instance directory left behind");
     }
 }
 
@@ -293,7 +298,7 @@ impl Drop for Deployment {
         let _ = self.run(&["down", "--yes"], &[]);
         // Whatever `down` could not delete (a deployer that still held the lock, a broken
         // registry): the instances' own processes, by their PID files.
-        let local = self.dir.path().join("state/local");
+        let local = self.dir.path().join("world");
         for dir in std::fs::read_dir(local).into_iter().flatten().flatten() {
             for pidfile in ["named.pid", "lb.pid"] {
                 let pid = std::fs::read_to_string(dir.path().join(pidfile))
@@ -1009,7 +1014,7 @@ fn window_verify_compares_each_lbs_live_set_with_the_plan() {
     let lb1_socket = d
         .dir
         .path()
-        .join("state/local")
+        .join("world")
         .join(
             before
                 .iter()
@@ -1126,7 +1131,7 @@ fn a_refused_flip_back_stops_before_anything_is_deleted() {
     let (code, _, err) = d.run(&["roll"], &[("DEPLOYER_CRASH_AT", "verify:before")]);
     assert_eq!(code, -1, "{err}");
     assert_ne!(d.lb_backends(), old, "the lbs were flipped");
-    let lb1_dir = d.dir.path().join("state/local").join(
+    let lb1_dir = d.dir.path().join("world").join(
         before
             .iter()
             .find(|(l, _)| l == "lb1")
@@ -1645,4 +1650,122 @@ fn content_is_checked_and_diffed_not_just_the_serial() {
     );
     d.assert_rolled_back(&before, &backends, new_serial);
     assert!(bumped > new_serial);
+}
+
+/// The lease (issue #27): two deployers of one deployment with different state directories
+/// (two hosts' worth: the flock of each state directory does not see the other) share the
+/// local provider's registry directory, and the lease there keeps them to one at a time. The
+/// second refuses naming the holder; a stopped holder's lease expires and is taken over (the
+/// taker rebuilds the roll from the world, having no journal of its own, and rolls it back);
+/// the stale holder's next write is refused; a killed holder's lease is taken over at once
+/// (its liveness file is unlocked).
+#[test]
+fn a_lease_keeps_one_deployer_across_state_dirs() {
+    let mut d = Deployment::new("dep-lease");
+    d.extra = "\n[lease]\nttl_secs = 3\nclock_skew_secs = 0\n".into();
+    d.write_config();
+    d.ok(&["up"]);
+    let before = d.instances();
+    let text = std::fs::read_to_string(&d.cfg).unwrap();
+    let other_cfg = d.dir.path().join("deployer-other.toml");
+    let p = d.dir.path().display().to_string();
+    std::fs::write(
+        &other_cfg,
+        text.replace(&format!("{p}/state\""), &format!("{p}/state-other\"")),
+    )
+    .unwrap();
+    let other = |args: &[&str]| {
+        let out = Command::new(bin("deployer"))
+            .arg("-c")
+            .arg(&other_cfg)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let spawn_paused = |secs: &str| {
+        let mut child = Running::spawn(
+            d.command(&["roll"])
+                .env("DEPLOYER_PAUSE_AFTER", "create")
+                .env("DEPLOYER_PAUSE_SECS", secs)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
+        let stdout = child.child().stdout.take().unwrap();
+        let mut seen = false;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("pausing after create") {
+                seen = true;
+                break;
+            }
+        }
+        assert!(seen, "the first deployer reached its pause");
+        child
+    };
+    d.bump_serial();
+    let mut holder = spawn_paused("12");
+    let pid = holder.pid() as i32;
+    for args in [&["roll"][..], &["rollback"], &["roll", "--resume"]] {
+        let (code, _, err) = other(args);
+        assert_eq!(code, 1, "{args:?} must refuse: {err}");
+        assert!(
+            err.contains("holds the lease") && err.contains(&format!("PID {pid}")),
+            "{args:?} names the holder: {err}"
+        );
+    }
+    // The other deployer sees the roll from the world, with no journal of its own.
+    let (code, out, _) = other(&["--json", "status"]);
+    assert_eq!(code, 0);
+    let st: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st["unfinished"]["source"], "world", "{st}");
+    assert_eq!(st["unfinished"]["operation"], "roll");
+
+    // The holder stops (a suspended laptop): its lease expires, and the other takes over.
+    // SAFETY: kill(2) on the deployer this test started; no memory is involved.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(4));
+    let (code, out, err) = other(&["rollback"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("took over the lease"), "{out}");
+    eprintln!("takeover rollback:\n{out}\n{err}");
+    assert!(out.contains("rebuilt from the world"), "{out}");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let out = holder.wait_with_output();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the stale holder stops: {err}");
+    assert!(err.contains("lease") && err.contains("was lost"), "{err}");
+    assert!(assert_complete_old(&d, &before));
+
+    // A holder killed outright: its lease is taken over at once (no waiting for expiry).
+    let mut killed = spawn_paused("60");
+    let _ = killed.child().kill();
+    let _ = killed.child().wait();
+    let t = Instant::now();
+    let (code, out, err) = other(&["rollback"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("its process on this host is gone"), "{out}");
+    assert!(t.elapsed() < Duration::from_secs(30));
+    assert!(assert_complete_old(&d, &before));
+}
+
+/// After a rollback from another state directory: the old set, complete (the zone file goes
+/// back to the serial the old set serves).
+fn assert_complete_old(d: &Deployment, before: &[(String, u64)]) -> bool {
+    let serial = d.serial();
+    let text = std::fs::read_to_string(d.zone()).unwrap();
+    std::fs::write(
+        d.zone(),
+        text.replace(&serial.to_string(), &(serial - 1).to_string()),
+    )
+    .unwrap();
+    let old = assert_complete(d, before);
+    std::fs::write(d.zone(), text).unwrap();
+    old
 }

@@ -44,6 +44,7 @@ fn spec(label: &str) -> InstanceSpec {
         instance_type: None,
         image: None,
         vlan: None,
+        operation: None,
     }
 }
 
@@ -449,6 +450,7 @@ fn vlan_spec(label: &str, role: Role, address: [u8; 4]) -> InstanceSpec {
             address: address.into(),
             prefix_len: 24,
         }),
+        operation: None,
     }
 }
 
@@ -671,6 +673,7 @@ fn the_network_preflight_refuses_before_anything_is_created() {
         instance_type: None,
         image: None,
         vlan: None,
+        operation: None,
     };
     d.provider.create(&plain).unwrap();
     let existing = d.provider.list().unwrap();
@@ -787,7 +790,7 @@ fn over_ssh_only_an_answer_from_lb_is_a_refusal() {
     let c = ctl(&relay, &lb.socket());
     assert_eq!(c.status(t).unwrap().backends.len(), 1);
     let e = c
-        .set_backends(&["not-an-address".into()], false, t)
+        .set_backends(&["not-an-address".into()], false, None, t)
         .unwrap_err();
     assert!(matches!(e, CtlError::Refused(_)), "{e:?}");
     // ssh itself fails (exit 255): no answer.
@@ -956,4 +959,119 @@ fn ssh_is_not_given_the_linode_token() {
         "{env}"
     );
     assert!(!env.contains("hunter2"), "{env}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The lease (issue #27): one deployer per deployment across hosts, held as a Linode tag
+// (`POST /tags`, found with `GET /tags`, released with `DELETE /tags/{label}`), every request
+// and response held to the spec like the instance endpoints.
+
+fn tag_leases(fake: &FakeLinode) -> std::sync::Arc<dyn deployer::lease::LeaseStore> {
+    std::sync::Arc::new(deployer::provider::linode::LinodeTagLeases::new(
+        std::sync::Arc::new(client(fake)),
+    ))
+}
+
+fn lease_times(ttl: u64) -> deployer::lease::LeaseTimes {
+    deployer::lease::LeaseTimes {
+        ttl: Duration::from_secs(ttl),
+        clock_skew: Duration::from_secs(0),
+    }
+}
+
+#[test]
+fn a_lease_tag_keeps_one_deployer_expires_and_is_taken_over() {
+    use deployer::lease::{deployment_hash, Lease, LeaseError, LeaseName};
+    let fake = FakeLinode::start(TOKEN);
+    // Tags of other uses (and an instance's) are listed too, over several pages.
+    fake.state.lock().unwrap().max_page_size = 25;
+    fake.seed("web1", &["deployer-other", "role-lb"]);
+    for k in 0..40 {
+        fake.state
+            .lock()
+            .unwrap()
+            .tags
+            .insert(format!("team-{k:02}"));
+    }
+    // Two deployers of deployment `demo`, each with its own client (different hosts).
+    let first = Lease::acquire(tag_leases(&fake), "demo", lease_times(60)).unwrap();
+    first.check().unwrap();
+    assert!(fake.state.lock().unwrap().tags.contains(&first.name()));
+    let e = Lease::acquire(tag_leases(&fake), "demo", lease_times(60)).unwrap_err();
+    assert!(matches!(e, LeaseError::Held { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!("PID {}", std::process::id())) && msg.contains("Linode tag"),
+        "the refusal names the holder: {msg}"
+    );
+    assert!(
+        fake.count("GET", "/v4/tags?page=2") > 0,
+        "every page of tags is read"
+    );
+    // The loser withdrew its own tag: only the holder's is left.
+    let leases: Vec<String> = fake
+        .state
+        .lock()
+        .unwrap()
+        .tags
+        .iter()
+        .filter(|t| t.starts_with("dlease_"))
+        .cloned()
+        .collect();
+    assert_eq!(leases, vec![first.name()]);
+    // Another deployment's lease is another lease.
+    drop(Lease::acquire(tag_leases(&fake), "other", lease_times(60)).unwrap());
+    drop(first);
+    assert!(
+        !fake
+            .state
+            .lock()
+            .unwrap()
+            .tags
+            .iter()
+            .any(|t| t.starts_with("dlease_")),
+        "released on exit"
+    );
+
+    // A holder on another host died: its tag stays until it expires, then is taken over.
+    let dead = LeaseName {
+        deployment_hash: deployment_hash("demo"),
+        expires_unix: deployer::lease::now_unix() + 2,
+        nonce: "deadbeef".into(),
+        holder: "ci-runner-7-4242".into(),
+    }
+    .encode();
+    client(&fake).create_tag(&dead).unwrap();
+    let e = Lease::acquire(tag_leases(&fake), "demo", lease_times(60)).unwrap_err();
+    assert!(e.to_string().contains("PID 4242"), "{e}");
+    std::thread::sleep(Duration::from_millis(3100));
+    let taker = Lease::acquire(tag_leases(&fake), "demo", lease_times(3)).unwrap();
+    assert_eq!(taker.took_over.len(), 1, "{:?}", taker.took_over);
+    assert!(
+        taker.took_over[0].contains("expired"),
+        "{:?}",
+        taker.took_over
+    );
+    assert!(!fake.state.lock().unwrap().tags.contains(&dead));
+    // It renews (every third of its 3 s): still held well past its first expiry.
+    let name = taker.name();
+    std::thread::sleep(Duration::from_millis(3500));
+    taker.check().unwrap();
+    assert_ne!(taker.name(), name, "renewed under a new expiry");
+
+    // A stale holder: another deployer took its lease for expired and deleted it. Its next
+    // renewal finds out, and every write it would make is refused from then on.
+    client(&fake).delete_tag(&taker.name()).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let e = taker.check().unwrap_err().to_string();
+    assert!(e.contains("was lost") && e.contains("deleted"), "{e}");
+    let st = fake.state.lock().unwrap();
+    assert!(
+        st.responses_checked > 10,
+        "responses checked against the spec"
+    );
+    assert!(st
+        .log
+        .iter()
+        .any(|(m, p, f)| m == "POST" && p == "/v4/tags" && f.is_none()));
 }

@@ -88,7 +88,7 @@ impl Machines {
             run_dir: dir.path().join("run"),
         };
         Machines {
-            provider: MachinesProvider::new(&cfg, name, dir.path()),
+            provider: MachinesProvider::new(&cfg, name, &dir.path().join("machines"), dir.path()),
             name: name.to_string(),
             dir,
         }

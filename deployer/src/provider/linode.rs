@@ -268,6 +268,24 @@ pub struct LinodeRegion {
     pub capabilities: Vec<String>,
 }
 
+/// One page of `GET /tags`.
+#[derive(Debug, Deserialize)]
+struct TagPage {
+    data: Vec<TagItem>,
+    #[serde(default)]
+    page: u32,
+    #[serde(default)]
+    pages: u32,
+}
+
+#[derive(Debug, Deserialize)]
+struct TagItem {
+    label: String,
+}
+
+/// Linode's bounds for a tag's label (`POST /tags`: `minLength` 3, `maxLength` 50).
+pub const TAG_LABEL_LEN: std::ops::RangeInclusive<usize> = 3..=50;
+
 #[derive(Debug, Deserialize)]
 struct Page {
     data: Vec<LinodeInstance>,
@@ -586,6 +604,75 @@ impl LinodeClient {
         }
     }
 
+    /// Every tag on the account (`GET /tags`, every page). Tags have no filterable field, so
+    /// the caller filters.
+    pub fn list_tags(&self) -> Result<Vec<String>, LinodeError> {
+        let mut out = Vec::new();
+        let mut page = 1;
+        loop {
+            let v = self.request(
+                Method::GET,
+                "/tags",
+                &[
+                    ("page", page.to_string()),
+                    ("page_size", PAGE_SIZE.to_string()),
+                ],
+                None,
+                None,
+                Retry::Safe,
+            )?;
+            let p: TagPage = parse(v, "GET", "/tags")?;
+            out.extend(p.data.into_iter().map(|t| t.label));
+            if p.pages <= p.page.max(page) || page >= 1000 {
+                return Ok(out);
+            }
+            page += 1;
+        }
+    }
+
+    /// `POST /tags` with a label only (no objects tagged). Retried like a read: creating a
+    /// tag that exists already is harmless to the lease (its name is unique to its holder).
+    pub fn create_tag(&self, label: &str) -> Result<(), LinodeError> {
+        if !TAG_LABEL_LEN.contains(&label.len()) {
+            return Err(LinodeError::Invalid {
+                method: "POST".into(),
+                path: "/tags".into(),
+                field: "label".into(),
+                message: format!("`{label}` must be 3-50 characters"),
+            });
+        }
+        self.request(
+            Method::POST,
+            "/tags",
+            &[],
+            None,
+            Some(&json!({ "label": label })),
+            Retry::Safe,
+        )?;
+        Ok(())
+    }
+
+    /// `DELETE /tags/{label}`; a 404 (already gone) is success.
+    pub fn delete_tag(&self, label: &str) -> Result<(), LinodeError> {
+        if label.is_empty()
+            || !label
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        {
+            return Err(LinodeError::Invalid {
+                method: "DELETE".into(),
+                path: "/tags/{tagLabel}".into(),
+                field: "tagLabel".into(),
+                message: format!("`{label}` is not a tag this client deletes"),
+            });
+        }
+        let path = format!("/tags/{label}");
+        match self.request(Method::DELETE, &path, &[], None, None, Retry::Safe) {
+            Ok(_) | Err(LinodeError::Api { status: 404, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn update_label(&self, id: u64, label: &str) -> Result<(), LinodeError> {
         let path = format!("/linode/instances/{id}");
         if let Some(message) = label_error(label) {
@@ -656,9 +743,47 @@ fn error_message(resp: Response) -> String {
     }
 }
 
+/// The deployment's lease as Linode tags (`POST /tags`, `GET /tags`, `DELETE /tags/{label}`),
+/// seen by every deployer with a token for the account ([`crate::lease`]).
+pub struct LinodeTagLeases {
+    client: std::sync::Arc<LinodeClient>,
+}
+
+impl LinodeTagLeases {
+    pub fn new(client: std::sync::Arc<LinodeClient>) -> LinodeTagLeases {
+        LinodeTagLeases { client }
+    }
+}
+
+impl crate::lease::LeaseStore for LinodeTagLeases {
+    fn list(&self) -> Result<Vec<String>, String> {
+        Ok(self
+            .client
+            .list_tags()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|t| t.starts_with(crate::lease::PREFIX))
+            .collect())
+    }
+    fn create(&self, name: &str) -> Result<(), String> {
+        self.client.create_tag(name).map_err(|e| e.to_string())
+    }
+    fn delete(&self, name: &str) -> Result<(), String> {
+        self.client.delete_tag(name).map_err(|e| e.to_string())
+    }
+    /// The host's temporary directory: a holder's liveness file there tells a deployer on the
+    /// same host (with the same `TMPDIR`) that the holder died.
+    fn liveness_dir(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join("lb-deployer-leases")
+    }
+    fn describe(&self) -> String {
+        "a Linode tag".into()
+    }
+}
+
 /// Instances as Linode VMs.
 pub struct LinodeProvider {
-    client: LinodeClient,
+    client: std::sync::Arc<LinodeClient>,
     cfg: LinodeConfig,
     tag: String,
     known_hosts: std::path::PathBuf,
@@ -672,7 +797,7 @@ impl LinodeProvider {
         state_dir: &Path,
     ) -> LinodeProvider {
         LinodeProvider {
-            client,
+            client: std::sync::Arc::new(client),
             cfg,
             tag,
             known_hosts: state_dir.join("known_hosts"),
@@ -707,6 +832,10 @@ impl LinodeProvider {
             dir: None,
             private_address,
             region: Some(li.region).filter(|r| !r.is_empty()),
+            operation: li
+                .tags
+                .iter()
+                .find_map(|t| super::OperationMark::from_tag(t)),
         }
     }
 }
@@ -784,6 +913,7 @@ impl Provider for LinodeProvider {
             Role::Nameserver => "role-nameserver",
         };
         let mut tags = vec![self.tag.clone(), role_tag.to_string()];
+        tags.extend(spec.operation.map(|m| m.tag()));
         // eth0 public (the default route, reachable from the internet), eth1 on the VLAN.
         let interfaces = spec.vlan.as_ref().map(|v| {
             tags.push(format!("{IPAM_TAG_PREFIX}{}", v.address));
@@ -888,6 +1018,10 @@ impl Provider for LinodeProvider {
             known_hosts: self.known_hosts.clone(),
             identity: None,
         })
+    }
+
+    fn lease_store(&self) -> std::sync::Arc<dyn crate::lease::LeaseStore> {
+        std::sync::Arc::new(LinodeTagLeases::new(std::sync::Arc::clone(&self.client)))
     }
 
     fn vlan_support(&self, region: &str) -> Result<VlanSupport, ProviderError> {

@@ -1,7 +1,8 @@
 //! The local provider: instances are real processes on 127.0.0.1, one port per instance.
 //!
-//! An instance is a directory under `STATE_DIR/local/` plus an entry in a registry file
-//! (written atomically). A nameserver instance runs `named` and an lb instance runs `lb`, both
+//! An instance is a directory under the registry directory (`[provider] registry_dir`, shared
+//! by every deployer of the deployment on this host, apart from any state directory) plus an
+//! entry in its registry file (written atomically). A nameserver instance runs `named` and an lb instance runs `lb`, both
 //! started by the same Ansible roles as on Linode (in their `local` mode). BIND listens only on
 //! addresses configured on an interface, so instead of adding addresses to `lo` each instance
 //! gets its own port: no root and no interface changes are needed. Nameservers listen on
@@ -33,9 +34,9 @@ pub struct LocalProvider {
 }
 
 impl LocalProvider {
-    pub fn new(state_dir: &Path, lb_binary: &Path) -> LocalProvider {
+    pub fn new(registry_dir: &Path, lb_binary: &Path) -> LocalProvider {
         LocalProvider {
-            root: state_dir.join("local"),
+            root: registry_dir.to_path_buf(),
             lb_binary: lb_binary.to_path_buf(),
         }
     }
@@ -167,6 +168,7 @@ impl Provider for LocalProvider {
             dir: Some(dir),
             private_address: None,
             region: None,
+            operation: spec.operation,
         };
         r.instances.push(inst.clone());
         self.save(&r)?;
@@ -257,6 +259,12 @@ impl Provider for LocalProvider {
         LbControl::Local {
             socket: inst.dir.clone().unwrap_or_default().join("control.sock"),
         }
+    }
+
+    fn lease_store(&self) -> std::sync::Arc<dyn crate::lease::LeaseStore> {
+        std::sync::Arc::new(crate::lease::FileLeaseStore {
+            dir: self.root.join("leases"),
+        })
     }
 
     /// Every local instance is a process on 127.0.0.1: loopback is its private network.

@@ -55,6 +55,9 @@ pub struct MachineRecord {
     pub dir: PathBuf,
     /// Host ends of the machine's veths.
     pub veths: Vec<String>,
+    /// The operation that created it (see [`super::OperationMark`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<super::OperationMark>,
 }
 
 impl MachineRecord {
@@ -73,6 +76,7 @@ impl MachineRecord {
             dir: Some(self.dir.clone()),
             private_address: self.private_address.map(IpAddr::V4),
             region: None,
+            operation: self.operation,
         }
     }
 }
@@ -104,7 +108,9 @@ pub struct MachineView {
 pub struct MachinesProvider {
     cfg: MachinesConfig,
     deployment: String,
-    /// `STATE_DIR/machines`: the registry, the instances' overlays, the SSH key.
+    /// The registry directory (`[provider] registry_dir`): the registry, the instances'
+    /// overlays, the SSH key and the lease, shared by every deployer of the deployment on this
+    /// host.
     root: PathBuf,
     known_hosts: PathBuf,
 }
@@ -241,11 +247,16 @@ fn machine_memory(leader: u32) -> u64 {
 }
 
 impl MachinesProvider {
-    pub fn new(cfg: &MachinesConfig, deployment: &str, state_dir: &Path) -> MachinesProvider {
+    pub fn new(
+        cfg: &MachinesConfig,
+        deployment: &str,
+        registry_dir: &Path,
+        state_dir: &Path,
+    ) -> MachinesProvider {
         MachinesProvider {
             cfg: cfg.clone(),
             deployment: deployment.to_string(),
-            root: state_dir.join("machines"),
+            root: registry_dir.to_path_buf(),
             known_hosts: state_dir.join("known_hosts"),
         }
     }
@@ -398,6 +409,7 @@ impl MachinesProvider {
         label: &str,
         role: Option<Role>,
         vlan: Option<(Ipv4Addr, u8)>,
+        operation: Option<super::OperationMark>,
     ) -> Result<MachineRecord, ProviderError> {
         self.check_image()?;
         let public_key = self.ensure_ssh_key()?;
@@ -433,6 +445,7 @@ impl MachinesProvider {
             } else {
                 vec![veths[0].clone()]
             },
+            operation,
         };
         r.machines.push(rec.clone());
         self.save(&r)?;
@@ -672,7 +685,7 @@ impl MachinesProvider {
         label: &str,
         timeout: Duration,
     ) -> Result<MachineView, ProviderError> {
-        let rec = self.create_machine(label, None, None)?;
+        let rec = self.create_machine(label, None, None, None)?;
         let target = self.target_of(rec.address);
         crate::ssh::wait_ready(&target, timeout, |_, _| {}).map_err(io_err)?;
         Ok(self.view(&rec))
@@ -784,7 +797,7 @@ fn tail(path: &Path, n: usize) -> String {
 impl Provider for MachinesProvider {
     fn create(&self, spec: &InstanceSpec) -> Result<Instance, ProviderError> {
         let vlan = spec.vlan.as_ref().map(|v| (v.address, v.prefix_len));
-        let rec = self.create_machine(&spec.label, Some(spec.role), vlan)?;
+        let rec = self.create_machine(&spec.label, Some(spec.role), vlan, spec.operation)?;
         Ok(rec.instance(spec.role, self.status_of(&rec)))
     }
 
@@ -874,6 +887,12 @@ impl Provider for MachinesProvider {
 
     fn teardown(&self) -> Result<(), ProviderError> {
         self.teardown_all()
+    }
+
+    fn lease_store(&self) -> std::sync::Arc<dyn crate::lease::LeaseStore> {
+        std::sync::Arc::new(crate::lease::FileLeaseStore {
+            dir: self.root.join("leases"),
+        })
     }
 }
 

@@ -31,6 +31,57 @@ pub struct InstanceSpec {
     pub image: Option<String>,
     /// A VLAN interface to attach, besides the public one.
     pub vlan: Option<VlanAttachment>,
+    /// The operation creating it ([`OperationMark`]), kept with the instance (a Linode tag,
+    /// a registry field) so that any deployer can tell which operation it belongs to.
+    pub operation: Option<OperationMark>,
+}
+
+/// Which operation created an instance: its command and its start time (UNIX seconds, the
+/// journal's `started_unix`). On Linode a tag `op-roll-1765000000`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationMark {
+    pub operation: crate::steps::Operation,
+    pub started_unix: u64,
+}
+
+impl OperationMark {
+    /// The tag prefix on Linode.
+    pub const TAG_PREFIX: &'static str = "op-";
+
+    pub fn tag(&self) -> String {
+        format!(
+            "{}{}-{}",
+            Self::TAG_PREFIX,
+            self.operation.command(),
+            self.started_unix
+        )
+    }
+
+    pub fn from_tag(tag: &str) -> Option<OperationMark> {
+        let (op, t) = tag.strip_prefix(Self::TAG_PREFIX)?.rsplit_once('-')?;
+        let operation = [
+            crate::steps::Operation::Up,
+            crate::steps::Operation::Roll,
+            crate::steps::Operation::RollLb,
+        ]
+        .into_iter()
+        .find(|o| o.command() == op)?;
+        Some(OperationMark {
+            operation,
+            started_unix: t.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for OperationMark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} started at {} (UNIX seconds)",
+            self.operation.command(),
+            self.started_unix
+        )
+    }
 }
 
 /// An instance's place on the deployment's VLAN.
@@ -85,6 +136,9 @@ pub struct Instance {
     /// The region it runs in, where the provider has regions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    /// The operation that created it (none for instances of an older deployer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<OperationMark>,
 }
 
 impl Instance {
@@ -179,4 +233,7 @@ pub trait Provider {
     fn teardown(&self) -> Result<(), ProviderError> {
         Ok(())
     }
+    /// Where the deployment's lease is kept, seen by every deployer of the deployment
+    /// ([`crate::lease`]).
+    fn lease_store(&self) -> std::sync::Arc<dyn crate::lease::LeaseStore>;
 }

@@ -254,13 +254,22 @@ impl ControlContext {
         let mut refusal = None;
         let r = match cmd {
             ControlCommand::Status => Ok(ControlResult::Status(self.status())),
-            ControlCommand::SetBackends { backends, verify } => {
-                let r = self.set_backends(&backends, verify).await;
+            ControlCommand::SetBackends {
+                backends,
+                verify,
+                if_generation,
+            } => {
+                let r = self.set_backends(&backends, verify, if_generation).await;
                 // Successes are counted by the swap itself (reloads swap too).
                 if r.is_err() {
                     self.shared.stats.swaps.failed();
                 }
-                r
+                r.map_err(|e| {
+                    if let SwapRefusal::GenerationMismatch(_) = e {
+                        refusal = Some(Refusal::GenerationMismatch);
+                    }
+                    e.to_string()
+                })
             }
             ControlCommand::Drain { backend } => self.set_drain(&backend, true),
             ControlCommand::Undrain { backend } => self.set_drain(&backend, false),
@@ -334,20 +343,55 @@ impl ControlContext {
         }
     }
 
-    async fn set_backends(&self, list: &[String], verify: bool) -> Result<ControlResult, String> {
+    /// `set-backends`. With `if_generation`, the generation is compared twice: before the
+    /// verification (so a stale request costs no probes) and again under the writers' lock,
+    /// at the swap itself, so that nothing that lands while the probes run can be overwritten.
+    async fn set_backends(
+        &self,
+        list: &[String],
+        verify: bool,
+        if_generation: Option<u64>,
+    ) -> Result<ControlResult, SwapRefusal> {
         let mut addrs = Vec::with_capacity(list.len());
         for s in list {
-            addrs.push(s.parse::<BackendAddr>()?);
+            addrs.push(s.parse::<BackendAddr>().map_err(SwapRefusal::Other)?);
         }
-        check_backend_list(&addrs)?;
+        check_backend_list(&addrs).map_err(SwapRefusal::Other)?;
+        let mismatch = |current: u64| {
+            SwapRefusal::GenerationMismatch(format!(
+                "refused, the current set stays: the set in force is at generation {current}, not {} (--if-generation): it changed since it was read; read `lb ctl status` again",
+                if_generation.unwrap_or_default()
+            ))
+        };
+        if let Some(n) = if_generation {
+            let current = self.shared.current().generation;
+            if current != n {
+                return Err(mismatch(current));
+            }
+        }
         let cfg = self.config();
         if verify {
-            self.verify(&cfg, &addrs).await?;
+            self.verify(&cfg, &addrs)
+                .await
+                .map_err(SwapRefusal::Other)?;
         }
+        // Set under the writers' lock by the closure when the generation moved meanwhile.
+        let mut moved = None;
         let generation = self
             .shared
-            .replace(Some(&addrs), None, verify, |p| self.save(&cfg, p))
-            .map_err(|e| format!("refused, the current set stays: {e}"))?;
+            .replace(Some(&addrs), None, verify, |p| {
+                // `p.generation` is the one the swap would give: the current one plus one.
+                let current = p.generation - 1;
+                if if_generation.is_some_and(|n| n != current) {
+                    moved = Some(current);
+                    return Err("generation moved".into());
+                }
+                self.save(&cfg, p)
+            })
+            .map_err(|e| match moved {
+                Some(current) => mismatch(current),
+                None => SwapRefusal::Other(format!("refused, the current set stays: {e}")),
+            })?;
         if let Some(c) = &self.shared.cache {
             c.count_flush(FlushReason::Swap);
         }
@@ -630,6 +674,16 @@ impl ControlContext {
     }
 }
 
+/// Why `set-backends` was refused: the generation check apart, since the client acts on it
+/// ([`Refusal::GenerationMismatch`]).
+#[derive(Debug, thiserror::Error)]
+enum SwapRefusal {
+    #[error("{0}")]
+    GenerationMismatch(String),
+    #[error("{0}")]
+    Other(String),
+}
+
 fn join(addrs: &[BackendAddr]) -> String {
     addrs
         .iter()
@@ -651,6 +705,61 @@ async fn futures_join<T: Send + 'static>(handles: Vec<tokio::task::JoinHandle<T>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `set-backends --if-generation N` swaps only at generation N; at any other it is refused
+    /// with its own kind, and the set in force stays.
+    #[test]
+    fn a_swap_at_another_generation_is_refused_and_changes_nothing() {
+        let text = "[listen]\nudp = [\"127.0.0.1:5353\"]\ntcp = [\"127.0.0.1:5353\"]\n[backends]\nservers = [\"127.0.0.1:5301\"]\n";
+        let cfg = LbConfig::parse(text, Path::new("lb.toml")).unwrap();
+        let params = SetParams::from_config(&cfg);
+        let shared = Arc::new(Shared::new(params, &cfg.backends.servers, 1, 64));
+        let ctx = ControlContext::new(
+            Arc::clone(&shared),
+            PathBuf::from("lb.toml"),
+            cfg,
+            Arc::new(Lifecycle::default()),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let swap = |backend: &str, if_generation| {
+            rt.block_on(ctx.handle(
+                ControlCommand::SetBackends {
+                    backends: vec![backend.into()],
+                    verify: false,
+                    if_generation,
+                },
+                Caller::PROCESS,
+            ))
+        };
+        let ok = swap("127.0.0.1:5302", Some(1));
+        assert!(ok.ok, "{ok:?}");
+        assert_eq!(shared.current().generation, 2);
+        // A client that read generation 1 before that swap is refused: nothing changes.
+        let stale = swap("127.0.0.1:5303", Some(1));
+        assert!(!stale.ok);
+        assert_eq!(stale.refusal, Some(Refusal::GenerationMismatch));
+        let msg = stale.error.unwrap();
+        assert!(
+            msg.contains("generation 2, not 1") && msg.contains("current set stays"),
+            "{msg}"
+        );
+        assert_eq!(
+            swap("127.0.0.1:5303", Some(9)).refusal,
+            Some(Refusal::GenerationMismatch)
+        );
+        let now = shared.current();
+        assert_eq!(now.generation, 2);
+        assert_eq!(now.addrs(), vec!["127.0.0.1:5302".parse().unwrap()]);
+        // Without the condition, as before.
+        assert!(swap("127.0.0.1:5303", None).ok);
+        assert_eq!(shared.current().generation, 3);
+        // Other refusals keep no kind.
+        let bad = swap("not-an-address", Some(3));
+        assert!(!bad.ok && bad.refusal.is_none(), "{bad:?}");
+    }
 
     #[test]
     fn only_root_may_upgrade_to_a_binary_of_its_choice() {

@@ -127,7 +127,21 @@ fn ci_cases() -> Vec<Case> {
     ]
 }
 
+/// What is done between the first run and the second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Between {
+    /// Nothing: the second run finds the journal the first left.
+    Nothing,
+    /// The state directory is deleted (a lost laptop or CI runner): the second run rebuilds
+    /// where the roll stands from the world, and resumes or rolls back as that allows.
+    DeleteStateDir,
+}
+
 fn run_case(d: &Deployment, case: &Case) -> Row {
+    run_case_with(d, case, Between::Nothing)
+}
+
+fn run_case_with(d: &Deployment, case: &Case, between: Between) -> Row {
     let t = Instant::now();
     let before = d.instances();
     let zone_text = std::fs::read_to_string(d.zone()).unwrap();
@@ -177,6 +191,35 @@ fn run_case(d: &Deployment, case: &Case) -> Row {
             assert_eq!(code, if *fail_verify { 1 } else { 0 }, "{out}\n{err}");
         }
     }
+    let mut then = then;
+    if between == Between::DeleteStateDir {
+        std::fs::remove_dir_all(d.dir.path().join("state")).unwrap();
+        let st = d.status();
+        let u = &st["unfinished"];
+        assert!(st["unclear"].is_null(), "{}: {st}", case.name());
+        if u.is_null() {
+            // Nothing the world shows is unfinished (e.g. every instance renamed).
+            then = None;
+        } else {
+            assert_eq!(
+                u["source"],
+                "world",
+                "{}: rebuilt from the world: {u}",
+                case.name()
+            );
+            assert_eq!(u["operation"], "roll", "{u}");
+            // Past the point of no return only going forward is offered.
+            if u["phase"] == "forward" {
+                then = Some(&["roll", "--resume"][..]);
+            }
+            eprintln!(
+                "state dir deleted after {}: rebuilt phase {}, steps done {}",
+                case.name(),
+                u["phase"],
+                u["steps_done"]
+            );
+        }
+    }
     if let Some(args) = then {
         let (code, out, err) = d.run(args, &[]);
         assert_eq!(
@@ -188,7 +231,19 @@ fn run_case(d: &Deployment, case: &Case) -> Row {
         );
     }
     let st = d.status();
-    let rolled_back = st["last"]["state"] == "rolled-back";
+    let rolled_back = if st["last"].is_null() {
+        // No journal (the state directory was deleted and nothing was left to finish): the
+        // world says which set serves, by the nameservers' ids.
+        let ns = |v: &[(String, u64)]| -> Vec<u64> {
+            v.iter()
+                .filter(|(l, _)| l.starts_with("ns"))
+                .map(|(_, id)| *id)
+                .collect()
+        };
+        ns(&d.instances()) == ns(&before)
+    } else {
+        st["last"]["state"] == "rolled-back"
+    };
     if rolled_back {
         // The old set serves the old serial: the zone file goes back to it.
         std::fs::write(d.zone(), zone_text).unwrap();
@@ -217,6 +272,32 @@ fn run_case(d: &Deployment, case: &Case) -> Row {
         sent,
         lost,
         secs: t.elapsed().as_secs_f64(),
+    }
+}
+
+/// Issue #27: the state directory is deleted at every phase of the CI subset (every crash point
+/// with `CRASH_MATRIX=full`; after the crash: lost replies do not stop the roll) and a fresh one
+/// finishes: `deployer status` rebuilds where
+/// the roll stands from the instances (their operation marks) and the lbs' live sets, then
+/// `roll --resume` or `rollback` (as the rebuilt phase allows) ends on a complete set, with no
+/// query lost and nothing left over.
+#[test]
+fn a_deleted_state_dir_is_rebuilt_from_the_world_at_every_phase() {
+    let mut d = Deployment::new("dep-world-matrix");
+    d.extra = CANARY.into();
+    d.write_config();
+    d.ok(&["up"]);
+    // `CRASH_MATRIX=full` (benches/crash-matrix.sh): at every crash point.
+    let full = std::env::var("CRASH_MATRIX").is_ok_and(|v| v == "full");
+    for case in if full { all_cases() } else { ci_cases() }
+        .into_iter()
+        .filter(|c| matches!(c, Case::Crash { .. }))
+    {
+        let row = run_case_with(&d, &case, Between::DeleteStateDir);
+        eprintln!(
+            "state-dir matrix: {:<34} then {:<16} -> {} ({} queries, {} lost, {:.1}s)",
+            row.case, row.then, row.outcome, row.sent, row.lost, row.secs
+        );
     }
 }
 

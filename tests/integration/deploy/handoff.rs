@@ -295,7 +295,7 @@ fn roll_lb_resume_waits_until_the_parent_names_the_new_lbs() {
 /// The instance ids in the local provider's registry.
 fn registry_ids(d: &Deployment) -> Vec<u64> {
     let r: Value = serde_json::from_str(
-        &std::fs::read_to_string(d.dir.path().join("state/local/instances.json")).unwrap(),
+        &std::fs::read_to_string(d.dir.path().join("world/instances.json")).unwrap(),
     )
     .unwrap();
     r["instances"]
@@ -340,7 +340,7 @@ fn roll_lb_a_restarted_old_lb_is_not_quiet() {
         .find(|(l, _)| l == "lb1")
         .unwrap()
         .1;
-    let lb1_dir = d.dir.path().join("state/local").join(lb1_id.to_string());
+    let lb1_dir = d.dir.path().join("world").join(lb1_id.to_string());
     let load = LoadClient::start(old[0], 50);
     let out_file = d.dir.path().join("roll-lb.out");
     let child = Running::spawn(
