@@ -231,7 +231,8 @@ run_phase() {
 }
 
 run_phase up "$DEPLOYER" -c "$CFG" up
-SSH=(ssh -i "$WORK/state/machines/id_ed25519" -o IdentitiesOnly=yes -o BatchMode=yes
+KEY=$("$DEPLOYER" -c "$CFG" --json machines list | python3 -c 'import json, sys; print(json.load(sys.stdin)["ssh_key"])')
+SSH=(ssh -i "$KEY" -o IdentitiesOnly=yes -o BatchMode=yes
   -o UserKnownHostsFile="$WORK/state/known_hosts" -o StrictHostKeyChecking=accept-new)
 addr_of() { "$DEPLOYER" -c "$CFG" --json machines list | python3 -c "
 import json, sys
@@ -247,12 +248,12 @@ echo "$PARENT" >"$WORK/parent-address"
 sed -i "s/^\[roll_lb\]\$/[roll_lb]\nparent_servers = [\"$PARENT\"]/" "$CFG"
 LB1=$(addr_of lb1)
 LB2=$(addr_of lb2)
-python3 - "$WORK" "$PARENT" "$RESOLVER" "$LB1" "$LB2" "$SECRET" "10.$NET.0.1/32" <<'EOF'
+python3 - "$WORK" "$PARENT" "$RESOLVER" "$LB1" "$LB2" "$SECRET" "10.$NET.0.1/32" "$KEY" <<'EOF'
 import json, sys
-work, parent, resolver, lb1, lb2, secret, admin = sys.argv[1:]
+work, parent, resolver, lb1, lb2, secret, admin, key = sys.argv[1:]
 common = {
     "ansible_user": "root",
-    "ansible_ssh_private_key_file": f"{work}/state/machines/id_ed25519",
+    "ansible_ssh_private_key_file": key,
     "ansible_ssh_common_args": f"-o UserKnownHostsFile={work}/state/known_hosts -o StrictHostKeyChecking=accept-new",
     "ansible_python_interpreter": "/usr/bin/python3",
 }
