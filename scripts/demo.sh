@@ -62,7 +62,7 @@ OUT="$ROOT/target/$PROFILE"
 [ "$PROFILE" = dev ] && OUT="$ROOT/target/debug"
 # The integration test runs this script from inside `cargo test`, with everything built.
 if [ -z "${REHEARSAL_NO_BUILD:-}" ]; then
-  cargo build -q --profile "$PROFILE" -p lb -p deployer -p integration-tests --example phaseload
+  cargo build -q --profile "$PROFILE" -p lb -p deployer -p integration-tests --bins --example phaseload
 fi
 for b in lb deployer examples/phaseload; do
   [ -x "$OUT/$b" ] || { echo "demo.sh: $OUT/$b is not built" >&2; exit 1; }
