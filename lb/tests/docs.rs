@@ -1,6 +1,6 @@
 //! The reference documentation cannot fall behind the code: every key of the config structs
-//! in `lb/src/config.rs` is described in `lb.toml(5)` and in the README's reference table (and
-//! nothing there is a key lb does not have), the renamed keys are listed in both, every
+//! in `lb/src/config.rs` is described in `lb.toml(5)` and in the key table of docs/reference.md
+//! (and nothing there is a key lb does not have), the renamed keys are listed in both, every
 //! command and option of `lb --help` is in `lb(1)` with the exit statuses, signals and
 //! environment variables, and both pages render without a warning from groff (and mandoc's
 //! linter where it is installed).
@@ -171,9 +171,10 @@ fn cell_keys(cell: &str) -> Vec<String> {
     out
 }
 
-fn readme_reference() -> String {
-    let readme = read("../README.md");
-    section(&readme, "### Configuration reference (`lb.toml`)", "## ").to_string()
+/// The `lb.toml` section of docs/reference.md, up to the next `## ` heading.
+fn reference_lb_toml() -> String {
+    let reference = read("../docs/reference.md");
+    section(&reference, "\n## Configuration file `lb.toml`\n", "## ").to_string()
 }
 
 fn differences(what: &str, documented: &BTreeSet<String>, keys: &BTreeSet<String>) {
@@ -192,25 +193,29 @@ fn the_man_page_describes_every_key_and_no_other() {
 }
 
 #[test]
-fn the_readme_reference_table_lists_every_key_and_no_other() {
-    let tables = markdown_tables(&readme_reference());
+fn the_reference_table_lists_every_key_and_no_other() {
+    let tables = markdown_tables(&reference_lb_toml());
     let rows = tables
         .get("key|default|meaning|")
-        .expect("README reference: a `| key | default | meaning |` table");
+        .expect("docs/reference.md, lb.toml: a `| key | default | meaning |` table");
     let documented: BTreeSet<String> = rows.iter().flat_map(|(k, _)| cell_keys(k)).collect();
-    differences("README reference table", &documented, &config_keys());
+    differences(
+        "docs/reference.md lb.toml table",
+        &documented,
+        &config_keys(),
+    );
 }
 
 #[test]
-fn renamed_keys_are_listed_in_the_man_page_and_the_readme() {
+fn renamed_keys_are_listed_in_the_man_page_and_the_reference() {
     let keys = config_keys();
     let man = read("dist/lb.toml.5");
     let renamed = section(&man, ".SH \"RENAMED KEYS\"", ".SH ");
-    let tables = markdown_tables(&readme_reference());
-    let readme_rows = tables
+    let tables = markdown_tables(&reference_lb_toml());
+    let reference_rows = tables
         .get("old name|new name|")
-        .expect("README reference: a `| old name | new name |` table");
-    let readme: BTreeSet<(String, String)> = readme_rows
+        .expect("docs/reference.md, lb.toml: a `| old name | new name |` table");
+    let reference: BTreeSet<(String, String)> = reference_rows
         .iter()
         .map(|(old, new)| (old.trim_matches('`').into(), new.trim_matches('`').into()))
         .collect();
@@ -226,7 +231,7 @@ fn renamed_keys_are_listed_in_the_man_page_and_the_readme() {
         assert_eq!(line.split_whitespace().nth(1), Some(new.as_str()), "{line}");
         expected.insert((old, new));
     }
-    assert_eq!(readme, expected, "README renamed keys table");
+    assert_eq!(reference, expected, "docs/reference.md renamed keys table");
 }
 
 /// The example of `lb.toml(5)` is a valid configuration.

@@ -121,7 +121,7 @@ fn cached_answers_are_binds_with_the_clients_id_and_spelling_over_udp_and_tcp() 
         );
         // BIND's answer to the first spelling, with the client's ID and spelling of the
         // question: BIND itself answers another spelling with owner names in the zone's case
-        // rather than compressed to the question (a deliberate difference, in the README).
+        // rather than compressed to the question (a deliberate difference, in docs/operator-guide.md).
         let mut stored = direct.clone();
         stored[..2].copy_from_slice(&[0xab, 0xcd]);
         stored[qq.name_start..qq.name_end].copy_from_slice(&again[qq.name_start..qq.name_end]);

@@ -29,12 +29,13 @@ const PENDING_METRICS: &[&str] = &[];
 const SCRAPE_SERIES: &[&str] = &["up"];
 
 /// Families `lb` still exports for one release but the dashboard and the rules must no longer
-/// use (README, Metrics): `lb_dropped_total` is `lb_dropped_packets_total` and
+/// use (docs/reference.md, Metrics): `lb_dropped_total` is `lb_dropped_packets_total` and
 /// `lb_dropped_connections_total` together.
 const DEPRECATED_METRICS: &[&str] = &["lb_dropped_total"];
 
-/// Where the rules' `runbook_url`s point: the README the package installs (README, Alerts).
-const RUNBOOK_BASE: &str = "file:///usr/share/doc/lb/README.md";
+/// Where the rules' `runbook_url`s point: docs/runbooks.md as the package installs it
+/// (docs/runbooks.md, The alerts).
+const RUNBOOK_BASE: &str = "file:///usr/share/doc/lb/runbooks.md";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -550,11 +551,7 @@ fn alert_rules_pass_promtool_check_and_every_alert_is_unit_tested_both_ways() {
         .iter()
         .flat_map(|t| t["alert_rule_test"].as_array().into_iter().flatten())
         .collect();
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
-    let runbooks = readme
-        .split_once("### Alert runbooks")
-        .expect("README section \"### Alert runbooks\"")
-        .1;
+    let runbooks = std::fs::read_to_string(repo().join("docs/runbooks.md")).unwrap();
     for (name, rule) in &alerts {
         let fires = cases.iter().any(|c| {
             c["alertname"] == name.as_str()
@@ -576,7 +573,7 @@ fn alert_rules_pass_promtool_check_and_every_alert_is_unit_tested_both_ways() {
                 "{name}: no {key} annotation"
             );
         }
-        // The link goes to the README's heading of the alert (GitHub-style anchor).
+        // The link goes to the runbook's heading of the alert (GitHub-style anchor).
         assert_eq!(
             rule["annotations"]["runbook_url"].as_str().unwrap(),
             format!("{RUNBOOK_BASE}#{}", name.to_lowercase()),
@@ -588,7 +585,7 @@ fn alert_rules_pass_promtool_check_and_every_alert_is_unit_tested_both_ways() {
         );
         assert!(
             runbooks.contains(&format!("#### {name}\n")),
-            "README has no runbook paragraph \"#### {name}\""
+            "docs/runbooks.md has no runbook paragraph \"#### {name}\""
         );
     }
 }
@@ -936,13 +933,14 @@ pub(crate) fn test_packages() -> &'static (PathBuf, PathBuf) {
         };
         let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
         // The packages also hold the files of lb/dist, deployer/dist, ansible/, the examples
-        // and the README: a package older than any of them is stale too.
+        // and the documentation: a package older than any of them is stale too.
         let inputs = [
             "lb/dist",
             "lb/examples",
             "deployer/dist",
             "ansible",
             "README.md",
+            "docs",
         ]
         .iter()
         .filter_map(|p| newest_mtime(&repo().join(p)))
@@ -1333,6 +1331,12 @@ fn lb_package_installs_hands_over_on_upgrade_without_losing_a_query_and_purges()
         "/usr/share/man/man1/lb.1.gz",
         "/usr/share/man/man5/lb.toml.5.gz",
         "/usr/share/doc/lb/examples/lb.toml",
+        // The documentation, where the alert rules' runbook_url and the units' Documentation=
+        // point.
+        "/usr/share/doc/lb/README.md",
+        "/usr/share/doc/lb/runbooks.md",
+        "/usr/share/doc/lb/operator-guide.md",
+        "/usr/share/doc/lb/reference.md",
     ] {
         assert!(Path::new(f).exists(), "{f} not installed");
     }
