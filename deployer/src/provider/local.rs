@@ -83,20 +83,34 @@ fn free_lb_address(instances: &[Instance]) -> Result<Ipv4Addr, ProviderError> {
         .ok_or_else(|| ProviderError::Io("no free loopback address for an lb".into()))
 }
 
-/// A port free for UDP and TCP on `addr` and not used by another local instance.
+/// Where local instances' ports come from: below the kernel's ephemeral range (32768-60999 by
+/// default) and below the tests' range (20000-32700). A port stays unbound from `create` until
+/// provisioning starts the server, tens of seconds later; one from the ephemeral range could be
+/// handed meanwhile to any client socket bound to port 0, and the server would never listen.
+const LOCAL_PORTS: std::ops::Range<u16> = 10_000..20_000;
+
+/// A port free for UDP and TCP on `addr` and not used by another local instance, picked at
+/// random in [`LOCAL_PORTS`] so that deployers running side by side rarely try the same one.
 fn free_port(addr: Ipv4Addr, taken: &[u16]) -> Result<u16, ProviderError> {
-    for _ in 0..200 {
-        let u = std::net::UdpSocket::bind((addr, 0))
-            .map_err(|e| ProviderError::Io(format!("{addr}: {e}")))?;
-        let port = u
-            .local_addr()
-            .map_err(|e| ProviderError::Io(e.to_string()))?
-            .port();
-        if !taken.contains(&port) && std::net::TcpListener::bind((addr, port)).is_ok() {
+    use rand::Rng;
+    let span = LOCAL_PORTS.end - LOCAL_PORTS.start;
+    let mut rng = rand::rng();
+    for _ in 0..500 {
+        let port = LOCAL_PORTS.start + rng.random_range(0..span);
+        if taken.contains(&port) {
+            continue;
+        }
+        if std::net::UdpSocket::bind((addr, port)).is_ok()
+            && std::net::TcpListener::bind((addr, port)).is_ok()
+        {
             return Ok(port);
         }
     }
-    Err(ProviderError::Io(format!("no free port on {addr}")))
+    Err(ProviderError::Io(format!(
+        "no free port on {addr} in {}-{}",
+        LOCAL_PORTS.start,
+        LOCAL_PORTS.end - 1
+    )))
 }
 
 /// Kills the process whose PID is in `pidfile`, if it runs, and waits briefly for it to go.
