@@ -465,6 +465,17 @@ pub struct ControlConfig {
     pub state_file: Option<PathBuf>,
 }
 
+/// The longest duration any `*_ms` key takes: 7 days. Far past any sensible timeout, and
+/// far from where adding it to a time would overflow (which would panic on the packet path).
+pub const MAX_DURATION_MS: u64 = 7 * 24 * 3600 * 1000;
+
+fn check_duration_ms(v: u64) -> Result<(), String> {
+    if v > MAX_DURATION_MS {
+        return Err(format!("{v} is more than {MAX_DURATION_MS} (7 days)"));
+    }
+    Ok(())
+}
+
 fn default_query_timeout_ms() -> u64 {
     2000
 }
@@ -817,6 +828,7 @@ impl HealthConfig {
             if v == 0 {
                 return Err((k.into(), "must be greater than 0".into()));
             }
+            check_duration_ms(v).map_err(|m| (k.to_string(), m))?;
         }
         for (k, v) in [("health.rise", self.rise), ("health.fall", self.fall)] {
             if v == 0 || v > 100 {
@@ -1008,6 +1020,22 @@ impl LbConfig {
             if v == 0 {
                 return Err(invalid(key, "must be greater than 0".into()));
             }
+        }
+        for (key, v) in [
+            ("backends.timeout_ms", self.backends.timeout_ms),
+            ("backends.resend_after_ms", self.backends.resend_after_ms),
+            ("tcp.idle_timeout_ms", self.tcp.idle_timeout_ms),
+            ("tcp.read_timeout_ms", self.tcp.read_timeout_ms),
+            ("tcp.write_timeout_ms", self.tcp.write_timeout_ms),
+            ("tcp.max_connection_age_ms", self.tcp.max_connection_age_ms),
+            ("tcp.connect_timeout_ms", self.tcp.connect_timeout_ms),
+            (
+                "tcp.backend_idle_timeout_ms",
+                self.tcp.backend_idle_timeout_ms,
+            ),
+            ("tcp.transfer_timeout_ms", self.tcp.transfer_timeout_ms),
+        ] {
+            check_duration_ms(v).map_err(|m| invalid(key, m))?;
         }
         let ranges: [(&str, usize, usize, usize); 14] = [
             (
@@ -1207,6 +1235,38 @@ mod tests {
 
     fn parse(text: &str) -> Result<LbConfig, ConfigError> {
         LbConfig::parse(text, Path::new("lb.toml"))
+    }
+
+    #[test]
+    fn durations_past_seven_days_are_refused_naming_the_key() {
+        let over = MAX_DURATION_MS + 1;
+        for (extra, key) in [
+            (
+                format!("[tcp]\nmax_connection_age_ms = {over}"),
+                "tcp.max_connection_age_ms",
+            ),
+            (
+                format!("[tcp]\ntransfer_timeout_ms = {over}"),
+                "tcp.transfer_timeout_ms",
+            ),
+            (
+                format!("[health]\nzones = [\"a.test\"]\ninterval_ms = {over}"),
+                "health.interval_ms",
+            ),
+        ] {
+            let e = parse(&format!("{MINIMAL}\n{extra}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key) && e.contains("7 days"), "{e}");
+        }
+        let text = MINIMAL.replace("policy =", &format!("timeout_ms = {over}\npolicy ="));
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("backends.timeout_ms") && e.contains("7 days"),
+            "{e}"
+        );
+        let ok = format!("{MINIMAL}\n[tcp]\nmax_connection_age_ms = {MAX_DURATION_MS}\n");
+        parse(&ok).unwrap();
     }
 
     #[test]

@@ -626,7 +626,8 @@ async fn wait_for_clients(
                 tracing::info!("waiting for {transfers} zone transfer(s) in progress");
                 waited_for_transfers = true;
             }
-            // Once the last transfer ends, its last message still has to be written.
+            // A transfer counts until its last message is written; then its connection gets
+            // one write timeout more to close.
             deadline = now + frontend.settings.write_timeout;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

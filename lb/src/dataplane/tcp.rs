@@ -283,7 +283,14 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, fe: &TcpFrontend) {
         // Take every whole frame out of the buffer while there is a permit and room for its
         // answer.
         let mut frame_waits = false;
-        while finishing.is_none() && !queue.backlogged() {
+        // Why the loop stopped, decided once: asking `backlogged()` again below could find
+        // the writer drained meanwhile and read on with whole frames left in `buf`.
+        let mut backlogged = false;
+        while finishing.is_none() {
+            if queue.backlogged() {
+                backlogged = true;
+                break;
+            }
             let len = match next_frame(&buf, s.max_query_size) {
                 Frame::Incomplete => break,
                 Frame::Complete(len) => len,
@@ -341,7 +348,6 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, fe: &TcpFrontend) {
         }
         let free = permits.available_permits() + usize::from(spare.is_some());
         let in_flight = free < permits_max;
-        let backlogged = queue.backlogged();
         let reading = finishing.is_none() && !frame_waits && !backlogged;
         if reading && !was_reading {
             // Not reading was lb's doing (permits, backlog): the frame's time starts again.

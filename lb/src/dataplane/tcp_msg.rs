@@ -32,6 +32,33 @@ pub struct Answer {
     /// (written, or thrown away with the connection). `None` for transfer streams, which wait
     /// for their client instead.
     pub queued: Option<Queued>,
+    /// On a transfer's last message: the transfer counts as in progress until this is
+    /// written or thrown away.
+    pub transfer: Option<ActiveTransfer>,
+}
+
+/// Counts a zone transfer in [`Stats::transfers_active`] from its start until its last message
+/// is written to the client (or given up): an upgrade's old process waits for these, so the
+/// messages still queued for a slow secondary are not cut off.
+pub struct ActiveTransfer(Arc<Stats>);
+
+impl ActiveTransfer {
+    pub fn new(stats: &Arc<Stats>) -> Self {
+        stats.transfers_active.fetch_add(1, Ordering::Relaxed);
+        ActiveTransfer(Arc::clone(stats))
+    }
+}
+
+impl std::fmt::Debug for ActiveTransfer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ActiveTransfer")
+    }
+}
+
+impl Drop for ActiveTransfer {
+    fn drop(&mut self) {
+        self.0.transfers_active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The bytes of single answers waiting for one client connection's writer, counted against
@@ -171,6 +198,7 @@ impl ClientHandle {
             permit: Some(permit),
             close: false,
             queued: Some(queued),
+            transfer: None,
         };
         // The channel has one place per permit, so it is never full; it is closed only when
         // the client has gone.

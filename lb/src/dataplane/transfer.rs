@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::backend::Backend;
-use crate::dataplane::tcp_msg::{hand_back, Answer, TcpQuery};
+use crate::dataplane::tcp_msg::{hand_back, ActiveTransfer, Answer, TcpQuery};
 use crate::stats::{DropReason, Stats};
 use crate::wire;
 use crate::xfr::{XfrKind, XfrTracker};
@@ -63,7 +63,8 @@ pub async fn run(
     s: TransferSettings,
     stats: Arc<Stats>,
 ) {
-    let _active = ActiveTransfer::new(&stats);
+    // Counted until its last message is written (or given up): an upgrade waits for it.
+    let active = ActiveTransfer::new(&stats);
     backend.state.in_flight_add(1);
     if !q.retried {
         backend.state.queries.fetch_add(1, Ordering::Relaxed);
@@ -79,6 +80,7 @@ pub async fn run(
             permit: Some(q.permit),
             close: false,
             queued: None,
+            transfer: Some(active),
         },
         Err(Cut::BeforeFirst) => return hand_back(&backend, [q], &stats),
         Err(Cut::ClientGone) => {
@@ -97,28 +99,12 @@ pub async fn run(
                 permit: Some(q.permit),
                 close: true,
                 queued: None,
+                transfer: Some(active),
             }
         }
     };
     if q.client.stream.send(last).await.is_err() {
         stats.dropped(DropReason::ClientGone);
-    }
-}
-
-/// Counts a transfer in [`Stats::transfers_active`] from its start until its last message is
-/// with the client connection's writer: an upgrade's old process waits for these.
-struct ActiveTransfer(Arc<Stats>);
-
-impl ActiveTransfer {
-    fn new(stats: &Arc<Stats>) -> Self {
-        stats.transfers_active.fetch_add(1, Ordering::Relaxed);
-        ActiveTransfer(Arc::clone(stats))
-    }
-}
-
-impl Drop for ActiveTransfer {
-    fn drop(&mut self) {
-        self.0.transfers_active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -190,6 +176,7 @@ async fn relay(
             permit: None,
             close: false,
             queued: None,
+            transfer: None,
         };
         if q.client.stream.send(answer).await.is_err() {
             return Err(Cut::ClientGone);

@@ -234,7 +234,11 @@ impl Worker {
             beats.beat(n);
             if stopping.is_none() && lifecycle.is_stopping() {
                 stopping = Some(Instant::now());
-                self.drain_listeners();
+                // After an upgrade the new process reads these very sockets: reading them
+                // here would only take queries from it while this process's tables empty.
+                if lifecycle.successor().is_none() {
+                    self.drain_listeners();
+                }
                 for l in &mut self.listeners {
                     let _ = self.poll.registry().deregister(l);
                 }
@@ -337,8 +341,8 @@ impl Worker {
     /// At stop: reads, once, what the listeners have queued, so that those queries are
     /// answered rather than closed with the sockets. Under socket activation the groups were
     /// steered to systemd's socket just before (`server::steer_to_systemd`), so nothing new
-    /// arrives in the others; what arrives in systemd's waits for the next lb. After an
-    /// upgrade the new process reads the same sockets too, which does no harm.
+    /// arrives in the others; what arrives in systemd's waits for the next lb. Not after an
+    /// upgrade: the new process reads the same sockets.
     fn drain_listeners(&mut self) {
         for li in 0..self.listeners.len() {
             for _ in 0..DRAIN_BATCHES {
