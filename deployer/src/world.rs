@@ -140,47 +140,96 @@ enum LbAt {
     Unreadable(String),
 }
 
+/// What an interrupted roll (of nameservers or of lbs: `role`) shows, by configured name:
+/// the instances it created (`NAME-next`, or `NAME` once renamed) and the old ones still there.
+struct Sides<'a> {
+    w: &'a WorldView,
+    mark: OperationMark,
+    role: Role,
+    created: Vec<Instance>,
+}
+
+impl<'a> Sides<'a> {
+    fn new(w: &'a WorldView, mark: OperationMark, role: Role) -> Self {
+        let created = w
+            .instances
+            .iter()
+            .filter(|i| i.operation == Some(mark) && i.role == role)
+            .cloned()
+            .collect();
+        Sides {
+            w,
+            mark,
+            role,
+            created,
+        }
+    }
+
+    /// False once every instance it created is renamed: the operation went through.
+    fn unfinished(&self) -> bool {
+        self.created.iter().any(|i| i.label.ends_with("-next"))
+    }
+
+    /// The instance created to replace `name`.
+    fn created(&self, name: &str) -> Option<&Instance> {
+        self.created
+            .iter()
+            .find(|i| i.label == format!("{name}-next") || i.label == name)
+    }
+
+    /// The old instance `name`, if it still exists.
+    fn old(&self, name: &str) -> Option<&'a Instance> {
+        self.w
+            .instances
+            .iter()
+            .find(|i| i.label == name && i.operation != Some(self.mark) && i.role == self.role)
+    }
+
+    fn all_created(&self, names: &[&str]) -> bool {
+        names.iter().all(|n| self.created(n).is_some())
+    }
+
+    /// The names whose replacement exists and whose old instance is deleted already.
+    fn old_gone<'n>(&self, names: &[&'n str]) -> Vec<&'n str> {
+        names
+            .iter()
+            .copied()
+            .filter(|n| self.created(n).is_some() && self.old(n).is_none())
+            .collect()
+    }
+
+    /// The old instances still there, in the order of `names`.
+    fn old_of(&self, names: &[&str]) -> Vec<Instance> {
+        names.iter().filter_map(|n| self.old(n).cloned()).collect()
+    }
+}
+
 fn rebuild_roll(
     cfg: &DeployerConfig,
     w: &WorldView,
     mark: OperationMark,
     mut j: Journal,
 ) -> Rebuilt {
-    let ours = |i: &&Instance| i.operation == Some(mark) && i.role == Role::Nameserver;
-    let created: Vec<Instance> = w.instances.iter().filter(ours).cloned().collect();
-    if !created.iter().any(|i| i.label.ends_with("-next")) {
+    let sides = Sides::new(w, mark, Role::Nameserver);
+    if !sides.unfinished() {
         // Every instance it created is renamed: the roll went through (at most its last
         // record was lost).
         return Rebuilt::Nothing;
     }
-    let find_created = |n: &str| {
-        created
-            .iter()
-            .find(|i| i.label == format!("{n}-next") || i.label == n)
-    };
-    let find_old = |n: &str| {
-        w.instances
-            .iter()
-            .find(|i| i.label == n && i.operation != Some(mark) && i.role == Role::Nameserver)
-    };
     let mut saw = vec![format!(
         "the world shows an unfinished roll ({mark}): created {}",
-        created
+        sides
+            .created
             .iter()
             .map(|i| format!("{} (id {})", i.label, i.id))
             .collect::<Vec<_>>()
             .join(", ")
     )];
     let names: Vec<&str> = cfg.nameservers.iter().map(|n| n.name.as_str()).collect();
-    let all_created = names.iter().all(|n| find_created(n).is_some());
-    let old_gone: Vec<&str> = names
-        .iter()
-        .copied()
-        .filter(|n| find_created(n).is_some() && find_old(n).is_none())
-        .collect();
-    let old: Vec<Instance> = names.iter().filter_map(|n| find_old(n).cloned()).collect();
-    j.created = created.clone();
-    j.old = old;
+    let all_created = sides.all_created(&names);
+    let old_gone = sides.old_gone(&names);
+    j.created = sides.created.clone();
+    j.old = sides.old_of(&names);
     let forward = !old_gone.is_empty();
     if forward {
         saw.push(format!(
@@ -202,10 +251,10 @@ fn rebuild_roll(
     let mut at = Vec::new();
     for l in &cfg.lbs {
         let previous = addrs(&l.fronts, &|n| {
-            find_old(n).map(|i| i.backend_addr().to_string())
+            sides.old(n).map(|i| i.backend_addr().to_string())
         });
         let target = addrs(&l.fronts, &|n| {
-            find_created(n).map(|i| i.backend_addr().to_string())
+            sides.created(n).map(|i| i.backend_addr().to_string())
         });
         let live = w
             .lbs
@@ -353,38 +402,24 @@ fn rebuild_roll_lb(
     mark: OperationMark,
     mut j: Journal,
 ) -> Rebuilt {
-    let ours = |i: &&Instance| i.operation == Some(mark) && i.role == Role::Lb;
-    let created: Vec<Instance> = w.instances.iter().filter(ours).cloned().collect();
-    if !created.iter().any(|i| i.label.ends_with("-next")) {
+    let sides = Sides::new(w, mark, Role::Lb);
+    if !sides.unfinished() {
         return Rebuilt::Nothing;
     }
-    let find_created = |n: &str| {
-        created
-            .iter()
-            .find(|i| i.label == format!("{n}-next") || i.label == n)
-    };
-    let find_old = |n: &str| {
-        w.instances
-            .iter()
-            .find(|i| i.label == n && i.operation != Some(mark) && i.role == Role::Lb)
-    };
     let mut saw = vec![format!(
         "the world shows an unfinished roll-lb ({mark}): created {}",
-        created
+        sides
+            .created
             .iter()
             .map(|i| format!("{} (id {}, {})", i.label, i.id, i.address))
             .collect::<Vec<_>>()
             .join(", ")
     )];
     let names: Vec<&str> = cfg.lbs.iter().map(|l| l.name.as_str()).collect();
-    let all_created = names.iter().all(|n| find_created(n).is_some());
-    let old_gone: Vec<&str> = names
-        .iter()
-        .copied()
-        .filter(|n| find_created(n).is_some() && find_old(n).is_none())
-        .collect();
-    j.created = created.clone();
-    j.old = names.iter().filter_map(|n| find_old(n).cloned()).collect();
+    let all_created = sides.all_created(&names);
+    let old_gone = sides.old_gone(&names);
+    j.created = sides.created.clone();
+    j.old = sides.old_of(&names);
     if !old_gone.is_empty() {
         saw.push(format!(
             "old lbs already deleted: {} (past the point of no return: the delegation was handed over and they were drained)",

@@ -45,14 +45,18 @@ impl RuntimeState {
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory. A
-/// crash leaves either the old file or the new one, never a torn one. (The deployer's journal
-/// uses it too.)
+/// crash leaves either the old file or the new one, never a torn one. Creates the directory
+/// when missing.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all(parent_dir(path))?;
+    write_atomic_mode(path, bytes, 0o666)
+}
+
+/// [`write_atomic`] into an existing directory, the temporary file (`NAME.tmp.PID.SEQ`)
+/// created with `mode` (before the umask): the deployer's private files use 0600.
+pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = parent_dir(path);
     // A name of its own per call: two writers must never share (and tear) one temporary file.
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -60,7 +64,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     name.push(format!(".tmp.{}.{seq}", std::process::id()));
     let tmp = dir.join(name);
     let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -73,6 +81,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 /// Writes the state atomically.

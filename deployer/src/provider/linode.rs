@@ -268,16 +268,6 @@ pub struct LinodeRegion {
     pub capabilities: Vec<String>,
 }
 
-/// One page of `GET /tags`.
-#[derive(Debug, Deserialize)]
-struct TagPage {
-    data: Vec<TagItem>,
-    #[serde(default)]
-    page: u32,
-    #[serde(default)]
-    pages: u32,
-}
-
 #[derive(Debug, Deserialize)]
 struct TagItem {
     label: String,
@@ -286,9 +276,10 @@ struct TagItem {
 /// Linode's bounds for a tag's label (`POST /tags`: `minLength` 3, `maxLength` 50).
 pub const TAG_LABEL_LEN: std::ops::RangeInclusive<usize> = 3..=50;
 
+/// One page of a paginated list (`GET /linode/instances`, `GET /tags`).
 #[derive(Debug, Deserialize)]
-struct Page {
-    data: Vec<LinodeInstance>,
+struct Page<T> {
+    data: Vec<T>,
     #[serde(default)]
     page: u32,
     #[serde(default)]
@@ -581,21 +572,31 @@ impl LinodeClient {
                 message: format!("{page_size} is not within 25-500"),
             });
         }
+        self.all_pages("/linode/instances", page_size, Some(filter))
+    }
+
+    /// Every item of a paginated list, page after page (at most 1,000 pages).
+    fn all_pages<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        page_size: u32,
+        filter: Option<&Value>,
+    ) -> Result<Vec<T>, LinodeError> {
         let mut out = Vec::new();
         let mut page = 1;
         loop {
             let v = self.request(
                 Method::GET,
-                "/linode/instances",
+                path,
                 &[
                     ("page", page.to_string()),
                     ("page_size", page_size.to_string()),
                 ],
-                Some(filter),
+                filter,
                 None,
                 Retry::Safe,
             )?;
-            let p: Page = parse(v, "GET", "/linode/instances")?;
+            let p: Page<T> = parse(v, "GET", path)?;
             out.extend(p.data);
             if p.pages <= p.page.max(page) || page >= 1000 {
                 return Ok(out);
@@ -607,27 +608,8 @@ impl LinodeClient {
     /// Every tag on the account (`GET /tags`, every page). Tags have no filterable field, so
     /// the caller filters.
     pub fn list_tags(&self) -> Result<Vec<String>, LinodeError> {
-        let mut out = Vec::new();
-        let mut page = 1;
-        loop {
-            let v = self.request(
-                Method::GET,
-                "/tags",
-                &[
-                    ("page", page.to_string()),
-                    ("page_size", PAGE_SIZE.to_string()),
-                ],
-                None,
-                None,
-                Retry::Safe,
-            )?;
-            let p: TagPage = parse(v, "GET", "/tags")?;
-            out.extend(p.data.into_iter().map(|t| t.label));
-            if p.pages <= p.page.max(page) || page >= 1000 {
-                return Ok(out);
-            }
-            page += 1;
-        }
+        let tags: Vec<TagItem> = self.all_pages("/tags", PAGE_SIZE, None)?;
+        Ok(tags.into_iter().map(|t| t.label).collect())
     }
 
     /// `POST /tags` with a label only (no objects tagged). Retried like a read: creating a
